@@ -1,0 +1,130 @@
+"""What every model family's adapter provides: its removal sites, and plain / clean exports.
+
+A *site* is one place where a per-token normalisation happens and can be frozen on its own
+(GPT-2 has four kinds: ``ln_2``, ``ln_1_qk``, ``ln_1_v``, ``ln_f``). Sites are named
+``blocks.{i}.{kind}`` or, for the final norm, by its kind alone. The default removal order is
+kind-major, block-minor: every block's first kind, then every block's second kind, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from noln.errors import NolnError
+from noln.fakenorm import FakeNorm
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    kind: str
+    layer: int | None  # None for the final norm
+    norm: FakeNorm
+
+
+class NormAdapter:
+    """Swaps a model's norms for FakeNorms (in place) and knows how to export the result."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    block_kinds: ClassVar[tuple[str, ...]]  # per-block site kinds, in removal order
+    final_kind: ClassVar[str]
+
+    def __init__(self, model: nn.Module, momentum: float = 0.9):
+        self.model = model
+        self.momentum = momentum
+        self.install()
+        self.sites: dict[str, Site] = {s.name: s for s in self.ordered(self.collect_sites())}
+
+    # -- family-specific ------------------------------------------------------------------
+    def install(self) -> None:
+        """Replace the model's norms by FakeNorms; a no-op where they are already installed."""
+        raise NotImplementedError
+
+    def collect_sites(self) -> list[Site]:
+        raise NotImplementedError
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights for the family's plain HF class: real norms if no site is frozen, else the
+        eps trick (every norm ~ a fixed scale; ``hf_config_overrides`` gives the eps)."""
+        raise NotImplementedError
+
+    def hf_config_overrides(self) -> dict:
+        raise NotImplementedError
+
+    def clean_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights for ``build_clean_model``: norms folded into the layers that read them."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_clean_model(config) -> nn.Module:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def ordered(self, sites: list[Site]) -> list[Site]:
+        rank = {k: i for i, k in enumerate(self.block_kinds)}
+        blocks = sorted((s for s in sites if s.layer is not None),
+                        key=lambda s: (rank[s.kind], s.layer))
+        return blocks + [s for s in sites if s.layer is None]
+
+    def site_names(self) -> list[str]:
+        return list(self.sites)
+
+    def site(self, name: str) -> Site:
+        if name not in self.sites:
+            raise NolnError(f"no removal site '{name}' in this {self.family} model with "
+                            f"{self.n_layers} blocks: sites are blocks.0..{self.n_layers - 1}."
+                            f"{{{','.join(self.block_kinds)}}} and {self.final_kind}")
+        return self.sites[name]
+
+    def norms(self) -> list[FakeNorm]:
+        return [s.norm for s in self.sites.values()]
+
+    @property
+    def final_norm(self) -> FakeNorm:
+        return self.sites[self.final_kind].norm
+
+    def freeze(self, name: str) -> float:
+        """Freeze one site at its current sigma; returns that sigma."""
+        norm = self.site(name).norm
+        norm.freeze()
+        return float(norm.sigma)
+
+    def frozen_sites(self) -> list[str]:
+        return [n for n, s in self.sites.items() if s.norm.frozen]
+
+    def sigmas(self) -> dict[str, float]:
+        return {n: float(s.norm.sigma) for n, s in self.sites.items()}
+
+    def set_std_mask(self, mask: torch.Tensor | None) -> None:
+        for norm in self.norms():
+            norm.std_mask = mask
+
+    def export_state(self) -> str:
+        """'none' (nothing frozen), 'all' (every site frozen) or 'mixed'."""
+        n = len(self.frozen_sites())
+        return "none" if n == 0 else "all" if n == len(self.sites) else "mixed"
+
+    def require_export_state(self, allowed: tuple[str, ...]) -> str:
+        state = self.export_state()
+        if state not in allowed:
+            live = [n for n in self.sites if n not in self.frozen_sites()]
+            raise NolnError(f"cannot export a partly removed model ({len(live)} of "
+                            f"{len(self.sites)} sites still live, e.g. {live[0]}): finish the "
+                            "run with --resume, or export a checkpoint from before the removals")
+        return state
+
+
+def fold_scale_into_rows(weight_in_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``diag(scale) @ W`` for a ``[d_in, d_out]`` weight, then centred over ``d_in`` so the
+    layer ignores the mean of its input, as the mean subtraction it replaces did."""
+    w = weight_in_out.double() * scale.double()[:, None]
+    return w - w.mean(dim=0, keepdim=True)

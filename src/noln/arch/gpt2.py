@@ -1,0 +1,169 @@
+"""GPT-2: four removal sites per model family layout (ln_2, ln_1 Q/K path, ln_1 V path, ln_f).
+
+To freeze ln_1 separately for queries/keys and values, ``block.ln_1`` becomes a
+``SplitLayerNorm`` holding two FakeLayerNorms over the same weight and bias, and
+``attn.c_attn`` becomes ``SplitInputQKV``, which reads Q/K from the first half of a 2d-wide
+input and V from the second. While both sites are in the same (live) state their outputs are
+identical, so ln_1 returns the d-wide tensor and c_attn runs the original single matmul.
+
+State-dict keys of the swapped model are a superset of the original's (``ln_1.weight``,
+``attn.c_attn.weight`` ... keep their names), plus ``sigma``/``is_frozen`` buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noln.arch.base import NormAdapter, Site, fold_scale_into_rows
+from noln.fakenorm import FakeLayerNorm, FakeNorm
+
+EPS_TRICK = 1e12  # eps so large that sqrt(var + eps) ~ 1e6 for every token
+EPS_SCALE = 1e6
+
+
+class SplitLayerNorm(nn.Module):
+    """ln_1 as two removal sites; see the module docstring."""
+
+    def __init__(self, ln: nn.LayerNorm, momentum: float):
+        super().__init__()
+        self.weight = ln.weight
+        self.bias = ln.bias
+        self.qk = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
+        self.v = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
+
+    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        if not self.qk.frozen and not self.v.frozen:
+            normed = self.qk(resid_pre)
+            if self.training:  # v sees the same input: keep its EMA in step without recomputing
+                self.v.sigma.copy_(self.qk.sigma)
+                self.v.n_updates.copy_(self.qk.n_updates)
+            return normed
+        return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+
+
+class SplitInputQKV(nn.Module):
+    """GPT-2's fused ``c_attn`` (Conv1D, weight ``[d, 3d]``) taking Q/K and V inputs apart."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.nx, self.nf = conv.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.nx
+        if x.shape[-1] == d:
+            return torch.addmm(self.bias, x.reshape(-1, d), self.weight).view(*x.shape[:-1], -1)
+        qk_in = x[..., :d].reshape(-1, d)
+        v_in = x[..., d:].reshape(-1, d)
+        qk = torch.addmm(self.bias[: 2 * d], qk_in, self.weight[:, : 2 * d])
+        v = torch.addmm(self.bias[2 * d :], v_in, self.weight[:, 2 * d :])
+        return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], -1)
+
+
+class GPT2Adapter(NormAdapter):
+    family = "gpt2"
+    model_types = ("gpt2",)
+    block_kinds = ("ln_2", "ln_1_qk", "ln_1_v")
+    final_kind = "ln_f"
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.h
+
+    def install(self) -> None:
+        tf = self.model.transformer
+        for block in tf.h:
+            if not isinstance(block.ln_1, SplitLayerNorm):
+                block.ln_1 = SplitLayerNorm(block.ln_1, self.momentum)
+                block.attn.c_attn = SplitInputQKV(block.attn.c_attn)
+            if not isinstance(block.ln_2, FakeNorm):
+                block.ln_2 = FakeLayerNorm.from_layernorm(block.ln_2, self.momentum)
+        if not isinstance(tf.ln_f, FakeNorm):
+            tf.ln_f = FakeLayerNorm.from_layernorm(tf.ln_f, self.momentum)
+
+    def collect_sites(self) -> list[Site]:
+        sites = [Site("ln_f", "ln_f", None, self.model.transformer.ln_f)]
+        for i, block in enumerate(self.blocks):
+            sites += [Site(f"blocks.{i}.ln_2", "ln_2", i, block.ln_2),
+                      Site(f"blocks.{i}.ln_1_qk", "ln_1_qk", i, block.ln_1.qk),
+                      Site(f"blocks.{i}.ln_1_v", "ln_1_v", i, block.ln_1.v)]
+        return sites
+
+    # -- exports ---------------------------------------------------------------------------
+    def _plain_keys(self) -> dict[str, torch.Tensor]:
+        """The swapped model's tensors under the plain GPT2LMHeadModel's names."""
+        sd = self.model.state_dict()
+        drop = (".qk.", ".v.", "sigma", "is_frozen", "n_updates")
+        return {k: v.detach().clone() for k, v in sd.items() if not any(t in k for t in drop)}
+
+    def hf_config_overrides(self) -> dict:
+        return {"layer_norm_epsilon": EPS_TRICK} if self.export_state() == "all" else {}
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.require_export_state(("none", "all"))
+        sd = self._plain_keys()
+        if state == "none":
+            return sd
+        d = self.model.config.n_embd
+        for i, block in enumerate(self.blocks):
+            p = f"transformer.h.{i}."
+            ln1 = block.ln_1
+            g, beta = ln1.weight.detach().double(), ln1.bias.detach().double()
+            s_qk, s_v = ln1.qk.sigma.double(), ln1.v.sigma.double()
+            sd[p + "ln_1.weight"] = (g * EPS_SCALE / s_v).float()
+            # ln_1 now emits the V path's scale; Q/K columns take the ratio and a bias fix:
+            # ((x-mu) g/s_qk + beta) W = r ((x-mu) g/s_v + beta) W + (1-r) beta W, r = s_v/s_qk
+            r = s_v / s_qk
+            w = block.attn.c_attn.weight.detach().double()
+            b = block.attn.c_attn.bias.detach().double().clone()
+            w_qk = w[:, : 2 * d]
+            b[: 2 * d] += (1 - r) * (beta @ w_qk)
+            w = torch.cat([w_qk * r, w[:, 2 * d :]], dim=1)
+            sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"] = w.float(), b.float()
+            ln2 = block.ln_2
+            sd[p + "ln_2.weight"] = (ln2.weight.detach().double() * EPS_SCALE / ln2.sigma).float()
+        ln_f = self.model.transformer.ln_f
+        sd["transformer.ln_f.weight"] = (ln_f.weight.detach().double() * EPS_SCALE
+                                         / ln_f.sigma).float()
+        return sd
+
+    def clean_state_dict(self) -> dict[str, torch.Tensor]:
+        self.require_export_state(("all",))
+        sd = {k: v for k, v in self._plain_keys().items() if ".ln_" not in k}
+        d = self.model.config.n_embd
+        for i, block in enumerate(self.blocks):
+            p = f"transformer.h.{i}."
+            ln1, ln2, attn = block.ln_1, block.ln_2, block.attn.c_attn
+            g, beta = ln1.weight.detach().double(), ln1.bias.detach().double()
+            w = attn.weight.detach().double()
+            w_qk = fold_scale_into_rows(w[:, : 2 * d], g / ln1.qk.sigma.double())
+            w_v = fold_scale_into_rows(w[:, 2 * d :], g / ln1.v.sigma.double())
+            sd[p + "attn.c_attn.weight"] = torch.cat([w_qk, w_v], dim=1).float()
+            sd[p + "attn.c_attn.bias"] = (attn.bias.detach().double() + beta @ w).float()
+            fc = block.mlp.c_fc
+            g2, beta2 = ln2.weight.detach().double(), ln2.bias.detach().double()
+            sd[p + "mlp.c_fc.weight"] = fold_scale_into_rows(
+                fc.weight.detach().double(), g2 / ln2.sigma.double()).float()
+            sd[p + "mlp.c_fc.bias"] = (fc.bias.detach().double()
+                                       + beta2 @ fc.weight.detach().double()).float()
+        # ln_f cannot fold into the tied embedding: the clean model gets its own unembedding
+        ln_f = self.model.transformer.ln_f
+        w_e = self.model.lm_head.weight.detach().double()  # [vocab, d]
+        w_u = fold_scale_into_rows(w_e.T, ln_f.weight.detach().double() / ln_f.sigma.double())
+        sd["lm_head.weight"] = w_u.T.contiguous().float()
+        sd["lm_head.bias"] = (w_e @ ln_f.bias.detach().double()).float()
+        return sd
+
+    @staticmethod
+    def build_clean_model(config) -> nn.Module:
+        from transformers import GPT2LMHeadModel
+
+        config.tie_word_embeddings = False
+        model = GPT2LMHeadModel(config)
+        for block in model.transformer.h:
+            block.ln_1, block.ln_2 = nn.Identity(), nn.Identity()
+        model.transformer.ln_f = nn.Identity()
+        model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=True)
+        return model

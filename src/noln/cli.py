@@ -1,0 +1,222 @@
+"""The ``noln`` command: demo, pretrain, remove, export, sites, eval, compare, linearity,
+linearize. Every user-fixable problem is one red line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from noln.errors import NolnError
+
+app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
+                  "left, and measure layer linearity.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, str]:
+    sets = {}
+    for item in items or []:
+        name, _, source = item.partition("=")
+        if not source:
+            name, source = Path(item).stem, item
+        sets[name] = source
+    return sets
+
+
+@app.command()
+def remove(
+    model: Annotated[str | None, typer.Argument(help="Hub id (gpt2, gpt2-medium ...) or a "
+                                                "local Hugging Face folder")] = None,
+    data: Annotated[str | None, typer.Option(help="HF dataset name, local .jsonl/.txt/folder, "
+                                             "or 'builtin'")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder")] = None,
+    tokens: Annotated[int | None, typer.Option(help="training tokens (sets the steps)")] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    schedule: Annotated[str | None, typer.Option(help="fixed | adaptive | FILE.yaml")] = None,
+    keep_ln: Annotated[bool, typer.Option("--keep-ln", help="the control: fine-tune, remove "
+                                          "nothing")] = False,
+    control: Annotated[bool, typer.Option("--control", help="also run the --keep-ln control "
+                                          "(OUT/control) and print the 3-column table")] = False,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (flags override it)")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: a slice of "
+                                                  "--data)")] = None,
+    eval: Annotated[list[str] | None, typer.Option(help="extra NAME=SOURCE text for the CE "
+                                                   "table (repeatable)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option()] = None,
+    ctx: Annotated[int | None, typer.Option(help="tokens per sequence")] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    aux_weight: Annotated[float | None, typer.Option(help="std-equalising aux loss weight")] = None,
+    cos_reg: Annotated[float | None, typer.Option(help="cosine linearity regulariser")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    format: Annotated[str | None, typer.Option(help="export: hf | clean | both | none")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Fine-tune MODEL on --data while removing every LayerNorm; export and evaluate it."""
+    from noln.config import RemoveConfig, make_config
+    from noln.remove import remove_layernorm, remove_with_control
+
+    overrides = dict(tokens=tokens, steps=steps, schedule=schedule, eval_data=eval_data,
+                     batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
+                     aux_weight=aux_weight, cos_reg=cos_reg, seed=seed, export_format=format,
+                     precision=precision, compile=compile, checkpoint_every=checkpoint_every,
+                     progress=not quiet)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    sets = _parse_sets(eval)
+    if resume is not None and not control:
+        result = remove_layernorm(resume=resume, eval_sets=sets, progress=not quiet)
+        _print_summary(result.summary)
+        return
+    if config is not None:
+        base = RemoveConfig.from_yaml(config).model_dump()
+        model, data = model or base.pop("model"), data or base.pop("data", None)
+        out = out or Path(base.pop("out"))
+        overrides = {**{k: v for k, v in base.items() if k not in ("model", "data", "out")},
+                     **overrides}
+    if model is None:
+        raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
+    out = out or Path("runs") / Path(model).name
+    if control:
+        remove_with_control(model, data, resume or out, resume=resume is not None,
+                            eval_sets=sets, **overrides)
+        return
+    make_config(model=model, data=data, out=out, keep_ln=keep_ln, **overrides)  # validate early
+    result = remove_layernorm(model, data, out, keep_ln=keep_ln, eval_sets=sets, **overrides)
+    _print_summary(result.summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from noln.report import ce_rows, rich_table
+
+    table = {k: {"before": summary["ce_before"][k], "after": v}
+             for k, v in summary["ce_after"].items() if k in summary["ce_before"]}
+    if table:
+        header, rows = ce_rows(table, reference=None, control="before")
+        console.print(rich_table(header, rows, title="Cross-entropy before / after fine-tuning"))
+    console.print(f"{len(summary['frozen'])} sites frozen, {summary['tokens']:,} tokens, "
+                  f"{summary['train_wall_time_s']:.0f}s training; exports: "
+                  f"{', '.join(summary['exports'].values()) or 'none'}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="run folder or checkpoint .pt file")],
+    out: Annotated[Path, typer.Option(help="folder to write")],
+    format: Annotated[str, typer.Option(help="hf (eps trick) | clean (norms folded)")] = "hf",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+) -> None:
+    """Export a run's model for plain transformers (hf) or with the norms folded away (clean)."""
+    import torch
+
+    from noln.arch import install
+    from noln.checkpoint import load_run_model
+    from noln.export import export_model
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise NolnError(f"unknown --dtype '{dtype}': use {', '.join(dtypes)}")
+    model, tok = load_run_model(checkpoint)
+    adapter = install(model)
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
+    from noln.remove import read_log
+
+    events = [r for r in read_log(run_dir / "log.jsonl") if r.get("event") == "remove"]
+    path = export_model(adapter, tok, out, format, dtypes[dtype], events)
+    console.print(f"wrote {format} export ({dtype}) to {path}")
+
+
+@app.command()
+def sites(model: Annotated[str, typer.Argument(help="Hub id or local folder")]) -> None:
+    """List a model's removal sites in the default removal order."""
+    from noln.arch import install
+    from noln.loading import load_pretrained
+
+    adapter = install(load_pretrained(model))
+    for i, name in enumerate(adapter.site_names()):
+        console.print(f"{i:3d}  {name}")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str, typer.Option(help="local .jsonl/.txt/folder, HF dataset, or "
+                                      "'builtin'")],
+    out: Annotated[Path, typer.Option(help="output folder (model in OUT/model)")],
+    arch: Annotated[str, typer.Option(help="model family")] = "gpt2",
+    layers: Annotated[int, typer.Option()] = 4,
+    d_model: Annotated[int, typer.Option()] = 128,
+    heads: Annotated[int, typer.Option()] = 4,
+    ctx: Annotated[int, typer.Option()] = 128,
+    vocab_size: Annotated[int, typer.Option()] = 4096,
+    steps: Annotated[int, typer.Option()] = 600,
+    tokens: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a killed run in OUT")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Pretrain a small model with LayerNorm from scratch (own BPE tokenizer)."""
+    from noln.pretrain import pretrain as run
+
+    r = run(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
+            vocab_size=vocab_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
+            seed=seed, progress=not quiet, resume=resume)
+    ce = r.summary["val_ce"]
+    console.print(f"pretrained {r.summary['n_params']:,} parameters on {r.summary['tokens']:,} "
+                  f"tokens; val CE {ce['mean']:.4f} ± {ce['ci95']:.4f}; model in {r.out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for models, logs and plots")] =
+    Path("noln-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="a much smaller run (for tests)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Offline, end to end: pretrain a tiny model on Python's own docs, remove its LayerNorm."""
+    from noln.demo import run_demo
+
+    run_demo(out, quick=quick, progress=not quiet)
+
+
+def _register_optional() -> None:
+    """Commands whose modules live in their own packages (evaluation, linearity)."""
+    try:
+        from noln.evaluate.commands import compare_cmd, eval_cmd
+
+        app.command("eval")(eval_cmd)
+        app.command("compare")(compare_cmd)
+    except ImportError:
+        pass
+    try:
+        from noln.linearity.commands import linearity_cmd, linearize_cmd
+
+        app.command("linearity")(linearity_cmd)
+        app.command("linearize")(linearize_cmd)
+    except ImportError:
+        pass
+
+
+_register_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except NolnError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted: resume with --resume OUT[/]")
+        sys.exit(130)
+
+

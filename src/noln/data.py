@@ -1,0 +1,223 @@
+"""Token sources -> one long stream of token ids -> fixed-length blocks.
+
+A source is a Hugging Face dataset name (streamed), a local ``.jsonl`` (``text`` field),
+``.txt`` file or a folder of them, or ``builtin`` (text every Python install carries: the
+standard library's docstrings and the ``pydoc_data`` help topics). Documents are tokenised,
+each followed by the end-of-text token, and the stream is cached on disk as a memmap keyed by
+the source, the tokenizer and the token budget, so a second run does not re-tokenise.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from noln.errors import NolnError
+
+BUILTIN = "builtin"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NOLN_CACHE") or Path.home() / ".cache" / "noln"
+    return Path(root) / "tokens"
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def builtin_documents() -> Iterator[str]:
+    """Docstrings of the standard library (read with ``ast``, nothing imported) and pydoc topics."""
+    try:
+        from pydoc_data.topics import topics
+
+        yield from (topics[k] for k in sorted(topics))
+    except ImportError:  # some distributions split pydoc_data out
+        pass
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib).parts
+        if rel[0] in {"test", "idlelib", "site-packages", "dist-packages", "lib2to3"}:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    yield doc
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise NolnError(f"no .jsonl, .json or .txt files in folder '{path}': point --data at text")
+    return files
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise NolnError(f"{path}:{lineno} is not valid JSON ({e.msg}): expected one "
+                                    "object with a 'text' field per line") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if text:
+                    yield text
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+def _hub_documents(name: str, split: str) -> Iterator[str]:
+    import datasets
+
+    config = None
+    if ":" in name:  # "wikitext:wikitext-103-raw-v1"
+        name, config = name.split(":", 1)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        for record in ds:
+            text = record.get("text")
+            if text:
+                yield text
+    except NolnError:
+        raise
+    except Exception as e:  # network, missing dataset, missing split: all one fix for the user
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise NolnError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face Hub "
+                        f"({msg}); offline, pass a local .jsonl/.txt file or folder, "
+                        f"or '{BUILTIN}'") from None
+
+
+def is_local(source: str) -> bool:
+    return Path(source).exists() or source.endswith(LOCAL_SUFFIXES) or source.startswith(("/", "."))
+
+
+def iter_documents(source: str, split: str = "train") -> Iterator[str]:
+    """Documents of ``source`` in a fixed order."""
+    if source == BUILTIN:
+        yield from builtin_documents()
+    elif is_local(source):
+        path = Path(source)
+        if not path.exists():
+            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
+        for file in _local_files(path):
+            yield from _file_documents(file)
+    else:
+        yield from _hub_documents(source, split)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def _source_fingerprint(source: str, split: str) -> str:
+    if source == BUILTIN:
+        return f"builtin:{sys.version_info[:2]}"
+    if is_local(source) and Path(source).exists():
+        parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                 for p in _local_files(Path(source))]
+        return "|".join(parts)
+    return f"hub:{source}:{split}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenize(docs: Iterable[str], tokenizer, max_tokens: int | None = None,
+             batch_docs: int = 512) -> np.ndarray:
+    """Token ids of ``docs``, each document followed by end-of-text, cut at ``max_tokens``."""
+    eot = tokenizer.eos_token_id
+    if eot is None:
+        raise NolnError("the tokenizer has no end-of-text (eos) token to join documents with")
+    dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
+    chunks: list[np.ndarray] = []
+    total = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal total
+        for ids in _encode_batch(tokenizer, batch):
+            arr = np.asarray([*ids, eot], dtype=dtype)
+            chunks.append(arr)
+            total += len(arr)
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= batch_docs:
+            flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if batch and (max_tokens is None or total < max_tokens):
+        flush()
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def load_tokens(source: str, tokenizer, max_tokens: int | None = None, split: str = "train",
+                use_cache: bool = True) -> np.ndarray:
+    """The token stream of ``source`` (memmapped from the cache when it was made before)."""
+    key = hashlib.sha256(
+        f"{_source_fingerprint(source, split)}|{tokenizer_fingerprint(tokenizer)}|{max_tokens}"
+        .encode()).hexdigest()[:20]
+    path = cache_dir() / f"{key}.npy"
+    if use_cache and path.exists():
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            path.unlink(missing_ok=True)  # a torn cache file: rebuild it
+    ids = tokenize(iter_documents(source, split), tokenizer, max_tokens)
+    if len(ids) == 0:
+        raise NolnError(f"data source '{source}' has no text (0 tokens): give a dataset with a "
+                        "non-empty 'text' field")
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, ids)
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+    return ids
+
+
+def pack(ids: np.ndarray, ctx: int) -> np.ndarray:
+    """Cut a token stream into ``[n, ctx]`` blocks, dropping the remainder."""
+    n = len(ids) // ctx
+    if n == 0:
+        raise NolnError(f"only {len(ids)} tokens: fewer than one block of {ctx}; give more text "
+                        "or a shorter --ctx")
+    return np.asarray(ids[: n * ctx]).reshape(n, ctx)
+
+
+def load_blocks(source: str, tokenizer, ctx: int, max_tokens: int | None = None,
+                split: str = "train") -> np.ndarray:
+    """``[n, ctx]`` blocks of ``source``: what training and evaluation consume."""
+    return pack(load_tokens(source, tokenizer, max_tokens, split), ctx)

@@ -1,0 +1,69 @@
+"""Mean per-token cross-entropy over fixed-length chunks (paper 2's protocol: no BOS prepended).
+
+Each chunk of ``ctx`` tokens predicts its last ``ctx - 1`` tokens; the mean is over all predicted
+tokens, and the 95% interval comes from the spread of per-chunk means (chunks are the
+independent-ish units, tokens within one are not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CEResult:
+    mean: float
+    ci95: float  # half-width of the 95% interval of the mean
+    median: float  # median per-token CE: robust to the few rare tokens that can dominate a mean
+    n_tokens: int  # predicted tokens
+    n_chunks: int
+    ctx: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.mean:.4f} ± {self.ci95:.4f} nats ({self.n_tokens:,} tokens in "
+                f"{self.n_chunks} chunks of {self.ctx})")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def token_losses(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
+                 batch_size: int = 16) -> torch.Tensor:
+    """Per-token CE ``[n_chunks, ctx - 1]`` (float32, on CPU) of ``model`` on ``blocks``."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    blocks = torch.from_numpy(np.array(blocks, dtype=np.int64))
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        out.append(loss.view(x.shape[0], -1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def summarize(losses: torch.Tensor) -> CEResult:
+    per_chunk = losses.double().mean(dim=1)
+    n = len(per_chunk)
+    sem = per_chunk.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return CEResult(mean=losses.double().mean().item(), ci95=1.96 * sem,
+                    median=losses.median().item(), n_tokens=losses.numel(), n_chunks=n,
+                    ctx=losses.shape[1] + 1)
+
+
+def cross_entropy(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
+                  batch_size: int = 16) -> CEResult:
+    """Mean per-token CE of ``model`` on ``[n, ctx]`` token blocks."""
+    return summarize(token_losses(model, blocks, batch_size))

@@ -1,0 +1,117 @@
+"""Write a trained model so other tools load it without noln.
+
+- ``hf``: the family's plain Hugging Face class. Every frozen norm becomes a real norm with
+  eps = 1e12 and weight ``gamma * 1e6 / sigma``: ``(x - mu) / sqrt(var + 1e12) * gamma * 1e6 /
+  sigma ~= (x - mu) * gamma / sigma`` (relative error ~ var / 2e12). Weights ~1e6-1e7 overflow
+  fp16, so fp16 is refused. A run that froze nothing (the ``--keep-ln`` control) exports as is.
+- ``clean``: norms folded into the layers that read them; no norm module is left. Load it with
+  ``noln.load_clean``.
+
+Both write ``noln.json`` beside the weights: format, family, every sigma, the removal events.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from noln.arch import ADAPTERS, NormAdapter
+from noln.errors import NolnError
+
+FP16_MAX = 65504.0
+
+
+def check_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype, fmt: str) -> None:
+    if dtype != torch.float16:
+        return
+    name, big = max(((k, v.abs().max().item()) for k, v in state.items() if v.is_floating_point()),
+                    key=lambda kv: kv[1])
+    if big > FP16_MAX:
+        hint = " (eps-trick norm scales ~1e6/sigma)" if fmt == "hf" else ""
+        raise NolnError(f"fp16 cannot hold this {fmt} export: weight '{name}' reaches "
+                        f"{big:.3g}{hint}, above fp16's {FP16_MAX:.0f}; export as float32 or "
+                        "bfloat16" + (", or use --format clean" if fmt == "hf" else ""))
+
+
+def _write_dir(out: Path, write) -> None:
+    """Write into ``out.tmp`` and rename: a killed export never leaves a half folder."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
+                 dtype: torch.dtype = torch.float32, events: list[dict] | None = None) -> Path:
+    """Export ``adapter.model`` to ``out`` as ``hf`` or ``clean``; returns ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
+    meta = {"format": fmt, "family": adapter.family, "sigmas": adapter.sigmas(),
+            "frozen": adapter.frozen_sites(), "events": events or []}
+    if fmt == "hf":
+        state = adapter.hf_state_dict()
+        check_dtype(state, dtype, fmt)
+        for k, v in adapter.hf_config_overrides().items():
+            setattr(config, k, v)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state, strict=False)
+        missing = set(model.state_dict()) - set(state)
+        if any(not k.endswith("lm_head.weight") for k in missing):
+            raise NolnError(f"internal: hf export misses weights {sorted(missing)[:3]}")
+        model.to(dtype)
+        meta["note"] = ("plain checkpoint: norms use eps=1e12, weight=gamma*1e6/sigma"
+                        if adapter.export_state() == "all" else "norms kept (nothing frozen)")
+
+        def write(d: Path) -> None:
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            (d / "noln.json").write_text(json.dumps(meta, indent=1))
+    elif fmt == "clean":
+        state = {k: v.to(dtype).contiguous() for k, v in adapter.clean_state_dict().items()}
+        check_dtype(state, dtype, fmt)
+        config.tie_word_embeddings = False
+
+        def write(d: Path) -> None:
+            config.save_pretrained(d)
+            save_file(state, str(d / "model.safetensors"))
+            tokenizer.save_pretrained(d)
+            (d / "noln.json").write_text(json.dumps(meta, indent=1))
+    else:
+        raise NolnError(f"unknown export format '{fmt}': use hf or clean")
+    _write_dir(out, write)
+    return out
+
+
+def load_clean(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A ``clean`` export as a model with no norm module at all (eval mode)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    meta_path = path / "noln.json"
+    if not meta_path.is_file():
+        raise NolnError(f"'{path}' is not a noln export (no noln.json): export it with "
+                        "`noln export RUN --format clean`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != "clean":
+        raise NolnError(f"'{path}' is a '{meta.get('format')}' export: load it with "
+                        "transformers' from_pretrained, not load_clean")
+    config = AutoConfig.from_pretrained(path)
+    adapter_cls = next((c for c in ADAPTERS.values() if c.family == meta["family"]), None)
+    if adapter_cls is None:
+        raise NolnError(f"'{path}' holds an unsupported family '{meta['family']}'")
+    model = adapter_cls.build_clean_model(config)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:
+        raise NolnError(f"cannot read '{path / 'model.safetensors'}' ({type(e).__name__}): the "
+                        "export is corrupt; export it again") from None
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()

@@ -1,0 +1,107 @@
+"""FakeLayerNorm / FakeRMSNorm: a norm whose per-token division can be frozen to one scalar.
+
+Live, the module computes the real norm and tracks ``sigma``, an exponential moving average of
+the batch-mean per-token std (RMS for RMSNorm). Frozen, it divides by that fixed ``sigma``:
+``(x - mean(x)) / sigma * weight + bias`` — linear in ``x``, so foldable into the next layer.
+
+Mode and sigma are buffers, so checkpoints carry them. The Python-side ``frozen`` flag mirrors
+the ``is_frozen`` buffer so the forward pass never syncs with the device to read it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FakeNorm(nn.Module):
+    """Shared machinery; subclasses say whether the mean is subtracted (LayerNorm) or not (RMS)."""
+
+    center: bool = True
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, eps: float,
+                 momentum: float = 0.9):
+        super().__init__()
+        self.weight = weight  # shared with any sibling site reading the same original norm
+        self.bias = bias
+        self.eps = eps
+        self.momentum = momentum
+        self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
+        self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        self.frozen = False
+        # Set by the trainer for one forward pass: which tokens count in the sigma estimate
+        # ([batch, seq] bool; position 0 / EOT excluded), and whether to keep per-token std.
+        self.std_mask: torch.Tensor | None = None
+        self.capture_std = False
+        self.input_std: torch.Tensor | None = None
+
+    @property
+    def normalized_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def freeze(self, sigma: float | torch.Tensor | None = None) -> None:
+        """Replace the per-token division by the current EMA (or a given value) from now on."""
+        if sigma is not None:
+            self.sigma.fill_(float(sigma))
+        self.is_frozen.fill_(True)
+        self.frozen = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.frozen = bool(self.is_frozen)
+
+    def _centered(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=-1, keepdim=True) if self.center else x
+
+    @torch.no_grad()
+    def _update_sigma(self, std: torch.Tensor) -> None:
+        std = std.squeeze(-1).float()
+        if self.std_mask is not None:
+            mask = self.std_mask.to(std.dtype)
+            batch_std = (std * mask).sum() / mask.sum().clamp_min(1.0)
+        else:
+            batch_std = std.mean()
+        first = self.n_updates == 0
+        ema = self.momentum * self.sigma + (1 - self.momentum) * batch_std
+        self.sigma.copy_(torch.where(first, batch_std, ema))
+        self.n_updates.add_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # norms run in float32 under autocast, as torch's own LayerNorm does
+        xc = self._centered(xf)
+        if self.frozen:
+            y = xc / self.sigma
+            if self.capture_std:
+                self.input_std = (xc.pow(2).mean(dim=-1) + self.eps).sqrt()
+        else:
+            std = (xc.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt()
+            if self.training:
+                self._update_sigma(std.detach())
+            if self.capture_std:
+                self.input_std = std.squeeze(-1)
+            y = xc / std
+        y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        state = f"frozen, sigma={self.sigma.item():.4g}" if self.frozen else "live"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, {state}"
+
+
+class FakeLayerNorm(FakeNorm):
+    """LayerNorm whose division by the per-token std can be frozen to a fixed scalar."""
+
+    center = True
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm, momentum: float = 0.9) -> FakeLayerNorm:
+        return cls(ln.weight, ln.bias, ln.eps, momentum)
+
+
+class FakeRMSNorm(FakeNorm):
+    """RMSNorm whose division by the per-token RMS can be frozen to a fixed scalar."""
+
+    center = False

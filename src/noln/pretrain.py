@@ -1,0 +1,113 @@
+"""Pretrain a small GPT-2-architecture model with LayerNorm from scratch, for offline work.
+
+Trains a byte-level BPE tokenizer on the corpus (``<|endoftext|>`` is id 0: BOS, EOS and the
+document separator), then the model with the same loop as removal (norms kept live), and
+writes a plain Hugging Face folder that ``from_pretrained`` and every noln command load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from noln.arch import install
+from noln.config import make_config
+from noln.data import iter_documents, load_tokens, pack
+from noln.errors import NolnError
+from noln.evaluate.loss import cross_entropy
+from noln.remove import check_writable, read_log
+from noln.report import plot_loss
+from noln.train import Trainer
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class PretrainResult:
+    model: torch.nn.Module
+    tokenizer: object
+    out: Path
+    summary: dict
+
+
+def train_tokenizer(source: str, vocab_size: int, max_docs: int | None = None):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def docs():
+        for i, d in enumerate(iter_documents(source)):
+            if max_docs is not None and i >= max_docs:
+                return
+            yield d
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs(), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOT], show_progress=False)
+    if bpe.get_vocab_size() < 260:
+        raise NolnError(f"data '{source}' is too small to train a tokenizer: give more text")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT,
+                                   unk_token=EOT, model_max_length=int(1e9))
+
+
+def build_model(arch: str, vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
+                eot_id: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if arch != "gpt2":
+        raise NolnError(f"noln pretrain cannot build '{arch}' yet: use --arch gpt2")
+    if d_model % n_head:
+        raise NolnError(f"--d-model {d_model} is not divisible by --heads {n_head}")
+    config = GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d_model, n_layer=n_layer,
+                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=True)
+    return GPT2LMHeadModel(config)
+
+
+def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4,
+             d_model: int = 128, n_head: int = 4, ctx: int = 128, vocab_size: int = 4096,
+             steps: int = 600, tokens: int | None = None, batch_size: int = 32,
+             lr: float = 1e-3, warmup_steps: int = 50, seed: int = 0, progress: bool = True,
+             resume: bool = False) -> PretrainResult:
+    out = Path(out)
+    check_writable(out)
+    torch.manual_seed(seed)
+    if resume and (out / "base").is_dir():
+        from noln.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(out / "base")
+    else:
+        tokenizer = train_tokenizer(data, vocab_size)
+    eot_id = tokenizer.convert_tokens_to_ids(EOT)
+    model = build_model(arch, len(tokenizer), n_layer, d_model, n_head, ctx, eot_id)
+    blocks = pack(load_tokens(data, tokenizer), ctx)
+    n_val = max(1, len(blocks) // 20)
+    train_blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
+    cfg = make_config(model=str(out), data=data, out=out, keep_ln=True, steps=steps,
+                      tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr, min_lr=lr / 10,
+                      warmup_steps=warmup_steps, aux_weight=0.0, seed=seed, progress=progress,
+                      checkpoint_every=max(50, steps // 4))
+    adapter = install(model)  # live FakeNorms compute the real LayerNorm
+    if not resume:
+        model.config.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+    trainer = Trainer(cfg, model, train_blocks, val_blocks[:4], out, adapter,
+                      eot_id=eot_id)
+    state = trainer.fit(resume=resume)
+    model = trainer.acc.unwrap_model(trainer.model).eval()
+    from noln.export import export_model
+
+    export_model(adapter, tokenizer, out / "model")
+    from noln.loading import load_pretrained
+
+    plain = load_pretrained(out / "model")
+    ce = cross_entropy(plain, val_blocks)
+    summary = {"data": data, "arch": arch, "n_layer": n_layer, "d_model": d_model,
+               "n_head": n_head, "ctx": ctx, "vocab_size": len(tokenizer), "steps": state.step,
+               "tokens": state.step * batch_size * ctx, "train_wall_time_s": state.wall_time,
+               "val_ce": ce.to_dict(), "n_params": sum(p.numel() for p in plain.parameters())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_loss(read_log(out / "log.jsonl"), out / "loss.png", title=f"pretraining {arch}")
+    return PretrainResult(plain, tokenizer, out / "model", summary)

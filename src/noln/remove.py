@@ -1,0 +1,219 @@
+"""``remove_layernorm``: config -> model adapter -> trainer -> export -> evaluate -> report.
+
+One run folder holds everything: ``config.yaml``, ``base/`` (the model's config and tokenizer,
+to rebuild it on resume), ``checkpoints/``, ``log.jsonl``, ``model/`` (the export),
+``summary.json`` and ``loss.png``. With a control, ``control/`` is a run folder of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from noln.arch import NormAdapter, install
+from noln.config import RemoveConfig, make_config
+from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack
+from noln.errors import NolnError
+from noln.evaluate.loss import cross_entropy
+from noln.loading import load_pretrained, load_tokenizer
+from noln.report import ce_rows, markdown_table, plot_loss, rich_table
+from noln.schedule import build_schedule
+from noln.train import Trainer
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RemovalResult:
+    model: nn.Module  # the trained model, its FakeNorms frozen (or live for a control)
+    adapter: NormAdapter
+    log: list[dict]
+    summary: dict
+    out: Path
+
+    @property
+    def events(self) -> list[dict]:
+        return [r for r in self.log if r.get("event") == "remove"]
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not after an hour of it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".noln-write-test"
+        probe.write_bytes(b"\0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise NolnError(f"output folder '{out}' is not writable ({e.strerror}): choose another "
+                        "--out or free disk space") from None
+
+
+def model_ctx(config, cfg: RemoveConfig) -> int:
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
+                                                            1024)
+    return min(cfg.ctx or 1024, limit)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
+    """Train blocks and held-out blocks (``--eval-data``, or a random slice of ``--data``).
+
+    Local text is tokenised whole (once, then cached) so training samples every part of it,
+    whatever order its documents are in; a Hub dataset is streamed only as far as needed.
+    """
+    need = steps * cfg.batch_size * ctx + (0 if cfg.eval_data else cfg.eval_tokens) + 2 * ctx
+    cap = None if cfg.data == BUILTIN or is_local(cfg.data) else need
+    blocks = pack(load_tokens(cfg.data, tokenizer, max_tokens=cap), ctx)
+    if cfg.eval_data:
+        return blocks, load_blocks(cfg.eval_data, tokenizer, ctx, max_tokens=cfg.eval_tokens)
+    if len(blocks) < 2:
+        raise NolnError(f"data '{cfg.data}' gives {len(blocks)} block(s) of {ctx} tokens: "
+                        "too little to train and hold out; give more text")
+    n_eval = max(1, min(cfg.eval_tokens // ctx, len(blocks) // 10))
+    heldout = np.random.default_rng(1234).permutation(len(blocks))[:n_eval]
+    train_mask = np.ones(len(blocks), dtype=bool)
+    train_mask[heldout] = False
+    return blocks[train_mask], blocks[np.sort(heldout)]
+
+
+def _build(cfg: RemoveConfig, resume: bool):
+    """Model, tokenizer, adapter: the pretrained model, or on resume the run's own config."""
+    out = Path(cfg.out)
+    if resume:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "base"),
+                                                 dtype=torch.float32)
+        tokenizer = load_tokenizer(out / "base")
+    else:
+        model = load_pretrained(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+    return model, tokenizer
+
+
+def remove_layernorm(model: str | None = None, data: str | None = None,
+                     out: str | Path | None = None, *, resume: str | Path | None = None,
+                     config: RemoveConfig | None = None, eval_sets: dict[str, str] | None = None,
+                     **overrides) -> RemovalResult:
+    """Fine-tune ``model`` on ``data`` while freezing every norm; export and evaluate it.
+
+    ``overrides`` are ``RemoveConfig`` fields (``tokens=``, ``schedule=``, ``keep_ln=`` ...).
+    ``resume=DIR`` continues a killed run from its last checkpoint with the run's own config.
+    ``eval_sets`` adds ``{name: source}`` texts to the before/after CE table.
+    """
+    if resume is not None:
+        run = Path(resume)
+        if not (run / "config.yaml").is_file():
+            raise NolnError(f"'{run}' is not a noln run folder (no config.yaml): check --resume")
+        cfg = RemoveConfig.from_yaml(run / "config.yaml", out=str(run),
+                                     **{k: v for k, v in overrides.items() if k == "progress"})
+    else:
+        cfg = config or make_config(model=model, data=data, out=out, **overrides)
+    out = Path(cfg.out)
+    check_writable(out)
+    t_start = time.time()
+    net, tokenizer = _build(cfg, resume is not None)
+    adapter = install(net, cfg.momentum)
+    ctx = model_ctx(net.config, cfg)
+    steps = cfg.resolved_steps(ctx)
+    kinds = {name: site.kind for name, site in adapter.sites.items()}
+    schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
+                              cfg.adaptive, keep_ln=cfg.keep_ln)
+    if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
+            cfg.export_format in ("hf", "clean", "both"):
+        console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
+                      f"{len(adapter.sites)} sites; the export needs all of them[/]")
+    train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
+    sets = {"heldout": heldout}
+    for name, source in (eval_sets or {}).items():
+        sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
+    if resume is None:
+        cfg.to_yaml(out / "config.yaml")
+        net.config.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+    extra = {}
+    if resume is None:
+        extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
+    trainer = Trainer(cfg, net, train_blocks, heldout[:4], out, adapter, schedule,
+                      eot_id=tokenizer.eos_token_id, extra_state=extra)
+    state = trainer.fit(resume=resume is not None)
+    net = trainer.acc.unwrap_model(trainer.model)
+    net.eval()
+    log = read_log(out / "log.jsonl")
+    events = [r for r in log if r.get("event") == "remove"]
+    ce_after = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
+    formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
+    if cfg.keep_ln:
+        formats = [f for f in formats if f == "hf"]  # a control has nothing to fold
+    exported = {}
+    for fmt in formats:
+        target = out / ("model" if fmt == "hf" or len(formats) == 1 else f"model-{fmt}")
+        if adapter.export_state() == "mixed":
+            console.print(f"[yellow]not exporting {fmt}: some sites are still live[/]")
+            continue
+        exported[fmt] = str(export_model_dir(adapter, tokenizer, target, fmt, events))
+    summary = {
+        "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
+        "steps": state.step, "tokens": state.step * cfg.batch_size * ctx, "ctx": ctx,
+        "train_wall_time_s": state.wall_time, "wall_time_s": time.time() - t_start,
+        "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
+        "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
+        "guard_events": [r for r in log if r.get("event") == "guard"], "exports": exported,
+        "world_size": trainer.acc.num_processes, "pid": os.getpid(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "
+              f"{'control (LN kept)' if cfg.keep_ln else 'LayerNorm removal'}")
+    return RemovalResult(net, adapter, log, summary, out)
+
+
+def export_model_dir(adapter, tokenizer, target, fmt, events):
+    from noln.export import export_model
+
+    return export_model(adapter, tokenizer, target, fmt, events=events)
+
+
+def remove_with_control(model: str | None = None, data: str | None = None,
+                        out: str | Path | None = None, *, resume: bool = False,
+                        eval_sets: dict[str, str] | None = None, **overrides) -> dict:
+    """The with-LN control (``out/control``) and the removal run (``out``) on the same data,
+    steps and seed, then the three-column table: original / fine-tuned with LN / without LN."""
+    out = Path(out or make_config(model=model, **overrides).out)
+    results = {}
+    for name, run_dir, keep in (("control", out / "control", True), ("no_ln", out, False)):
+        if (run_dir / "summary.json").exists() and resume:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            results[name] = summary
+            continue
+        resumable = resume and (run_dir / "checkpoints" / "last.pt").exists()
+        r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
+                             eval_sets=eval_sets, keep_ln=keep, **overrides)
+        results[name] = r.summary
+    table = {source: {"original": results["no_ln"]["ce_before"][source],
+                      "with LN (fine-tuned)": results["control"]["ce_after"][source],
+                      "without LN": results["no_ln"]["ce_after"][source]}
+             for source in results["no_ln"]["ce_after"]}
+    header, rows = ce_rows(table, reference="original", control="with LN (fine-tuned)")
+    console.print(rich_table(header, rows, title="Cross-entropy on held-out text"))
+    (out / "table.md").write_text(markdown_table(header, rows))
+    combined = {"table": table, "control": results["control"], "no_ln": results["no_ln"]}
+    (out / "comparison.json").write_text(json.dumps(combined, indent=1))
+    control_log = read_log(out / "control" / "log.jsonl")
+    plot_loss(read_log(out / "log.jsonl"), out / "loss.png", control_log=control_log,
+              title=f"{Path(str(results['no_ln']['model'])).name}: LayerNorm removal vs control")
+    return combined
+
+

@@ -1,0 +1,93 @@
+"""Tables and plots: the CE table of a run, and the loss curve marking every removal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+KIND_COLOURS = {"ln_2": "tab:orange", "ln_1_qk": "tab:green", "ln_1_v": "tab:purple",
+                "ln_f": "tab:red"}
+
+
+def _kind(site: str) -> str:
+    return site.rsplit(".", 1)[-1]
+
+
+def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None,
+              title: str = "") -> Path:
+    """Training loss (raw and smoothed) with a vertical line at each removal, by site kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(records):
+        steps = [r["step"] for r in records if "loss" in r and "event" not in r]
+        losses = [r["loss"] for r in records if "loss" in r and "event" not in r]
+        smooth, ema = [], None
+        for v in losses:
+            ema = v if ema is None else 0.8 * ema + 0.2 * v
+            smooth.append(ema)
+        return steps, losses, smooth
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    steps, losses, smooth = curve(log)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
+    ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="removal run (EMA)")
+    if control_log:
+        c_steps, _, c_smooth = curve(control_log)
+        ax.plot(c_steps, c_smooth, color="grey", lw=1.4, ls="--", label="with-LN control (EMA)")
+    seen = set()
+    for r in log:
+        if r.get("event") == "remove":
+            kind = _kind(r["site"])
+            ax.axvline(r["step"], color=KIND_COLOURS.get(kind, "black"), lw=0.7, alpha=0.6,
+                       label=f"freeze {kind}" if kind not in seen else None)
+            seen.add(kind)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy (nats)")
+    if losses:
+        lo, hi = min(smooth), max(smooth)
+        ax.set_ylim(lo - 0.1 * (hi - lo + 0.1), hi + 0.25 * (hi - lo + 0.1))
+    ax.set_title(title or "LayerNorm removal")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ce_rows(results: dict[str, dict[str, dict]], reference: str | None,
+            control: str | None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of ``{source: {model: CEResult-dict}}``, with a delta column."""
+    models = list(next(iter(results.values())))
+    header = ["data (mean CE, nats)", *models]
+    delta = None
+    if control and control in models and len(models) > 1:
+        delta = [m for m in models if m not in (control, reference)]
+        header += [f"{m} − {control}" for m in delta]
+    rows = []
+    for source, per_model in results.items():
+        row = [f"{source} ({per_model[models[0]]['n_tokens']:,} tok)"]
+        row += [f"{per_model[m]['mean']:.4f} ± {per_model[m]['ci95']:.4f}" for m in models]
+        if delta:
+            row += [f"{per_model[m]['mean'] - per_model[control]['mean']:+.4f}" for m in delta]
+        rows.append(row)
+    return header, rows
+
+
+def rich_table(header: list[str], rows: list[list[str]], title: str = "") -> Table:
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

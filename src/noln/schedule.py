@@ -1,0 +1,171 @@
+"""When each norm site is frozen: fixed gaps, adaptive (loss recovered), or read from YAML.
+
+A schedule sees the step and the recent training losses and answers which sites to freeze now.
+Its whole state is a small dict, saved in every checkpoint so a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from noln.config import AdaptiveConfig, FixedConfig
+from noln.errors import NolnError
+
+
+class Schedule:
+    order: list[str]
+
+    def due(self, step: int, losses: Sequence[float]) -> list[str]:
+        """Sites to freeze before training step ``step``; ``losses`` are all past step losses."""
+        raise NotImplementedError
+
+    def next_label(self, step: int) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FixedSchedule(Schedule):
+    """Explicit (step, site) events."""
+
+    def __init__(self, events: list[tuple[int, str]]):
+        self.events = sorted(events)
+        self.order = [s for _, s in self.events]
+
+    def due(self, step: int, losses: Sequence[float]) -> list[str]:
+        return [s for t, s in self.events if t == step]
+
+    def next_label(self, step: int) -> str:
+        upcoming = [(t, s) for t, s in self.events if t > step]
+        return f"{upcoming[0][1]} @ {upcoming[0][0]}" if upcoming else "-"
+
+
+class AdaptiveSchedule(Schedule):
+    """Freeze the next site once the mean loss over the last ``window`` steps is back within
+    ``tolerance`` of its mean over the ``window`` steps before the previous removal; never
+    sooner than ``min_gap`` steps, never later than ``max_gap``, and late enough in the run
+    that every site is gone by ``finish_by`` of the steps (the gap shrinks to make it)."""
+
+    def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
+        self.order, self.cfg, self.start = list(order), cfg, start
+        self.deadline = max(start + 1, int(cfg.finish_by * total_steps))
+        self.next_idx = 0
+        self.last_step = -1
+        self.reference: float | None = None
+
+    def _mean(self, losses: Sequence[float]) -> float:
+        recent = losses[-self.cfg.window :]
+        return sum(recent) / len(recent)
+
+    def due(self, step: int, losses: Sequence[float]) -> list[str]:
+        if self.next_idx >= len(self.order) or step < self.start or not losses:
+            return []
+        since = step - self.last_step
+        remaining = len(self.order) - self.next_idx
+        max_gap = min(self.cfg.max_gap, max(1, (self.deadline - step) // remaining))
+        recent = self._mean(losses)
+        fire = self.next_idx == 0 or since >= max_gap or (
+            since >= max(self.cfg.min_gap, self.cfg.window)
+            and recent <= self.reference + self.cfg.tolerance)
+        if not fire:
+            return []
+        self.reference = recent
+        self.last_step = step
+        self.next_idx += 1
+        return [self.order[self.next_idx - 1]]
+
+    def next_label(self, step: int) -> str:
+        if self.next_idx >= len(self.order):
+            return "-"
+        if self.reference is None:
+            return self.order[self.next_idx]
+        return f"{self.order[self.next_idx]} at loss<={self.reference + self.cfg.tolerance:.3f}"
+
+    def state_dict(self) -> dict:
+        return {"next_idx": self.next_idx, "last_step": self.last_step, "reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_idx, self.last_step = state["next_idx"], state["last_step"]
+        self.reference = state["reference"]
+
+
+def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
+                 total_steps: int) -> list[tuple[int, str]]:
+    """Anchors' fixed gaps (per site kind) or, without gaps, even spacing to ``finish_by``."""
+    start = cfg.start if cfg.start is not None else max(1, round(0.07 * total_steps))
+    if cfg.gaps is None:
+        span = max(0, int(cfg.finish_by * total_steps) - start)
+        gap = max(1, span // max(1, len(order) - 1))
+        return [(start + i * gap, s) for i, s in enumerate(order)]
+    events, step = [], start
+    for i, site in enumerate(order):
+        events.append((step, site))
+        if i + 1 < len(order):
+            step += cfg.gaps.get(kind_of[site], 1)
+    return events
+
+
+def read_schedule_file(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError:
+        raise NolnError(f"schedule file '{path}' does not exist: give fixed, adaptive or a "
+                        "YAML file") from None
+    except yaml.YAMLError as e:
+        raise NolnError(f"schedule file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise NolnError(f"schedule file '{path}' must be a mapping with 'events' or 'type'")
+    return spec
+
+
+def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
+                   fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False) -> Schedule:
+    """Validate and build the schedule; every error is raised here, before training starts."""
+    if keep_ln:
+        return FixedSchedule([])
+    order = list(site_names)
+    file_spec: dict = {}
+    if spec not in ("fixed", "adaptive"):
+        file_spec = read_schedule_file(Path(spec))
+        spec = file_spec.get("type", "events" if "events" in file_spec else "fixed")
+        if "order" in file_spec:
+            order = [str(s) for s in file_spec["order"]]
+    unknown = [s for s in order if s not in kind_of]
+    if spec == "events":
+        try:
+            events = [(int(e["step"]), str(e["site"])) for e in file_spec["events"]]
+        except (KeyError, TypeError, ValueError):
+            raise NolnError("schedule 'events' must be a list of {step: N, site: NAME}") from None
+        unknown += [s for _, s in events if s not in kind_of]
+    if unknown:
+        raise NolnError(f"schedule names site '{unknown[0]}', which this model does not have: "
+                        f"sites are {site_names[0]} ... {site_names[-1]} "
+                        f"({len(site_names)} in all; see `noln sites MODEL`)")
+    if spec == "events":
+        late = [(t, s) for t, s in events if not 0 <= t < total_steps]
+        if late:
+            raise NolnError(f"schedule freezes {late[0][1]} at step {late[0][0]}, outside the "
+                            f"run's {total_steps} steps: lengthen it (--steps/--tokens) or move it")
+        return FixedSchedule(events)
+    if spec == "fixed":
+        fixed = fixed.model_copy(update={k: v for k, v in file_spec.items()
+                                         if k in FixedConfig.model_fields})
+        events = fixed_events(order, kind_of, fixed, total_steps)
+        if events and events[-1][0] >= total_steps:
+            raise NolnError(f"fixed schedule ends at step {events[-1][0]} but the run has "
+                            f"{total_steps} steps: shorten the gaps or lengthen the run")
+        return FixedSchedule(events)
+    if spec == "adaptive":
+        adaptive = adaptive.model_copy(update={k: v for k, v in file_spec.items()
+                                               if k in AdaptiveConfig.model_fields})
+        start = file_spec.get("start", fixed.start)
+        start = start if start is not None else max(1, round(0.07 * total_steps))
+        return AdaptiveSchedule(order, adaptive, start, total_steps)
+    raise NolnError(f"unknown schedule type '{spec}': use fixed, adaptive or a YAML file")

@@ -1,0 +1,314 @@
+"""The fine-tuning loop: freeze norm sites on a schedule while training on next-token loss.
+
+Plain PyTorch on ``accelerate`` (device placement, DDP, bf16 autocast), read top to bottom:
+removals due -> micro-batches (CE + aux std loss) -> clip -> AdamW step -> guard -> log ->
+checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule position,
+loss history, RNG, data position = the step) is in the checkpoint, so a killed run resumes to
+the same final weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from noln.arch import NormAdapter
+from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
+from noln.config import RemoveConfig
+from noln.errors import NolnError
+from noln.schedule import FixedSchedule, Schedule
+
+
+def lr_at(step: int, cfg: RemoveConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine from ``lr`` to ``min_lr`` over the rest of the run."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on 2-D weights only (matrices and embeddings), as nanoGPT and paper 1 do."""
+    params = [p for p in model.parameters() if p.requires_grad]  # shared tensors counted once
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def special_token_mask(x: torch.Tensor, eot_id: int | None) -> torch.Tensor:
+    """True for ordinary tokens: not position 0, not end-of-text (their residual std is huge)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[:, 0] = False
+    if eot_id is not None:
+        keep &= x != eot_id
+    return keep
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # the next step to run
+    losses: list[float] = field(default_factory=list)  # CE per completed step
+    lr_scale: float = 1.0  # lowered by the guard after a blow-up
+    failures: int = 0
+    wall_time: float = 0.0
+    log_lines: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RemoveConfig, model: nn.Module, train_blocks: np.ndarray,
+                 probe_blocks: np.ndarray, out: Path, adapter: NormAdapter,
+                 schedule: Schedule | None = None, eot_id: int | None = None,
+                 accelerator: Accelerator | None = None, extra_state: dict | None = None):
+        self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
+        self.schedule = schedule or FixedSchedule([])
+        self.extra_state = extra_state or {}  # saved with checkpoints (e.g. CE before training)
+        self.ctx = train_blocks.shape[1]
+        self.total_steps = cfg.resolved_steps(self.ctx)
+        self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
+        if accelerator is None:
+            precision = cfg.precision
+            if precision == "auto":
+                precision = "bf16" if torch.cuda.is_available() else "fp32"
+            accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+        self.acc = accelerator
+        world = self.acc.num_processes
+        micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+        if cfg.batch_size % (micro * world):
+            raise NolnError(f"--batch-size {cfg.batch_size} is not a multiple of micro batch "
+                            f"{micro} x {world} processes: change one of them")
+        self.micro, self.accum = micro, cfg.batch_size // (micro * world)
+        torch.manual_seed(cfg.seed)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, fused=torch.cuda.is_available())
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.state = TrainState()
+        self._perms: dict[int, np.ndarray] = {}
+        self.ckpt_dir = self.out / "checkpoints"
+        self.log_path = self.out / "log.jsonl"
+
+    # -- data: the batch of a step is a pure function of (seed, step) -----------------------
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            self._perms[epoch] = rng.permutation(len(self.train_blocks))
+        return self._perms[epoch]
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        n = len(self.train_blocks)
+        pos = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
+        return np.array([self._perm(p // n)[p % n] for p in pos])
+
+    def micro_batches(self, step: int):
+        idx = self.batch_indices(step)
+        rank, world = self.acc.process_index, self.acc.num_processes
+        idx = idx[rank::world]  # each process its share of the global batch
+        for i in range(0, len(idx), self.micro):
+            block = np.asarray(self.train_blocks[np.sort(idx[i : i + self.micro])], np.int64)
+            yield torch.from_numpy(block).to(self.acc.device)
+
+    # -- loss ------------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = special_token_mask(x, self.eot_id)
+        self.adapter.set_std_mask(keep if self.cfg.exclude_special else None)
+        aux_on = self.cfg.aux_weight > 0 and not self.cfg.keep_ln
+        final = self.adapter.final_norm
+        final.capture_std = aux_on
+        with self.acc.autocast():
+            out = self.forward_model(input_ids=x, output_hidden_states=self.cfg.cos_reg > 0)
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss = ce
+        if aux_on:
+            # paper 2: pull every token's residual std at ln_f towards the typical token's
+            s = final.input_std
+            s_star = ((s * keep).sum() / keep.sum().clamp_min(1)).detach()
+            loss = loss + self.cfg.aux_weight * (s - s_star).pow(2).mean()
+            final.capture_std, final.input_std = False, None
+        if self.cfg.cos_reg > 0:
+            from noln.linearity.regularizer import cosine_regularizer
+
+            loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
+        self.adapter.set_std_mask(None)
+        return loss, ce.detach()
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """CE on a fixed held-out batch: measures what one removal costs, on the same tokens."""
+        model = self.acc.unwrap_model(self.model)
+        was = model.training
+        model.eval()
+        x = torch.from_numpy(np.asarray(self.probe_blocks, np.int64)).to(self.acc.device)
+        with self.acc.autocast():
+            logits = model(input_ids=x).logits[:, :-1].float()
+        model.train(was)
+        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        model = self.acc.unwrap_model(self.model)
+        save_atomic({
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.state.step,
+            "state": self.state.__dict__.copy(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "extra": self.extra_state,
+            "config": self.cfg.model_dump(mode="json"),
+        }, self.ckpt_dir / "last.pt")
+
+    def restore(self, ckpt: dict) -> None:
+        self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["state"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.extra_state = ckpt.get("extra", {})
+
+    def log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.state.log_lines += 1
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        if not self.log_path.exists() or not self.acc.is_main_process:
+            return
+        lines = self.log_path.read_text().splitlines(keepends=True)[: self.state.log_lines]
+        self.log_path.write_text("".join(lines))
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainState:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore(load_checkpoint(latest_checkpoint(self.out)))
+            self._truncate_log()
+        else:
+            self.log_path.unlink(missing_ok=True)
+            self.save()  # step 0: the guard always has a good state to go back to
+        progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
+                             self.state.step)
+        tokens_per_step = self.cfg.batch_size * self.ctx
+        model = self.model
+        model.train()
+        with progress:
+            while self.state.step < self.total_steps:
+                step, t0 = self.state.step, time.perf_counter()
+                for site in self.schedule.due(step, self.state.losses):
+                    before = self.probe_loss()
+                    sigma = self.adapter.freeze(site)
+                    after = self.probe_loss()
+                    self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
+                              "probe_before": before, "probe_after": after})
+                lr = lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                ce_sum = torch.zeros((), device=self.acc.device)
+                batches = list(self.micro_batches(step))
+                for i, x in enumerate(batches):
+                    sync = i == len(batches) - 1
+                    with nullcontext() if sync else self.acc.no_sync(model):
+                        loss, ce = self.loss(x)
+                        self.acc.backward(loss / len(batches))
+                    ce_sum += ce / len(batches)
+                grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+                ce_val = self.acc.reduce(ce_sum, reduction="mean").item()  # the one sync a step
+                if self._exploded(ce_val):
+                    self._recover(step, ce_val)
+                    progress.reset(self.state.step)
+                    continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                self.state.losses.append(ce_val)
+                self.state.wall_time += dt
+                self.state.step += 1
+                self.log({"step": step, "loss": ce_val, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens": self.state.step * tokens_per_step,
+                          "frozen": len(self.adapter.frozen_sites()), "dt": dt})
+                progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
+                                self.schedule.next_label(self.state.step))
+                if self.state.step % self.cfg.checkpoint_every == 0 or \
+                        self.state.step == self.total_steps:
+                    self.save()
+        return self.state
+
+    # -- guard -----------------------------------------------------------------------------
+    def _exploded(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        recent = self.state.losses[-10:]
+        return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
+
+    def _recover(self, step: int, loss: float) -> None:
+        """Back to the last good checkpoint with half the learning rate, or stop for good."""
+        self.optimizer.zero_grad(set_to_none=True)
+        path = latest_checkpoint(self.out)
+        failures = self.state.failures + 1
+        if failures > self.cfg.max_retries:
+            raise NolnError(f"training diverged {failures} times (last: loss {loss:.4g} at step "
+                            f"{step}); the last good checkpoint is kept at {path}: lower --lr or "
+                            "lengthen the schedule's gaps, then --resume")
+        lr_scale = self.state.lr_scale * 0.5
+        self.restore(load_checkpoint(path))
+        self._truncate_log()
+        self.state.failures, self.state.lr_scale = failures, lr_scale
+        self.log({"event": "guard", "step": step, "loss": loss, "restored_step": self.state.step,
+                  "lr_scale": lr_scale, "failures": failures})
+
+
+class _Progress:
+    """A rich progress bar with loss, LR, tokens/s and the next removal (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
+                                           "{task.fields[tps]} tok/s  next: {task.fields[nxt]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-",
+                                          lr="-", tps="-", nxt="-")
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float, lr: float, tps: float, nxt: str) -> None:
+        if self.enabled:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                            tps=f"{tps:,.0f}", nxt=nxt)
+
+    def reset(self, step: int) -> None:
+        if self.enabled:
+            self.bar.update(self.task, completed=step)
