@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+import pytest
+
+from noln.data import load_tokens, pack, tokenize
+from noln.errors import NolnError
+from noln.loading import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_documents_are_joined_by_eot_and_packed(tok):
+    ids = tokenize(["hello world", "second doc"], tok)
+    eot = tok.eos_token_id
+    assert ids[-1] == eot and (ids == eot).sum() == 2
+    assert list(ids) == [*tok.encode("hello world"), eot, *tok.encode("second doc"), eot]
+    blocks = pack(np.arange(10), 4)
+    assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_local_sources_jsonl_txt_folder_and_cache(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one two"}) + "\n\n" +
+                                      json.dumps({"text": "three"}) + "\n")
+    (tmp_path / "b.txt").write_text("four five six")
+    both = load_tokens(str(tmp_path), tok)
+    assert len(both) == len(load_tokens(str(tmp_path / "a.jsonl"), tok)) + \
+        len(load_tokens(str(tmp_path / "b.txt"), tok))
+    again = load_tokens(str(tmp_path), tok)
+    assert isinstance(again, np.memmap) and np.array_equal(both, again)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, tok):
+    f = tmp_path / "empty.jsonl"
+    f.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"other": "x"}) + "\n")
+    with pytest.raises(NolnError, match="has no text"):
+        load_tokens(str(f), tok)
+
+
+def test_bad_json_and_missing_path(tmp_path, tok):
+    f = tmp_path / "bad.jsonl"
+    f.write_text("{not json\n")
+    with pytest.raises(NolnError, match=r"bad.jsonl:1 is not valid JSON"):
+        load_tokens(str(f), tok)
+    with pytest.raises(NolnError, match="does not exist"):
+        load_tokens(str(tmp_path / "nope.jsonl"), tok)
+
+
+def test_unknown_hub_dataset_offline_is_a_clear_error(tok):
+    with pytest.raises(NolnError, match=r"cannot load dataset 'no-such-user/no-such-set'.*"
+                                        r"local .jsonl"):
+        load_tokens("no-such-user/no-such-set", tok, use_cache=False)
+
+
+def test_too_little_text_for_one_block():
+    with pytest.raises(NolnError, match="fewer than one block of 64"):
+        pack(np.arange(10), 64)

@@ -1,0 +1,103 @@
+"""GPT-2 adapter: swapping keeps the function; hf and clean exports reproduce the trained model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig
+
+from noln.arch import install
+from noln.errors import NolnError
+from noln.export import export_model, load_clean
+
+
+class _Tok:  # the exports only need save_pretrained from a tokenizer
+    def save_pretrained(self, path):
+        pass
+
+
+def _frozen_with_distinct_sigmas(model):
+    """Train-mode passes to move every EMA, then freeze each site at a different sigma so the
+    Q/K and V paths of ln_1 really differ (the hard case for the hf export)."""
+    adapter = install(model)
+    model.train()
+    model(torch.randint(0, 97, (4, 16)))
+    model.eval()
+    for i, name in enumerate(adapter.site_names()):
+        adapter.site(name).norm.freeze(0.5 + 0.37 * i)
+    return adapter
+
+
+def test_install_keeps_logits_and_lists_sites_in_removal_order(tiny_gpt2):
+    x = torch.randint(0, 97, (2, 12))
+    before = tiny_gpt2(x).logits
+    adapter = install(tiny_gpt2)
+    torch.testing.assert_close(tiny_gpt2(x).logits, before, rtol=1e-5, atol=1e-5)
+    assert adapter.site_names() == ["blocks.0.ln_2", "blocks.1.ln_2", "blocks.0.ln_1_qk",
+                                    "blocks.1.ln_1_qk", "blocks.0.ln_1_v", "blocks.1.ln_1_v",
+                                    "ln_f"]
+
+
+def test_qk_and_v_sites_freeze_separately(tiny_gpt2):
+    x = torch.randint(0, 97, (2, 12))
+    adapter = install(tiny_gpt2)
+    live = tiny_gpt2(x).logits
+    adapter.site("blocks.0.ln_1_v").norm.freeze(10.0)
+    changed = tiny_gpt2(x).logits
+    assert not torch.allclose(live, changed, atol=1e-4)
+    assert adapter.frozen_sites() == ["blocks.0.ln_1_v"]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "clean"])
+def test_export_round_trip_matches_logits(tiny_gpt2, tmp_path, fmt):
+    adapter = _frozen_with_distinct_sigmas(tiny_gpt2)
+    x = torch.randint(0, 97, (3, 20))
+    expected = tiny_gpt2(x).logits
+    path = export_model(adapter, _Tok(), tmp_path / fmt, fmt)
+    loaded = (AutoModelForCausalLM.from_pretrained(path) if fmt == "hf"
+              else load_clean(path)).eval()
+    # tolerance: float32 rounding of the folded weights (hf: eps trick, relative ~var/2e12)
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-4, atol=1e-4)
+    if fmt == "clean":
+        norms = [m for m in loaded.modules() if "Norm" in type(m).__name__]
+        assert norms == []
+
+
+def test_keep_ln_export_is_the_plain_model(tiny_gpt2, tmp_path):
+    x = torch.randint(0, 97, (2, 10))
+    expected = tiny_gpt2(x).logits
+    adapter = install(tiny_gpt2)
+    path = export_model(adapter, _Tok(), tmp_path / "plain", "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert loaded.config.layer_norm_epsilon == tiny_gpt2.config.layer_norm_epsilon
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_hf_export_is_refused_with_the_reason(tiny_gpt2, tmp_path):
+    adapter = _frozen_with_distinct_sigmas(tiny_gpt2)
+    with pytest.raises(NolnError, match=r"fp16 cannot hold this hf export.*65504.*float32 or "
+                                        r"bfloat16.*--format clean"):
+        export_model(adapter, _Tok(), tmp_path / "fp16", "hf", dtype=torch.float16)
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_partly_removed_model_cannot_be_exported(tiny_gpt2, tmp_path):
+    adapter = install(tiny_gpt2)
+    adapter.freeze("blocks.0.ln_2")
+    with pytest.raises(NolnError, match="partly removed model.*still live"):
+        export_model(adapter, _Tok(), tmp_path / "x", "hf")
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                       intermediate_size=64))
+    with pytest.raises(NolnError, match=r"unsupported architecture 'bert'.*gpt2"):
+        install(model)
+
+
+def test_unknown_site_is_a_clear_error(tiny_gpt2):
+    adapter = install(tiny_gpt2)
+    with pytest.raises(NolnError, match=r"no removal site 'blocks.7.ln_2'.*2 blocks"):
+        adapter.freeze("blocks.7.ln_2")
+
+

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from noln.fakenorm import FakeLayerNorm, FakeRMSNorm
+
+
+def _ln(d=16):
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(d)
+    nn.init.normal_(ln.weight, 1.0, 0.2)
+    nn.init.normal_(ln.bias, 0.0, 0.2)
+    return ln
+
+
+def test_live_equals_real_layernorm_in_train_and_eval():
+    ln = _ln()
+    fake = FakeLayerNorm.from_layernorm(ln)
+    x = torch.randn(3, 5, 16) * 4 + 1
+    for mode in (True, False):
+        fake.train(mode)
+        torch.testing.assert_close(fake(x), ln(x), rtol=1e-5, atol=1e-6)
+
+
+def test_live_equals_real_rmsnorm():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(16))
+    fake = FakeRMSNorm(w, None, eps=1e-6)
+    x = torch.randn(2, 7, 16) * 3
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(fake(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_is_a_fixed_scale():
+    ln = _ln()
+    fake = FakeLayerNorm.from_layernorm(ln)
+    fake.freeze(2.5)
+    x = torch.randn(4, 6, 16) * 10
+    expected = (x - x.mean(-1, keepdim=True)) / 2.5 * ln.weight + ln.bias
+    torch.testing.assert_close(fake(x), expected)
+    # linear in x (up to the bias): f(2x) - b = 2 (f(x) - b)
+    torch.testing.assert_close(fake(2 * x) - ln.bias, 2 * (fake(x) - ln.bias))
+
+
+def test_rms_frozen_has_no_mean_subtraction():
+    w = nn.Parameter(torch.ones(8))
+    fake = FakeRMSNorm(w, None, eps=1e-6)
+    fake.freeze(2.0)
+    x = torch.randn(3, 8) + 5
+    torch.testing.assert_close(fake(x), x / 2.0)
+
+
+def test_sigma_is_an_ema_of_batch_mean_std_first_value_taken_whole():
+    fake = FakeLayerNorm.from_layernorm(_ln(), momentum=0.9).train()
+    x1, x2 = torch.randn(2, 4, 16) * 3, torch.randn(2, 4, 16) * 7
+    std = lambda x: (x.var(-1, unbiased=False) + 1e-5).sqrt().mean()  # noqa: E731
+    fake(x1)
+    assert fake.sigma.item() == pytest.approx(std(x1).item(), rel=1e-5)
+    fake(x2)
+    assert fake.sigma.item() == pytest.approx(0.9 * std(x1).item() + 0.1 * std(x2).item(),
+                                              rel=1e-5)
+    fake.eval()
+    fake(x2 * 100)  # evaluation never moves sigma
+    assert fake.sigma.item() == pytest.approx(0.9 * std(x1).item() + 0.1 * std(x2).item(),
+                                              rel=1e-5)
+
+
+def test_std_mask_excludes_outlier_tokens_from_sigma():
+    fake = FakeLayerNorm.from_layernorm(_ln()).train()
+    x = torch.randn(2, 6, 16)
+    x[:, 0] *= 100  # a huge position-0 residual, as in GPT-2
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 0] = False
+    fake.std_mask = mask
+    fake(x)
+    typical = (x[:, 1:].var(-1, unbiased=False) + 1e-5).sqrt().mean()
+    assert fake.sigma.item() == pytest.approx(typical.item(), rel=1e-5)
+
+
+def test_frozen_state_and_sigma_survive_state_dict_round_trip():
+    ln = _ln()
+    a = FakeLayerNorm.from_layernorm(ln)
+    a.freeze(3.25)
+    b = FakeLayerNorm.from_layernorm(_ln())
+    assert not b.frozen
+    b.load_state_dict(a.state_dict())
+    assert b.frozen and b.sigma.item() == 3.25
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(a(x), b(x))

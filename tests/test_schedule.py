@@ -1,0 +1,110 @@
+import pytest
+
+from noln.config import AdaptiveConfig, FixedConfig
+from noln.errors import NolnError
+from noln.schedule import AdaptiveSchedule, build_schedule
+
+SITES = [f"blocks.{i}.{k}" for k in ("ln_2", "ln_1_qk", "ln_1_v") for i in range(2)] + ["ln_f"]
+KINDS = {s: s.rsplit(".", 1)[-1] for s in SITES}
+
+
+def _build(spec, steps=100, **fixed):
+    return build_schedule(spec, SITES, KINDS, steps, FixedConfig(**fixed), AdaptiveConfig())
+
+
+def test_fixed_gaps_per_kind_in_kind_major_order():
+    s = _build("fixed", start=10, gaps={"ln_2": 2, "ln_1_qk": 3, "ln_1_v": 5})
+    assert s.events == [(10, "blocks.0.ln_2"), (12, "blocks.1.ln_2"), (14, "blocks.0.ln_1_qk"),
+                        (17, "blocks.1.ln_1_qk"), (20, "blocks.0.ln_1_v"), (25, "blocks.1.ln_1_v"),
+                        (30, "ln_f")]
+    assert s.due(17, []) == ["blocks.1.ln_1_qk"] and s.due(18, []) == []
+
+
+def test_fixed_without_gaps_spreads_evenly_to_finish_by():
+    s = _build("fixed", steps=200, start=10, finish_by=0.5)
+    steps = [t for t, _ in s.events]
+    assert steps[0] == 10 and steps[-1] <= 100 and len(set(b - a for a, b in
+                                                              zip(steps, steps[1:]))) == 1
+
+
+def test_fixed_schedule_past_the_end_is_rejected_before_training():
+    with pytest.raises(NolnError, match="ends at step 610 but the run has 100 steps"):
+        _build("fixed", start=10, gaps={"ln_2": 100, "ln_1_qk": 100, "ln_1_v": 100})
+
+
+def test_keep_ln_removes_nothing():
+    s = build_schedule("adaptive", SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                       keep_ln=True)
+    assert all(s.due(t, [1.0] * (t + 1)) == [] for t in range(100))
+
+
+def _drive(schedule, losses_fn, steps):
+    """Run a schedule against a synthetic loss curve; returns {step: site}."""
+    fired, losses = {}, []
+    for t in range(steps):
+        for site in schedule.due(t, losses):
+            fired[t] = site
+        losses.append(losses_fn(t, len(fired)))
+    return fired
+
+
+def test_adaptive_waits_for_recovery_then_removes_next():
+    cfg = AdaptiveConfig(tolerance=0.02, window=2, min_gap=2, max_gap=50, finish_by=1.0)
+    sched = AdaptiveSchedule(SITES, cfg, start=5, total_steps=1000)
+
+    def loss(t, n_removed):  # each removal: +0.5 nats, recovering 0.1 per step
+        last = max([k for k in fired] or [0])
+        return 3.0 + (max(0.0, 0.5 - 0.1 * (t - last)) if n_removed else 0.0)
+
+    fired = {}
+    losses = []
+    for t in range(200):
+        for site in sched.due(t, losses):
+            fired[t] = site
+        losses.append(loss(t, len(fired)))
+    steps = sorted(fired)
+    assert fired[steps[0]] == SITES[0] and steps[0] == 5
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    # recovery takes 5 steps to fall below +0.02 and the window needs 2 more: gaps of ~7, not 2
+    assert all(6 <= g <= 8 for g in gaps), gaps
+    assert [fired[t] for t in steps] == SITES
+
+
+def test_adaptive_max_gap_and_deadline_force_progress():
+    cfg = AdaptiveConfig(tolerance=0.0, window=2, min_gap=2, max_gap=10, finish_by=0.5)
+    sched = AdaptiveSchedule(SITES, cfg, start=0, total_steps=60)
+    fired = _drive(sched, lambda t, n: 5.0 + n, 60)  # never recovers
+    assert len(fired) == len(SITES)
+    assert max(fired) <= 30  # all removed by finish_by * steps
+    assert all(b - a <= 10 for a, b in zip(sorted(fired), sorted(fired)[1:]))
+
+
+def test_adaptive_state_round_trip_continues_identically():
+    cfg = AdaptiveConfig(window=2, min_gap=2)
+    a = AdaptiveSchedule(SITES, cfg, start=1, total_steps=100)
+    losses = [3.0, 3.1, 3.0, 2.9, 2.95, 3.3, 3.0]
+    for t in range(len(losses)):
+        a.due(t, losses[:t])
+    b = AdaptiveSchedule(SITES, cfg, start=1, total_steps=100)
+    b.load_state_dict(a.state_dict())
+    more = losses + [2.8, 2.7]
+    assert [a.due(t, more[:t]) for t in range(7, 9)] == [b.due(t, more[:t]) for t in range(7, 9)]
+
+
+def test_schedule_file_events_and_validation(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("events:\n  - {step: 3, site: blocks.1.ln_2}\n  - {step: 1, site: ln_f}\n")
+    s = _build(str(f))
+    assert s.events == [(1, "ln_f"), (3, "blocks.1.ln_2")]
+    f.write_text("events:\n  - {step: 3, site: blocks.9.ln_2}\n")
+    with pytest.raises(NolnError, match="names site 'blocks.9.ln_2', which this model does not"):
+        _build(str(f))
+    f.write_text("events:\n  - {step: 300, site: ln_f}\n")
+    with pytest.raises(NolnError, match="at step 300, outside the run's 100 steps"):
+        _build(str(f))
+    f.write_text("type: adaptive\ntolerance: 0.5\norder: [ln_f, blocks.0.ln_2]\n")
+    s = _build(str(f))
+    assert isinstance(s, AdaptiveSchedule) and s.order == ["ln_f", "blocks.0.ln_2"]
+    assert s.cfg.tolerance == 0.5
+    with pytest.raises(NolnError, match="does not exist"):
+        _build(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,173 @@
+"""The removal loop on a tiny model: full run, resume after SIGKILL, guard, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import noln
+from noln.checkpoint import load_checkpoint
+from noln.errors import NolnError
+
+FAST = dict(steps=30, batch_size=4, ctx=64, lr=1e-3, warmup_steps=2, eval_tokens=512,
+            checkpoint_every=5, progress=False)
+
+
+def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_jsonl, tmp_path):
+    r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              schedule="adaptive", export_format="both", **FAST)
+    assert r.adapter.export_state() == "all" and len(r.events) == 7
+    assert [e["site"] for e in r.events] == r.adapter.site_names()
+    for name in ("log.jsonl", "summary.json", "loss.png", "config.yaml", "model/noln.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tokens"] == 30 * 4 * 64 and len(summary["removals"]) == 7
+    assert all(e["probe_after"] > 0 for e in summary["removals"])
+    x = torch.randint(0, 500, (2, 30))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    clean = noln.load_clean(tmp_path / "run" / "model-clean")
+    with torch.no_grad():
+        ref = r.model(x).logits
+        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
+    # a run folder loads as the model it trained
+    loaded, _ = noln.load_model(tmp_path / "run")
+    torch.testing.assert_close(loaded(x).logits, ref)
+
+
+def _cli(*args):
+    return [sys.executable, "-c", "from noln.cli import main; main()", *args]
+
+
+def _run_args(model, data, out):
+    return ["remove", str(model), "--data", str(data), "--out", str(out), "--steps", "24",
+            "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule", "fixed",
+            "--checkpoint-every", "4", "--format", "none", "--quiet"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(*_run_args(tiny_model_dir, text_jsonl, whole)), check=True, env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*_run_args(tiny_model_dir, text_jsonl, killed)), env=env)
+    log = killed / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once it is past the second checkpoint (step 8)
+        if log.exists() and sum(1 for line in log.read_text().splitlines()
+                                if '"loss"' in line and '"event"' not in line) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert 0 < ckpt["step"] < 24, "the kill should land mid-run"
+    subprocess.run(_cli("remove", "--resume", str(killed), "--quiet"), check=True, env=env)
+    a = load_checkpoint(whole / "checkpoints" / "last.pt")
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 24
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert steps == list(range(24)), "the resumed log has each step exactly once"
+
+
+def test_guard_restores_checkpoint_and_lowers_lr_after_a_nan(tiny_model_dir, text_jsonl,
+                                                             tmp_path, monkeypatch):
+    from noln import train
+
+    real_loss = train.Trainer.loss
+    calls = {"n": 0}
+
+    def flaky(self, x):
+        loss, ce = real_loss(self, x)
+        calls["n"] += 1
+        if self.state.step == 12 and self.state.failures == 0:
+            return loss * float("nan"), ce * float("nan")
+        return loss, ce
+
+    monkeypatch.setattr(train.Trainer, "loss", flaky)
+    r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              export_format="none", **FAST)
+    guard = [e for e in r.log if e.get("event") == "guard"]
+    assert len(guard) == 1 and guard[0]["step"] == 12 and guard[0]["restored_step"] == 10
+    assert guard[0]["lr_scale"] == 0.5
+    steps = [e for e in r.log if "event" not in e]
+    assert [e["step"] for e in steps] == list(range(30))
+    assert steps[-1]["lr"] == pytest.approx(0.5 * train.lr_at(29, r_cfg(r), 30))
+
+
+def r_cfg(r):
+    from noln.config import RemoveConfig
+
+    return RemoveConfig.from_yaml(r.out / "config.yaml")
+
+
+def test_repeated_divergence_stops_and_keeps_the_checkpoint(tiny_model_dir, text_jsonl,
+                                                            tmp_path, monkeypatch):
+    from noln import train
+
+    real_loss = train.Trainer.loss
+
+    def always_nan_after_6(self, x):
+        loss, ce = real_loss(self, x)
+        bad = self.state.step >= 6
+        return (loss * float("nan"), ce * float("nan")) if bad else (loss, ce)
+
+    monkeypatch.setattr(train.Trainer, "loss", always_nan_after_6)
+    with pytest.raises(NolnError, match=r"diverged 4 times.*last good checkpoint is kept"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              export_format="none", **FAST)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+
+
+def test_corrupt_checkpoint_message(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(NolnError, match=r"last.pt' is corrupt or truncated.*delete it"):
+        load_checkpoint(path)
+    (path.parent / "prev.pt").write_bytes(b"x")
+    with pytest.raises(NolnError, match=r"resume from .*prev.pt"):
+        load_checkpoint(path)
+
+
+def test_bad_inputs_fail_before_training(tiny_model_dir, text_jsonl, tmp_path):
+    cases = [
+        (dict(model=str(tmp_path / "missing-model")), "does not exist"),
+        (dict(data=str(tmp_path / "missing.jsonl")), "does not exist"),
+        (dict(schedule="fixed", fixed=dict(start=50)), "ends at step"),
+        (dict(batch_size=6, micro_batch_size=4), "not a multiple of micro batch"),
+    ]
+    for override, message in cases:
+        kwargs = {"model": str(tiny_model_dir), "data": str(text_jsonl), "out": tmp_path / "r",
+                  **FAST, **override}
+        with pytest.raises(NolnError, match=message):
+            noln.remove_layernorm(**kwargs)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    with pytest.raises(NolnError, match="has no text"):
+        noln.remove_layernorm(str(tiny_model_dir), str(empty), tmp_path / "r2", **FAST)
+    with pytest.raises(NolnError, match="not a noln run folder"):
+        noln.remove_layernorm(resume=tmp_path / "nothing")
+
+
+def test_unwritable_output_fails_first(tiny_model_dir, text_jsonl, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(NolnError, match="is not writable"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), blocker / "run", **FAST)
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    p = subprocess.run(_cli("remove", str(tmp_path / "nope"), "--data", "x.jsonl", "--out",
+                            str(tmp_path / "o")), capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "error:" in p.stderr and "does not exist" in p.stderr and "Traceback" not in p.stderr
