@@ -29,6 +29,7 @@ VARIANTS = {
     "fixed-aux": dict(schedule="fixed", aux_weight=0.1,
                       fixed=dict(start=10, gaps={"ln_2": 4, "ln_1_qk": 4, "ln_1_v": 4})),
     "adaptive": dict(schedule="adaptive"),
+    "adaptive-distill": dict(schedule="adaptive", distill=0.5),
 }
 
 

@@ -171,3 +171,33 @@ def test_cli_prints_one_line_errors(tmp_path):
                             str(tmp_path / "o")), capture_output=True, text=True)
     assert p.returncode == 2
     assert "error:" in p.stderr and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
+    """With distill=1 and an identical teacher the loss is KL = 0 while CE is not; with
+    distill=0.5 it is the even mix, and the KL grows once a site is frozen."""
+    import copy
+
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.loading import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir)
+    teacher = copy.deepcopy(model)
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
+    x = torch.from_numpy(blocks[:4])
+    for w in (1.0, 0.5):
+        cfg = make_config(model=str(tiny_model_dir), out=tmp_path, distill=w, aux_weight=0.0,
+                          progress=False, batch_size=4)
+        trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter, teacher=teacher)
+        model.eval()  # no EMA updates: the student is exactly the teacher
+        loss, ce = trainer.loss(x)
+        assert ce.item() > 1.0
+        assert loss.item() == pytest.approx((1 - w) * ce.item(), abs=1e-5)
+    adapter.site("ln_f").norm.freeze(0.3)
+    loss, ce = trainer.loss(x)
+    assert loss.item() > 0.5 * ce.item() + 1e-3

@@ -54,6 +54,8 @@ def remove(
     lr: Annotated[float | None, typer.Option()] = None,
     aux_weight: Annotated[float | None, typer.Option(help="std-equalising aux loss weight")] = None,
     cos_reg: Annotated[float | None, typer.Option(help="cosine linearity regulariser")] = None,
+    distill: Annotated[float | None, typer.Option(help="weight of KL to the original model "
+                                                  "(0..1; the rest is CE)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     format: Annotated[str | None, typer.Option(help="export: hf | clean | both | none")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
@@ -67,8 +69,9 @@ def remove(
 
     overrides = dict(tokens=tokens, steps=steps, schedule=schedule, eval_data=eval_data,
                      batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
-                     aux_weight=aux_weight, cos_reg=cos_reg, seed=seed, export_format=format,
-                     precision=precision, compile=compile, checkpoint_every=checkpoint_every,
+                     aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
+                     export_format=format, precision=precision, compile=compile,
+                     checkpoint_every=checkpoint_every,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     sets = _parse_sets(eval)

@@ -63,6 +63,7 @@ class RemoveConfig(BaseModel):
     exclude_special: bool = True  # position 0 and EOT tokens do not count in sigma's estimate
     aux_weight: float = 0.1  # paper 2's std-equalising loss on the residual entering ln_f
     cos_reg: float = 0.0  # linearity paper's cosine regulariser between consecutive layers
+    distill: float = 0.0  # loss = (1 - distill) CE + distill KL(original || model); 0: pure CE
     # runtime
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -19,7 +19,7 @@ from noln.data import BUILTIN
 console = Console(stderr=True)
 
 FULL = dict(pretrain=dict(n_layer=4, d_model=128, n_head=4, ctx=128, vocab_size=4096,
-                          steps=700, batch_size=32, lr=2e-3),
+                          steps=500, batch_size=16, lr=2e-3),
             remove=dict(steps=160, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10))
 QUICK = dict(pretrain=dict(n_layer=2, d_model=64, n_head=2, ctx=64, vocab_size=1024,
                            steps=60, batch_size=16, lr=3e-3),

@@ -7,6 +7,7 @@ to rebuild it on resume), ``checkpoints/``, ``log.jsonl``, ``model/`` (the expor
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -126,6 +127,9 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     check_writable(out)
     t_start = time.time()
     net, tokenizer = _build(cfg, resume is not None)
+    teacher = None
+    if cfg.distill > 0:  # the original model, before any change
+        teacher = copy.deepcopy(net) if resume is None else load_pretrained(cfg.model)
     adapter = install(net, cfg.momentum)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
@@ -148,7 +152,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     if resume is None:
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     trainer = Trainer(cfg, net, train_blocks, heldout[:4], out, adapter, schedule,
-                      eot_id=tokenizer.eos_token_id, extra_state=extra)
+                      eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     state = trainer.fit(resume=resume is not None)
     net = trainer.acc.unwrap_model(trainer.model)
     net.eval()

@@ -67,7 +67,8 @@ class Trainer:
     def __init__(self, cfg: RemoveConfig, model: nn.Module, train_blocks: np.ndarray,
                  probe_blocks: np.ndarray, out: Path, adapter: NormAdapter,
                  schedule: Schedule | None = None, eot_id: int | None = None,
-                 accelerator: Accelerator | None = None, extra_state: dict | None = None):
+                 accelerator: Accelerator | None = None, extra_state: dict | None = None,
+                 teacher: nn.Module | None = None):
         self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
         self.schedule = schedule or FixedSchedule([])
         self.extra_state = extra_state or {}  # saved with checkpoints (e.g. CE before training)
@@ -90,6 +91,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, fused=torch.cuda.is_available())
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.teacher = None
+        if teacher is not None and cfg.distill > 0:  # the original model, frozen
+            self.teacher = teacher.to(self.acc.device).eval().requires_grad_(False)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
@@ -128,6 +132,12 @@ class Trainer:
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
+        if self.teacher is not None:
+            # stay close to the original's whole distribution, not only the data's next token
+            with torch.no_grad(), self.acc.autocast():
+                ref = F.log_softmax(self.teacher(input_ids=x).logits[:, :-1].float(), dim=-1)
+            kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
+            loss = (1 - self.cfg.distill) * ce + self.cfg.distill * kl
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s = final.input_std
