@@ -24,6 +24,7 @@ from noln.config import RemoveConfig, make_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
+from noln.export import export_model
 from noln.loading import load_pretrained, load_tokenizer
 from noln.report import ce_rows, markdown_table, plot_loss, rich_table
 from noln.schedule import build_schedule
@@ -168,7 +169,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if adapter.export_state() == "mixed":
             console.print(f"[yellow]not exporting {fmt}: some sites are still live[/]")
             continue
-        exported[fmt] = str(export_model_dir(adapter, tokenizer, target, fmt, events))
+        exported[fmt] = str(export_model(adapter, tokenizer, target, fmt, events=events))
     summary = {
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
         "steps": state.step, "tokens": state.step * cfg.batch_size * ctx, "ctx": ctx,
@@ -182,12 +183,6 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "
               f"{'control (LN kept)' if cfg.keep_ln else 'LayerNorm removal'}")
     return RemovalResult(net, adapter, log, summary, out)
-
-
-def export_model_dir(adapter, tokenizer, target, fmt, events):
-    from noln.export import export_model
-
-    return export_model(adapter, tokenizer, target, fmt, events=events)
 
 
 def remove_with_control(model: str | None = None, data: str | None = None,
