@@ -49,7 +49,8 @@ def _drive(schedule, losses_fn, steps):
 
 
 def test_adaptive_waits_for_recovery_then_removes_next():
-    cfg = AdaptiveConfig(tolerance=0.02, window=2, min_gap=2, max_gap=50, finish_by=1.0)
+    cfg = AdaptiveConfig(signal="train", tolerance=0.02, window=2, min_gap=2, max_gap=50,
+                         finish_by=1.0)
     sched = AdaptiveSchedule(SITES, cfg, start=5, total_steps=1000)
 
     def loss(t, n_removed):  # each removal: +0.5 nats, recovering 0.1 per step
@@ -68,6 +69,26 @@ def test_adaptive_waits_for_recovery_then_removes_next():
     # recovery takes 5 steps to fall below +0.02 and the window needs 2 more: gaps of ~7, not 2
     assert all(6 <= g <= 8 for g in gaps), gaps
     assert [fired[t] for t in steps] == SITES
+
+
+def test_adaptive_probe_signal_compares_held_out_loss_before_and_after():
+    """Probe: the same held-out tokens; the site fires as soon as the probe is back."""
+    cfg = AdaptiveConfig(tolerance=0.01, min_gap=1, max_gap=100, finish_by=1.0)
+    sched = AdaptiveSchedule(SITES[:3], cfg, start=2, total_steps=1000)
+    probe_values = {2: 3.00, 3: 3.30, 4: 3.05, 5: 3.005, 6: 3.2, 7: 2.9}
+    calls = []
+
+    def probe_at(t):
+        def probe():
+            calls.append(t)
+            return probe_values[t]
+        return probe
+
+    fired = {t: sched.due(t, [9.9] * t, probe_at(t)) for t in range(2, 8)}
+    # step 2: first site, reference 3.00; 3 and 4 above 3.01; 5 recovered -> second site,
+    # new reference 3.005; 6 above; 7 below -> third site
+    assert fired == {2: [SITES[0]], 3: [], 4: [], 5: [SITES[1]], 6: [], 7: [SITES[2]]}
+    assert sched.due(8, [1.0] * 8, probe_at(99)) == [] and 99 not in calls  # done: no probe
 
 
 def test_adaptive_max_gap_and_deadline_force_progress():

@@ -16,12 +16,18 @@ from noln.errors import NolnError
 
 
 class AdaptiveConfig(BaseModel):
-    """Remove the next site once the loss is back near its level before the previous removal."""
+    """Remove the next site once the loss is back near its level before the previous removal.
+
+    ``signal: probe`` (default) measures CE on a fixed held-out batch, the same tokens before
+    and after each removal, so the test is free of batch-to-batch noise; ``signal: train``
+    uses the mean training loss over the last ``window`` steps instead.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    tolerance: float = 0.02  # nats above the pre-removal loss that count as "recovered"
-    window: int = 4  # steps averaged on each side of a removal
-    min_gap: int = 4  # never remove two sites closer than this (>= window)
+    signal: Literal["probe", "train"] = "probe"
+    tolerance: float = 0.01  # nats above the pre-removal loss that count as "recovered"
+    window: int = 4  # steps averaged for signal=train
+    min_gap: int = 2  # never remove two sites closer than this
     max_gap: int = 40  # remove anyway after this many steps
     finish_by: float = 0.6  # every site removed by this fraction of the run, whatever the loss
 
@@ -40,6 +46,7 @@ class RemoveConfig(BaseModel):
     data: str = "openwebtext"
     eval_data: str | None = None  # held-out text; None: a slice held back from --data
     eval_tokens: int = 65_536
+    probe_blocks: int = 8  # held-out sequences measuring each removal's cost (and recovery)
     out: Path = Path("runs/noln")
     # budget and batch
     tokens: int | None = None  # training tokens; overrides steps

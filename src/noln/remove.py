@@ -152,7 +152,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     extra = {}
     if resume is None:
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
-    trainer = Trainer(cfg, net, train_blocks, heldout[:4], out, adapter, schedule,
+    trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     state = trainer.fit(resume=resume is not None)
     net = trainer.acc.unwrap_model(trainer.model)

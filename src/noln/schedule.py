@@ -6,7 +6,7 @@ Its whole state is a small dict, saved in every checkpoint so a resumed run cont
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -18,8 +18,10 @@ from noln.errors import NolnError
 class Schedule:
     order: list[str]
 
-    def due(self, step: int, losses: Sequence[float]) -> list[str]:
-        """Sites to freeze before training step ``step``; ``losses`` are all past step losses."""
+    def due(self, step: int, losses: Sequence[float],
+            probe: Callable[[], float] | None = None) -> list[str]:
+        """Sites to freeze before training step ``step``. ``losses``: every past step's training
+        loss; ``probe()``: held-out CE on fixed tokens now (computed only when called)."""
         raise NotImplementedError
 
     def next_label(self, step: int) -> str:
@@ -39,7 +41,8 @@ class FixedSchedule(Schedule):
         self.events = sorted(events)
         self.order = [s for _, s in self.events]
 
-    def due(self, step: int, losses: Sequence[float]) -> list[str]:
+    def due(self, step: int, losses: Sequence[float],
+            probe: Callable[[], float] | None = None) -> list[str]:
         return [s for t, s in self.events if t == step]
 
     def next_label(self, step: int) -> str:
@@ -48,10 +51,11 @@ class FixedSchedule(Schedule):
 
 
 class AdaptiveSchedule(Schedule):
-    """Freeze the next site once the mean loss over the last ``window`` steps is back within
-    ``tolerance`` of its mean over the ``window`` steps before the previous removal; never
-    sooner than ``min_gap`` steps, never later than ``max_gap``, and late enough in the run
-    that every site is gone by ``finish_by`` of the steps (the gap shrinks to make it)."""
+    """Freeze the next site once the loss is back within ``tolerance`` of its level just before
+    the previous removal: held-out CE on fixed tokens (``signal: probe``) or the mean training
+    loss over ``window`` steps (``signal: train``). Never sooner than ``min_gap`` steps, never
+    later than ``max_gap``, and every site gone by ``finish_by`` of the run (the longest wait
+    shrinks to make it)."""
 
     def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
         self.order, self.cfg, self.start = list(order), cfg, start
@@ -60,23 +64,24 @@ class AdaptiveSchedule(Schedule):
         self.last_step = -1
         self.reference: float | None = None
 
-    def _mean(self, losses: Sequence[float]) -> float:
+    def _level(self, losses: Sequence[float], probe: Callable[[], float] | None) -> float:
+        if self.cfg.signal == "probe" and probe is not None:
+            return probe()
         recent = losses[-self.cfg.window :]
         return sum(recent) / len(recent)
 
-    def due(self, step: int, losses: Sequence[float]) -> list[str]:
+    def due(self, step: int, losses: Sequence[float],
+            probe: Callable[[], float] | None = None) -> list[str]:
         if self.next_idx >= len(self.order) or step < self.start or not losses:
             return []
         since = step - self.last_step
         remaining = len(self.order) - self.next_idx
         max_gap = min(self.cfg.max_gap, max(1, (self.deadline - step) // remaining))
-        recent = self._mean(losses)
-        fire = self.next_idx == 0 or since >= max_gap or (
-            since >= max(self.cfg.min_gap, self.cfg.window)
-            and recent <= self.reference + self.cfg.tolerance)
-        if not fire:
-            return []
-        self.reference = recent
+        if self.next_idx > 0 and since < max_gap:
+            min_gap = max(self.cfg.min_gap, self.cfg.window if self.cfg.signal == "train" else 1)
+            if since < min_gap or self._level(losses, probe) > self.reference + self.cfg.tolerance:
+                return []
+        self.reference = self._level(losses, probe)
         self.last_step = step
         self.next_idx += 1
         return [self.order[self.next_idx - 1]]

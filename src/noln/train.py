@@ -163,6 +163,22 @@ class Trainer:
         model.train(was)
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
 
+    def remove_due(self, step: int) -> None:
+        """Freeze the sites the schedule asks for, logging each one's cost on the probe batch."""
+        current: list[float] = []  # the probe loss in the model's present state, once computed
+
+        def probe() -> float:
+            if not current:
+                current.append(self.probe_loss())
+            return current[0]
+
+        for site in self.schedule.due(step, self.state.losses, probe):
+            before = probe()
+            sigma = self.adapter.freeze(site)
+            current[:] = [self.probe_loss()]
+            self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
+                      "probe_before": before, "probe_after": current[0]})
+
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
         if not self.acc.is_main_process:
@@ -220,12 +236,7 @@ class Trainer:
         with progress:
             while self.state.step < self.total_steps:
                 step, t0 = self.state.step, time.perf_counter()
-                for site in self.schedule.due(step, self.state.losses):
-                    before = self.probe_loss()
-                    sigma = self.adapter.freeze(site)
-                    after = self.probe_loss()
-                    self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
-                              "probe_before": before, "probe_after": after})
+                self.remove_due(step)
                 lr = lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
