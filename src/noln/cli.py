@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 
 from noln.errors import NolnError
+from noln.evaluate.commands import compare_cmd, eval_cmd
+from noln.linearity.commands import linearity_cmd, linearize_cmd
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
                   "left, and measure layer linearity.", no_args_is_help=True,
@@ -191,25 +193,10 @@ def demo(
     run_demo(out, quick=quick, progress=not quiet)
 
 
-def _register_optional() -> None:
-    """Commands whose modules live in their own packages (evaluation, linearity)."""
-    try:
-        from noln.evaluate.commands import compare_cmd, eval_cmd
-
-        app.command("eval")(eval_cmd)
-        app.command("compare")(compare_cmd)
-    except ImportError:
-        pass
-    try:
-        from noln.linearity.commands import linearity_cmd, linearize_cmd
-
-        app.command("linearity")(linearity_cmd)
-        app.command("linearize")(linearize_cmd)
-    except ImportError:
-        pass
-
-
-_register_optional()
+app.command("eval")(eval_cmd)
+app.command("compare")(compare_cmd)
+app.command("linearity")(linearity_cmd)
+app.command("linearize")(linearize_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,221 @@
+"""``noln eval`` and ``noln compare``: typer command functions (``noln.cli`` registers them).
+
+Both load each model with ``noln.loading.load_model`` (Hub id, HF folder, noln export or run
+folder), cut every ``--data`` source into fixed-length chunks with no BOS prepended, and build
+one ``ComparisonResult``; errors a user can fix are raised as ``NolnError``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from noln.data import is_local, load_blocks, tokenizer_fingerprint
+from noln.errors import NolnError
+from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, ComparisonResult, compare_models
+from noln.evaluate.hellaswag import Item, load_hellaswag, model_context
+
+DataOpt = Annotated[list[str] | None, typer.Option(
+    "--data", "-d", help="text to measure CE on: NAME=SOURCE or SOURCE (name = file stem); a "
+    "local .jsonl/.txt file or folder, 'builtin', or a Hugging Face dataset name; repeatable")]
+HellaSwagOpt = Annotated[str | None, typer.Option(
+    "--hellaswag", help="also score HellaSwag: 'hf' for the Hub's Rowan/hellaswag validation "
+    "split, another Hub dataset name, or a local .jsonl with ctx / endings / label")]
+TokensOpt = Annotated[int | None, typer.Option(
+    "--tokens", help="at most N tokens per source (default: all of it)")]
+CtxOpt = Annotated[int | None, typer.Option(
+    "--ctx", help="chunk length in tokens (default: the models' context length)")]
+SplitOpt = Annotated[str, typer.Option(
+    "--split", help="split of Hub datasets given to --data")]
+BatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", help="chunks per forward pass (default: ~32 MB of logits on CPU, 1 GB on "
+    "GPU)")]
+LimitOpt = Annotated[int | None, typer.Option(
+    "--hellaswag-limit", help="score only the first N HellaSwag items")]
+JsonOpt = Annotated[Path | None, typer.Option(
+    "--json", help="write every result here as JSON")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="folder for comparison.md, comparison.json and the PNG plots")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def parse_sources(specs: list[str]) -> dict[str, str]:
+    """``["val=corpus/val.jsonl", "wiki.jsonl"]`` -> ``{"val": ..., "wiki": "wiki.jsonl"}``."""
+    sources: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not (sep and re.fullmatch(r"[\w.\-]+", name) and source and not Path(spec).exists()):
+            source = spec
+            name = Path(spec).stem if is_local(spec) else spec.rstrip("/").split("/")[-1]
+            name = name.split(":")[0]
+        if name in sources:
+            raise NolnError(f"two --data sources are named '{name}': name them, as "
+                            f"--data {name}2={source}")
+        sources[name] = source
+    return sources
+
+
+def short_names(models: list[str]) -> dict[str, str]:
+    """Column names for models: a folder's own name (``runs/a/model`` -> ``model``) unless two
+    would clash, then the name as given."""
+    shorts = [Path(m).name if is_local(m) and Path(m).name else m for m in models]
+    if len(set(shorts)) < len(shorts):
+        shorts = list(models)
+    return dict(zip(shorts, models, strict=True))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise NolnError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise NolnError(f"--device {device} but no CUDA GPU is visible: use --device cpu")
+    return resolved
+
+
+def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]:
+    """``{key: (model, tokenizer)}`` on ``device``."""
+    from noln.loading import load_model
+
+    loaded = {}
+    for key, name in names.items():
+        model, tok = load_model(name)
+        loaded[key] = (model.to(device), tok)
+    return loaded
+
+
+def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
+    longest = min(model_context(m) for m in models)
+    if ctx is None:
+        return longest
+    if ctx < 2:
+        raise NolnError(f"--ctx {ctx} is too short: a chunk needs at least 2 tokens")
+    if ctx > longest:
+        raise NolnError(f"--ctx {ctx} is longer than a model's context of {longest}: give "
+                        f"--ctx {longest} or less")
+    return ctx
+
+
+def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
+    return None if source is None else load_hellaswag(source, limit=limit)
+
+
+def _finish(result: ComparisonResult, json_out: Path | None, out: Path | None) -> None:
+    result.print()
+    if out is not None:
+        for path in result.save(out):
+            typer.echo(f"wrote {path}")
+    if json_out is not None:
+        result.to_json(json_out)
+        typer.echo(f"wrote {json_out}")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def eval_cmd(
+    models: Annotated[list[str], typer.Argument(
+        help="models: Hub id, Hugging Face folder, noln export or noln run folder",
+        show_default=False)],
+    data: DataOpt = None,
+    hellaswag: HellaSwagOpt = None,
+    tokens: TokensOpt = None,
+    ctx: CtxOpt = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="also measure KL / JS / agreement to this model (one of MODELS, "
+        "or another)")] = None,
+    split: SplitOpt = "train",
+    batch_size: BatchOpt = None,
+    hellaswag_limit: LimitOpt = None,
+    json_out: JsonOpt = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
+    HellaSwag acc / acc_norm, for each MODEL."""
+    if not data and hellaswag is None:
+        raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
+    if len(set(models)) != len(models):
+        raise NolnError("a model is named twice: give each model once")
+    sources = parse_sources(data or [])
+    items = _hellaswag_items(hellaswag, hellaswag_limit)
+    names = short_names([*models, *([reference] if reference and reference not in models
+                                    else [])])
+    reference = next((k for k, v in names.items() if v == reference), None)
+    loaded = load_models(names, resolve_device(device))
+    ctx = chunk_length([m for m, _ in loaded.values()], ctx)
+
+    # models sharing a tokenizer share token blocks; faithfulness needs the same tokens
+    groups: dict[str, list[str]] = {}
+    for key, (_, tok) in loaded.items():
+        groups.setdefault(tokenizer_fingerprint(tok), []).append(key)
+    if reference is not None and len(groups) > 1:
+        raise NolnError(f"--reference {reference} needs every model to use its tokenizer; "
+                        "evaluate models with other tokenizers separately")
+    result: ComparisonResult | None = None
+    for keys in groups.values():
+        tok = loaded[keys[0]][1]
+        blocks = {s: load_blocks(src, tok, ctx, max_tokens=tokens, split=split)
+                  for s, src in sources.items()}
+        part = compare_models({k: loaded[k][0] for k in keys}, tok, blocks, hellaswag=items,
+                              reference=reference, delta=None, batch_size=batch_size,
+                              hellaswag_name=hellaswag, paths={k: names[k] for k in keys},
+                              source_specs=sources, progress=not quiet)
+        result = part if result is None else result.merge(part)
+    _finish(result, json_out, out)
+
+
+def compare_cmd(
+    original: Annotated[str, typer.Argument(help="the pretrained model", show_default=False)],
+    finetuned_with_ln: Annotated[str, typer.Argument(
+        help="the control: fine-tuned on the same data and steps with LayerNorm kept",
+        show_default=False)],
+    no_ln: Annotated[str, typer.Argument(help="the model with LayerNorm removed",
+                                         show_default=False)],
+    data: DataOpt = None,
+    hellaswag: HellaSwagOpt = None,
+    tokens: TokensOpt = None,
+    ctx: CtxOpt = None,
+    split: SplitOpt = "train",
+    batch_size: BatchOpt = None,
+    hellaswag_limit: LimitOpt = None,
+    out: OutOpt = None,
+    json_out: JsonOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
+    HellaSwag, faithfulness to ORIGINAL, and the no-LN − with-LN difference."""
+    if not data and hellaswag is None:
+        raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
+                        "PATH)")
+    sources = parse_sources(data or [])
+    items = _hellaswag_items(hellaswag, hellaswag_limit)
+    names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
+    loaded = load_models(names, resolve_device(device))
+    tok = loaded[ORIGINAL][1]
+    for key, (_, other) in loaded.items():
+        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tok):
+            raise NolnError(f"'{names[key]}' has a different tokenizer from '{original}': "
+                            "the three models must share one to be compared on the same tokens")
+    ctx = chunk_length([m for m, _ in loaded.values()], ctx)
+    blocks = {s: load_blocks(src, tok, ctx, max_tokens=tokens, split=split)
+              for s, src in sources.items()}
+    result = compare_models({k: m for k, (m, _) in loaded.items()}, tok, blocks, hellaswag=items,
+                            reference=ORIGINAL, delta=(NO_LN, WITH_LN), batch_size=batch_size,
+                            hellaswag_name=hellaswag, paths=names, source_specs=sources,
+                            progress=not quiet)
+    _finish(result, json_out, out)

@@ -1,0 +1,377 @@
+"""``noln linearity`` and ``noln linearize``: typer command functions (registered in cli.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from noln.errors import NolnError
+from noln.linearity.score import LinearityProfile
+
+console = Console()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load_for_analysis(name: str):
+    """``(model, tokenizer)`` for any name noln loads, plus folders written by noln linearize."""
+    from noln.linearity.replace import is_linearized, load_linearized
+    from noln.loading import load_model
+
+    return load_linearized(name) if is_linearized(name) else load_model(name)
+
+
+def model_context(model, ctx: int | None = None, cap: int = 1024) -> int:
+    """Tokens per sequence: ``ctx`` if given (checked), else the model's context, at most cap."""
+    limit = (getattr(model.config, "n_positions", None)
+             or getattr(model.config, "max_position_embeddings", None) or cap)
+    if ctx is None:
+        return min(int(limit), cap)
+    if not 2 <= ctx <= limit:
+        raise NolnError(f"--ctx {ctx} is out of range for this model (2-{limit} tokens)")
+    return ctx
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    console=console, transient=True)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _parse_layer_list(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        return sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise NolnError(f"--layers '{spec}' is not a comma-separated list of block indices such "
+                        "as '0,3'") from None
+
+
+def depth(layer: int, n_layers: int) -> float:
+    """Normalised depth of block ``layer``: the middle of its slot in [0, 1]."""
+    return (layer + 0.5) / n_layers
+
+
+# ----------------------------------------------------------------------------- linearity
+
+
+def short_name(name: str) -> str:
+    """A model's label in tables and legends: the folder name for local paths."""
+    path = Path(name).expanduser()
+    return path.name if path.exists() and path.name else name
+
+
+def profile_table(p: LinearityProfile) -> Table:
+    t = Table(title=escape(f"Linearity of {short_name(p.model)} ({p.n_tokens:,} tokens, "
+                           f"d={p.d_model}, chance floor d/(n-1) = {p.chance_floor:.4f})"))
+    for col in ("block", "depth", "with res", "held-out", "w/o res", "held-out", "aniso", "ID"):
+        t.add_column(col, justify="right")
+    for s in p.layers:
+        t.add_row(str(s.layer), f"{depth(s.layer, p.n_layers):.2f}", _fmt(s.with_residual),
+                  _fmt(s.with_residual_heldout), _fmt(s.without_residual),
+                  _fmt(s.without_residual_heldout), _fmt(s.anisotropy, 3),
+                  _fmt(s.intrinsic_dim, 1))
+    t.caption = escape(f"block l scores H[l] -> H[l+1]; the last block ({p.n_layers - 1}) is "
+                       "skipped (HF's last hidden state is after the final norm); anisotropy and "
+                       "TwoNN intrinsic dimension (ID) are of the block's input H[l]")
+    return t
+
+
+def plot_profiles(profiles: list[LinearityProfile], path: Path) -> Path:
+    """Scores (in-sample solid, held-out dashed), anisotropy and intrinsic dimension against
+    normalised depth, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("with_residual", "with residual: H[l] -> H[l+1]"),
+              ("without_residual", "without residual: H[l] -> H[l+1] - H[l]")]
+    for i, p in enumerate(profiles):
+        color, label = f"C{i}", short_name(p.model)
+        xs = [depth(s.layer, p.n_layers) for s in p.layers]
+        for ax, (key, title) in zip(axes[0], panels, strict=True):
+            ax.plot(xs, [getattr(s, key) for s in p.layers], "o-", color=color,
+                    label=f"{label} in-sample")
+            held = [getattr(s, f"{key}_heldout") for s in p.layers]
+            if all(h is not None for h in held):
+                ax.plot(xs, held, "s--", color=color, alpha=0.8, label=f"{label} held-out")
+            if key == "without_residual":  # with residual, scores sit far above the floor
+                ax.axhline(p.chance_floor, color=color, ls=":", lw=1)
+            ax.set_title(title)
+            ax.set_ylabel("linearity score")
+        if p.hidden_states:
+            gx = [g["hidden_state"] / p.n_layers for g in p.hidden_states]
+            axes[1][0].plot(gx, [g["anisotropy"] for g in p.hidden_states], "o-", color=color,
+                            label=label)
+            axes[1][1].plot(gx, [g["intrinsic_dim"] for g in p.hidden_states], "o-",
+                            color=color, label=label)
+    axes[1][0].set_title("anisotropy of H[k] (top PC variance share)")
+    axes[1][1].set_title("intrinsic dimension of H[k] (TwoNN)")
+    for ax in axes[1]:
+        ax.set_xlabel("normalised depth k / n_layers (1 = after final norm)")
+    for ax in axes[0]:
+        ax.set_xlabel("normalised depth of the block ((l + 1/2) / n_layers)")
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
+    floors = ", ".join(dict.fromkeys(f"{p.chance_floor:.4f}" for p in profiles))
+    fig.suptitle(f"Layer linearity ({profiles[0].n_tokens:,} tokens; solid in-sample, dashed "
+                 f"held-out; dotted: chance floor d/(n-1) = {floors})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_csv(profiles: list[LinearityProfile], path: Path) -> None:
+    cols = ["model", "layer", "depth", "with_residual", "with_residual_heldout",
+            "without_residual", "without_residual_heldout", "n_tokens", "chance_floor",
+            "anisotropy", "anisotropy_power", "intrinsic_dim"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for p in profiles:
+            for s in p.layers:
+                row = {**s.__dict__, "model": p.model, "depth": depth(s.layer, p.n_layers)}
+                w.writerow(["" if row[c] is None else row[c] for c in cols])
+
+
+def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list[int] | None,
+                geometry: bool, id_tokens: int, batch_size: int, seed: int,
+                precision: str = "float64") -> tuple[LinearityProfile, dict]:
+    """Load ``name``, tokenise ``data`` with its tokenizer and profile it."""
+    from noln.data import load_blocks
+    from noln.linearity.score import check_tokens, hidden_size, linearity_profile
+
+    model, tok = load_for_analysis(name)
+    ctx = model_context(model, ctx)
+    check_tokens(tokens, hidden_size(model))  # before tokenising and running anything
+    blocks = load_blocks(data, tok, ctx, max_tokens=tokens)
+    with _progress() as bar:
+        task = bar.add_task(f"hidden states of {name}", total=len(blocks))
+        profile = linearity_profile(
+            model, blocks, layers=layers, batch_size=batch_size, geometry=geometry,
+            id_tokens=id_tokens, seed=seed, precision=precision, name=name,
+            progress=lambda done, total: bar.update(task, completed=done))
+    return profile, {"data": data, "ctx": ctx, "precision": precision}
+
+
+def linearity_cmd(
+    model: Annotated[str, typer.Argument(help="Hub id, local HF folder, noln export/run folder or "
+                                         "noln linearize folder")],
+    data: Annotated[str, typer.Option(help="text to run: local .jsonl/.txt/folder, HF dataset "
+                                      "name, or 'builtin'")],
+    tokens: Annotated[int, typer.Option(help="tokens to score (must exceed the width; the paper "
+                                        "used ~14k)")] = 16384,
+    ctx: Annotated[int | None, typer.Option(help="tokens per sequence (default: the model's "
+                                            "context, at most 1024)")] = None,
+    layers: Annotated[str | None, typer.Option(help="blocks to score, e.g. '0,3' (default: all "
+                                               "but the last)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the profile as JSON")] =
+    None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="write one row per block")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of the profiles by depth")] = None,
+    compare: Annotated[list[str] | None, typer.Option(help="another model to profile on the "
+                                                      "same text and overlay (e.g. its no-LN "
+                                                      "version); repeatable")] = None,
+    geometry: Annotated[bool, typer.Option("--geometry/--no-geometry", help="anisotropy and "
+                                           "TwoNN intrinsic dimension too")] = True,
+    id_tokens: Annotated[int, typer.Option(help="tokens subsampled for TwoNN (O(m^2))")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the TwoNN subsample")] = 0,
+    precision: Annotated[str, typer.Option(help="float64 (exact) | mixed (float32 products per "
+                                           "batch, float64 sums: faster, ~1e-7)")] = "float64",
+) -> None:
+    """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
+    and held-out, streamed in float64."""
+    if tokens < 1 or batch_size < 1 or id_tokens < 0:
+        raise NolnError("--tokens, --batch-size must be positive and --id-tokens >= 0")
+    layer_list = _parse_layer_list(layers)
+    profiles, metas = [], []
+    for name in [model, *(compare or [])]:
+        p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry and id_tokens > 2,
+                              id_tokens, batch_size, seed, precision)
+        console.print(profile_table(p))
+        profiles.append(p)
+        metas.append(meta)
+    if json_out is not None:
+        doc = {**profiles[0].to_dict(), **metas[0]}
+        if compare:
+            doc["compare"] = [{**p.to_dict(), **m} for p, m in zip(profiles[1:], metas[1:],
+                                                                   strict=True)]
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(_nan_to_none(doc), indent=2, allow_nan=False) + "\n")
+        console.print(f"wrote {json_out}")
+    if csv_out is not None:
+        write_csv(profiles, csv_out)
+        console.print(f"wrote {csv_out}")
+    if plot is not None:
+        console.print(f"wrote {plot_profiles(profiles, plot)}")
+
+
+def _nan_to_none(obj):
+    """JSON has no NaN: an undefined value (e.g. TwoNN on too few points) becomes null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- linearize
+
+
+def linearize_cmd(
+    model: Annotated[str, typer.Argument(help="Hub id, local HF folder or noln export/run folder")],
+    out: Annotated[Path, typer.Option(help="folder for the linearised model, table and plot")],
+    layers: Annotated[str, typer.Option(help="'auto' (greedy, most linear first) or block "
+                                        "indices such as '3,4'")] = "auto",
+    fit: Annotated[str, typer.Option(help="lstsq (closed form) | distill (lstsq, then "
+                                     "layer-wise MSE training of the maps only)")] = "lstsq",
+    data: Annotated[str, typer.Option(help="text to fit on: local .jsonl/.txt/folder, HF "
+                                      "dataset, or 'builtin'")] = "openwebtext",
+    eval_data: Annotated[str | None, typer.Option(help="text for the CE table (default: a slice "
+                                                  "of --data held back from fitting)")] = None,
+    tokens: Annotated[int, typer.Option(help="fitting tokens")] = 16384,
+    eval_tokens: Annotated[int, typer.Option(help="CE tokens")] = 16384,
+    max_blocks: Annotated[int | None, typer.Option(help="auto: blocks to replace (default: half "
+                                                   "of them)")] = None,
+    distill_steps: Annotated[int, typer.Option(help="distillation steps")] = 100,
+    distill_lr: Annotated[float, typer.Option(help="distillation learning rate (Adam)")] = 1e-3,
+    ctx: Annotated[int | None, typer.Option(help="tokens per sequence (default: the model's "
+                                            "context, at most 1024)")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    copy_base: Annotated[bool, typer.Option("--copy-base", help="store the base model's "
+                                            "weights in OUT/base instead of a reference")] = False,
+) -> None:
+    """Replace blocks by least-squares affine maps (optionally distilled) and report CE."""
+    from noln.data import load_blocks
+    from noln.evaluate.loss import cross_entropy
+    from noln.linearity.replace import (
+        SkipBlock,
+        decoder_layers,
+        distill,
+        fit_layers,
+        greedy_linearize,
+        parse_layers,
+        plot_curve,
+        save_linearized,
+        swap_layer,
+        swapped,
+    )
+    from noln.linearity.score import check_tokens, hidden_size
+
+    if fit not in ("lstsq", "distill"):
+        raise NolnError(f"--fit '{fit}' is unknown: use lstsq or distill")
+    if fit == "distill" and distill_steps < 1:
+        raise NolnError("--fit distill needs --distill-steps >= 1")
+    net, tok = load_for_analysis(model)
+    block_list, returns_tuple = decoder_layers(net)
+    chosen = parse_layers(layers, len(block_list))
+    ctx = model_context(net, ctx)
+    check_tokens(tokens, hidden_size(net))
+    n_fit, n_eval = max(1, tokens // ctx), max(1, eval_tokens // ctx)
+    if eval_data is None:
+        blocks = load_blocks(data, tok, ctx, max_tokens=(n_fit + n_eval) * ctx)
+        if len(blocks) < n_fit + n_eval:
+            raise NolnError(f"'{data}' has only {len(blocks) * ctx:,} tokens, fewer than --tokens "
+                            f"+ --eval-tokens = {(n_fit + n_eval) * ctx:,}: lower them or give "
+                            "--eval-data")
+        fit_blocks, eval_blocks = blocks[:n_fit], blocks[n_fit:]
+    else:
+        fit_blocks = load_blocks(data, tok, ctx, max_tokens=n_fit * ctx)
+        eval_blocks = load_blocks(eval_data, tok, ctx, max_tokens=n_eval * ctx)
+    check_tokens(fit_blocks.size, hidden_size(net))
+    out.mkdir(parents=True, exist_ok=True)
+    if copy_base:
+        foreign = {type(m).__module__ for m in net.modules()
+                   if not type(m).__module__.startswith(("transformers.", "torch."))}
+        if foreign:
+            raise NolnError(f"--copy-base stores plain transformers models only, and {model} has "
+                            f"modules from {', '.join(sorted(foreign))}: drop --copy-base (the "
+                            "folder then refers to the base model by path)")
+        net.save_pretrained(out / "base")
+        tok.save_pretrained(out / "base")
+
+    if chosen is None:
+        k = max_blocks if max_blocks is not None else max(1, len(block_list) // 2)
+        table = Table(title=f"Greedy linearisation of {model}: CE on {eval_blocks.size:,} "
+                            "tokens")
+        for col in ("step", "block", "score", "held-out", "drop", "linear", "linear+distil"):
+            table.add_column(col, justify="right")
+
+        def log(row: dict) -> None:
+            console.print(f"step {row['step']}: block {row['block']}, CE drop "
+                          f"{_fmt(row['ce_drop'])} / linear {_fmt(row['ce_linear'])} / distil "
+                          f"{_fmt(row['ce_distill'])}")
+
+        rows, maps = greedy_linearize(net, fit_blocks, eval_blocks, k,
+                                      distill_steps=distill_steps, distill_lr=distill_lr,
+                                      batch_size=batch_size, log=log)
+        for r in rows:
+            table.add_row(str(r["step"]), "—" if r["block"] is None else str(r["block"]),
+                          _fmt(r["score"]), _fmt(r["score_heldout"]), _fmt(r["ce_drop"]),
+                          _fmt(r["ce_linear"]), _fmt(r["ce_distill"]))
+        console.print(table)
+        final = maps["distill" if fit == "distill" else "lstsq"]
+        report = {"model": model, "data": data, "eval_data": eval_data or f"{data} (held back)",
+                  "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
+                  "distill_steps": distill_steps, "distill_lr": distill_lr, "steps": rows}
+        (out / "linearize.json").write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
+        console.print(f"wrote {out / 'linearize.json'} and "
+                      f"{plot_curve(rows, out / 'linearize_curve.png', short_name(model))}")
+    else:
+        base_ce = cross_entropy(net, eval_blocks, batch_size)
+        with swapped(net, {i: SkipBlock(returns_tuple) for i in chosen}):
+            drop_ce = cross_entropy(net, eval_blocks, batch_size)
+        final = fit_layers(net, fit_blocks, chosen, batch_size)
+        with swapped(net, final):
+            lin_ce = cross_entropy(net, eval_blocks, batch_size)
+        rows = [("original", base_ce.mean), ("drop blocks", drop_ce.mean),
+                ("linear (least squares)", lin_ce.mean)]
+        if fit == "distill":
+            distill(net, final, fit_blocks, distill_steps, distill_lr, batch_size)
+            with swapped(net, final):
+                rows.append(("linear + distil", cross_entropy(net, eval_blocks, batch_size).mean))
+        table = Table(title=f"{model} with blocks {','.join(map(str, chosen))} replaced: CE on "
+                            f"{eval_blocks.size:,} tokens")
+        table.add_column("variant")
+        table.add_column("CE", justify="right")
+        table.add_column("vs original", justify="right")
+        for name, ce in rows:
+            table.add_row(name, f"{ce:.4f}", f"{ce - base_ce.mean:+.4f}")
+        console.print(table)
+        report = {"model": model, "layers": chosen, "fit": fit, "data": data,
+                  "eval_data": eval_data or f"{data} (held back)",
+                  "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
+                  "ce": {name: ce for name, ce in rows}}
+        (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    for i, m in final.items():
+        swap_layer(net, i, m)
+    save_linearized(net, tok, model, out,
+                    extra={"fit": fit, "fit_data": data, "fit_tokens": int(fit_blocks.size)},
+                    base_copy="base" if copy_base else None)
+    console.print(f"saved the linearised model ({fit}, blocks "
+                  f"{','.join(map(str, sorted(final)))}) to {out}; load it with "
+                  "noln.linearity.load_linearized")

@@ -1,0 +1,358 @@
+"""Evaluation: HellaSwag against a brute-force scorer, batched vs unbatched CE, faithfulness,
+the comparison table, the commands, and the errors a user can make."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from transformers import GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from noln.errors import NolnError
+from noln.evaluate.commands import compare_cmd, eval_cmd, parse_sources
+from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+from noln.evaluate.faithfulness import evaluate_blocks, faithfulness
+from noln.evaluate.hellaswag import (
+    Item,
+    encode_items,
+    load_hellaswag,
+    score_items,
+    summarize,
+)
+from noln.evaluate.loss import token_losses
+
+from .conftest import shared_path
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning
+    OpenMP threads made these tests 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ref_tok():
+    from noln.loading import load_tokenizer
+
+    return load_tokenizer(shared_path("models", "ref-gpt2-6L"))
+
+
+def tiny(vocab: int, n_positions: int = 64, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=n_positions,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def hs_items() -> list[Item]:
+    """Every 500th validation item, and one with non-ASCII endings (bytes != characters)."""
+    items = load_hellaswag(shared_path("data", "hellaswag", "validation.jsonl"))
+    sample = items[::500]
+    sample.append(Item(ind=-1, ctx="She orders a", label=1,
+                       endings=["café au lait.", "coffee.", "naïve crème brûlée.", "tea."]))
+    return sample
+
+
+@pytest.fixture(scope="module")
+def blocks(ref_tok) -> np.ndarray:
+    from noln.data import load_blocks
+
+    return load_blocks(str(shared_path("data", "corpus", "val.jsonl")), ref_tok, 64,
+                       max_tokens=12 * 64)
+
+
+def brute_force_loglik(model, tokenizer, items: list[Item], n_ctx: int) -> np.ndarray:
+    """One ending at a time, unpadded, full logits: the harness's definition written plainly."""
+    out = np.zeros((len(items), 4))
+    with torch.inference_mode():
+        for i, item in enumerate(items):
+            ctx = tokenizer(item.ctx, add_special_tokens=False)["input_ids"]
+            for j, ending in enumerate(item.endings):
+                cont = tokenizer(" " + ending, add_special_tokens=False)["input_ids"]
+                whole = (ctx + cont)[-(n_ctx + 1):]
+                logp = F.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+                targets = torch.tensor(whole[1:])
+                out[i, j] = logp[torch.arange(len(targets)), targets][-len(cont):].sum().item()
+    return out
+
+
+# ----------------------------------------------------------------------------- HellaSwag
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hellaswag_matches_brute_force(ref_tok, hs_items, dtype):
+    model = tiny(len(ref_tok), n_positions=96).to(dtype)  # 96: many items get cut from the left
+    encoded = encode_items(hs_items, ref_tok)
+    assert sum(len(e.ctx) + len(e.endings[0]) > 97 for e in encoded) >= 5
+    scores = score_items(model, ref_tok, hs_items, batch_size=5)
+    brute = brute_force_loglik(model, ref_tok, hs_items, 96)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(scores.loglik, brute, atol=tol, rtol=0)
+    n_bytes = np.array([[len(e.encode()) for e in it.endings] for it in hs_items])
+    assert (scores.n_bytes == n_bytes).all() and n_bytes[-1, 0] != len(hs_items[-1].endings[0])
+    if dtype == torch.float64:  # exact predictions, exact accuracies
+        labels = np.array([it.label for it in hs_items])
+        assert (scores.pred == brute.argmax(1)).all()
+        assert (scores.pred_norm == (brute / n_bytes).argmax(1)).all()
+        result = summarize(scores)
+        assert result.acc == np.mean(brute.argmax(1) == labels)
+        assert result.acc_norm == np.mean((brute / n_bytes).argmax(1) == labels)
+        assert result.n == len(hs_items)
+        p = result.acc
+        assert math.isclose(result.acc_stderr, math.sqrt(p * (1 - p) / (len(hs_items) - 1)))
+
+
+class PlainLM(torch.nn.Module):
+    """A causal LM that is not a transformers class: forward(input_ids) -> logits tensor."""
+
+    def __init__(self, inner: GPT2LMHeadModel):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids).logits
+
+
+def test_hellaswag_batch_size_and_model_kind_do_not_change_scores(ref_tok, hs_items):
+    model = tiny(len(ref_tok), n_positions=96)
+    one = score_items(model, ref_tok, hs_items, batch_size=1).loglik
+    auto = score_items(model, ref_tok, hs_items).loglik
+    plain = score_items(PlainLM(model).eval(), ref_tok, hs_items, batch_size=3).loglik
+    np.testing.assert_allclose(one, auto, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(one, plain, atol=1e-5, rtol=0)
+
+
+def test_hellaswag_on_reference_model_matches_brute_force():
+    from noln.loading import load_model
+
+    model, tok = load_model(shared_path("models", "ref-gpt2-6L"))
+    items = load_hellaswag(shared_path("data", "hellaswag", "validation.jsonl"), limit=40)
+    scores = score_items(model, tok, items)
+    np.testing.assert_allclose(scores.loglik[:3], brute_force_loglik(model, tok, items[:3], 256),
+                               atol=1e-4, rtol=0)
+    assert (scores.loglik < 0).all() and (scores.n_tokens > 0).all()
+
+
+def test_hub_items_are_cleaned_like_the_harness(monkeypatch):
+    import datasets
+
+    raw = [{"ind": 7, "activity_label": "Cooking", "ctx_a": "[header] How to boil eggs.",
+            "ctx_b": "then", "ctx": "ignored", "label": "2",
+            "endings": ["a [title] b", "c  d", "e", "f"]}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: raw)
+    (item,) = load_hellaswag("hf")
+    assert item.ctx == "Cooking: How to boil eggs. Then" and item.label == 2 and item.ind == 7
+    assert item.endings[:2] == ["a. b", "c d"]
+
+
+# ----------------------------------------------------------------------------- CE
+
+
+def test_batched_ce_equals_unbatched(ref_tok, blocks):
+    model = tiny(len(ref_tok))
+    one = token_losses(model, blocks, batch_size=1)
+    many = token_losses(model, blocks, batch_size=5)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
+    reports = evaluate_blocks({"m": model}, blocks, batch_size=7)
+    assert reports["m"].ce.mean == pytest.approx(one.double().mean().item(), abs=1e-6)
+    assert reports["m"].ce.n_tokens == blocks.shape[0] * 63 and reports["m"].ce.ctx == 64
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+
+def test_faithfulness_to_itself_and_to_another_model(ref_tok, blocks):
+    model = tiny(len(ref_tok))
+    same = faithfulness(model, model, blocks, batch_size=5)
+    assert same.kl == 0 and same.js < 1e-6 and same.top1 == 1 and same.ce_diff == 0
+    plain = evaluate_blocks({"ref": model, "plain": PlainLM(model).eval()}, blocks, reference="ref")
+    assert plain["plain"].norms is None  # no hidden states from a plain forward
+    assert plain["plain"].faithfulness.kl < 1e-6 and plain["plain"].faithfulness.top1 == 1
+    other = tiny(len(ref_tok), seed=1)
+    f = faithfulness(other, model, blocks, batch_size=5)
+    # brute force on the same tokens
+    x = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
+    with torch.inference_mode():
+        lp_ref = F.log_softmax(model(x).logits[:, :-1].double(), -1).flatten(0, 1)
+        lp = F.log_softmax(other(x).logits[:, :-1].double(), -1).flatten(0, 1)
+    kl = F.kl_div(lp, lp_ref, log_target=True, reduction="sum").item() / len(lp)
+    log_m = torch.logaddexp(lp, lp_ref) - math.log(2)
+    js = 0.5 * (F.kl_div(log_m, lp_ref, log_target=True, reduction="sum")
+                + F.kl_div(log_m, lp, log_target=True, reduction="sum")).item() / len(lp)
+    assert f.kl > 0.01 and math.isclose(f.kl, kl, rel_tol=1e-4)
+    assert math.isclose(f.js, js, rel_tol=1e-4) and f.js < math.log(2)
+    assert math.isclose(f.top1, (lp.argmax(-1) == lp_ref.argmax(-1)).double().mean().item())
+    assert len(f.ce_diff_by_position) == 63
+    assert math.isclose(float(np.mean(f.ce_diff_by_position)), f.ce_diff, rel_tol=1e-9)
+
+
+def test_residual_norms_and_rare_tokens(ref_tok, blocks):
+    model, other = tiny(len(ref_tok)), tiny(len(ref_tok), seed=1)
+    reports = evaluate_blocks({"ref": model, "m": other}, blocks, reference="ref",
+                              tokenizer=ref_tok, top_k=len(ref_tok))
+    norms = reports["m"].norms
+    assert norms.labels == ["embed", "block 1", "block 2"]
+    x = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
+    seen = []
+    handle = other.transformer.ln_f.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.inference_mode():
+        hidden = other(x, output_hidden_states=True).hidden_states
+    handle.remove()
+    last = seen[0].norm(dim=-1)  # the residual entering ln_f, not ln_f's output
+    assert math.isclose(norms.pos0[-1], last[:, 0].mean().item(), rel_tol=1e-5)
+    assert math.isclose(norms.rest[-1], last[:, 1:].mean().item(), rel_tol=1e-5)
+    assert math.isclose(norms.pos0[0], hidden[0][:, 0].norm(dim=-1).mean().item(), rel_tol=1e-5)
+    rare = reports["m"].rare_tokens
+    # every seen token listed: contributions add up to the mean CE gap, the top is the worst
+    assert math.isclose(sum(t.contribution for t in rare.largest_gap),
+                        reports["m"].faithfulness.ce_diff, rel_tol=1e-6, abs_tol=1e-9)
+    assert sum(t.count for t in rare.highest) == blocks.shape[0] * 63
+    assert rare.highest[0].ce == max(t.ce for t in rare.highest)
+    assert rare.reference_mean == pytest.approx(reports["ref"].ce.mean)
+    assert rare.median == pytest.approx(reports["m"].ce.median)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def test_compare_models_table_json_markdown_plots(ref_tok, blocks, hs_items, tmp_path):
+    models = {ORIGINAL: tiny(len(ref_tok)), WITH_LN: tiny(len(ref_tok), seed=1),
+              NO_LN: tiny(len(ref_tok), seed=2)}
+    result = compare_models(models, ref_tok, {"val": blocks}, hellaswag=hs_items[:6],
+                            reference=ORIGINAL, top_k=3, progress=False)
+    assert result.delta == (NO_LN, WITH_LN)
+    data = json.loads(result.to_json(tmp_path / "r.json"))
+    m = data["models"][NO_LN]
+    assert set(m["ce"]["val"]) >= {"mean", "ci95", "median", "n_tokens", "n_chunks", "ctx"}
+    assert set(m["hellaswag"]) >= {"acc", "acc_norm", "acc_stderr", "n"}
+    assert set(m["faithfulness"]["val"]) >= {"kl", "js", "top1", "ce_diff"}
+    assert data["models"][ORIGINAL]["faithfulness"] == {}
+    ce_row = next(r for r in data["table"] if r["metric"] == "CE val (nats)")
+    assert ce_row["delta"] == pytest.approx(m["ce"]["val"]["mean"]
+                                            - data["models"][WITH_LN]["ce"]["val"]["mean"])
+    md = result.to_markdown()
+    assert md.startswith("| metric | original | fine-tuned with LN | no LN | no LN − "
+                         "fine-tuned with LN |")
+    assert "12 chunks of 64 tokens" in md and "HellaSwag acc (%)" in md
+    files = result.save(tmp_path / "out")
+    assert {p.name for p in files} >= {"comparison.md", "comparison.json",
+                                       "residual_norms_val.png", "ce_diff_by_position_val.png"}
+    assert all(p.stat().st_size > 0 for p in files)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("eval")(eval_cmd)
+    app.command("compare")(compare_cmd)
+    return app
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli(), list(args), catch_exceptions=True)
+
+
+def test_parse_sources():
+    assert parse_sources(["val=a/b.jsonl", "c/wiki.jsonl", "Skylion007/openwebtext",
+                          "wikitext:wikitext-2-raw-v1"]) == {
+        "val": "a/b.jsonl", "wiki": "c/wiki.jsonl", "openwebtext": "Skylion007/openwebtext",
+        "wikitext": "wikitext:wikitext-2-raw-v1"}
+    with pytest.raises(NolnError, match="two --data sources are named 'val'"):
+        parse_sources(["x/val.jsonl", "y/val.jsonl"])
+
+
+def test_eval_and_compare_commands(tiny_model_dir, text_jsonl, tmp_path):
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps({"ctx": f"The {w} is", "endings": ["red.", "a dog.",
+                                      "very big indeed.", "here."], "label": i % 4}) + "\n"
+                          for i, w in enumerate(["car", "sky", "sea", "cat", "sun"])))
+    r = run("eval", str(tiny_model_dir), "--data", f"docs={text_jsonl}", "--tokens", "2048",
+            "--ctx", "32", "--hellaswag", str(hs), "--json", str(tmp_path / "e.json"),
+            "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "chunks of 32 tokens" in r.output
+    data = json.loads((tmp_path / "e.json").read_text())
+    (model,) = data["models"].values()
+    assert model["ce"]["docs"]["ctx"] == 32 and model["ce"]["docs"]["n_chunks"] == 64
+    assert model["hellaswag"]["n"] == 5
+    r = run("compare", str(tiny_model_dir), str(tiny_model_dir), str(tiny_model_dir),
+            "--data", str(text_jsonl), "--tokens", "1024", "--out", str(tmp_path / "cmp"),
+            "--json", str(tmp_path / "c.json"), "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert set(data["models"]) == {ORIGINAL, WITH_LN, NO_LN}
+    assert data["models"][NO_LN]["faithfulness"]["docs"]["kl"] == 0  # the same model
+    assert data["models"][NO_LN]["faithfulness"]["docs"]["top1"] == 1
+    assert (tmp_path / "cmp" / "comparison.md").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _hs_file(tmp_path, records) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+GOOD = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}
+
+
+def test_hellaswag_missing_field(tmp_path):
+    path = _hs_file(tmp_path, [GOOD, {"ctx": "x", "label": 1}])
+    with pytest.raises(NolnError, match=r"bad\.jsonl:2: field 'endings' is missing"):
+        load_hellaswag(path)
+
+
+@pytest.mark.parametrize("label", [4, -1, "x", None])
+def test_hellaswag_label_out_of_range(tmp_path, label):
+    path = _hs_file(tmp_path, [GOOD, GOOD, {**GOOD, "label": label}])
+    with pytest.raises(NolnError, match=r"bad\.jsonl:3: field 'label' is .*out of range"):
+        load_hellaswag(path)
+
+
+def test_hellaswag_wrong_endings_and_missing_file(tmp_path):
+    with pytest.raises(NolnError, match=r":1: field 'endings' must be a list of 4"):
+        load_hellaswag(_hs_file(tmp_path, [{**GOOD, "endings": ["a", "b"]}]))
+    with pytest.raises(NolnError, match="does not exist"):
+        load_hellaswag(tmp_path / "nope.jsonl")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_unknown_dataset_offline(offline, tiny_model_dir):
+    with pytest.raises(NolnError, match="cannot load HellaSwag 'no-such-org/no-such-set'.*offline"):
+        load_hellaswag("no-such-org/no-such-set")
+    r = run("eval", str(tiny_model_dir), "--data", "no-such-org/no-such-set", "--device", "cpu")
+    assert isinstance(r.exception, NolnError)
+    assert "cannot load dataset 'no-such-org/no-such-set'" in str(r.exception)
+
+
+def test_nonexistent_model_path(tmp_path):
+    r = run("eval", str(tmp_path / "no-model"), "--data", "builtin", "--device", "cpu")
+    assert isinstance(r.exception, NolnError) and "does not exist" in str(r.exception)
+    r = run("eval", str(tmp_path / "no-model"))
+    assert isinstance(r.exception, NolnError) and "nothing to evaluate" in str(r.exception)
