@@ -201,3 +201,28 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     adapter.site("ln_f").norm.freeze(0.3)
     loss, ce = trainer.loss(x)
     assert loss.item() > 0.5 * ce.item() + 1e-3
+
+
+def test_cos_reg_adds_the_linearity_regulariser_to_the_loss(tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.linearity.regularizer import cosine_regularizer
+    from noln.loading import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir).eval()
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
+    x = torch.from_numpy(blocks[:4])
+    losses = {}
+    for lam in (0.0, 0.5):
+        cfg = make_config(model=str(tiny_model_dir), out=tmp_path, cos_reg=lam, aux_weight=0.0,
+                          progress=False, batch_size=4)
+        trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter)
+        losses[lam] = trainer.loss(x)
+    with torch.no_grad():
+        reg = cosine_regularizer(model(x, output_hidden_states=True).hidden_states, 0.5)
+    assert reg.item() > 0
+    assert losses[0.5][0].item() == pytest.approx(losses[0.0][0].item() + reg.item(), rel=1e-5)

@@ -167,6 +167,7 @@ def pretrain(
     lr: Annotated[float, typer.Option()] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue a killed run in OUT")] = False,
+    cos_reg: Annotated[float, typer.Option(help="cosine linearity regulariser weight")] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Pretrain a small model with LayerNorm from scratch (own BPE tokenizer)."""
@@ -174,7 +175,7 @@ def pretrain(
 
     r = run(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
             vocab_size=vocab_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
-            seed=seed, progress=not quiet, resume=resume)
+            seed=seed, progress=not quiet, resume=resume, cos_reg=cos_reg)
     ce = r.summary["val_ce"]
     console.print(f"pretrained {r.summary['n_params']:,} parameters on {r.summary['tokens']:,} "
                   f"tokens; val CE {ce['mean']:.4f} ± {ce['ci95']:.4f}; model in {r.out}")

@@ -70,7 +70,7 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
              d_model: int = 128, n_head: int = 4, ctx: int = 128, vocab_size: int = 4096,
              steps: int = 600, tokens: int | None = None, batch_size: int = 32,
              lr: float = 1e-3, warmup_steps: int = 50, seed: int = 0, progress: bool = True,
-             resume: bool = False) -> PretrainResult:
+             resume: bool = False, cos_reg: float = 0.0) -> PretrainResult:
     out = Path(out)
     check_writable(out)
     torch.manual_seed(seed)
@@ -88,6 +88,7 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
     cfg = make_config(model=str(out), data=data, out=out, keep_ln=True, steps=steps,
                       tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr, min_lr=lr / 10,
                       warmup_steps=warmup_steps, aux_weight=0.0, seed=seed, progress=progress,
+                      cos_reg=cos_reg,
                       checkpoint_every=max(50, steps // 4))
     adapter = install(model)  # live FakeNorms compute the real LayerNorm
     if not resume:
