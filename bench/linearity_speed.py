@@ -105,42 +105,49 @@ def procrustes(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - (x @ a - y).square().sum())
 
 
-def run_paper(batches, dtype: torch.dtype) -> tuple[list[list[float]], float, float]:
+class Clock:
+    """Wall and CPU (this process, all threads) seconds spent inside ``with clock:`` blocks."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+
+def run_paper(batches, dtype: torch.dtype) -> tuple[list[list[float]], Clock]:
     stored: list[list[torch.Tensor]] = []
-    produce = work = 0.0
-    t = time.perf_counter()
-    for states in batches:
-        t1 = time.perf_counter()
-        produce += t1 - t
-        stored.append([s.to(dtype) for s in states])
-        t = time.perf_counter()
-        work += t - t1
-    t1 = time.perf_counter()
-    chain = [torch.cat(col) for col in zip(*stored, strict=True)]
-    del stored
-    scores = [[procrustes(chain[k], chain[k + 1]), procrustes(chain[k], chain[k + 1] - chain[k])]
-              for k in range(len(chain) - 1)]
-    return scores, produce, work + time.perf_counter() - t1
+    clock = Clock()
+    for states in batches:  # producing a batch happens in the iterator, outside the clock
+        with clock:
+            stored.append([s.to(dtype) for s in states])
+    with clock:
+        chain = [torch.cat(col) for col in zip(*stored, strict=True)]
+        del stored
+        scores = [[procrustes(chain[k], chain[k + 1]),
+                   procrustes(chain[k], chain[k + 1] - chain[k])] for k in range(len(chain) - 1)]
+    return scores, clock
 
 
-def run_stream(batches, precision: str) -> tuple[list[list[float]], float, float]:
+def run_stream(batches, precision: str) -> tuple[list[list[float]], Clock]:
     from noln.linearity.score import StreamingMoments, score_pairs
 
     moments = None
-    produce = work = 0.0
-    t = time.perf_counter()
+    clock = Clock()
     for i, states in enumerate(batches):
-        t1 = time.perf_counter()
-        produce += t1 - t
-        if moments is None:
-            moments = StreamingMoments(states[0].shape[1], pairs=range(len(states) - 1),
-                                       precision=precision)
-        moments.update(states, half=i % 2)
-        t = time.perf_counter()
-        work += t - t1
-    t1 = time.perf_counter()
-    scores = [[s.with_residual, s.without_residual] for s in score_pairs(moments)]
-    return scores, produce, work + time.perf_counter() - t1
+        with clock:
+            if moments is None:
+                moments = StreamingMoments(states[0].shape[1], pairs=range(len(states) - 1),
+                                           precision=precision)
+            moments.update(states, half=i % 2)
+    with clock:
+        scores = [[s.with_residual, s.without_residual] for s in score_pairs(moments)]
+    return scores, clock
 
 
 def status_mb(field: str) -> float:
@@ -181,24 +188,28 @@ def child(spec: dict) -> dict:
 
     method = spec["method"]
     if method.startswith("stream"):
-        scores, produce, work = run_stream(all_batches(), "mixed" if "mixed" in method else
-                                           "float64")
+        scores, clock = run_stream(all_batches(), "mixed" if "mixed" in method else "float64")
     else:
         dtype = torch.float64 if method == "paper-float64" else torch.float32
-        scores, produce, work = run_paper(all_batches(), dtype)
+        scores, clock = run_paper(all_batches(), dtype)
     peak = status_mb("VmHWM")
-    return {**spec, "scores": scores, "produce_s": produce, "time_s": work,
+    return {**spec, "scores": scores, "cpu_s": clock.cpu, "wall_s": clock.wall,
             "peak_mb": peak - before, "rss_before_mb": before}
 
 
-def measure(spec: dict) -> dict:
+def measure(spec: dict, repeat: int) -> dict:
+    """The best of ``repeat`` runs, each in a fresh process (times: min; memory: max)."""
     # big blocks straight from and back to the OS, so RSS follows what is live
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                         capture_output=True, text=True, check=False, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"child failed: {spec}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                             capture_output=True, text=True, check=False, env=env)
+        if out.returncode != 0:
+            raise SystemExit(f"child failed: {spec}\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {**runs[0], "cpu_s": min(r["cpu_s"] for r in runs),
+            "wall_s": min(r["wall_s"] for r in runs), "peak_mb": max(r["peak_mb"] for r in runs)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -211,7 +222,10 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--states", type=int, default=4, help="hidden states in a synthetic chain")
     ap.add_argument("--ref-tokens", type=int, default=16384)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per measurement (1: CPU time is a fair measure of work "
+                    "on a shared machine)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (best kept)")
     ap.add_argument("--out", type=Path, default=None, help="write a Markdown report here")
     args = ap.parse_args()
     if args.child:
@@ -231,20 +245,20 @@ def main() -> None:
         if source != "synthetic":
             base["file"] = dump_model_states(n, tmp / "ref_states.f32")
         methods = ("stream", "stream-mixed", "paper")
-        res = {m: measure({**base, "method": m}) for m in methods}
+        res = {m: measure({**base, "method": m}, args.repeat) for m in methods}
         if n <= 16384:  # the exact answer, to show which of the two the difference is in
-            res["paper-float64"] = measure({**base, "method": "paper-float64"})
+            res["paper-float64"] = measure({**base, "method": "paper-float64"}, args.repeat)
         s = res["stream"]
         for name, r in res.items():
             diff = max(abs(a - b) for ra, rb in zip(r["scores"], s["scores"], strict=True)
                        for a, b in zip(ra, rb, strict=True))
-            rows.append({"source": source, "n": n, "pairs": len(s["scores"]),
-                         "method": name, "time_s": r["time_s"], "peak_mb": r["peak_mb"],
-                         "produce_s": r["produce_s"], "speedup": r["time_s"] / s["time_s"],
-                         "max_diff": diff, "scores": r["scores"]})
-            print(f"{source:12s} n={n:7d} {name:14s} {r['time_s']:8.2f}s "
-                  f"peak +{r['peak_mb']:8.1f} MB  x{r['time_s'] / s['time_s']:6.1f}  "
-                  f"max|diff vs stream| {diff:.2e}", flush=True)
+            rows.append({"source": source, "n": n, "pairs": len(s["scores"]), "method": name,
+                         "cpu_s": r["cpu_s"], "wall_s": r["wall_s"], "peak_mb": r["peak_mb"],
+                         "ratio": r["cpu_s"] / s["cpu_s"], "max_diff": diff,
+                         "scores": r["scores"]})
+            print(f"{source:12s} n={n:7d} {name:14s} cpu {r['cpu_s']:8.2f}s wall "
+                  f"{r['wall_s']:8.2f}s peak +{r['peak_mb']:8.1f} MB  "
+                  f"x{r['cpu_s'] / s['cpu_s']:6.2f}  max|diff vs stream| {diff:.2e}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
         write_report(rows, args)
@@ -255,8 +269,10 @@ def write_report(rows: list[dict], args) -> None:
     lines = [
         "# Linearity score: streaming vs the paper's method",
         "",
-        f"Command: `{cmd}` (from the repository root, {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}).",
+        f"Command: `{cmd}` (from the repository root; {args.threads} torch thread(s) per "
+        f"measurement, best of {args.repeat} runs; {platform.machine()}, {os.cpu_count()} "
+        f"cores shared with other jobs (load average {os.getloadavg()[0]:.1f} when the "
+        f"report was written); torch {torch.__version__}).",
         "",
         "- **paper**: store every token's hidden states (float32), then per layer pair the "
         "official notebook's `procrustes_similarity` and `procrustes_similarity_centered` "
@@ -268,21 +284,24 @@ def write_report(rows: list[dict], args) -> None:
         "- **stream-mixed**: the same with each batch's products in float32 (of the shifted "
         "values) and float64 sums across batches (`--precision mixed`).",
         "",
-        "Time excludes producing the hidden states (synthetic generation, or reading the "
+        "Times exclude producing the hidden states (synthetic generation, or reading the "
         "reference model's states back from a file written once), the same for every method. "
+        "CPU time (this process, all threads) is the measure of work: on a machine shared with "
+        "other jobs, wall time also counts the waiting. "
         "Peak memory is the process's peak RSS (VmHWM, reset before the first batch) above its "
         "RSS at that point, each measurement in its own process. `max |Δ|` is the largest "
         "difference from the float64 streaming scores over all pairs, with and without "
         "residual.",
         "",
-        "| hidden states | n tokens | pairs | method | time (s) | time / stream's | "
-        "peak memory (MB) | max \\|Δ\\| vs stream |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| hidden states | n tokens | pairs | method | CPU time (s) | CPU time / stream's | "
+        "wall time (s) | peak memory (MB) | max \\|Δ\\| vs stream |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         src = f"synthetic d={args.d}" if r["source"] == "synthetic" else "ref-gpt2-6L, val.jsonl"
-        lines.append(f"| {src} | {r['n']:,} | {r['pairs']} | {r['method']} | {r['time_s']:.2f} "
-                     f"| {r['speedup']:.2f} | {r['peak_mb']:.0f} | {r['max_diff']:.1e} |")
+        lines.append(f"| {src} | {r['n']:,} | {r['pairs']} | {r['method']} | {r['cpu_s']:.2f} "
+                     f"| {r['ratio']:.2f} | {r['wall_s']:.2f} | {r['peak_mb']:.0f} "
+                     f"| {r['max_diff']:.1e} |")
     lines += ["", "Scores (with residual, without residual) per pair:", ""]
     for r in rows:
         pretty = ", ".join(f"({a:.6f}, {b:.6f})" for a, b in r["scores"])

@@ -114,7 +114,10 @@ def test_rank_deficient_input_and_both_solvers_agree(monkeypatch):
     monkeypatch.setattr(score.PseudoInverse, "MAX_COND", 0.0)  # force eigh everywhere
     slow = linearity_scores(z, y[:, :24])
     for a, b in zip(fast.__dict__.values(), slow.__dict__.values(), strict=True):
-        assert a == pytest.approx(b, rel=1e-10, abs=1e-12)
+        if b is None:  # fields not computed for this call (newer pytest rejects approx(None))
+            assert a is None
+        else:
+            assert a == pytest.approx(b, rel=1e-10, abs=1e-12)
 
 
 def test_heldout_closed_form_matches_direct_computation():
