@@ -11,23 +11,13 @@ import typer
 from rich.console import Console
 
 from noln.errors import NolnError
-from noln.evaluate.commands import compare_cmd, eval_cmd
+from noln.evaluate.commands import compare_cmd, eval_cmd, parse_sources
 from noln.linearity.commands import linearity_cmd, linearize_cmd
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
                   "left, and measure layer linearity.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
-
-
-def _parse_sets(items: list[str] | None) -> dict[str, str]:
-    sets = {}
-    for item in items or []:
-        name, _, source = item.partition("=")
-        if not source:
-            name, source = Path(item).stem, item
-        sets[name] = source
-    return sets
 
 
 @app.command()
@@ -76,7 +66,7 @@ def remove(
                      checkpoint_every=checkpoint_every,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    sets = _parse_sets(eval)
+    sets = parse_sources(eval or [])
     if resume is not None and not control:
         result = remove_layernorm(resume=resume, eval_sets=sets, progress=not quiet)
         _print_summary(result.summary)

@@ -67,20 +67,26 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def read_jsonl(path: Path, expected: str) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` of a JSON-lines file, blank lines skipped; a bad line is a
+    NolnError naming the file, the line and ``expected`` (what each line should hold)."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NolnError(f"{path}:{lineno} is not valid JSON ({e.msg}): expected "
+                                f"{expected}") from None
+
+
 def _file_documents(path: Path) -> Iterator[str]:
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise NolnError(f"{path}:{lineno} is not valid JSON ({e.msg}): expected one "
-                                    "object with a 'text' field per line") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if text:
-                    yield text
+        for _, record in read_jsonl(path, "one object with a 'text' field per line"):
+            text = record.get("text") if isinstance(record, dict) else None
+            if text:
+                yield text
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
         if text.strip():

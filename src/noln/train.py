@@ -249,7 +249,9 @@ class Trainer:
                         self.acc.backward(loss / len(batches))
                     ce_sum += ce / len(batches)
                 grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-                ce_val = self.acc.reduce(ce_sum, reduction="mean").item()  # the one sync a step
+                ce_mean = self.acc.reduce(ce_sum, reduction="mean")
+                ce_val, grad_norm = torch.stack([ce_mean, torch.as_tensor(
+                    grad_norm, device=ce_mean.device, dtype=ce_mean.dtype)]).tolist()  # one sync
                 if self._exploded(ce_val):
                     self._recover(step, ce_val)
                     progress.reset(self.state.step)
@@ -260,7 +262,7 @@ class Trainer:
                 self.state.losses.append(ce_val)
                 self.state.wall_time += dt
                 self.state.step += 1
-                self.log({"step": step, "loss": ce_val, "lr": lr, "grad_norm": float(grad_norm),
+                self.log({"step": step, "loss": ce_val, "lr": lr, "grad_norm": grad_norm,
                           "tokens": self.state.step * tokens_per_step,
                           "frozen": len(self.adapter.frozen_sites()), "dt": dt})
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,

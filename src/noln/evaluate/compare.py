@@ -11,7 +11,6 @@ and ``noln remove``'s end-of-run summary all build a ``ComparisonResult`` with
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from noln.errors import NolnError
 from noln.evaluate.faithfulness import BlockReport, evaluate_blocks
 from noln.evaluate.hellaswag import HellaSwagResult, Item, evaluate_hellaswag, load_hellaswag
+from noln.report import json_safe
 
 ORIGINAL, WITH_LN, NO_LN = "original", "finetuned_with_ln", "no_ln"
 DISPLAY = {ORIGINAL: "original", WITH_LN: "fine-tuned with LN", NO_LN: "no LN"}
@@ -197,7 +197,7 @@ class ComparisonResult:
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(_finite(self.to_dict()), indent=2, default=_json_default)
+        text = json.dumps(json_safe(self.to_dict()), indent=2, default=_json_default)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text + "\n")
@@ -324,17 +324,6 @@ class ComparisonResult:
                                 delta=self.delta or other.delta,
                                 sources={**self.sources, **other.sources},
                                 hellaswag_source=self.hellaswag_source or other.hellaswag_source)
-
-
-def _finite(obj: object) -> object:
-    """NaN / inf (an interval from one chunk) as null: strict JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _json_default(obj: object) -> object:

@@ -15,7 +15,6 @@ pad tokens come after every real token, so no real position can see them.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noln.data import is_local
+from noln.data import is_local, read_jsonl
 from noln.errors import NolnError
 from noln.evaluate.loss import logits_budget, model_device
 
@@ -93,16 +92,8 @@ def _read_jsonl(path: Path) -> list[Item]:
         raise NolnError(f"HellaSwag file '{path}' does not exist: check the path, or pass 'hf' "
                         f"for the Hugging Face '{HUB_NAME}' validation split")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NolnError(f"{path}:{lineno}: not valid JSON ({e.msg}): expected one "
-                                "HellaSwag item per line") from None
-            items.append(_item(record, f"{path}:{lineno}", len(items), raw=False))
+    for lineno, record in read_jsonl(path, "one HellaSwag item per line"):
+        items.append(_item(record, f"{path}:{lineno}", len(items), raw=False))
     if not items:
         raise NolnError(f"HellaSwag file '{path}' has no items")
     return items

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from noln.errors import NolnError
 from noln.linearity.score import LinearityProfile
+from noln.report import json_safe
 
 console = Console()
 
@@ -218,24 +219,13 @@ def linearity_cmd(
             doc["compare"] = [{**p.to_dict(), **m} for p, m in zip(profiles[1:], metas[1:],
                                                                    strict=True)]
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(_nan_to_none(doc), indent=2, allow_nan=False) + "\n")
+        json_out.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         console.print(f"wrote {json_out}")
     if csv_out is not None:
         write_csv(profiles, csv_out)
         console.print(f"wrote {csv_out}")
     if plot is not None:
         console.print(f"wrote {plot_profiles(profiles, plot)}")
-
-
-def _nan_to_none(obj):
-    """JSON has no NaN: an undefined value (e.g. TwoNN on too few points) becomes null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- linearize
@@ -337,7 +327,7 @@ def linearize_cmd(
         report = {"model": model, "data": data, "eval_data": eval_data or f"{data} (held back)",
                   "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
                   "distill_steps": distill_steps, "distill_lr": distill_lr, "steps": rows}
-        (out / "linearize.json").write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
+        (out / "linearize.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
         console.print(f"wrote {out / 'linearize.json'} and "
                       f"{plot_curve(rows, out / 'linearize_curve.png', short_name(model))}")
     else:
