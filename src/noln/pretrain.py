@@ -54,16 +54,13 @@ def train_tokenizer(source: str, vocab_size: int, max_docs: int | None = None):
 
 def build_model(arch: str, vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
                 eot_id: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from noln.arch import FAMILIES, supported
 
-    if arch != "gpt2":
-        raise NolnError(f"noln pretrain cannot build '{arch}' yet: use --arch gpt2")
+    if arch not in FAMILIES:
+        raise NolnError(f"noln pretrain cannot build '{arch}': --arch is one of {supported()}")
     if d_model % n_head:
         raise NolnError(f"--d-model {d_model} is not divisible by --heads {n_head}")
-    config = GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d_model, n_layer=n_layer,
-                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
+    return FAMILIES[arch].build_small_model(vocab_size, n_layer, d_model, n_head, ctx, eot_id)
 
 
 def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4,

@@ -13,6 +13,10 @@ ADAPTERS: dict[str, type[NormAdapter]] = {
 }
 
 
+# `noln pretrain --arch NAME`: the family names users type
+FAMILIES: dict[str, type[NormAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
+
+
 def supported() -> str:
     return ", ".join(sorted({cls.family for cls in ADAPTERS.values()}))
 
@@ -32,4 +36,4 @@ def install(model: nn.Module, momentum: float = 0.9) -> NormAdapter:
     return check_supported(model.config)(model, momentum)
 
 
-__all__ = ["ADAPTERS", "NormAdapter", "Site", "check_supported", "install", "supported"]
+__all__ = ["ADAPTERS", "FAMILIES", "NormAdapter", "Site", "check_supported", "install", "supported"]

@@ -64,6 +64,12 @@ class NormAdapter:
     def build_clean_model(config) -> nn.Module:
         raise NotImplementedError
 
+    @staticmethod
+    def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
+                          eot_id: int) -> nn.Module:
+        """A randomly initialised model of this family with real norms, for ``noln pretrain``."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:

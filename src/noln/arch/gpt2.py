@@ -72,6 +72,17 @@ class GPT2Adapter(NormAdapter):
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.h
 
+    @staticmethod
+    def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
+                          eot_id: int) -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d_model,
+                            n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=eot_id, eos_token_id=eot_id,
+                            tie_word_embeddings=True)
+        return GPT2LMHeadModel(config)
+
     def install(self) -> None:
         tf = self.model.transformer
         for block in tf.h:
