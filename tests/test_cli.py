@@ -11,7 +11,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
                         "--quick", "--quiet", "--out", str(out)], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "without LN" in p.stdout + p.stderr
+    assert "no LN" in p.stdout + p.stderr
     removal = out / "removal"
     for name in ("loss.png", "table.md", "comparison.json", "model/config.json",
                  "model-clean/noln.json", "control/model/config.json", "log.jsonl"):

@@ -53,6 +53,10 @@ def remove(
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile")] = None,
     checkpoint_every: Annotated[int | None, typer.Option()] = None,
+    hellaswag: Annotated[str | None, typer.Option(
+        help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
+        "split; or a local .jsonl)")] = None,
+    hellaswag_limit: Annotated[int | None, typer.Option(help="only the first N items")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Fine-tune MODEL on --data while removing every LayerNorm; export and evaluate it."""
@@ -67,6 +71,9 @@ def remove(
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     sets = parse_sources(eval or [])
+    if hellaswag is not None and not control:
+        raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
+                        "`noln eval MODEL --hellaswag`")
     if resume is not None and not control:
         result = remove_layernorm(resume=resume, eval_sets=sets, progress=not quiet)
         _print_summary(result.summary)
@@ -82,7 +89,8 @@ def remove(
     out = out or Path("runs") / Path(model).name
     if control:
         remove_with_control(model, data, resume or out, resume=resume is not None,
-                            eval_sets=sets, **overrides)
+                            eval_sets=sets, hellaswag=hellaswag,
+                            hellaswag_limit=hellaswag_limit, **overrides)
         return
     make_config(model=model, data=data, out=out, keep_ln=keep_ln, **overrides)  # validate early
     result = remove_layernorm(model, data, out, keep_ln=keep_ln, eval_sets=sets, **overrides)
@@ -190,9 +198,24 @@ app.command("linearity")(linearity_cmd)
 app.command("linearize")(linearize_cmd)
 
 
+# options whose value may be left out: a bare `--hellaswag` means the Hub's HellaSwag
+OPTIONAL_VALUES = {"--hellaswag": "hf"}
+
+
+def fill_optional_values(argv: list[str]) -> list[str]:
+    """Give a bare optional-value option (last, or followed by another option) its default;
+    click has no optional values for string options."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=fill_optional_values(sys.argv[1:]))
     except NolnError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

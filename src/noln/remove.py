@@ -26,7 +26,7 @@ from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
 from noln.export import export_model
 from noln.loading import load_pretrained, load_tokenizer
-from noln.report import ce_rows, markdown_table, plot_loss, rich_table
+from noln.report import json_safe, plot_loss
 from noln.schedule import build_schedule
 from noln.train import Trainer
 
@@ -187,15 +187,24 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
 
 def remove_with_control(model: str | None = None, data: str | None = None,
                         out: str | Path | None = None, *, resume: bool = False,
-                        eval_sets: dict[str, str] | None = None, **overrides) -> dict:
+                        eval_sets: dict[str, str] | None = None,
+                        hellaswag: str | None = None, hellaswag_limit: int | None = None,
+                        **overrides) -> dict:
     """The with-LN control (``out/control``) and the removal run (``out``) on the same data,
-    steps and seed, then the three-column table: original / fine-tuned with LN / without LN."""
+    steps and seed, then the papers' table from ``noln.evaluate.compare_models``: original /
+    fine-tuned with LN / without LN on the held-out text, each of ``eval_sets`` and optionally
+    HellaSwag, with faithfulness to the original. Written to ``out/table.md``,
+    ``out/comparison.json`` (``table``: the CE numbers; ``compare``: everything) and
+    ``out/compare/`` (plots)."""
+    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+    from noln.loading import load_model
+
     out = Path(out or make_config(model=model, **overrides).out)
-    results = {}
+    results, runs = {}, {}
     for name, run_dir, keep in (("control", out / "control", True), ("no_ln", out, False)):
+        runs[name] = run_dir
         if (run_dir / "summary.json").exists() and resume:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            results[name] = summary
+            results[name] = json.loads((run_dir / "summary.json").read_text())
             continue
         resumable = resume and (run_dir / "checkpoints" / "last.pt").exists()
         r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
@@ -205,14 +214,33 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                       "with LN (fine-tuned)": results["control"]["ce_after"][source],
                       "without LN": results["no_ln"]["ce_after"][source]}
              for source in results["no_ln"]["ce_after"]}
-    header, rows = ce_rows(table, reference="original", control="with LN (fine-tuned)")
-    console.print(rich_table(header, rows, title="Cross-entropy on held-out text"))
-    (out / "table.md").write_text(markdown_table(header, rows))
-    combined = {"table": table, "control": results["control"], "no_ln": results["no_ln"]}
-    (out / "comparison.json").write_text(json.dumps(combined, indent=1))
+
+    # the same held-out blocks the runs measured, now through the shared evaluation code
+    cfg = RemoveConfig.from_yaml(out / "config.yaml", out=str(out))
+    original = load_pretrained(results["no_ln"]["model"])
+    tokenizer = load_tokenizer(out / "base")
+    ctx = results["no_ln"]["ctx"]
+    _, heldout = prepare_data(cfg, tokenizer, ctx, results["no_ln"]["steps"])
+    sources = {"heldout": heldout}
+    for name, source in (eval_sets or {}).items():
+        sources[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
+    models = {ORIGINAL: original, WITH_LN: load_model(runs["control"])[0],
+              NO_LN: load_model(runs["no_ln"])[0]}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {k: m.to(device).eval() for k, m in models.items()}
+    result = compare_models(models, tokenizer, sources, hellaswag=hellaswag, reference=ORIGINAL,
+                            hellaswag_limit=hellaswag_limit, progress=cfg.progress,
+                            paths={ORIGINAL: str(cfg.model), WITH_LN: str(runs["control"]),
+                                   NO_LN: str(runs["no_ln"])},
+                            source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
+                                          **(eval_sets or {})})
+    result.print(console)
+    result.save(out / "compare")
+    (out / "table.md").write_text(result.to_markdown())
+    combined = {"table": table, "compare": result.to_dict(), "control": results["control"],
+                "no_ln": results["no_ln"]}
+    (out / "comparison.json").write_text(json.dumps(json_safe(combined), indent=1))
     control_log = read_log(out / "control" / "log.jsonl")
     plot_loss(read_log(out / "log.jsonl"), out / "loss.png", control_log=control_log,
               title=f"{Path(str(results['no_ln']['model'])).name}: LayerNorm removal vs control")
     return combined
-
-

@@ -1,0 +1,59 @@
+"""`noln remove --control`: the end-of-run table comes from the shared evaluation code."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from noln.cli import app, fill_optional_values
+
+
+def _hellaswag_file(path):
+    items = [{"ind": i, "ctx": f"The cat sat on the mat number {i}. It",
+              "endings": ["was happy.", "ran off.", "slept all day.", "ate the fish."],
+              "label": i % 4} for i in range(5)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return path
+
+
+def test_remove_with_control_reports_the_compare_table(tiny_model_dir, text_jsonl, tmp_path):
+    out = tmp_path / "run"
+    hs = _hellaswag_file(tmp_path / "hs.jsonl")
+    r = CliRunner().invoke(app, [
+        "remove", str(tiny_model_dir), "--data", str(text_jsonl), "--out", str(out),
+        "--control", "--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3",
+        "--schedule", "fixed", "--format", "hf", "--quiet", "--eval", f"again={text_jsonl}",
+        "--hellaswag", str(hs)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "comparison.json").read_text())
+    compare = data["compare"]
+    assert set(compare["models"]) == {"original", "finetuned_with_ln", "no_ln"}
+    # the runs' own CE (summary.json) and the comparison's CE are the same numbers
+    for model, summary in (("no_ln", data["no_ln"]["ce_after"]),
+                           ("finetuned_with_ln", data["control"]["ce_after"]),
+                           ("original", data["no_ln"]["ce_before"])):
+        for source in ("heldout", "again"):
+            assert compare["models"][model]["ce"][source]["mean"] == \
+                pytest.approx(summary[source]["mean"], abs=1e-5)
+    assert compare["models"]["no_ln"]["hellaswag"]["n"] == 5
+    # faithfulness to the original: measured for the fine-tuned models, positive KL
+    assert compare["models"]["no_ln"]["faithfulness"]["heldout"]["kl"] > 0
+    assert compare["delta"] == {"of": "no_ln", "minus": "finetuned_with_ln"}
+    assert "no LN" in (out / "table.md").read_text()
+    assert any(p.suffix == ".png" for p in (out / "compare").iterdir())
+
+
+def test_hellaswag_without_control_is_refused(tiny_model_dir, tmp_path):
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", "builtin",
+                                 "--out", str(tmp_path / "x"), "--hellaswag", "hf"])
+    assert r.exit_code != 0
+    assert "--control" in str(r.exception)
+
+
+def test_bare_hellaswag_means_the_hub_split():
+    assert fill_optional_values(["eval", "m", "--hellaswag"]) == ["eval", "m", "--hellaswag",
+                                                                   "hf"]
+    assert fill_optional_values(["eval", "m", "--hellaswag", "--data", "x"]) == \
+        ["eval", "m", "--hellaswag", "hf", "--data", "x"]
+    assert fill_optional_values(["eval", "m", "--hellaswag", "f.jsonl"]) == \
+        ["eval", "m", "--hellaswag", "f.jsonl"]
