@@ -106,23 +106,30 @@ def procrustes(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Clock:
-    """Wall and CPU (this process, all threads) seconds spent inside ``with clock:`` blocks."""
+    """Wall and CPU (this process, all threads) seconds spent inside ``with clock:`` blocks; on
+    a GPU, the device is synchronised at both ends so wall time covers the kernels."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
         self.wall = self.cpu = 0.0
+        self.cuda = cuda
 
     def __enter__(self) -> Clock:
+        if self.cuda:
+            torch.cuda.synchronize()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.wall += time.perf_counter() - self._wall
         self.cpu += time.process_time() - self._cpu
 
 
-def run_paper(batches, dtype: torch.dtype) -> tuple[list[list[float]], Clock]:
+def run_paper(batches, dtype: torch.dtype, cuda: bool = False
+              ) -> tuple[list[list[float]], Clock]:
     stored: list[list[torch.Tensor]] = []
-    clock = Clock()
+    clock = Clock(cuda)
     for states in batches:  # producing a batch happens in the iterator, outside the clock
         with clock:
             stored.append([s.to(dtype) for s in states])
@@ -134,16 +141,17 @@ def run_paper(batches, dtype: torch.dtype) -> tuple[list[list[float]], Clock]:
     return scores, clock
 
 
-def run_stream(batches, precision: str) -> tuple[list[list[float]], Clock]:
+def run_stream(batches, precision: str, cuda: bool = False
+               ) -> tuple[list[list[float]], Clock]:
     from noln.linearity.score import StreamingMoments, score_pairs
 
     moments = None
-    clock = Clock()
+    clock = Clock(cuda)
     for i, states in enumerate(batches):
         with clock:
             if moments is None:
                 moments = StreamingMoments(states[0].shape[1], pairs=range(len(states) - 1),
-                                           precision=precision)
+                                           precision=precision, device=states[0].device)
             moments.update(states, half=i % 2)
     with clock:
         scores = [[s.with_residual, s.without_residual] for s in score_pairs(moments)]
@@ -178,8 +186,17 @@ def child(spec: dict) -> dict:
     for dt in (torch.float32, torch.float64):
         w = warm.to(dt) @ warm.to(dt).T + torch.eye(64, dtype=dt)
         torch.linalg.eigh(w), torch.linalg.svd(w), torch.linalg.cholesky(w)
+    cuda = spec.get("device") == "cuda"
+    if cuda:  # batches made on the CPU, moved to the GPU outside the clock, like reading them
+        batches = ([s.cuda() for s in states] for states in batches)
+        w = torch.randn(512, 512, device="cuda")
+        for dt in (torch.float32, torch.float64):
+            torch.linalg.svd(w.to(dt)), torch.linalg.eigh(w.to(dt) @ w.to(dt).T)
+        torch.cuda.synchronize()
     first = next(batches)  # generators built, first batch made: the baseline for memory
-    before = status_mb("VmRSS")
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else status_mb("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     reset_peak()
 
     def all_batches():
@@ -188,13 +205,14 @@ def child(spec: dict) -> dict:
 
     method = spec["method"]
     if method.startswith("stream"):
-        scores, clock = run_stream(all_batches(), "mixed" if "mixed" in method else "float64")
+        scores, clock = run_stream(all_batches(), "mixed" if "mixed" in method else "float64",
+                                   cuda)
     else:
         dtype = torch.float64 if method == "paper-float64" else torch.float32
-        scores, clock = run_paper(all_batches(), dtype)
-    peak = status_mb("VmHWM")
-    return {**spec, "scores": scores, "cpu_s": clock.cpu, "wall_s": clock.wall,
-            "peak_mb": peak - before, "rss_before_mb": before}
+        scores, clock = run_paper(all_batches(), dtype, cuda)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else status_mb("VmHWM")
+    return {**spec, "scores": scores, "cpu_s": clock.wall if cuda else clock.cpu,
+            "wall_s": clock.wall, "peak_mb": peak - before, "rss_before_mb": before}
 
 
 def measure(spec: dict, repeat: int) -> dict:
@@ -226,6 +244,9 @@ def main() -> None:
                     help="torch threads per measurement (1: CPU time is a fair measure of work "
                     "on a shared machine)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (best kept)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: time on the GPU (wall time with synchronisation; peak memory "
+                    "is the GPU's max_memory_allocated)")
     ap.add_argument("--out", type=Path, default=None, help="write a Markdown report here")
     args = ap.parse_args()
     if args.child:
@@ -241,7 +262,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="noln-bench-"))
     for source, n in cases:
         base = {"source": source, "n": n, "d": args.d, "states": args.states,
-                "threads": args.threads}
+                "threads": args.threads, "device": args.device}
         if source != "synthetic":
             base["file"] = dump_model_states(n, tmp / "ref_states.f32")
         methods = ("stream", "stream-mixed", "paper")
@@ -266,13 +287,17 @@ def main() -> None:
 
 def write_report(rows: list[dict], args) -> None:
     cmd = " ".join(["python bench/linearity_speed.py", *sys.argv[1:]])
+    gpu = args.device == "cuda"
+    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}; times are wall "
+             "seconds with the GPU synchronised, memory is the GPU's peak allocation above "
+             "the first batch" if gpu else
+             f"{args.threads} torch thread(s) per measurement, {platform.machine()}, "
+             f"{os.cpu_count()} cores shared with other jobs (load average "
+             f"{os.getloadavg()[0]:.1f} when the report was written); torch {torch.__version__}")
     lines = [
-        "# Linearity score: streaming vs the paper's method",
+        "# Linearity score: streaming vs the paper's method" + (" (GPU)" if gpu else ""),
         "",
-        f"Command: `{cmd}` (from the repository root; {args.threads} torch thread(s) per "
-        f"measurement, best of {args.repeat} runs; {platform.machine()}, {os.cpu_count()} "
-        f"cores shared with other jobs (load average {os.getloadavg()[0]:.1f} when the "
-        f"report was written); torch {torch.__version__}).",
+        f"Command: `{cmd}` (from the repository root; best of {args.repeat} runs; {where}).",
         "",
         "- **paper**: store every token's hidden states (float32), then per layer pair the "
         "official notebook's `procrustes_similarity` and `procrustes_similarity_centered` "
@@ -293,7 +318,8 @@ def write_report(rows: list[dict], args) -> None:
         "difference from the float64 streaming scores over all pairs, with and without "
         "residual.",
         "",
-        "| hidden states | n tokens | pairs | method | CPU time (s) | CPU time / stream's | "
+        f"| hidden states | n tokens | pairs | method | {'GPU' if gpu else 'CPU'} time (s) | "
+        f"{'GPU' if gpu else 'CPU'} time / stream's | "
         "wall time (s) | peak memory (MB) | max \\|Δ\\| vs stream |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]

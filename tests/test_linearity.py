@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import noln
+import noln.loading
 from noln.errors import NolnError
 from noln.linearity.geometry import anisotropy, twonn_dimension
 from noln.linearity.regularizer import cosine_regularizer
@@ -240,6 +242,22 @@ def test_profile_of_a_model_and_bad_requests(tmp_path):
         linearity_profile(model, blocks[:1])
 
 
+def test_analysis_loads_families_noln_cannot_remove_norms_from(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                    num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+    OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    _, _, tok, blocks = tiny_model(tmp_path)
+    tok.save_pretrained(tmp_path / "opt")
+    with pytest.raises(NolnError, match="unsupported architecture 'opt'"):
+        noln.loading.load_pretrained(tmp_path / "opt")  # removal refuses it ...
+    model, _ = noln.load_model(tmp_path / "opt")  # ... analysis does not
+    p = linearity_profile(model, blocks)
+    assert len(p.layers) == 1 and 0 < p.layers[0].with_residual <= 1 + 1e-9
+
+
 def test_linearised_model_keeps_hidden_states_and_reloads(tmp_path):
     path, model, tok, blocks = tiny_model(tmp_path)
     maps = fit_layers(model, blocks, [0, 1], batch_size=4)
@@ -257,9 +275,12 @@ def test_linearised_model_keeps_hidden_states_and_reloads(tmp_path):
     meta = json.loads((tmp_path / "lin" / "linearized.json").read_text())
     assert meta["layers"] == {"0": "linear", "1": "linear", "2": "drop"}
     again, _ = load_linearized(tmp_path / "lin")
+    via_load_model, _ = noln.load_model(tmp_path / "lin")  # what noln eval / compare use
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+        torch.testing.assert_close(via_load_model(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)
     shutil.rmtree(path)
     with pytest.raises(NolnError, match="base model of .* no longer exists"):
         load_linearized(tmp_path / "lin")

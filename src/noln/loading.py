@@ -27,8 +27,11 @@ def load_tokenizer(name: str | Path):
     return tok
 
 
-def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM from the Hub or a plain Hugging Face folder, with a clear error if missing."""
+def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
+                    check_family: bool = True):
+    """A causal LM from the Hub or a plain Hugging Face folder, with a clear error if missing.
+    ``check_family``: refuse families noln cannot remove norms from (analysis needs no such
+    check: it reads hidden states and logits, which every causal LM has)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = str(name)
@@ -41,9 +44,10 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32):
         raise NolnError(f"cannot load model '{name}' ({type(e).__name__}): not a local folder with "
                         "config.json and not reachable on the Hugging Face Hub (offline?); pass "
                         "a local folder") from None
-    from noln.arch import check_supported
+    if check_family:
+        from noln.arch import check_supported
 
-    check_supported(config)
+        check_supported(config)
     return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
 
 
@@ -53,11 +57,17 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     - a noln ``clean`` export folder (``noln.json`` says ``"format": "clean"``): no norm modules;
     - a noln run folder (has ``checkpoints/``) or a checkpoint file: the model as trained, with
       its FakeNorms in whatever state they were;
-    - anything else: ``AutoModelForCausalLM.from_pretrained`` (``hf`` exports load this way).
+    - a folder written by ``noln linearize``: the base model with its blocks replaced;
+    - anything else: ``AutoModelForCausalLM.from_pretrained`` (``hf`` exports load this way),
+      of any family ``transformers`` knows, not only those noln removes norms from.
     """
+    from noln.linearity.replace import is_linearized, load_linearized
+
     path = Path(str(name)).expanduser()
     meta = path / "noln.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("format") == "clean":
+    if is_linearized(path):
+        model, tok = load_linearized(path, dtype=dtype)
+    elif meta.is_file() and json.loads(meta.read_text()).get("format") == "clean":
         from noln.export import load_clean
 
         model = load_clean(path, dtype=dtype)
@@ -67,7 +77,7 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
 
         model, tok = load_run_model(path, dtype=dtype)
     else:
-        model = load_pretrained(name, dtype=dtype)
+        model = load_pretrained(name, dtype=dtype, check_family=False)
         tok = load_tokenizer(name)
     model.eval()
     return model, tok

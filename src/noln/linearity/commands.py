@@ -24,11 +24,11 @@ console = Console()
 
 
 def load_for_analysis(name: str):
-    """``(model, tokenizer)`` for any name noln loads, plus folders written by noln linearize."""
-    from noln.linearity.replace import is_linearized, load_linearized
+    """``(model, tokenizer)`` for any name noln loads (``noln.load_model``), linearised folders
+    included."""
     from noln.loading import load_model
 
-    return load_linearized(name) if is_linearized(name) else load_model(name)
+    return load_model(name)
 
 
 def model_context(model, ctx: int | None = None, cap: int = 1024) -> int:
