@@ -59,6 +59,8 @@ class FakeNorm(nn.Module):
         std = std.squeeze(-1).float()
         if self.std_mask is not None:
             mask = self.std_mask.to(std.dtype)
+            # per-head norms (Qwen3 q_norm / k_norm) see [batch, seq, heads]: mask each head
+            mask = mask.reshape(*mask.shape, *(1,) * (std.dim() - mask.dim())).expand_as(std)
             batch_std = (std * mask).sum() / mask.sum().clamp_min(1.0)
         else:
             batch_std = std.mean()
@@ -81,6 +83,10 @@ class FakeNorm(nn.Module):
             if self.capture_std:
                 self.input_std = std.squeeze(-1)
             y = xc / std
+        return self._affine(y, x)
+
+    def _affine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Scale (and shift) the normalised float32 ``y``, back in ``x``'s dtype."""
         y = y * self.weight.float()
         if self.bias is not None:
             y = y + self.bias.float()
@@ -102,6 +108,18 @@ class FakeLayerNorm(FakeNorm):
 
 
 class FakeRMSNorm(FakeNorm):
-    """RMSNorm whose division by the per-token RMS can be frozen to a fixed scalar."""
+    """RMSNorm whose division by the per-token RMS can be frozen to a fixed scalar.
+
+    Live it is HF's ``LlamaRMSNorm`` (also Mistral's, Qwen2's, Qwen3's): float32 statistics,
+    the normalised value cast back to the input dtype *before* the weight multiplies it.
+    """
 
     center = False
+
+    @classmethod
+    def from_rmsnorm(cls, norm: nn.Module, momentum: float = 0.9) -> FakeRMSNorm:
+        eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        return cls(norm.weight, None, float(eps), momentum)
+
+    def _affine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * y.to(x.dtype)  # as HF: no float32 upcast of the weight product

@@ -1,4 +1,4 @@
-"""Pretrain a small GPT-2-architecture model with LayerNorm from scratch, for offline work.
+"""Pretrain a small model with its norms from scratch (GPT-2, GPT-NeoX or Llama family), offline.
 
 Trains a byte-level BPE tokenizer on the corpus (``<|endoftext|>`` is id 0: BOS, EOS and the
 document separator), then the model with the same loop as removal (norms kept live), and
@@ -94,7 +94,7 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
     trainer = Trainer(cfg, model, train_blocks, val_blocks[:4], out, adapter,
                       eot_id=eot_id)
     state = trainer.fit(resume=resume)
-    model = trainer.acc.unwrap_model(trainer.model).eval()
+    model = trainer.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     from noln.export import export_model
 
     export_model(adapter, tokenizer, out / "model")

@@ -155,7 +155,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     state = trainer.fit(resume=resume is not None)
-    net = trainer.acc.unwrap_model(trainer.model)
+    # without the autocast wrapper: the model is measured and exported in float32
+    net = trainer.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     net.eval()
     log = read_log(out / "log.jsonl")
     events = [r for r in log if r.get("event") == "remove"]

@@ -8,7 +8,13 @@ from pathlib import Path
 from rich.table import Table
 
 KIND_COLOURS = {"ln_2": "tab:orange", "ln_1_qk": "tab:green", "ln_1_v": "tab:purple",
-                "ln_f": "tab:red"}
+                "ln_f": "tab:red",
+                # llama family (same roles, HF module names; Qwen3's per-head norms)
+                "post_attention_layernorm": "tab:orange", "input_layernorm_qk": "tab:green",
+                "input_layernorm_v": "tab:purple", "q_norm": "tab:cyan", "k_norm": "tab:olive",
+                "norm": "tab:red",
+                # neox
+                "ln_post": "tab:orange", "ln_in_qk": "tab:green", "ln_in_v": "tab:purple"}
 
 
 def _kind(site: str) -> str:

@@ -6,10 +6,12 @@ from torch import nn
 
 from noln.arch.base import NormAdapter, Site
 from noln.arch.gpt2 import GPT2Adapter
+from noln.arch.llama import LlamaAdapter
+from noln.arch.neox import NeoXAdapter
 from noln.errors import NolnError
 
 ADAPTERS: dict[str, type[NormAdapter]] = {
-    t: cls for cls in (GPT2Adapter,) for t in cls.model_types
+    t: cls for cls in (GPT2Adapter, NeoXAdapter, LlamaAdapter) for t in cls.model_types
 }
 
 

@@ -1,0 +1,243 @@
+"""Llama-style RMSNorm models: Llama, Mistral, Qwen2, Qwen3 (``model.layers[i]`` with
+``input_layernorm`` -> ``self_attn`` -> ``post_attention_layernorm`` -> ``mlp``, ``model.norm``).
+
+Sites per block, in removal order: ``post_attention_layernorm`` (before the MLP),
+``input_layernorm_qk`` (the attention input read by ``q_proj``/``k_proj``),
+``input_layernorm_v`` (read by ``v_proj``) and, for Qwen3, ``q_norm`` and ``k_norm`` (RMSNorm over
+``head_dim`` of each query / key head, after the projection); then the final ``norm``.
+A FakeRMSNorm has no mean subtraction; its sigma is the EMA of the per-token RMS
+``sqrt(mean(x^2) + eps)`` (per token and head for ``q_norm``/``k_norm``).
+
+To freeze ``input_layernorm`` separately for Q/K and V, it becomes ``SplitRMSNorm`` (two
+FakeRMSNorms over the same weight) and the three projections become ``PathLinear``: with
+both sites live the norm returns the d-wide tensor and every projection reads it as is; once
+either is frozen it returns ``cat([qk_path, v_path], -1)`` (2d wide) and ``q_proj``/``k_proj``
+read the first half, ``v_proj`` the second. The attention only uses ``shape[:-1]`` of its input,
+so grouped-query attention and biases (Qwen2) need nothing more. State-dict keys keep the
+original names, plus ``input_layernorm.{qk,v}.*`` and the ``sigma``/``is_frozen`` buffers.
+
+Exports (``rms_norm_eps`` is one config value shared by every norm, ``q_norm``/``k_norm``
+included):
+
+- ``hf`` with every site frozen, the eps trick. HF computes
+  ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w``; with ``eps = 1e12`` and ``w = g * 1e6 / sigma``
+  that is ``x * g / sigma * (1 + mean(x^2) / 1e12) ** -0.5 ~= x * g / sigma`` (relative error
+  ``~ mean(x^2) / 2e12``). ``input_layernorm`` takes the V path's sigma; ``q_proj``/``k_proj``
+  weights are multiplied by ``sigma_v / sigma_qk`` (no norm bias, so nothing else changes).
+- ``clean``: every norm module is ``nn.Identity``; ``g / sigma`` is folded into the input columns
+  of the layers reading the norm (``q/k/v_proj``, ``gate/up_proj``, ``lm_head``), and
+  ``q_norm``/``k_norm``'s ``g / sigma``, tiled over heads, into the output rows (and bias) of
+  ``q_proj``/``k_proj``. No centring: RMSNorm never subtracted the mean. ``lm_head`` gets its
+  own weight (untied), since the final norm cannot fold into a tied embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noln.arch.base import NormAdapter, Site
+from noln.fakenorm import FakeNorm, FakeRMSNorm
+
+EPS_TRICK = 1e12  # sqrt(mean(x^2) + 1e12) ~ 1e6 for every token
+EPS_SCALE = 1e6
+
+BLOCK_KINDS = ("post_attention_layernorm", "input_layernorm_qk", "input_layernorm_v")
+QK_NORM_KINDS = ("q_norm", "k_norm")
+FINAL_KIND = "norm"
+
+
+class SplitRMSNorm(nn.Module):
+    """``input_layernorm`` as two removal sites (Q/K path and V path); see the module docstring."""
+
+    def __init__(self, norm: nn.Module, momentum: float):
+        super().__init__()
+        self.qk = FakeRMSNorm.from_rmsnorm(norm, momentum)
+        self.v = FakeRMSNorm.from_rmsnorm(norm, momentum)
+        self.weight = norm.weight  # the one parameter both paths share
+
+    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        if not self.qk.frozen and not self.v.frozen:
+            normed = self.qk(resid_pre)
+            if self.training:  # v sees the same input: keep its EMA in step without recomputing
+                self.v.sigma.copy_(self.qk.sigma)
+                self.v.n_updates.copy_(self.qk.n_updates)
+            return normed
+        return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+
+
+class PathLinear(nn.Linear):
+    """A projection reading one path of ``SplitRMSNorm``'s output: the first ``in_features``
+    columns (``path='qk'``) or the last (``path='v'``) of a 2d-wide input; a d-wide input as is."""
+
+    def __init__(self, linear: nn.Linear, path: str):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.in_features
+        if x.shape[-1] != d:
+            x = x[..., :d] if self.path == "qk" else x[..., d:]
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, path={self.path}"
+
+
+def _w(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double()
+
+
+class LlamaAdapter(NormAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    block_kinds = BLOCK_KINDS  # + q_norm, k_norm where the attention has them (Qwen3)
+    final_kind = FINAL_KIND
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return all(hasattr(layer.self_attn, "q_norm") for layer in self.layers)
+
+    @staticmethod
+    def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
+                          eot_id: int) -> nn.Module:
+        """A Llama with grouped-query attention (half as many K/V heads, when even), SwiGLU
+        width ~8/3 d (a multiple of 32) and an untied unembedding."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model,
+                             intermediate_size=32 * math.ceil(8 * d_model / 3 / 32),
+                             num_hidden_layers=n_layer, num_attention_heads=n_head,
+                             num_key_value_heads=n_head // 2 if n_head % 2 == 0 else n_head,
+                             max_position_embeddings=ctx, bos_token_id=eot_id,
+                             eos_token_id=eot_id, pad_token_id=None, tie_word_embeddings=False,
+                             attention_dropout=0.0)
+        return LlamaForCausalLM(config)
+
+    def install(self) -> None:
+        for layer in self.layers:
+            attn = layer.self_attn
+            if not isinstance(layer.input_layernorm, SplitRMSNorm):
+                layer.input_layernorm = SplitRMSNorm(layer.input_layernorm, self.momentum)
+                attn.q_proj = PathLinear(attn.q_proj, "qk")
+                attn.k_proj = PathLinear(attn.k_proj, "qk")
+                attn.v_proj = PathLinear(attn.v_proj, "v")
+            if not isinstance(layer.post_attention_layernorm, FakeNorm):
+                layer.post_attention_layernorm = FakeRMSNorm.from_rmsnorm(
+                    layer.post_attention_layernorm, self.momentum)
+            for name in QK_NORM_KINDS:
+                norm = getattr(attn, name, None)
+                if isinstance(norm, nn.Module) and not isinstance(norm, FakeNorm):
+                    setattr(attn, name, FakeRMSNorm.from_rmsnorm(norm, self.momentum))
+        if not isinstance(self.model.model.norm, FakeNorm):
+            self.model.model.norm = FakeRMSNorm.from_rmsnorm(self.model.model.norm, self.momentum)
+        self.block_kinds = BLOCK_KINDS + (QK_NORM_KINDS if self.has_qk_norm else ())
+
+    def collect_sites(self) -> list[Site]:
+        sites = [Site(FINAL_KIND, FINAL_KIND, None, self.model.model.norm)]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            sites += [Site(f"blocks.{i}.post_attention_layernorm", "post_attention_layernorm", i,
+                           layer.post_attention_layernorm),
+                      Site(f"blocks.{i}.input_layernorm_qk", "input_layernorm_qk", i,
+                           layer.input_layernorm.qk),
+                      Site(f"blocks.{i}.input_layernorm_v", "input_layernorm_v", i,
+                           layer.input_layernorm.v)]
+            if self.has_qk_norm:
+                sites += [Site(f"blocks.{i}.{k}", k, i, getattr(attn, k)) for k in QK_NORM_KINDS]
+        return sites
+
+    # -- exports ---------------------------------------------------------------------------
+    def _plain_keys(self) -> dict[str, torch.Tensor]:
+        """The swapped model's tensors under the plain HF class's names."""
+        sd = self.model.state_dict()
+        drop = ("input_layernorm.qk.", "input_layernorm.v.")
+        buffers = (".sigma", ".is_frozen", ".n_updates")
+        return {k: v.detach().clone() for k, v in sd.items()
+                if not any(t in k for t in drop) and not k.endswith(buffers)}
+
+    def hf_config_overrides(self) -> dict:
+        return {"rms_norm_eps": EPS_TRICK} if self.export_state() == "all" else {}
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Real norms if nothing is frozen; else the eps trick: ``rms_norm_eps = 1e12`` and
+        every norm weight ``g * 1e6 / sigma``, so ``x / sqrt(mean(x^2) + 1e12) * g * 1e6 / sigma
+        ~= x * g / sigma``; ``q_proj``/``k_proj`` carry ``sigma_v / sigma_qk``."""
+        state = self.require_export_state(("none", "all"))
+        sd = self._plain_keys()
+        if state == "none":
+            return sd
+
+        def trick(norm: FakeNorm) -> torch.Tensor:
+            return (_w(norm.weight) * EPS_SCALE / norm.sigma.double()).float()
+
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            ln, attn = layer.input_layernorm, layer.self_attn
+            sd[p + "input_layernorm.weight"] = trick(ln.v)
+            ratio = ln.v.sigma.double() / ln.qk.sigma.double()
+            for proj in ("q_proj", "k_proj"):
+                sd[p + f"self_attn.{proj}.weight"] = (_w(getattr(attn, proj).weight)
+                                                      * ratio).float()
+            sd[p + "post_attention_layernorm.weight"] = trick(layer.post_attention_layernorm)
+            if self.has_qk_norm:
+                for k in QK_NORM_KINDS:
+                    sd[p + f"self_attn.{k}.weight"] = trick(getattr(attn, k))
+        sd["model.norm.weight"] = trick(self.model.model.norm)
+        return sd
+
+    def clean_state_dict(self) -> dict[str, torch.Tensor]:
+        self.require_export_state(("all",))
+        norm_keys = ("input_layernorm.weight", "post_attention_layernorm.weight",
+                     "q_norm.weight", "k_norm.weight")
+        sd = {k: v for k, v in self._plain_keys().items()
+              if not k.endswith(norm_keys) and k != "model.norm.weight"}
+
+        def scale(norm: FakeNorm) -> torch.Tensor:
+            return _w(norm.weight) / norm.sigma.double()
+
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            ln, attn, mlp = layer.input_layernorm, layer.self_attn, layer.mlp
+            for proj, site in (("q_proj", ln.qk), ("k_proj", ln.qk), ("v_proj", ln.v)):
+                lin = getattr(attn, proj)
+                w = _w(lin.weight) * scale(site)[None, :]  # the norm before: input columns
+                b = _w(lin.bias) if lin.bias is not None else None
+                head_norm = getattr(attn, proj[0] + "_norm", None) if proj != "v_proj" else None
+                if head_norm is not None:  # the per-head norm after: output rows (and bias)
+                    rows = scale(head_norm).repeat(w.shape[0] // head_norm.weight.numel())
+                    w = w * rows[:, None]
+                    b = b * rows if b is not None else None
+                sd[p + f"self_attn.{proj}.weight"] = w.float()
+                if b is not None:
+                    sd[p + f"self_attn.{proj}.bias"] = b.float()
+            for proj in ("gate_proj", "up_proj"):
+                sd[p + f"mlp.{proj}.weight"] = (_w(getattr(mlp, proj).weight) * scale(
+                    layer.post_attention_layernorm)[None, :]).float()
+        w_u = _w(self.model.lm_head.weight) * scale(self.model.model.norm)[None, :]
+        sd["lm_head.weight"] = w_u.float().contiguous()
+        return sd
+
+    @staticmethod
+    def build_clean_model(config) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        config.tie_word_embeddings = False
+        model = AutoModelForCausalLM.from_config(config)
+        for layer in model.model.layers:
+            layer.input_layernorm = nn.Identity()
+            layer.post_attention_layernorm = nn.Identity()
+            for k in QK_NORM_KINDS:
+                if hasattr(layer.self_attn, k):
+                    setattr(layer.self_attn, k, nn.Identity())
+        model.model.norm = nn.Identity()
+        return model

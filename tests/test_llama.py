@@ -1,0 +1,247 @@
+"""Llama-family adapter (Llama, Qwen2, Qwen3; Mistral shares Llama's modules): the swap keeps
+the function, frozen sites are fixed scales, hf and clean exports reproduce the trained model,
+and removal, pretraining and linearity run end to end on tiny random models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import noln
+from noln.arch import FAMILIES, install
+from noln.arch.llama import LlamaAdapter, SplitRMSNorm
+from noln.export import export_model, load_clean
+from noln.fakenorm import FakeRMSNorm
+
+VOCAB = 101
+KINDS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class _Tok:  # the exports only need save_pretrained from a tokenizer
+    def save_pretrained(self, path):
+        pass
+
+
+def tiny(kind: str, tie: bool = False, vocab: int = VOCAB, init: float = 0.1):
+    """2 layers, d=64, 4 query heads over 2 K/V heads (GQA), weights large enough that logits
+    are O(1), norm weights away from 1 so a wrong fold shows (``init=0.02``: HF's default init,
+    norms at 1, for training)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              tie_word_embeddings=tie, initializer_range=init, bos_token_id=0, eos_token_id=0)
+    config, cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),  # q/k/v biases
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),  # per-head q_norm / k_norm
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[kind]
+    if kind == "qwen3":
+        kw["head_dim"] = 16
+    model = cls(config(**kw))
+    if init != 0.1:
+        return model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def _frozen_with_distinct_sigmas(model):
+    """Train-mode pass to move every EMA, then every site frozen at its own sigma, so the Q/K and
+    V paths of input_layernorm (and q_norm vs k_norm) really differ."""
+    adapter = install(model)
+    model.train()
+    model(torch.randint(0, VOCAB, (4, 16)))
+    model.eval()
+    for i, name in enumerate(adapter.site_names()):
+        adapter.site(name).norm.freeze(0.5 + 0.37 * i)
+    return adapter
+
+
+def test_registry_and_sites_in_removal_order():
+    assert FAMILIES["llama"] is LlamaAdapter
+    assert install(tiny("llama")).site_names() == [
+        "blocks.0.post_attention_layernorm", "blocks.1.post_attention_layernorm",
+        "blocks.0.input_layernorm_qk", "blocks.1.input_layernorm_qk",
+        "blocks.0.input_layernorm_v", "blocks.1.input_layernorm_v", "norm"]
+    names = install(tiny("qwen3")).site_names()
+    assert names[6:] == ["blocks.0.q_norm", "blocks.1.q_norm", "blocks.0.k_norm",
+                         "blocks.1.k_norm", "norm"]
+    for kind in ("qwen2", "mistral"):
+        assert len(install(tiny(kind)).site_names()) == 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_live_fakenorms_equal_the_real_model(kind):
+    model = tiny(kind)
+    x = torch.randint(0, VOCAB, (2, 12))
+    before = model(x).logits
+    adapter = install(model)
+    assert before.abs().max() > 0.5  # a meaningful comparison, not tiny logits
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    model.train()
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    assert adapter.export_state() == "none"
+    assert isinstance(model.model.layers[0].input_layernorm, SplitRMSNorm)
+
+
+def test_live_matches_hf_rmsnorm_in_bfloat16_bit_for_bit():
+    model = tiny("qwen3").to(torch.bfloat16)
+    x = torch.randint(0, VOCAB, (2, 12))
+    before = model(x).logits
+    install(model)
+    torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+
+
+def test_frozen_sites_are_fixed_scales_on_their_own_path():
+    model = tiny("qwen3")
+    adapter = install(model)
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    seen = {}
+    hooks = [getattr(attn, n).register_forward_hook(
+        lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+        for n in ("v_proj", "q_norm", "q_proj")]
+    x = torch.randint(0, VOCAB, (2, 12))
+    live = model(x, output_hidden_states=True)
+    adapter.site("blocks.0.input_layernorm_v").norm.freeze(3.0)
+    adapter.site("blocks.0.q_norm").norm.freeze(5.0)
+    out = model(x, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    assert adapter.frozen_sites() == ["blocks.0.input_layernorm_v", "blocks.0.q_norm"]
+    resid = out.hidden_states[0]  # the embeddings enter block 0
+    w = layer.input_layernorm.weight
+    v_in = seen["v_proj"][0][..., 64:]  # v_proj reads the second half of the 2d-wide input
+    torch.testing.assert_close(v_in, resid * w / 3.0)
+    q_in = seen["q_proj"][0][..., :64]  # q/k still read the live (real RMSNorm) path
+    torch.testing.assert_close(q_in, resid * torch.rsqrt(resid.pow(2).mean(-1, keepdim=True)
+                                                         + model.config.rms_norm_eps) * w)
+    q_pre, q_post = seen["q_norm"]
+    torch.testing.assert_close(q_post, q_pre * attn.q_norm.weight / 5.0)
+    assert not torch.allclose(out.logits, live.logits, atol=1e-4)
+
+
+def test_head_norm_sigma_ignores_masked_tokens():
+    model = tiny("qwen3")
+    adapter = install(model)
+    norm = adapter.site("blocks.0.k_norm").norm
+    seen = []
+    h = norm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[:, 0] = False
+    adapter.set_std_mask(mask)
+    model.train()
+    model(x)
+    h.remove()
+    k = seen[0].float()  # [batch, seq, kv_heads, head_dim]
+    rms = (k.pow(2).mean(-1) + norm.eps).sqrt()[:, 1:]
+    assert norm.sigma.item() == pytest.approx(rms.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen2", False),
+                                      ("qwen3", False), ("qwen3", True), ("mistral", False)])
+@pytest.mark.parametrize("fmt", ["hf", "clean"])
+def test_all_frozen_exports_reproduce_the_logits(kind, tie, fmt, tmp_path):
+    model = tiny(kind, tie)
+    adapter = _frozen_with_distinct_sigmas(model)
+    assert adapter.export_state() == "all"
+    ln = model.model.layers[0].input_layernorm
+    assert ln.qk.sigma != ln.v.sigma
+    x = torch.randint(0, VOCAB, (3, 20))
+    expected = model(x).logits
+    path = export_model(adapter, _Tok(), tmp_path / fmt, fmt)
+    loaded = (AutoModelForCausalLM.from_pretrained(path) if fmt == "hf"
+              else load_clean(path)).eval()
+    # float32 rounding of folded weights; hf: eps trick, relative error ~ mean(x^2)/2e12
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-4, atol=1e-4)
+    meta = json.loads((path / "noln.json").read_text())
+    assert meta["family"] == "llama" and len(meta["frozen"]) == len(adapter.sites)
+    if fmt == "hf":
+        assert type(loaded).__name__ == type(model).__name__
+        assert loaded.config.rms_norm_eps == 1e12
+    else:
+        assert [m for m in loaded.modules() if "Norm" in type(m).__name__] == []
+        assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+
+
+def test_none_frozen_export_is_the_plain_model(tmp_path):
+    model = tiny("qwen3")
+    x = torch.randint(0, VOCAB, (2, 10))
+    expected = model(x).logits
+    adapter = install(model)
+    path = export_model(adapter, _Tok(), tmp_path / "plain", "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert loaded.config.rms_norm_eps == model.config.rms_norm_eps
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_build_small_model_uses_gqa_and_an_untied_unembedding():
+    model = LlamaAdapter.build_small_model(300, n_layer=2, d_model=64, n_head=4, ctx=32,
+                                           eot_id=0)
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.num_key_value_heads == 2
+    assert cfg.intermediate_size == 192 and not cfg.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text_jsonl):
+    from noln.pretrain import train_tokenizer
+
+    return train_tokenizer(str(text_jsonl), vocab_size=512)
+
+
+FAST = dict(steps=24, batch_size=4, ctx=64, lr=1e-3, warmup_steps=2, eval_tokens=512,
+            checkpoint_every=12, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_removal_run_exports_and_profiles(kind, tokenizer, text_jsonl, tmp_path):
+    model = tiny(kind, vocab=len(tokenizer), init=0.02)
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              schedule="fixed", export_format="both", **FAST)
+    assert r.adapter.export_state() == "all"
+    assert [e["site"] for e in r.events] == r.adapter.site_names()
+    x = torch.randint(0, len(tokenizer), (2, 30))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    clean = noln.load_clean(tmp_path / "run" / "model-clean")
+    with torch.no_grad():
+        ref = r.model(x).logits
+        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
+    loaded, _ = noln.load_model(tmp_path / "run")  # a run folder loads as the model it trained
+    torch.testing.assert_close(loaded(x).logits, ref)
+
+    from noln.linearity.score import linearity_profile
+
+    blocks = np.random.default_rng(0).integers(1, len(tokenizer), size=(8, 32))
+    for m in (r.model, clean):
+        p = linearity_profile(m, blocks, id_tokens=128, batch_size=4)
+        assert [s.layer for s in p.layers] == [0] and p.n_tokens == blocks.size
+        assert all(0 < s.with_residual <= 1 + 1e-9 for s in p.layers)
+
+
+def test_pretrain_llama(text_jsonl, tmp_path):
+    from noln.pretrain import pretrain
+
+    res = pretrain(str(text_jsonl), tmp_path / "pre", arch="llama", n_layer=2, d_model=64,
+                   n_head=4, ctx=32, vocab_size=512, steps=6, batch_size=4, warmup_steps=2,
+                   progress=False)
+    assert res.summary["arch"] == "llama"
+    model = AutoModelForCausalLM.from_pretrained(res.out)
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads == 2
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"  # a plain HF folder, real norms
+    assert isinstance(install(model).final_norm, FakeRMSNorm)
