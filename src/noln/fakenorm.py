@@ -11,6 +11,7 @@ the ``is_frozen`` buffer so the forward pass never syncs with the device to read
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,6 +71,10 @@ class FakeNorm(nn.Module):
         self.n_updates.add_(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.capture_std:
+            fast = self._fast_forward(x)
+            if fast is not None:
+                return fast
         xf = x.float()  # norms run in float32 under autocast, as torch's own LayerNorm does
         xc = self._centered(xf)
         if self.frozen:
@@ -84,6 +89,11 @@ class FakeNorm(nn.Module):
                 self.input_std = std.squeeze(-1)
             y = xc / std
         return self._affine(y, x)
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The same function in fewer kernels (training speed), or None where a subclass has
+        no fast path. The std for the EMA is measured without autograd."""
+        return None
 
     def _affine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Scale (and shift) the normalised float32 ``y``, back in ``x``'s dtype."""
@@ -105,6 +115,21 @@ class FakeLayerNorm(FakeNorm):
     @classmethod
     def from_layernorm(cls, ln: nn.LayerNorm, momentum: float = 0.9) -> FakeLayerNorm:
         return cls(ln.weight, ln.bias, ln.eps, momentum)
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        xf = x.float()
+        if self.frozen:  # (x - mean) * (gamma / sigma) + beta: one reduction, two pointwise ops
+            xc = xf - xf.mean(dim=-1, keepdim=True)
+            scale = self.weight.float() / self.sigma
+            y = xc * scale if self.bias is None else torch.addcmul(self.bias.float(), xc, scale)
+            return y.to(x.dtype)
+        if self.training:
+            with torch.no_grad():
+                var = xf.var(dim=-1, unbiased=False, keepdim=True)
+                self._update_sigma((var + self.eps).sqrt())
+        weight = self.weight.float()
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class FakeRMSNorm(FakeNorm):
