@@ -1,5 +1,5 @@
 """The ``noln`` command: demo, pretrain, remove, export, sites, eval, compare, linearity,
-linearize. Every user-fixable problem is one red line and exit code 2."""
+linearize, attribute. Every user-fixable problem is one red line and exit code 2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from noln.attribute import attribute_cmd
 from noln.errors import NolnError
 from noln.evaluate.commands import compare_cmd, eval_cmd, parse_sources
 from noln.linearity.commands import linearity_cmd, linearize_cmd
@@ -196,6 +197,7 @@ app.command("eval")(eval_cmd)
 app.command("compare")(compare_cmd)
 app.command("linearity")(linearity_cmd)
 app.command("linearize")(linearize_cmd)
+app.command("attribute")(attribute_cmd)
 
 
 # options whose value may be left out: a bare `--hellaswag` means the Hub's HellaSwag
@@ -224,3 +226,5 @@ def main() -> None:
         sys.exit(130)
 
 
+if __name__ == "__main__":  # python -m noln.cli
+    main()

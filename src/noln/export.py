@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from noln.arch import ADAPTERS, NormAdapter
 from noln.errors import NolnError
@@ -47,26 +48,42 @@ def _write_dir(out: Path, write) -> None:
     tmp.rename(out)
 
 
+def plain_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """In memory, what the ``hf`` export of ``adapter.model`` loads as: the family's plain Hugging
+    Face class (eval mode) with real norms, eps-trick weights where sites are frozen."""
+    from transformers import AutoModelForCausalLM
+
+    config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
+    state = adapter.hf_state_dict()
+    check_dtype(state, dtype, "hf")
+    for k, v in adapter.hf_config_overrides().items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    if any(not k.endswith("lm_head.weight") for k in missing):
+        raise NolnError(f"internal: hf export misses weights {sorted(missing)[:3]}")
+    return model.to(dtype).eval()
+
+
+def clean_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """In memory, what ``load_clean`` gives for a ``clean`` export of ``adapter.model`` (every
+    site must be frozen): no norm module at all, eval mode."""
+    config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
+    model = type(adapter).build_clean_model(config)
+    model.load_state_dict(adapter.clean_state_dict(), strict=True)
+    return model.to(dtype).eval()
+
+
 def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
                  dtype: torch.dtype = torch.float32, events: list[dict] | None = None) -> Path:
     """Export ``adapter.model`` to ``out`` as ``hf`` or ``clean``; returns ``out``."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out)
     config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
     meta = {"format": fmt, "family": adapter.family, "sigmas": adapter.sigmas(),
             "frozen": adapter.frozen_sites(), "events": events or []}
     if fmt == "hf":
-        state = adapter.hf_state_dict()
-        check_dtype(state, dtype, fmt)
-        for k, v in adapter.hf_config_overrides().items():
-            setattr(config, k, v)
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(state, strict=False)
-        missing = set(model.state_dict()) - set(state)
-        if any(not k.endswith("lm_head.weight") for k in missing):
-            raise NolnError(f"internal: hf export misses weights {sorted(missing)[:3]}")
-        model.to(dtype)
+        model = plain_model(adapter, dtype)
         meta["note"] = ("plain checkpoint: norms use eps=1e12, weight=gamma*1e6/sigma"
                         if adapter.export_state() == "all" else "norms kept (nothing frozen)")
 
