@@ -26,7 +26,8 @@ from noln.loading import load_model
 
 BASE = dict(batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=10, grad_clip=1.0,
             eval_tokens=64 * 256, checkpoint_every=1000, export_format="none", progress=False)
-# The reference README's naive baseline: every site, one every 4 steps from step 10, no aux loss.
+# The reference README's naive baseline: every site, one every 4 steps from step 10, no aux loss
+# (for other budgets, start and gaps scale with the number of steps).
 FIXED = dict(start=10, gaps={"ln_2": 4, "ln_1_qk": 4, "ln_1_v": 4})
 VARIANTS = {
     "control": dict(keep_ln=True),
@@ -45,8 +46,13 @@ def run(name: str, steps: int, out: Path, common: dict, items, overrides: dict) 
     if path.exists():
         return json.loads(path.read_text())
     t = time.time()
+    variant = dict(VARIANTS[name])
+    if "fixed" in variant and steps != 146:  # the baseline's gaps, stretched to the budget
+        k = steps / 146
+        variant["fixed"] = dict(start=max(1, round(10 * k)),
+                                gaps={s: max(1, round(g * k)) for s, g in FIXED["gaps"].items()})
     r = noln.remove_layernorm(out=path.parent, **common,
-                              **{**BASE, "steps": steps, **VARIANTS[name], **overrides})
+                              **{**BASE, "steps": steps, **variant, **overrides})
     wall = time.time() - t
     model, tok = load_model(path.parent)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,6 +46,54 @@ def test_qk_and_v_sites_freeze_separately(tiny_gpt2):
     assert adapter.frozen_sites() == ["blocks.0.ln_1_v"]
 
 
+class _TwoInputQKV(torch.nn.Module):
+    """The direct reading of the split: Q/K from the first d inputs, V from the second d."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x):
+        d = self.weight.shape[0]
+        qk = x[..., :d] @ self.weight[:, : 2 * d] + self.bias[: 2 * d]
+        v = x[..., d:] @ self.weight[:, 2 * d :] + self.bias[2 * d :]
+        return torch.cat([qk, v], dim=-1)
+
+
+@pytest.mark.parametrize("frozen", [("ln_1_qk",), ("ln_1_v",), ("ln_1_qk", "ln_1_v")])
+def test_single_matmul_split_equals_two_separate_inputs(tiny_gpt2, frozen):
+    """Training runs one d-wide QKV matmul and corrects V by rho; that must be the same
+    function, and the same gradients, as feeding Q/K and V their own normed inputs."""
+    import copy
+
+    adapter = install(tiny_gpt2)
+    tiny_gpt2.train()
+    for m in tiny_gpt2.modules():  # train mode for the EMAs, without dropout's randomness
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tiny_gpt2(torch.randint(0, 97, (4, 16)))  # move the EMAs
+    for i, block in enumerate(tiny_gpt2.transformer.h):
+        for kind in frozen:
+            getattr(block.ln_1, kind.split("_")[-1]).freeze(0.6 + 0.5 * i + 0.3 * len(kind))
+    reference = copy.deepcopy(tiny_gpt2)
+    for block in reference.transformer.h:
+        block.ln_1.fused_v = False
+        block.attn.c_attn = _TwoInputQKV(block.attn.c_attn)
+    x = torch.randint(0, 97, (3, 16))
+    out, ref = tiny_gpt2(x, labels=x), reference(x, labels=x)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), q in zip(tiny_gpt2.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the live path's EMA still moves in training
+    live = [k for k in ("qk", "v") if f"ln_1_{k}" not in frozen]
+    for k in live:
+        ema = getattr(tiny_gpt2.transformer.h[0].ln_1, k).sigma
+        assert ema == getattr(reference.transformer.h[0].ln_1, k).sigma
+    assert adapter.frozen_sites()
+
+
 @pytest.mark.parametrize("fmt", ["hf", "clean"])
 def test_export_round_trip_matches_logits(tiny_gpt2, tmp_path, fmt):
     adapter = _frozen_with_distinct_sigmas(tiny_gpt2)

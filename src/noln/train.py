@@ -1,6 +1,6 @@
 """The fine-tuning loop: freeze norm sites on a schedule while training on next-token loss.
 
-Plain PyTorch on ``accelerate`` (device placement, DDP, bf16 autocast), read top to bottom:
+Plain PyTorch on ``accelerate`` (device placement, DDP), bf16 autocast on a GPU, read in order:
 removals due -> micro-batches (CE + aux std loss) -> clip -> AdamW step -> guard -> log ->
 checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule position,
 loss history, RNG, data position = the step) is in the checkpoint, so a killed run resumes to
@@ -75,12 +75,13 @@ class Trainer:
         self.ctx = train_blocks.shape[1]
         self.total_steps = cfg.resolved_steps(self.ctx)
         self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
-        if accelerator is None:
-            precision = cfg.precision
-            if precision == "auto":
-                precision = "bf16" if torch.cuda.is_available() else "fp32"
-            accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
-        self.acc = accelerator
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        # bf16 autocast is ours, not accelerate's: accelerate's would also wrap the model's
+        # forward to copy every output (the whole logits tensor) to float32
+        self.acc = accelerator or Accelerator(mixed_precision="no")
+        self.bf16 = precision == "bf16"
         world = self.acc.num_processes
         micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
         if cfg.batch_size % (micro * world):
@@ -99,6 +100,9 @@ class Trainer:
         self._perms: dict[int, np.ndarray] = {}
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
+
+    def autocast(self):
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     # -- data: the batch of a step is a pure function of (seed, step) -----------------------
     def _perm(self, epoch: int) -> np.ndarray:
@@ -127,14 +131,14 @@ class Trainer:
         aux_on = self.cfg.aux_weight > 0 and not self.cfg.keep_ln
         final = self.adapter.final_norm
         final.capture_std = aux_on
-        with self.acc.autocast():
+        with self.autocast():
             out = self.forward_model(input_ids=x, output_hidden_states=self.cfg.cos_reg > 0)
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
         if self.teacher is not None:
             # stay close to the original's whole distribution, not only the data's next token
-            with torch.no_grad(), self.acc.autocast():
+            with torch.no_grad(), self.autocast():
                 ref = F.log_softmax(self.teacher(input_ids=x).logits[:, :-1].float(), dim=-1)
             kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
             loss = (1 - self.cfg.distill) * ce + self.cfg.distill * kl
@@ -158,7 +162,7 @@ class Trainer:
         was = model.training
         model.eval()
         x = torch.from_numpy(np.asarray(self.probe_blocks, np.int64)).to(self.acc.device)
-        with self.acc.autocast():
+        with self.autocast():
             logits = model(input_ids=x).logits[:, :-1].float()
         model.train(was)
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()

@@ -2,9 +2,16 @@
 
 To freeze ln_1 separately for queries/keys and values, ``block.ln_1`` becomes a
 ``SplitLayerNorm`` holding two FakeLayerNorms over the same weight and bias, and
-``attn.c_attn`` becomes ``SplitInputQKV``, which reads Q/K from the first half of a 2d-wide
-input and V from the second. While both sites are in the same (live) state their outputs are
+``attn.c_attn`` becomes ``SplitInputQKV``. While both sites are live their outputs are
 identical, so ln_1 returns the d-wide tensor and c_attn runs the original single matmul.
+
+Once they differ, the two paths differ only in the per-token divisor (sigma when frozen, the
+token's std when live): with u the Q/K path's output, the V path's input is
+``rho (u - beta) + beta``, rho = divisor_qk / divisor_v, so the V columns of the one matmul
+``u W + b`` need only ``V = rho V_u + (1 - rho) (beta W_v + b_v)``. ln_1 leaves rho in
+``v_ratio`` for c_attn: training keeps the original single d-wide matmul (the ``hf`` export
+folds the same algebra into the weights). ``SplitLayerNorm(fused_v=False)`` instead returns
+both paths side by side, 2d wide, for adapters whose projection reads them apart (NeoX).
 
 State-dict keys of the swapped model are a superset of the original's (``ln_1.weight``,
 ``attn.c_attn.weight`` ... keep their names), plus ``sigma``/``is_frozen`` buffers.
@@ -25,41 +32,59 @@ EPS_SCALE = 1e6
 class SplitLayerNorm(nn.Module):
     """ln_1 as two removal sites; see the module docstring."""
 
-    def __init__(self, ln: nn.LayerNorm, momentum: float):
+    def __init__(self, ln: nn.LayerNorm, momentum: float, fused_v: bool = False):
         super().__init__()
         self.weight = ln.weight
         self.bias = ln.bias
         self.qk = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
         self.v = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
+        self.fused_v = fused_v
+        self.v_ratio: torch.Tensor | None = None  # rho for the reader, set by every forward
 
     def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        self.v_ratio = None
         if not self.qk.frozen and not self.v.frozen:
             normed = self.qk(resid_pre)
             if self.training:  # v sees the same input: keep its EMA in step without recomputing
                 self.v.sigma.copy_(self.qk.sigma)
                 self.v.n_updates.copy_(self.qk.n_updates)
             return normed
-        return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+        if not self.fused_v:
+            return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+        std = None
+        if not (self.qk.frozen and self.v.frozen):  # one path live: its divisor is per token
+            xf = resid_pre.float()
+            std = (xf.var(dim=-1, unbiased=False, keepdim=True) + self.v.eps).sqrt()
+            if self.training and not self.v.frozen:
+                self.v._update_sigma(std.detach())
+        u = self.qk(resid_pre)
+        self.v_ratio = ((self.qk.sigma if self.qk.frozen else std)
+                        / (self.v.sigma if self.v.frozen else std))
+        return u
 
 
 class SplitInputQKV(nn.Module):
-    """GPT-2's fused ``c_attn`` (Conv1D, weight ``[d, 3d]``) taking Q/K and V inputs apart."""
+    """GPT-2's fused ``c_attn`` (Conv1D, weight ``[d, 3d]``) with the V columns corrected by
+    its ln_1's ``v_ratio`` (see the module docstring)."""
 
-    def __init__(self, conv: nn.Module):
+    def __init__(self, conv: nn.Module, ln: SplitLayerNorm):
         super().__init__()
         self.weight = conv.weight
         self.bias = conv.bias
         self.nx, self.nf = conv.weight.shape
+        self._ln = [ln]  # a reference, not a submodule (its parameters belong to the block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.nx
-        if x.shape[-1] == d:
-            return torch.addmm(self.bias, x.reshape(-1, d), self.weight).view(*x.shape[:-1], -1)
-        qk_in = x[..., :d].reshape(-1, d)
-        v_in = x[..., d:].reshape(-1, d)
-        qk = torch.addmm(self.bias[: 2 * d], qk_in, self.weight[:, : 2 * d])
-        v = torch.addmm(self.bias[2 * d :], v_in, self.weight[:, 2 * d :])
-        return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], -1)
+        qkv = torch.addmm(self.bias, x.reshape(-1, d), self.weight).view(*x.shape[:-1], -1)
+        ln = self._ln[0]
+        rho = ln.v_ratio
+        if rho is None:
+            return qkv
+        w_v, b_v = self.weight[:, 2 * d :], self.bias[2 * d :]
+        c = torch.addmv(b_v, w_v.T, ln.bias) if ln.bias is not None else b_v
+        v = rho * qkv[..., 2 * d :] + (1 - rho) * c.to(qkv.dtype)
+        return torch.cat([qkv[..., : 2 * d], v.to(qkv.dtype)], dim=-1)
 
 
 class GPT2Adapter(NormAdapter):
@@ -87,8 +112,8 @@ class GPT2Adapter(NormAdapter):
         tf = self.model.transformer
         for block in tf.h:
             if not isinstance(block.ln_1, SplitLayerNorm):
-                block.ln_1 = SplitLayerNorm(block.ln_1, self.momentum)
-                block.attn.c_attn = SplitInputQKV(block.attn.c_attn)
+                block.ln_1 = SplitLayerNorm(block.ln_1, self.momentum, fused_v=True)
+                block.attn.c_attn = SplitInputQKV(block.attn.c_attn, block.ln_1)
             if not isinstance(block.ln_2, FakeNorm):
                 block.ln_2 = FakeLayerNorm.from_layernorm(block.ln_2, self.momentum)
         if not isinstance(tf.ln_f, FakeNorm):
