@@ -11,7 +11,6 @@ the ``is_frozen`` buffer so the forward pass never syncs with the device to read
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -123,13 +122,13 @@ class FakeLayerNorm(FakeNorm):
             scale = self.weight.float() / self.sigma
             y = xc * scale if self.bias is None else torch.addcmul(self.bias.float(), xc, scale)
             return y.to(x.dtype)
-        if self.training:
-            with torch.no_grad():
-                var = xf.var(dim=-1, unbiased=False, keepdim=True)
-                self._update_sigma((var + self.eps).sqrt())
         weight = self.weight.float()
         bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        # the fused kernel also returns 1/std per token: the EMA's input, at no extra pass
+        y, _, rstd = torch.native_layer_norm(xf, self.normalized_shape, weight, bias, self.eps)
+        if self.training:
+            self._update_sigma(1.0 / rstd.detach())
+        return y.to(x.dtype)
 
 
 class FakeRMSNorm(FakeNorm):
