@@ -87,3 +87,35 @@ def test_frozen_state_and_sigma_survive_state_dict_round_trip():
     assert b.frozen and b.sigma.item() == 3.25
     x = torch.randn(2, 16)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_gradient_checkpointing_counts_each_batch_once_in_the_ema():
+    """A checkpointed forward is re-run in backward; the EMA must not see that batch twice."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from noln.arch import install
+    from noln.train import enable_activation_checkpointing
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(cfg)
+        adapter = install(model)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        x = torch.randint(0, 97, (4, 16))
+        out = model(x, labels=x)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return adapter, grads
+
+    plain, g_plain = run(False)
+    ckpt, g_ckpt = run(True)
+    for name in plain.site_names():
+        a, b = plain.site(name).norm, ckpt.site(name).norm
+        assert int(b.n_updates) == int(a.n_updates) == 1, name
+        assert float(b.sigma) == pytest.approx(float(a.sigma), rel=1e-6), name
+    for a, b in zip(g_plain, g_ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,9 @@ def remove(
     format: Annotated[str | None, typer.Option(help="export: hf | clean | both | none")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile")] = None,
+    grad_checkpointing: Annotated[bool | None, typer.Option(
+        "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in the "
+        "backward pass (less memory)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option()] = None,
     hellaswag: Annotated[str | None, typer.Option(
         help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
@@ -68,6 +71,7 @@ def remove(
                      batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
                      export_format=format, precision=precision, compile=compile,
+                     grad_checkpointing=grad_checkpointing,
                      checkpoint_every=checkpoint_every,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}

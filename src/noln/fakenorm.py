@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class FakeNorm(nn.Module):
     """Shared machinery; subclasses say whether the mean is subtracted (LayerNorm) or not (RMS)."""
 
@@ -56,6 +61,8 @@ class FakeNorm(nn.Module):
 
     @torch.no_grad()
     def _update_sigma(self, std: torch.Tensor) -> None:
+        if _in_backward():  # gradient checkpointing re-runs the forward: count each batch once
+            return
         std = std.squeeze(-1).float()
         if self.std_mask is not None:
             mask = self.std_mask.to(std.dtype)

@@ -53,6 +53,15 @@ def special_token_mask(x: torch.Tensor, eot_id: int | None) -> torch.Tensor:
     return keep
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (recent transformers call it ``activation_``,
+    older releases ``gradient_``). FakeNorms skip the EMA update in the recomputed forward."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @dataclass
 class TrainState:
     step: int = 0  # the next step to run
@@ -89,6 +98,8 @@ class Trainer:
                             f"{micro} x {world} processes: change one of them")
         self.micro, self.accum = micro, cfg.batch_size // (micro * world)
         torch.manual_seed(cfg.seed)
+        if cfg.grad_checkpointing:
+            enable_activation_checkpointing(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, fused=torch.cuda.is_available())
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
