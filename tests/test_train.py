@@ -41,6 +41,11 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
     torch.testing.assert_close(loaded(x).logits, ref)
 
 
+# bit-identical results across processes: one thread, and MKL's reproducible code paths (its
+# default picks kernels by memory alignment, which differs between processes: ~1e-7 drift)
+DETERMINISTIC = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+
+
 def _cli(*args):
     return [sys.executable, "-c", "from noln.cli import main; main()", *args]
 
@@ -52,7 +57,7 @@ def _run_args(model, data, out):
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = DETERMINISTIC
     whole = tmp_path / "whole"
     subprocess.run(_cli(*_run_args(tiny_model_dir, text_jsonl, whole)), check=True, env=env)
     killed = tmp_path / "killed"
@@ -164,6 +169,73 @@ def test_unwritable_output_fails_first(tiny_model_dir, text_jsonl, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(NolnError, match="is not writable"):
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), blocker / "run", **FAST)
+
+
+def test_full_disk_fails_before_training(tiny_model_dir, text_jsonl, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))
+    with pytest.raises(NolnError, match=r"has 0.01 GiB free but the run needs about"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", **FAST)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+# Kill the run during its third checkpoint save (step 8): half-way through writing
+# last.pt.tmp, or between moving last.pt to prev.pt and renaming the new file over last.pt.
+_KILL_DURING_SAVE = """
+import io, os, signal, sys
+import torch
+mode, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+real_save, real_replace = torch.save, os.replace
+def save(obj, f, *a, **k):
+    calls[0] += 1
+    if mode == "write" and calls[0] == n:
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+def replace(a, b):
+    real_replace(a, b)
+    if mode == "rename" and calls[0] == n and str(b).endswith("prev.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save, os.replace = save, replace
+from noln.cli import main
+sys.argv = ["noln", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("mode", ["write", "rename"])
+def test_kill_during_checkpoint_write_resumes_from_the_last_good_one(tiny_model_dir, text_jsonl,
+                                                                    tmp_path, mode):
+    env = DETERMINISTIC
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(*_run_args(tiny_model_dir, text_jsonl, whole)), check=True, env=env)
+    killed = tmp_path / "killed"
+    p = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, mode, "3",
+                        *_run_args(tiny_model_dir, text_jsonl, killed)], env=env)
+    assert p.returncode == -signal.SIGKILL
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "last.pt.tmp").exists()  # the interrupted write
+    if mode == "write":  # last.pt is still the previous save, intact
+        assert load_checkpoint(ckpts / "last.pt")["step"] == 4
+    else:  # killed between the two renames: last.pt is gone, prev.pt holds step 4
+        assert not (ckpts / "last.pt").exists()
+        assert load_checkpoint(ckpts / "prev.pt")["step"] == 4
+    subprocess.run(_cli("remove", "--resume", str(killed), "--quiet"), check=True, env=env)
+    a = load_checkpoint(whole / "checkpoints" / "last.pt")
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 24
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert steps == list(range(24)), "the resumed log has each step exactly once"
 
 
 def test_cli_prints_one_line_errors(tmp_path):

@@ -58,6 +58,21 @@ def check_writable(out: Path) -> None:
                         "--out or free disk space") from None
 
 
+def check_disk_space(out: Path, model: nn.Module, export_formats: int) -> None:
+    """A checkpoint holds the weights and AdamW's two moments (float32); at a save ``last.pt``,
+    ``prev.pt`` and the new ``last.pt.tmp`` coexist; each export is another copy of the
+    weights. Refuse to start a run the disk cannot hold to the end."""
+    import shutil
+
+    n_params = sum(p.numel() for p in model.parameters())
+    need = n_params * 4 * (3 * 3 + export_formats) + (64 << 20)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise NolnError(f"output folder '{out}' has {free / 2**30:.2f} GiB free but the run needs "
+                        f"about {need / 2**30:.2f} GiB (3 checkpoints of weights + optimizer "
+                        "state, exports): free disk space or choose another --out")
+
+
 def model_ctx(config, cfg: RemoveConfig) -> int:
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
                                                             1024)
@@ -131,6 +146,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     teacher = None
     if cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if resume is None else load_pretrained(cfg.model)
+    n_exports = {"both": 2, "none": 0}.get(cfg.export_format, 1)
+    check_disk_space(out, net, 0 if resume is not None else n_exports)
     adapter = install(net, cfg.momentum)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
