@@ -6,17 +6,39 @@ the batch-mean per-token std (RMS for RMSNorm). Frozen, it divides by that fixed
 
 Mode and sigma are buffers, so checkpoints carry them. The Python-side ``frozen`` flag mirrors
 the ``is_frozen`` buffer so the forward pass never syncs with the device to read it.
+
+In a multi-process (DDP) run each update all-reduces the batch statistics, so every rank keeps
+the sigma that one process training on the whole global batch would have.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _data_parallel() -> bool:
+    """True in a multi-process run (``accelerate launch``/torchrun: DDP), where each process
+    sees only its slice of the batch."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_mean(std: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The (masked) mean of ``std`` over every process's tokens: the value one process holding
+    the whole global micro-batch would compute, identical on every rank. One all-reduce of
+    (sum, count); every rank must call it the same number of times, in the same order."""
+    if mask is None:
+        stats = torch.stack([std.sum(), std.new_full((), float(std.numel()))])
+    else:
+        stats = torch.stack([(std * mask).sum(), mask.sum()])
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return stats[0] / stats[1].clamp_min(1.0)
 
 
 class FakeNorm(nn.Module):
@@ -64,10 +86,14 @@ class FakeNorm(nn.Module):
         if _in_backward():  # gradient checkpointing re-runs the forward: count each batch once
             return
         std = std.squeeze(-1).float()
+        mask = None
         if self.std_mask is not None:
             mask = self.std_mask.to(std.dtype)
             # per-head norms (Qwen3 q_norm / k_norm) see [batch, seq, heads]: mask each head
             mask = mask.reshape(*mask.shape, *(1,) * (std.dim() - mask.dim())).expand_as(std)
+        if _data_parallel():
+            batch_std = _global_mean(std, mask)
+        elif mask is not None:
             batch_std = (std * mask).sum() / mask.sum().clamp_min(1.0)
         else:
             batch_std = std.mean()

@@ -50,7 +50,7 @@ def check_writable(out: Path) -> None:
     """Fail before training, not after an hour of it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".noln-write-test"
+        probe = out / f".noln-write-test-{os.getpid()}"  # one per process under a launcher
         probe.write_bytes(b"\0" * 1024)
         probe.unlink()
     except OSError as e:
@@ -162,10 +162,17 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     sets = {"heldout": heldout}
     for name, source in (eval_sets or {}).items():
         sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
-    if resume is None:
+    from accelerate import PartialState
+
+    # under a launcher, files are written by the main process only (same state as the Trainer's
+    # Accelerator: CPU processes when ACCELERATE_USE_CPU is set or there is no GPU)
+    ranks = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+                         or not torch.cuda.is_available())
+    if resume is None and ranks.is_main_process:
         cfg.to_yaml(out / "config.yaml")
         net.config.save_pretrained(out / "base")
         tokenizer.save_pretrained(out / "base")
+    ranks.wait_for_everyone()
     extra = {}
     if resume is None:
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
@@ -175,6 +182,10 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     # without the autocast wrapper: the model is measured and exported in float32
     net = trainer.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     net.eval()
+    if not ranks.is_main_process:  # the main process measures, exports and writes the summary
+        ranks.wait_for_everyone()
+        summary = json.loads((out / "summary.json").read_text())
+        return RemovalResult(net, adapter, read_log(out / "log.jsonl"), summary, out)
     log = read_log(out / "log.jsonl")
     events = [r for r in log if r.get("event") == "remove"]
     ce_after = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
@@ -200,6 +211,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "
               f"{'control (LN kept)' if cfg.keep_ln else 'LayerNorm removal'}")
+    ranks.wait_for_everyone()
     return RemovalResult(net, adapter, log, summary, out)
 
 
@@ -228,6 +240,11 @@ def remove_with_control(model: str | None = None, data: str | None = None,
         r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
                              eval_sets=eval_sets, keep_ln=keep, **overrides)
         results[name] = r.summary
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
+        # state already exists: remove_layernorm made it)
+        return {}
     table = {source: {"original": results["no_ln"]["ce_before"][source],
                       "with LN (fine-tuned)": results["control"]["ce_after"][source],
                       "without LN": results["no_ln"]["ce_after"][source]}

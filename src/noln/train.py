@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast
 from torch import nn
 
 from noln.arch import NormAdapter
@@ -89,15 +90,23 @@ class Trainer:
             precision = "bf16" if torch.cuda.is_available() else "fp32"
         # bf16 autocast is ours, not accelerate's: accelerate's would also wrap the model's
         # forward to copy every output (the whole logits tensor) to float32
-        self.acc = accelerator or Accelerator(mixed_precision="no")
+        # no DDP buffer broadcast: every FakeNorm all-reduces its own sigma update (identical
+        # on every rank), so rank 0's buffers need not overwrite the others' at each forward
+        self.acc = accelerator or Accelerator(mixed_precision="no", kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.bf16 = precision == "bf16"
         world = self.acc.num_processes
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() != world:  # each would train the whole batch
+            raise NolnError(f"{torch.distributed.get_world_size()} processes were launched but "
+                            f"accelerate trains on {world}: on CPUs set ACCELERATE_USE_CPU=1 "
+                            "for torchrun")
         micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
         if cfg.batch_size % (micro * world):
             raise NolnError(f"--batch-size {cfg.batch_size} is not a multiple of micro batch "
                             f"{micro} x {world} processes: change one of them")
         self.micro, self.accum = micro, cfg.batch_size // (micro * world)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.acc.process_index)  # dropout masks differ by rank
         if cfg.grad_checkpointing:
             enable_activation_checkpointing(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -156,7 +165,12 @@ class Trainer:
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s = final.input_std
-            s_star = ((s * keep).sum() / keep.sum().clamp_min(1)).detach()
+            if self.acc.num_processes > 1:  # the target is the whole global micro-batch's
+                stats = torch.stack([(s * keep).sum().detach(), keep.sum().to(s.dtype)])
+                stats = self.acc.reduce(stats, reduction="sum")
+                s_star = stats[0] / stats[1].clamp_min(1)
+            else:
+                s_star = ((s * keep).sum() / keep.sum().clamp_min(1)).detach()
             loss = loss + self.cfg.aux_weight * (s - s_star).pow(2).mean()
             final.capture_std, final.input_std = False, None
         if self.cfg.cos_reg > 0:
@@ -176,7 +190,10 @@ class Trainer:
         with self.autocast():
             logits = model(input_ids=x).logits[:, :-1].float()
         model.train(was)
-        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+        ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        if self.acc.num_processes > 1:  # removal decisions must agree on every rank
+            ce = broadcast(ce.reshape(1), from_process=0)[0]
+        return ce.item()
 
     def remove_due(self, step: int) -> None:
         """Freeze the sites the schedule asks for, logging each one's cost on the probe batch."""
