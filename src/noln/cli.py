@@ -158,7 +158,7 @@ def pretrain(
     data: Annotated[str, typer.Option(help="local .jsonl/.txt/folder, HF dataset, or "
                                       "'builtin'")],
     out: Annotated[Path, typer.Option(help="output folder (model in OUT/model)")],
-    arch: Annotated[str, typer.Option(help="model family")] = "gpt2",
+    arch: Annotated[str, typer.Option(help="model family: gpt2 | neox | llama")] = "gpt2",
     layers: Annotated[int, typer.Option()] = 4,
     d_model: Annotated[int, typer.Option()] = 128,
     heads: Annotated[int, typer.Option()] = 4,
