@@ -1,0 +1,98 @@
+"""Steady-state step time of noln's loop per FakeNorm state, vs the plain PyTorch loop.
+
+``bench/throughput.py`` times whole runs, removals included (each removal adds two probe
+forward passes). This one isolates what every ordinary step pays: the same model and batch
+as ``throughput.py``'s plain loop, and noln's Trainer with no removal event, every site either
+live or frozen, with and without the aux loss. Median seconds per step after warm-up, the
+best of ``--repeat`` alternating rounds; the ratio is plain / noln (1.0 = no cost).
+
+    OMP_NUM_THREADS=1 python bench/throughput_states.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (the plain loop and the model sizes)
+
+
+def noln_step_time(base, blocks: np.ndarray, args, device, aux: float, frozen: bool) -> float:
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.schedule import FixedSchedule
+    from noln.train import Trainer
+
+    model = copy.deepcopy(base)
+    adapter = install(model)
+    if frozen:  # one train-mode pass gives every EMA a value, then freeze them all
+        model.to(device).train()
+        model(torch.from_numpy(blocks[:2].astype(np.int64)).to(device))
+        for site in adapter.site_names():
+            adapter.freeze(site)
+    out = Path(tempfile.mkdtemp(prefix="noln-states-"))
+    cfg = make_config(model="bench", data="bench", out=str(out), steps=args.steps,
+                      batch_size=args.batch, micro_batch_size=args.micro, ctx=blocks.shape[1],
+                      lr=1e-4, warmup_steps=2, aux_weight=aux, checkpoint_every=10**9,
+                      progress=False, precision="bf16" if device.type == "cuda" else "fp32")
+    Trainer(cfg, model, blocks, blocks[:1], out, adapter, FixedSchedule([]), eot_id=None).fit()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return float(np.median([r["dt"] for r in log if "dt" in r][args.warmup:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(throughput.SIZES), default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--micro", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="append a Markdown table here")
+    args = ap.parse_args()
+    args.compile = False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.size = args.size or ("gpt2" if device.type == "cuda" else "tiny")
+    args.batch = args.batch or (32 if device.type == "cuda" else 8)
+    args.micro = args.micro or (16 if device.type == "cuda" else 8)
+    base = throughput.build(args.size)
+    ctx, vocab = base.config.n_positions, base.config.vocab_size
+    blocks = np.random.default_rng(0).integers(0, vocab, size=(args.steps * args.batch, ctx),
+                                               dtype=np.int32)
+    res: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        times = throughput.plain_loop(copy.deepcopy(base), blocks, args, device)
+        res.setdefault("plain", []).append(float(np.median(times[args.warmup:])))
+        for aux in (0.0, 0.1):
+            for frozen in (False, True):
+                key = f"noln, every site {'frozen' if frozen else 'live'}, aux {aux}"
+                res.setdefault(key, []).append(
+                    noln_step_time(base, blocks, args, device, aux, frozen))
+    plain = min(res["plain"])
+    lines = [f"| loop ({args.size}, batch {args.batch} x {ctx}, {device.type}, "
+             f"{torch.get_num_threads()} thread(s)) | ms/step (each round) | plain / this |",
+             "| --- | --- | ---: |"]
+    for key, v in res.items():
+        lines.append(f"| {key} | {', '.join(f'{1e3 * x:.0f}' for x in v)} | "
+                     f"{plain / min(v):.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        cmd = " ".join(["python bench/throughput_states.py", *sys.argv[1:]])
+        with args.out.open("a") as f:
+            f.write(f"Command: `{cmd}`\n\n{table}\n\n")
+
+
+if __name__ == "__main__":
+    main()
