@@ -209,8 +209,10 @@ def main() -> None:
                      f"{steady_ratio:.3f} |" + (f" {max(steady) * fpt / peak:.1%} |" if mfu
                                                  else ""))
         if event_cost:
-            lines += ["", f"A removal (freeze + the probe batch's CE before and after) adds "
-                      f"{1e3 * min(event_cost):.0f} ms to its step."]
+            cost = min(event_cost)
+            lines += ["", "A removal (freeze + the probe batch's CE before and after) adds "
+                      + (f"{1e3 * cost:.0f} ms to its step." if cost > 0 else
+                         "no time measurable above the step-to-step noise.")]
         if mfu:
             lines += ["", f"FLOPs per token {fpt / 1e9:.3f} G; peak {peak / 1e12:.0f} TFLOP/s "
                       "(bf16 dense)."]
