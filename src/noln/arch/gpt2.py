@@ -83,8 +83,11 @@ class SplitInputQKV(nn.Module):
             return qkv
         w_v, b_v = self.weight[:, 2 * d :], self.bias[2 * d :]
         c = torch.addmv(b_v, w_v.T, ln.bias) if ln.bias is not None else b_v
-        v = rho * qkv[..., 2 * d :] + (1 - rho) * c.to(qkv.dtype)
-        return torch.cat([qkv[..., : 2 * d], v.to(qkv.dtype)], dim=-1)
+        v = (rho * qkv[..., 2 * d :] + (1 - rho) * c.to(qkv.dtype)).to(qkv.dtype)
+        if rho.requires_grad:  # a live path: rho's gradient needs the uncorrected V
+            return torch.cat([qkv[..., : 2 * d], v], dim=-1)
+        qkv[..., 2 * d :] = v  # in place (addmm's backward does not need its output)
+        return qkv
 
 
 class GPT2Adapter(NormAdapter):
