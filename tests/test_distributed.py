@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import noln
 from noln.checkpoint import load_checkpoint
 
 STEPS = 24
@@ -33,13 +34,13 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 
 
-def _args(model, data, out, micro):
+def _args(model, data, out, micro, fmt="none"):
     schedule = out.parent / "schedule.yaml"
     schedule.write_text(SCHEDULE)
     return ["remove", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
             "--batch-size", "8", "--micro-batch-size", str(micro), "--ctx", "64", "--lr", "1e-3",
             "--schedule", str(schedule), "--precision", "fp32",
-            "--checkpoint-every", "100", "--format", "none", "--quiet"]
+            "--checkpoint-every", "100", "--format", fmt, "--quiet"]
 
 
 def _env():
@@ -60,9 +61,14 @@ def test_two_processes_match_one(tiny_model_dir, text_jsonl, tmp_path):
     # --standalone: the rendezvous takes a free port, so parallel CI jobs do not collide
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", "2", "-m", "noln.cli",
-                    *_args(tiny_model_dir, text_jsonl, two, 2)],
+                    *_args(tiny_model_dir, text_jsonl, two, 2, fmt="both")],
                    check=True, env=_env(), timeout=300)
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # one process exported (no two writers racing on the same folders), and it loads
+    assert set(summary["exports"]) == {"hf", "clean"}
+    noln.load_model(two / "model")
+    noln.load_model(two / "model-clean")
     a, log_a = _read(one)
     b, log_b = _read(two)
     assert a["step"] == b["step"] == STEPS
