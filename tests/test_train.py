@@ -56,6 +56,20 @@ def _run_args(model, data, out):
             "--checkpoint-every", "4", "--format", "none", "--quiet"]
 
 
+def _resume_and_compare(killed, whole, env):
+    """Resume the killed run; it must end with the uninterrupted run's exact weights and a log
+    holding each step once."""
+    subprocess.run(_cli("remove", "--resume", str(killed), "--quiet"), check=True, env=env)
+    a = load_checkpoint(whole / "checkpoints" / "last.pt")
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 24
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert steps == list(range(24)), "the resumed log has each step exactly once"
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_path):
     env = DETERMINISTIC
     whole = tmp_path / "whole"
@@ -73,15 +87,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_
     proc.wait()
     ckpt = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert 0 < ckpt["step"] < 24, "the kill should land mid-run"
-    subprocess.run(_cli("remove", "--resume", str(killed), "--quiet"), check=True, env=env)
-    a = load_checkpoint(whole / "checkpoints" / "last.pt")
-    b = load_checkpoint(killed / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 24
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()
-             if '"event"' not in line]
-    assert steps == list(range(24)), "the resumed log has each step exactly once"
+    _resume_and_compare(killed, whole, env)
 
 
 def test_guard_restores_checkpoint_and_lowers_lr_after_a_nan(tiny_model_dir, text_jsonl,
@@ -227,15 +233,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_last_good_one(tiny_model_
     else:  # killed between the two renames: last.pt is gone, prev.pt holds step 4
         assert not (ckpts / "last.pt").exists()
         assert load_checkpoint(ckpts / "prev.pt")["step"] == 4
-    subprocess.run(_cli("remove", "--resume", str(killed), "--quiet"), check=True, env=env)
-    a = load_checkpoint(whole / "checkpoints" / "last.pt")
-    b = load_checkpoint(killed / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 24
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()
-             if '"event"' not in line]
-    assert steps == list(range(24)), "the resumed log has each step exactly once"
+    _resume_and_compare(killed, whole, env)
 
 
 def test_cli_prints_one_line_errors(tmp_path):
