@@ -55,6 +55,22 @@ def build(size: str):
     return GPT2LMHeadModel(cfg)
 
 
+def setup(args) -> tuple[torch.device, torch.nn.Module, np.ndarray]:
+    """Device, model and random token blocks for a benchmark's ``args`` (sizes default to
+    GPT-2 small on a GPU, the tiny model on CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.size = args.size or ("gpt2" if device.type == "cuda" else "tiny")
+    args.batch = args.batch or (32 if device.type == "cuda" else 8)
+    args.micro = args.micro or (16 if device.type == "cuda" else 8)
+    base = build(args.size)
+    ctx, vocab = base.config.n_positions, base.config.vocab_size
+    blocks = np.random.default_rng(0).integers(0, vocab, size=(args.steps * args.batch, ctx),
+                                               dtype=np.int32)
+    return device, base, blocks
+
+
 def flops_per_token(model) -> float:
     cfg = model.config
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
@@ -136,16 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="append a Markdown report here")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.size = args.size or ("gpt2" if device.type == "cuda" else "tiny")
-    args.batch = args.batch or (32 if device.type == "cuda" else 8)
-    args.micro = args.micro or (16 if device.type == "cuda" else 8)
-    base = build(args.size)
-    ctx, vocab = base.config.n_positions, base.config.vocab_size
-    blocks = np.random.default_rng(0).integers(0, vocab, size=(args.steps * args.batch, ctx),
-                                               dtype=np.int32)
+    device, base, blocks = setup(args)
+    ctx = blocks.shape[1]
     tokens_per_step = args.batch * ctx
     runs: dict[str, list[float]] = {"plain": [], "noln": []}
     steady: list[float] = []  # noln, steps with no removal event

@@ -60,16 +60,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="append a Markdown table here")
     args = ap.parse_args()
     args.compile = False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.size = args.size or ("gpt2" if device.type == "cuda" else "tiny")
-    args.batch = args.batch or (32 if device.type == "cuda" else 8)
-    args.micro = args.micro or (16 if device.type == "cuda" else 8)
-    base = throughput.build(args.size)
-    ctx, vocab = base.config.n_positions, base.config.vocab_size
-    blocks = np.random.default_rng(0).integers(0, vocab, size=(args.steps * args.batch, ctx),
-                                               dtype=np.int32)
+    device, base, blocks = throughput.setup(args)
+    ctx = blocks.shape[1]
     res: dict[str, list[float]] = {}
     for _ in range(args.repeat):
         times = throughput.plain_loop(copy.deepcopy(base), blocks, args, device)

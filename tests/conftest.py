@@ -4,7 +4,9 @@ the offline reference data in ../shared (tests that need it skip with a clear me
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +68,64 @@ def tiny_gpt2():
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
                      bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def need_transformer_lens() -> None:
+    try:
+        version = metadata.version("transformer-lens")
+    except metadata.PackageNotFoundError:
+        pytest.skip("transformer-lens is not installed (pip install 'noln[interop]')")
+    if not version.startswith("3."):
+        pytest.skip(f"noln supports TransformerLens 3.x, found {version}")
+
+
+def freeze_all(model, tokens: torch.Tensor, spread: float = 0.1):
+    """Every site frozen at its EMA sigma after one train-mode pass, scaled per site so the
+    Q/K and V paths of ln_1 differ (the hard case for the exports)."""
+    from noln.arch import install
+
+    adapter = install(model)
+    model.train()
+    with torch.no_grad():
+        model(tokens)
+    model.eval()
+    for i, name in enumerate(adapter.site_names()):
+        norm = adapter.site(name).norm
+        norm.freeze(float(norm.sigma) * (1 + spread * (i % 3)))
+    return adapter
+
+
+def frozen_exports(model_dir: Path, root: Path, seed: int) -> SimpleNamespace:
+    """The model in ``model_dir`` with every site frozen (``freeze_all`` on random tokens drawn
+    after ``torch.manual_seed(seed)``), and its ``hf`` and ``clean`` exports under ``root``."""
+    from transformers import AutoModelForCausalLM
+
+    from noln.export import export_model
+    from noln.loading import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    adapter = freeze_all(model, torch.randint(0, len(tok), (4, 32)))
+    return SimpleNamespace(model=model, tok=tok, hf=export_model(adapter, tok, root / "hf", "hf"),
+                           clean=export_model(adapter, tok, root / "clean", "clean"))
+
+
+def assert_run_matches_its_exports(result, vocab: int) -> None:
+    """A finished removal run's ``hf`` and ``clean`` exports, and its run folder, give the
+    trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import noln
+
+    run = result.out
+    x = torch.randint(0, vocab, (2, 30))
+    plain = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    clean = noln.load_clean(run / "model-clean")
+    loaded, _ = noln.load_model(run)  # a run folder loads as the model it trained
+    with torch.no_grad():
+        ref = result.model(x).logits
+        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(x).logits, ref)
+

@@ -18,21 +18,15 @@ from noln.errors import NolnError
 from noln.export import export_model
 from noln.loading import load_tokenizer
 
-from .conftest import shared_path
-from .test_interop import freeze_all, need_transformer_lens
+from .conftest import freeze_all, frozen_exports, need_transformer_lens, shared_path
 
 TEXT = "The module defines a function that returns the value"
 
 
 @pytest.fixture(scope="module")
 def no_ln_dirs(tiny_model_dir, tmp_path_factory):
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = load_tokenizer(tiny_model_dir)
-    adapter = freeze_all(model, torch.randint(0, len(tok), (4, 32)))
-    root = tmp_path_factory.mktemp("attr")
-    return (export_model(adapter, tok, root / "hf", "hf"),
-            export_model(adapter, tok, root / "clean", "clean"), tok)
+    frozen = frozen_exports(tiny_model_dir, tmp_path_factory.mktemp("attr"), seed=1)
+    return frozen.hf, frozen.clean, frozen.tok
 
 
 def _ids(tok, text=TEXT):

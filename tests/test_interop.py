@@ -7,61 +7,29 @@ eps trick is off by ~var/2e12 relative). Residual-stream sums: rtol = atol = 1e-
 from __future__ import annotations
 
 import json
-from importlib import metadata
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import noln
-from noln.arch import install
 from noln.errors import NolnError
 from noln.export import export_model
 from noln.loading import load_tokenizer
 
-from .conftest import shared_path
+from .conftest import freeze_all, frozen_exports, need_transformer_lens, shared_path
 
 TEXT = "The module defines a function that returns the value of the argument"
-
-
-def need_transformer_lens() -> None:
-    try:
-        version = metadata.version("transformer-lens")
-    except metadata.PackageNotFoundError:
-        pytest.skip("transformer-lens is not installed (pip install 'noln[interop]')")
-    if not version.startswith("3."):
-        pytest.skip(f"noln supports TransformerLens 3.x, found {version}")
-
-
-def freeze_all(model, tokens: torch.Tensor, spread: float = 0.1):
-    """Every site frozen at its EMA sigma after one train-mode pass, scaled per site so the
-    Q/K and V paths of ln_1 differ (the hard case for the exports)."""
-    adapter = install(model)
-    model.train()
-    with torch.no_grad():
-        model(tokens)
-    model.eval()
-    for i, name in enumerate(adapter.site_names()):
-        norm = adapter.site(name).norm
-        norm.freeze(float(norm.sigma) * (1 + spread * (i % 3)))
-    return adapter
 
 
 @pytest.fixture(scope="module")
 def no_ln(tiny_model_dir, tmp_path_factory):
     """The tiny GPT-2 with every site frozen, its hf and clean exports, and logits to match."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = load_tokenizer(tiny_model_dir)
-    adapter = freeze_all(model, torch.randint(0, len(tok), (4, 32)))
-    root = tmp_path_factory.mktemp("interop")
-    hf = export_model(adapter, tok, root / "hf", "hf")
-    clean = export_model(adapter, tok, root / "clean", "clean")
-    ids = torch.tensor([tok(TEXT)["input_ids"][:24]])
+    frozen = frozen_exports(tiny_model_dir, tmp_path_factory.mktemp("interop"), seed=0)
+    frozen.ids = torch.tensor([frozen.tok(TEXT)["input_ids"][:24]])
     with torch.no_grad():
-        logits = model(ids).logits
-    return SimpleNamespace(model=model, tok=tok, hf=hf, clean=clean, ids=ids, logits=logits)
+        frozen.logits = frozen.model(frozen.ids).logits
+    return frozen
 
 
 def test_transformer_lens_from_every_form_has_no_norm_and_the_same_logits(no_ln):

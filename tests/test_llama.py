@@ -14,6 +14,7 @@ from noln.arch import FAMILIES, install
 from noln.arch.llama import LlamaAdapter, SplitRMSNorm
 from noln.export import export_model, load_clean
 from noln.fakenorm import FakeRMSNorm
+from tests.conftest import assert_run_matches_its_exports
 
 VOCAB = 101
 KINDS = ("llama", "qwen2", "qwen3", "mistral")
@@ -215,20 +216,12 @@ def test_removal_run_exports_and_profiles(kind, tokenizer, text_jsonl, tmp_path)
                               schedule="fixed", export_format="both", **FAST)
     assert r.adapter.export_state() == "all"
     assert [e["site"] for e in r.events] == r.adapter.site_names()
-    x = torch.randint(0, len(tokenizer), (2, 30))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
-    clean = noln.load_clean(tmp_path / "run" / "model-clean")
-    with torch.no_grad():
-        ref = r.model(x).logits
-        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
-    loaded, _ = noln.load_model(tmp_path / "run")  # a run folder loads as the model it trained
-    torch.testing.assert_close(loaded(x).logits, ref)
+    assert_run_matches_its_exports(r, vocab=len(tokenizer))
 
     from noln.linearity.score import linearity_profile
 
     blocks = np.random.default_rng(0).integers(1, len(tokenizer), size=(8, 32))
-    for m in (r.model, clean):
+    for m in (r.model, load_clean(tmp_path / "run" / "model-clean")):
         p = linearity_profile(m, blocks, id_tokens=128, batch_size=4)
         assert [s.layer for s in p.layers] == [0] and p.n_tokens == blocks.size
         assert all(0 < s.with_residual <= 1 + 1e-9 for s in p.layers)

@@ -13,6 +13,7 @@ import noln
 from noln.arch import FAMILIES, install
 from noln.arch.neox import NeoXAdapter
 from noln.export import export_model, load_clean
+from tests.conftest import assert_run_matches_its_exports
 
 V, D, H = 101, 64, 4
 
@@ -221,15 +222,7 @@ def test_removal_run_freezes_every_site_and_exports(neox_dir, text_jsonl, tmp_pa
                               checkpoint_every=8, progress=False)
     assert r.adapter.family == "neox" and r.adapter.export_state() == "all"
     assert [e["site"] for e in r.events] == r.adapter.site_names()
-    x = torch.randint(0, 500, (2, 30))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
-    clean = noln.load_clean(tmp_path / "run" / "model-clean")
-    with torch.no_grad():
-        ref = r.model(x).logits
-        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
-        loaded, _ = noln.load_model(tmp_path / "run")  # the run folder loads as trained
-        torch.testing.assert_close(loaded(x).logits, ref)
+    assert_run_matches_its_exports(r, vocab=500)
 
 
 def test_linearity_profile_runs_on_neox():

@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import noln
 from noln.checkpoint import load_checkpoint
 from noln.errors import NolnError
+from tests.conftest import assert_run_matches_its_exports
 
 FAST = dict(steps=30, batch_size=4, ctx=64, lr=1e-3, warmup_steps=2, eval_tokens=512,
             checkpoint_every=5, progress=False)
@@ -29,16 +29,7 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tokens"] == 30 * 4 * 64 and len(summary["removals"]) == 7
     assert all(e["probe_after"] > 0 for e in summary["removals"])
-    x = torch.randint(0, 500, (2, 30))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
-    clean = noln.load_clean(tmp_path / "run" / "model-clean")
-    with torch.no_grad():
-        ref = r.model(x).logits
-        torch.testing.assert_close(plain(x).logits, ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
-    # a run folder loads as the model it trained
-    loaded, _ = noln.load_model(tmp_path / "run")
-    torch.testing.assert_close(loaded(x).logits, ref)
+    assert_run_matches_its_exports(r, vocab=500)
 
 
 # bit-identical results across processes: one thread, and MKL's reproducible code paths (its

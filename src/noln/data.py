@@ -151,7 +151,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (the fast backend directly when there is one)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
@@ -171,7 +172,7 @@ def tokenize(docs: Iterable[str], tokenizer, max_tokens: int | None = None,
 
     def flush() -> None:
         nonlocal total
-        for ids in _encode_batch(tokenizer, batch):
+        for ids in encode_batch(tokenizer, batch):
             arr = np.asarray([*ids, eot], dtype=dtype)
             chunks.append(arr)
             total += len(arr)

@@ -94,7 +94,7 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
     trainer = Trainer(cfg, model, train_blocks, val_blocks[:4], out, adapter,
                       eot_id=eot_id)
     state = trainer.fit(resume=resume)
-    model = trainer.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    model = trainer.acc.unwrap_model(trainer.model).eval()
     from noln.export import export_model
 
     export_model(adapter, tokenizer, out / "model")

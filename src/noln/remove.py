@@ -106,6 +106,15 @@ def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
     return blocks[train_mask], blocks[np.sort(heldout)]
 
 
+def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer, ctx: int,
+                    eval_sets: dict[str, str] | None) -> dict[str, np.ndarray]:
+    """The token blocks a run's CE table reports: ``heldout`` and each ``{name: source}``."""
+    sets = {"heldout": heldout}
+    for name, source in (eval_sets or {}).items():
+        sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
+    return sets
+
+
 def _build(cfg: RemoveConfig, resume: bool):
     """Model, tokenizer, adapter: the pretrained model, or on resume the run's own config."""
     out = Path(cfg.out)
@@ -159,9 +168,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
                       f"{len(adapter.sites)} sites; the export needs all of them[/]")
     train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
-    sets = {"heldout": heldout}
-    for name, source in (eval_sets or {}).items():
-        sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
+    sets = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
     from accelerate import PartialState
 
     # under a launcher, files are written by the main process only (same state as the Trainer's
@@ -179,8 +186,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     state = trainer.fit(resume=resume is not None)
-    # without the autocast wrapper: the model is measured and exported in float32
-    net = trainer.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    net = trainer.acc.unwrap_model(trainer.model)
     net.eval()
     if not ranks.is_main_process:  # the main process measures, exports and writes the summary
         ranks.wait_for_everyone()
@@ -226,8 +232,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     HellaSwag, with faithfulness to the original. Written to ``out/table.md``,
     ``out/comparison.json`` (``table``: the CE numbers; ``compare``: everything) and
     ``out/compare/`` (plots)."""
+    from noln.evaluate.commands import load_models, resolve_device
     from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
-    from noln.loading import load_model
 
     out = Path(out or make_config(model=model, **overrides).out)
     results, runs = {}, {}
@@ -252,21 +258,14 @@ def remove_with_control(model: str | None = None, data: str | None = None,
 
     # the same held-out blocks the runs measured, now through the shared evaluation code
     cfg = RemoveConfig.from_yaml(out / "config.yaml", out=str(out))
-    original = load_pretrained(results["no_ln"]["model"])
     tokenizer = load_tokenizer(out / "base")
     ctx = results["no_ln"]["ctx"]
     _, heldout = prepare_data(cfg, tokenizer, ctx, results["no_ln"]["steps"])
-    sources = {"heldout": heldout}
-    for name, source in (eval_sets or {}).items():
-        sources[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
-    models = {ORIGINAL: original, WITH_LN: load_model(runs["control"])[0],
-              NO_LN: load_model(runs["no_ln"])[0]}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = {k: m.to(device).eval() for k, m in models.items()}
+    sources = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
+    paths = {ORIGINAL: str(cfg.model), WITH_LN: str(runs["control"]), NO_LN: str(runs["no_ln"])}
+    models = {k: m for k, (m, _) in load_models(paths, resolve_device("auto")).items()}
     result = compare_models(models, tokenizer, sources, hellaswag=hellaswag, reference=ORIGINAL,
-                            hellaswag_limit=hellaswag_limit, progress=cfg.progress,
-                            paths={ORIGINAL: str(cfg.model), WITH_LN: str(runs["control"]),
-                                   NO_LN: str(runs["no_ln"])},
+                            hellaswag_limit=hellaswag_limit, progress=cfg.progress, paths=paths,
                             source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
                                           **(eval_sets or {})})
     result.print(console)

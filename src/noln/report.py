@@ -94,12 +94,6 @@ def rich_table(header: list[str], rows: list[list[str]], title: str = "") -> Tab
     return table
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def json_safe(obj: object) -> object:
     """NaN / inf as null (strict JSON has no NaN): an interval from one chunk, TwoNN on too
     few points."""

@@ -17,6 +17,36 @@ from torch import nn
 from noln.errors import NolnError
 from noln.fakenorm import FakeNorm
 
+# The hf export's eps trick: sqrt(var + 1e12) ~ 1e6 for every token, so a norm weight
+# gamma * 1e6 / sigma makes the plain class's norm a fixed scale gamma / sigma.
+EPS_TRICK = 1e12
+EPS_SCALE = 1e6
+
+
+class SplitNorm(nn.Module):
+    """One norm as two removal sites over the same parameters: the path feeding queries and
+    keys (``qk``) and the path feeding values (``v``). While both are live their outputs are
+    identical, so it returns the d-wide normed input and the model runs unchanged; once they
+    differ, ``split`` gives both paths side by side (2d wide) for projections that read them
+    apart (a family may override it)."""
+
+    def __init__(self, qk: FakeNorm, v: FakeNorm):
+        super().__init__()
+        self.weight, self.bias = qk.weight, qk.bias  # the original norm's, under its names
+        self.qk, self.v = qk, v
+
+    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        if not self.qk.frozen and not self.v.frozen:
+            normed = self.qk(resid_pre)
+            if self.training:  # v sees the same input: keep its EMA in step without recomputing
+                self.v.sigma.copy_(self.qk.sigma)
+                self.v.n_updates.copy_(self.qk.n_updates)
+            return normed
+        return self.split(resid_pre)
+
+    def split(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+
 
 @dataclass(frozen=True)
 class Site:
@@ -71,6 +101,15 @@ class NormAdapter:
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The swapped model's tensors under the plain HF class's names: without the FakeNorms'
+        buffers and without each split norm's per-path names for its shared weight and bias."""
+        paths = tuple(f"{name}.{path}." for name, module in self.model.named_modules()
+                      if isinstance(module, SplitNorm) for path in ("qk", "v"))
+        buffers = (".sigma", ".is_frozen", ".n_updates")
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                if not k.startswith(paths) and not k.endswith(buffers)}
+
     @property
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers

@@ -22,35 +22,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noln.arch.base import NormAdapter, Site, fold_scale_into_rows
+from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, SplitNorm, fold_scale_into_rows
 from noln.fakenorm import FakeLayerNorm, FakeNorm
 
-EPS_TRICK = 1e12  # eps so large that sqrt(var + eps) ~ 1e6 for every token
-EPS_SCALE = 1e6
 
-
-class SplitLayerNorm(nn.Module):
+class SplitLayerNorm(SplitNorm):
     """ln_1 as two removal sites; see the module docstring."""
 
     def __init__(self, ln: nn.LayerNorm, momentum: float, fused_v: bool = False):
-        super().__init__()
-        self.weight = ln.weight
-        self.bias = ln.bias
-        self.qk = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
-        self.v = FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum)
+        super().__init__(FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum),
+                         FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum))
         self.fused_v = fused_v
         self.v_ratio: torch.Tensor | None = None  # rho for the reader, set by every forward
 
     def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
         self.v_ratio = None
-        if not self.qk.frozen and not self.v.frozen:
-            normed = self.qk(resid_pre)
-            if self.training:  # v sees the same input: keep its EMA in step without recomputing
-                self.v.sigma.copy_(self.qk.sigma)
-                self.v.n_updates.copy_(self.qk.n_updates)
-            return normed
+        return super().forward(resid_pre)
+
+    def split(self, resid_pre: torch.Tensor) -> torch.Tensor:
         if not self.fused_v:
-            return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+            return super().split(resid_pre)
         std = None
         if not (self.qk.frozen and self.v.frozen):  # one path live: its divisor is per token
             xf = resid_pre.float()
@@ -131,18 +122,12 @@ class GPT2Adapter(NormAdapter):
         return sites
 
     # -- exports ---------------------------------------------------------------------------
-    def _plain_keys(self) -> dict[str, torch.Tensor]:
-        """The swapped model's tensors under the plain GPT2LMHeadModel's names."""
-        sd = self.model.state_dict()
-        drop = (".qk.", ".v.", "sigma", "is_frozen", "n_updates")
-        return {k: v.detach().clone() for k, v in sd.items() if not any(t in k for t in drop)}
-
     def hf_config_overrides(self) -> dict:
         return {"layer_norm_epsilon": EPS_TRICK} if self.export_state() == "all" else {}
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         state = self.require_export_state(("none", "all"))
-        sd = self._plain_keys()
+        sd = self.plain_state_dict()
         if state == "none":
             return sd
         d = self.model.config.n_embd
@@ -170,7 +155,7 @@ class GPT2Adapter(NormAdapter):
 
     def clean_state_dict(self) -> dict[str, torch.Tensor]:
         self.require_export_state(("all",))
-        sd = {k: v for k, v in self._plain_keys().items() if ".ln_" not in k}
+        sd = {k: v for k, v in self.plain_state_dict().items() if ".ln_" not in k}
         d = self.model.config.n_embd
         for i, block in enumerate(self.blocks):
             p = f"transformer.h.{i}."

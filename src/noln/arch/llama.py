@@ -39,34 +39,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noln.arch.base import NormAdapter, Site
+from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, SplitNorm
 from noln.fakenorm import FakeNorm, FakeRMSNorm
-
-EPS_TRICK = 1e12  # sqrt(mean(x^2) + 1e12) ~ 1e6 for every token
-EPS_SCALE = 1e6
 
 BLOCK_KINDS = ("post_attention_layernorm", "input_layernorm_qk", "input_layernorm_v")
 QK_NORM_KINDS = ("q_norm", "k_norm")
 FINAL_KIND = "norm"
 
 
-class SplitRMSNorm(nn.Module):
+class SplitRMSNorm(SplitNorm):
     """``input_layernorm`` as two removal sites (Q/K path and V path); see the module docstring."""
 
     def __init__(self, norm: nn.Module, momentum: float):
-        super().__init__()
-        self.qk = FakeRMSNorm.from_rmsnorm(norm, momentum)
-        self.v = FakeRMSNorm.from_rmsnorm(norm, momentum)
-        self.weight = norm.weight  # the one parameter both paths share
-
-    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
-        if not self.qk.frozen and not self.v.frozen:
-            normed = self.qk(resid_pre)
-            if self.training:  # v sees the same input: keep its EMA in step without recomputing
-                self.v.sigma.copy_(self.qk.sigma)
-                self.v.n_updates.copy_(self.qk.n_updates)
-            return normed
-        return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
+        super().__init__(FakeRMSNorm.from_rmsnorm(norm, momentum),
+                         FakeRMSNorm.from_rmsnorm(norm, momentum))
 
 
 class PathLinear(nn.Linear):
@@ -157,14 +143,6 @@ class LlamaAdapter(NormAdapter):
         return sites
 
     # -- exports ---------------------------------------------------------------------------
-    def _plain_keys(self) -> dict[str, torch.Tensor]:
-        """The swapped model's tensors under the plain HF class's names."""
-        sd = self.model.state_dict()
-        drop = ("input_layernorm.qk.", "input_layernorm.v.")
-        buffers = (".sigma", ".is_frozen", ".n_updates")
-        return {k: v.detach().clone() for k, v in sd.items()
-                if not any(t in k for t in drop) and not k.endswith(buffers)}
-
     def hf_config_overrides(self) -> dict:
         return {"rms_norm_eps": EPS_TRICK} if self.export_state() == "all" else {}
 
@@ -173,7 +151,7 @@ class LlamaAdapter(NormAdapter):
         every norm weight ``g * 1e6 / sigma``, so ``x / sqrt(mean(x^2) + 1e12) * g * 1e6 / sigma
         ~= x * g / sigma``; ``q_proj``/``k_proj`` carry ``sigma_v / sigma_qk``."""
         state = self.require_export_state(("none", "all"))
-        sd = self._plain_keys()
+        sd = self.plain_state_dict()
         if state == "none":
             return sd
 
@@ -199,7 +177,7 @@ class LlamaAdapter(NormAdapter):
         self.require_export_state(("all",))
         norm_keys = ("input_layernorm.weight", "post_attention_layernorm.weight",
                      "q_norm.weight", "k_norm.weight")
-        sd = {k: v for k, v in self._plain_keys().items()
+        sd = {k: v for k, v in self.plain_state_dict().items()
               if not k.endswith(norm_keys) and k != "model.norm.weight"}
 
         def scale(norm: FakeNorm) -> torch.Tensor:

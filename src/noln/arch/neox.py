@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noln.arch.base import NormAdapter, Site, fold_scale_into_rows
-from noln.arch.gpt2 import EPS_SCALE, EPS_TRICK, SplitLayerNorm
+from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, fold_scale_into_rows
+from noln.arch.gpt2 import SplitLayerNorm
 from noln.fakenorm import FakeLayerNorm, FakeNorm
 
 
@@ -113,12 +113,6 @@ class NeoXAdapter(NormAdapter):
         return sites
 
     # -- exports ---------------------------------------------------------------------------
-    def _plain_keys(self) -> dict[str, torch.Tensor]:
-        """The swapped model's tensors under the plain GPTNeoXForCausalLM's names."""
-        sd = self.model.state_dict()
-        drop = (".qk.", ".v.", "sigma", "is_frozen", "n_updates")
-        return {k: v.detach().clone() for k, v in sd.items() if not any(t in k for t in drop)}
-
     @property
     def _has_attention_bias(self) -> bool:
         return self.blocks[0].attention.query_key_value.bias is not None
@@ -132,7 +126,7 @@ class NeoXAdapter(NormAdapter):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         state = self.require_export_state(("none", "all"))
-        sd = self._plain_keys()
+        sd = self.plain_state_dict()
         if state == "none":
             return sd
         cfg = self.model.config
@@ -167,7 +161,8 @@ class NeoXAdapter(NormAdapter):
     def clean_state_dict(self) -> dict[str, torch.Tensor]:
         self.require_export_state(("all",))
         norm_keys = ("input_layernorm", "post_attention_layernorm", "final_layer_norm")
-        sd = {k: v for k, v in self._plain_keys().items() if not any(n in k for n in norm_keys)}
+        sd = {k: v for k, v in self.plain_state_dict().items()
+              if not any(n in k for n in norm_keys)}
         cfg = self.model.config
         qk_rows, v_rows = qk_v_rows(cfg.num_attention_heads,
                                     cfg.hidden_size // cfg.num_attention_heads)

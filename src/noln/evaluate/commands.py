@@ -207,8 +207,9 @@ def compare_cmd(
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
     loaded = load_models(names, resolve_device(device))
     tok = loaded[ORIGINAL][1]
+    fingerprint = tokenizer_fingerprint(tok)
     for key, (_, other) in loaded.items():
-        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tok):
+        if tokenizer_fingerprint(other) != fingerprint:
             raise NolnError(f"'{names[key]}' has a different tokenizer from '{original}': "
                             "the three models must share one to be compared on the same tokens")
     ctx = chunk_length([m for m, _ in loaded.values()], ctx)

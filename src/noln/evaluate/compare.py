@@ -265,6 +265,16 @@ class ComparisonResult:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
+
+        def finish(fig, ax, title: str, filename: str) -> None:
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / filename
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+
         for s in self.source_names():
             reports = {m: r.blocks[s] for m, r in self.models.items() if s in r.blocks}
             with_norms = {m: b for m, b in reports.items() if b.norms is not None}
@@ -280,13 +290,8 @@ class ComparisonResult:
                 ax.set_xticks(range(len(labels)), labels, rotation=30)
                 ax.set_yscale("log")
                 ax.set_ylabel("mean residual L2 norm")
-                ax.set_title(f"Residual-stream norm by layer ({s})")
-                ax.legend(fontsize=8)
-                fig.tight_layout()
-                path = out_dir / f"residual_norms_{_slug(s)}.png"
-                fig.savefig(path, dpi=120)
-                plt.close(fig)
-                written.append(path)
+                finish(fig, ax, f"Residual-stream norm by layer ({s})",
+                       f"residual_norms_{_slug(s)}.png")
             faithful = {m: b for m, b in reports.items() if b.faithfulness is not None}
             if faithful:
                 fig, ax = plt.subplots(figsize=(7, 4))
@@ -296,13 +301,8 @@ class ComparisonResult:
                 ax.axhline(0, color="grey", lw=0.5)
                 ax.set_xlabel("predicted position")
                 ax.set_ylabel(f"CE − CE({display(self.reference)}) (nats)")
-                ax.set_title(f"CE difference to the reference by position ({s})")
-                ax.legend(fontsize=8)
-                fig.tight_layout()
-                path = out_dir / f"ce_diff_by_position_{_slug(s)}.png"
-                fig.savefig(path, dpi=120)
-                plt.close(fig)
-                written.append(path)
+                finish(fig, ax, f"CE difference to the reference by position ({s})",
+                       f"ce_diff_by_position_{_slug(s)}.png")
         return written
 
     def save(self, out_dir: str | Path) -> list[Path]:

@@ -216,10 +216,11 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
     n, ctx = blocks.shape
     if ctx < 2:
         raise NolnError(f"chunks of {ctx} token cannot be scored: give --ctx 2 or more")
+    top_id = int(blocks.max())
     for name, model in models.items():
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and int(blocks.max()) >= vocab:
-            raise NolnError(f"token id {int(blocks.max())} is outside model '{name}''s vocabulary "
+        if vocab is not None and top_id >= vocab:
+            raise NolnError(f"token id {top_id} is outside model '{name}''s vocabulary "
                             f"of {vocab}: the data was tokenised with another model's tokenizer")
     if batch_size is None:
         vocab = max(getattr(getattr(m, "config", None), "vocab_size", 0) or 50257
@@ -232,9 +233,11 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
         models[m].eval()
 
     ce: dict[str, list[torch.Tensor]] = {m: [] for m in names}
-    kl_sum = dict.fromkeys(others, 0.0)
-    js_sum = dict.fromkeys(others, 0.0)
-    agree = dict.fromkeys(others, 0)
+    # running sums stay on each model's device: no host sync per batch
+    kl_sum = {m: torch.zeros((), dtype=torch.float64, device=model_device(models[m]))
+              for m in others}
+    js_sum = {m: torch.zeros_like(kl_sum[m]) for m in others}
+    agree = {m: torch.zeros((), dtype=torch.int64, device=kl_sum[m].device) for m in others}
     norm_pos0: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     norm_rest: dict[str, torch.Tensor | None] = dict.fromkeys(names)
 
@@ -261,9 +264,9 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
                 ref_logp, ref_top = logp, logp.argmax(-1)
             elif ref_logp is not None:
                 kl, js = _divergences(ref_logp.to(device), logp)
-                kl_sum[m] += kl.double().sum().item()
-                js_sum[m] += js.double().sum().item()
-                agree[m] += int((logp.argmax(-1) == ref_top.to(device)).sum())
+                kl_sum[m] += kl.double().sum()
+                js_sum[m] += js.double().sum()
+                agree[m] += (logp.argmax(-1) == ref_top.to(device)).sum()
 
     for m in names:
         models[m].train(was_training[m])
@@ -282,8 +285,8 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
             diff = losses[m].double() - losses[reference].double()
             per_chunk = diff.mean(1)
             ci = 1.96 * per_chunk.std().item() / math.sqrt(n) if n > 1 else float("nan")
-            faith = Faithfulness(kl=kl_sum[m] / n_pred, js=js_sum[m] / n_pred,
-                                 top1=agree[m] / n_pred, ce_diff=diff.mean().item(),
+            faith = Faithfulness(kl=kl_sum[m].item() / n_pred, js=js_sum[m].item() / n_pred,
+                                 top1=agree[m].item() / n_pred, ce_diff=diff.mean().item(),
                                  ce_diff_ci95=ci, ce_diff_by_position=diff.mean(0).tolist(),
                                  n_tokens=n_pred)
         ref_losses = losses[reference] if m in others else None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noln.data import is_local, read_jsonl
+from noln.data import encode_batch, is_local, read_jsonl
 from noln.errors import NolnError
 from noln.evaluate.loss import logits_budget, model_device
 
@@ -134,15 +134,8 @@ class Encoded:
 def encode_items(items: list[Item], tokenizer) -> list[Encoded]:
     """Context and ``" " + ending`` encoded separately, no special tokens (the harness moves a
     context's trailing space onto the continuation, so we strip it)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        if backend is not None:
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    ctxs = encode([it.ctx.rstrip() for it in items])
-    ends = encode([" " + e for it in items for e in it.endings])
+    ctxs = encode_batch(tokenizer, [it.ctx.rstrip() for it in items])
+    ends = encode_batch(tokenizer, [" " + e for it in items for e in it.endings])
     eot = tokenizer.eos_token_id
     out = []
     for i, ctx in enumerate(ctxs):

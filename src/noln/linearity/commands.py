@@ -23,18 +23,14 @@ console = Console()
 # ----------------------------------------------------------------------------- helpers
 
 
-def load_for_analysis(name: str):
-    """``(model, tokenizer)`` for any name noln loads (``noln.load_model``), linearised folders
-    included."""
-    from noln.loading import load_model
-
-    return load_model(name)
-
-
-def model_context(model, ctx: int | None = None, cap: int = 1024) -> int:
+def sequence_length(model, ctx: int | None = None, cap: int = 1024) -> int:
     """Tokens per sequence: ``ctx`` if given (checked), else the model's context, at most cap."""
-    limit = (getattr(model.config, "n_positions", None)
-             or getattr(model.config, "max_position_embeddings", None) or cap)
+    from noln.evaluate.hellaswag import model_context
+
+    try:
+        limit = model_context(model)
+    except NolnError:  # no context length in the config: assume cap
+        limit = cap
     if ctx is None:
         return min(int(limit), cap)
     if not 2 <= ctx <= limit:
@@ -161,9 +157,10 @@ def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list
     """Load ``name``, tokenise ``data`` with its tokenizer and profile it."""
     from noln.data import load_blocks
     from noln.linearity.score import check_tokens, hidden_size, linearity_profile
+    from noln.loading import load_model
 
-    model, tok = load_for_analysis(name)
-    ctx = model_context(model, ctx)
+    model, tok = load_model(name)
+    ctx = sequence_length(model, ctx)
     check_tokens(tokens, hidden_size(model))  # before tokenising and running anything
     blocks = load_blocks(data, tok, ctx, max_tokens=tokens)
     with _progress() as bar:
@@ -270,15 +267,16 @@ def linearize_cmd(
         swapped,
     )
     from noln.linearity.score import check_tokens, hidden_size
+    from noln.loading import load_model
 
     if fit not in ("lstsq", "distill"):
         raise NolnError(f"--fit '{fit}' is unknown: use lstsq or distill")
     if fit == "distill" and distill_steps < 1:
         raise NolnError("--fit distill needs --distill-steps >= 1")
-    net, tok = load_for_analysis(model)
+    net, tok = load_model(model)
     block_list, returns_tuple = decoder_layers(net)
     chosen = parse_layers(layers, len(block_list))
-    ctx = model_context(net, ctx)
+    ctx = sequence_length(net, ctx)
     check_tokens(tokens, hidden_size(net))
     n_fit, n_eval = max(1, tokens // ctx), max(1, eval_tokens // ctx)
     if eval_data is None:

@@ -92,7 +92,7 @@ class TokenSample:
         self.rng = np.random.default_rng(seed)
         self.kept: dict[int, list[torch.Tensor]] = {}
 
-    def add(self, states: Sequence[torch.Tensor], half: int = 0) -> None:
+    def add(self, states: Sequence[torch.Tensor]) -> None:
         d = states[0].shape[-1]
         n = states[0].numel() // d
         keep = torch.from_numpy(self.rng.random(n) < self.p)

@@ -28,14 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from noln.errors import NolnError
+from noln.evaluate.loss import model_device
 from noln.linearity.score import (
     RCOND,
     StreamingMoments,
     check_tokens,
+    halves,
     hidden_size,
     lstsq_map,
-    model_device,
     score_pairs,
+    token_batches,
 )
 
 FORMAT = "noln-linearized"
@@ -116,8 +118,7 @@ def swap_layer(model: nn.Module, index: int, module: nn.Module) -> nn.Module:
     """Put ``module`` at position ``index`` of the decoder layers; returns the old layer."""
     layers, _ = decoder_layers(model)
     old = layers[index]
-    device = next(model.parameters()).device
-    layers[index] = module.to(device)
+    layers[index] = module.to(model_device(model))
     _keep_hidden_state_capture(model, module)
     return old
 
@@ -170,11 +171,6 @@ def record_block_states(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
-def _batches(blocks: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    for i in range(0, len(blocks), batch_size):
-        yield torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64)).to(device)
-
-
 @torch.inference_mode()
 def block_moments(model: nn.Module, blocks: np.ndarray, layers: Sequence[int],
                   batch_size: int = 8) -> StreamingMoments:
@@ -186,11 +182,10 @@ def block_moments(model: nn.Module, blocks: np.ndarray, layers: Sequence[int],
     model.eval()
     try:
         with record_block_states(model) as states:
-            for i, ids in enumerate(_batches(blocks, batch_size, model_device(model))):
+            for i, ids in token_batches(blocks, batch_size, model_device(model)):
                 model(input_ids=ids, use_cache=False)
-                for half in (0, 1):
-                    rows = slice((half - i * batch_size) % 2, None, 2)
-                    moments.update([h[rows] for h in states], half)
+                for half, part in halves(states, i):
+                    moments.update(part, half)
     finally:
         model.train(was_training)
     return moments

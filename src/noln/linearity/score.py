@@ -19,13 +19,14 @@ The last HF hidden state is taken after the final norm, so the last block's pair
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from noln.errors import NolnError
+from noln.evaluate.loss import model_device
 
 # Eigenvalues of the (diagonally scaled) Gram matrix below RCOND x the largest are treated as
 # zero: 1e-12 on eigenvalues is 1e-6 on singular values, well above float32 rounding of the
@@ -334,8 +335,20 @@ def scorable_layers(n_layers: int, layers: Sequence[int] | None = None) -> list[
     return sorted(set(layers))
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def token_batches(blocks: np.ndarray, batch_size: int,
+                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(index of the first sequence, int64 ids on device)`` per batch of ``blocks``."""
+    for i in range(0, len(blocks), batch_size):
+        yield i, torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64)).to(device)
+
+
+def halves(states: Sequence[torch.Tensor],
+           start: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(half, states of its sequences)`` of a batch whose first sequence is ``start``: a
+    sequence's half is the parity of its index in ``blocks``."""
+    for half in (0, 1):
+        rows = slice((half - start) % 2, None, 2)
+        yield half, [h[rows] for h in states]
 
 
 @torch.inference_mode()
@@ -348,21 +361,18 @@ def stream_hidden_states(model: torch.nn.Module, blocks: np.ndarray, consume: Ca
     """
     was_training = model.training
     model.eval()
-    device = model_device(model)
     expected = num_layers(model) + 1
     try:
-        for i in range(0, len(blocks), batch_size):
-            ids = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
-            out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        for i, ids in token_batches(blocks, batch_size, model_device(model)):
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
             hs = getattr(out, "hidden_states", None)
             if hs is None or len(hs) != expected:
                 got = "none" if hs is None else len(hs)
                 raise NolnError(f"{type(model).__name__} returned {got} hidden states for "
                                 f"{expected - 1} layers (expected {expected}): linearity needs a "
                                 "causal LM whose forward supports output_hidden_states")
-            for half in (0, 1):
-                rows = slice((half - i) % 2, None, 2)  # global sequence index parity == half
-                consume([h[rows] for h in hs], half)
+            for half, states in halves(hs, i):
+                consume(states, half)
             if progress is not None:
                 progress(min(i + batch_size, len(blocks)), len(blocks))
     finally:
@@ -409,7 +419,7 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     def consume(hs: list[torch.Tensor], half: int) -> None:
         moments.update(hs, half)
         if sample is not None:
-            sample.add(hs, half)
+            sample.add(hs)
 
     stream_hidden_states(model, blocks, consume, batch_size, progress)
     scores = score_pairs(moments, rcond)
