@@ -18,6 +18,7 @@ FakeNorm's all-reduce each rank's sigma tracks its half of the batch: sigmas 7e-
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -54,30 +55,24 @@ def _read(run):
     return load_checkpoint(run / "checkpoints" / "last.pt"), log
 
 
-def test_two_processes_match_one(tiny_model_dir, text_jsonl, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "noln.cli", *_args(tiny_model_dir, text_jsonl, one, 4)],
-                   check=True, env=_env(), timeout=300)
+def _launch_two(*args, env=None):
     # --standalone: the rendezvous takes a free port, so parallel CI jobs do not collide
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", "-m", "noln.cli",
-                    *_args(tiny_model_dir, text_jsonl, two, 2, fmt="both")],
-                   check=True, env=_env(), timeout=300)
-    summary = json.loads((two / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    # one process exported (no two writers racing on the same folders), and it loads
-    assert set(summary["exports"]) == {"hf", "clean"}
-    noln.load_model(two / "model")
-    noln.load_model(two / "model-clean")
+                    "--nproc_per_node", "2", "-m", "noln.cli", *args],
+                   check=True, env=env or _env(), timeout=300)
+
+
+def _assert_same_run(one, two, n_removals=7):
+    """Same removals at the same steps, same sigmas, weights, AdamW moments and losses."""
     a, log_a = _read(one)
     b, log_b = _read(two)
     assert a["step"] == b["step"] == STEPS
-
     events = [[(e["step"], e["site"]) for e in log if e.get("event") == "remove"]
               for log in (log_a, log_b)]
-    assert events[0] == events[1] and len(events[0]) == 7  # every site, at the same steps
+    assert events[0] == events[1] and len(events[0]) == n_removals
     sigmas = [k for k in a["model"] if k.endswith(".sigma")]
     assert len(sigmas) == 7
+    assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         x, y = a["model"][k], b["model"][k]
         if k in sigmas:
@@ -89,7 +84,67 @@ def test_two_processes_match_one(tiny_model_dir, text_jsonl, tmp_path):
                 d = x.shape[0] // 3
                 x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+    # the optimizer state in the one-process format, parameter by parameter
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert [g["params"] for g in opt_a["param_groups"]] == \
+        [g["params"] for g in opt_b["param_groups"]]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and len(opt_a["state"]) == 28
+    for i, sa in opt_a["state"].items():
+        sb = opt_b["state"][i]
+        assert float(sa["step"]) == float(sb["step"]) == STEPS
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[moment], sb[moment], rtol=1e-4, atol=1e-8,
+                                       msg=f"{i} {moment}")
     for key in ("loss", "probe_before", "probe_after"):
         va = [e[key] for e in log_a if key in e]
         vb = [e[key] for e in log_b if key in e]
         assert va == pytest.approx(vb, abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, text_jsonl, tmp_path_factory):
+    one = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, "-m", "noln.cli", *_args(tiny_model_dir, text_jsonl, one, 4)],
+                   check=True, env=_env(), timeout=300)
+    return one
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one(one_process_run, tiny_model_dir, text_jsonl, tmp_path,
+                                 sharding):
+    """DDP replicates the model on each process; FSDP (``--fsdp``) shards weights, gradients
+    and AdamW state. Either way the run is the one-process run."""
+    two = tmp_path / "two"
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    _launch_two(*_args(tiny_model_dir, text_jsonl, two, 2, fmt="both"), *extra)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["sharded"] == (sharding == "fsdp")
+    # one process exported (no two writers racing on the same folders), and it loads
+    assert set(summary["exports"]) == {"hf", "clean"}
+    noln.load_model(two / "model")
+    noln.load_model(two / "model-clean")
+    _assert_same_run(one_process_run, two)
+
+
+def test_sharded_run_resumes_a_one_process_checkpoint(tiny_model_dir, text_jsonl, tmp_path):
+    """Checkpoints have one format: a one-process run stopped at step 12 and resumed on two
+    processes under FSDP (set as ``accelerate launch --use_fsdp`` does, by the environment)
+    ends where the uninterrupted run ends. No --micro-batch-size: each process takes
+    batch / processes, so the config means the same global micro-batch on one or two."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = _args(tiny_model_dir, text_jsonl, whole, 4)
+    args[args.index("--micro-batch-size"): args.index("--micro-batch-size") + 2] = []
+    args[args.index("--checkpoint-every") + 1] = "12"
+    subprocess.run([sys.executable, "-m", "noln.cli", *args], check=True, env=_env(),
+                   timeout=300)
+    shutil.copytree(whole, resumed)
+    ckpts = resumed / "checkpoints"
+    os.replace(ckpts / "prev.pt", ckpts / "last.pt")  # back to the step-12 checkpoint
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 12
+    (resumed / "summary.json").unlink()
+    _launch_two("remove", "--resume", str(resumed), "--quiet",
+                env={**_env(), "ACCELERATE_USE_FSDP": "true"})
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharded"]
+    _assert_same_run(whole, resumed)

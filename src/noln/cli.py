@@ -56,6 +56,9 @@ def remove(
     grad_checkpointing: Annotated[bool | None, typer.Option(
         "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in the "
         "backward pass (less memory)")] = None,
+    fsdp: Annotated[bool | None, typer.Option(
+        "--fsdp/--no-fsdp", help="under a launcher: shard weights, gradients and optimizer "
+        "state over the processes (FSDP2) instead of replicating them (DDP)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option()] = None,
     hellaswag: Annotated[str | None, typer.Option(
         help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
@@ -71,7 +74,7 @@ def remove(
                      batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
                      export_format=format, precision=precision, compile=compile,
-                     grad_checkpointing=grad_checkpointing,
+                     grad_checkpointing=grad_checkpointing, fsdp=fsdp,
                      checkpoint_every=checkpoint_every,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}

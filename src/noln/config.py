@@ -76,6 +76,7 @@ class RemoveConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    fsdp: bool = False  # shard weights, grads, AdamW state over the processes (FSDP2)
     checkpoint_every: int = 50
     guard_factor: float = 3.0  # a loss above this many times its recent mean counts as exploding
     max_retries: int = 3

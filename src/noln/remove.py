@@ -115,14 +115,20 @@ def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer, ctx: int,
     return sets
 
 
+def _from_run_config(out: Path) -> nn.Module:
+    """The run's architecture (``out/base``), randomly initialised: weights come from a
+    checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "base"),
+                                            dtype=torch.float32)
+
+
 def _build(cfg: RemoveConfig, resume: bool):
     """Model, tokenizer, adapter: the pretrained model, or on resume the run's own config."""
     out = Path(cfg.out)
     if resume:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "base"),
-                                                 dtype=torch.float32)
+        model = _from_run_config(out)
         tokenizer = load_tokenizer(out / "base")
     else:
         model = load_pretrained(cfg.model)
@@ -187,6 +193,15 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     state = trainer.fit(resume=resume is not None)
     net = trainer.acc.unwrap_model(trainer.model)
+    if trainer.sharded:  # measure and export a plain copy, gathered on the main process
+        from noln.sharding import full_model_state_dict
+
+        full = full_model_state_dict(net)
+        if ranks.is_main_process:
+            net = _from_run_config(out)
+            adapter = install(net, cfg.momentum)
+            net.load_state_dict(full)
+            net.to(trainer.acc.device)
     net.eval()
     if not ranks.is_main_process:  # the main process measures, exports and writes the summary
         ranks.wait_for_everyone()
@@ -212,7 +227,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [r for r in log if r.get("event") == "guard"], "exports": exported,
-        "world_size": trainer.acc.num_processes, "pid": os.getpid(),
+        "world_size": trainer.acc.num_processes, "sharded": trainer.sharded,
+        "pid": os.getpid(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "

@@ -1,6 +1,7 @@
 """The fine-tuning loop: freeze norm sites on a schedule while training on next-token loss.
 
-Plain PyTorch on ``accelerate`` (device placement, DDP), bf16 autocast on a GPU, read in order:
+Plain PyTorch on ``accelerate`` (device placement, DDP) or FSDP2 (``noln.sharding``), bf16
+autocast on a GPU, read in order:
 removals due -> micro-batches (CE + aux std loss) -> clip -> AdamW step -> guard -> log ->
 checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule position,
 loss history, RNG, data position = the step) is in the checkpoint, so a killed run resumes to
@@ -28,6 +29,13 @@ from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
 from noln.config import RemoveConfig
 from noln.errors import NolnError
 from noln.schedule import FixedSchedule, Schedule
+from noln.sharding import (
+    fsdp_requested,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    load_full_state_dicts,
+    shard,
+)
 
 
 def lr_at(step: int, cfg: RemoveConfig, total_steps: int) -> float:
@@ -109,12 +117,20 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.acc.process_index)  # dropout masks differ by rank
         if cfg.grad_checkpointing:
             enable_activation_checkpointing(model)
+        # FSDP2 (noln.sharding) replaces the parameters: shard first, then build the optimizer
+        self.sharded = fsdp_requested(cfg.fsdp) and world > 1
+        mesh = shard(model, self.acc.device) if self.sharded else None
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=cfg.betas, fused=torch.cuda.is_available())
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if self.sharded:
+            self.model = model
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.teacher = None
         if teacher is not None and cfg.distill > 0:  # the original model, frozen
             self.teacher = teacher.to(self.acc.device).eval().requires_grad_(False)
+            if self.sharded:
+                shard(self.teacher, self.acc.device, mesh)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
@@ -213,12 +229,17 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
+        if self.sharded:  # every rank takes part in gathering the shards
+            model_sd = full_model_state_dict(self.model)
+            optimizer_sd = full_optimizer_state_dict(self.model, self.optimizer)
+        elif self.acc.is_main_process:
+            model_sd = self.acc.unwrap_model(self.model).state_dict()
+            optimizer_sd = self.optimizer.state_dict()
         if not self.acc.is_main_process:
             return
-        model = self.acc.unwrap_model(self.model)
         save_atomic({
-            "model": model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optimizer_sd,
             "step": self.state.step,
             "state": self.state.__dict__.copy(),
             "schedule": self.schedule.state_dict(),
@@ -229,8 +250,11 @@ class Trainer:
         }, self.ckpt_dir / "last.pt")
 
     def restore(self, ckpt: dict) -> None:
-        self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_full_state_dicts(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.schedule.load_state_dict(ckpt["schedule"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -276,11 +300,13 @@ class Trainer:
                 batches = list(self.micro_batches(step))
                 for i, x in enumerate(batches):
                     sync = i == len(batches) - 1
-                    with nullcontext() if sync else self.acc.no_sync(model):
+                    with self._gradient_sync(sync):
                         loss, ce = self.loss(x)
                         self.acc.backward(loss / len(batches))
                     ce_sum += ce / len(batches)
                 grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 ce_mean = self.acc.reduce(ce_sum, reduction="mean")
                 ce_val, grad_norm = torch.stack([ce_mean, torch.as_tensor(
                     grad_norm, device=ce_mean.device, dtype=ce_mean.dtype)]).tolist()  # one sync
@@ -303,6 +329,13 @@ class Trainer:
                         self.state.step == self.total_steps:
                     self.save()
         return self.state
+
+    def _gradient_sync(self, sync: bool):
+        """Gradients cross processes once per step, at the last micro-batch."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync else self.acc.no_sync(self.model)
 
     # -- guard -----------------------------------------------------------------------------
     def _exploded(self, loss: float) -> bool:
