@@ -3,8 +3,11 @@
 ``bench/throughput.py`` times whole runs, removals included (each removal adds two probe
 forward passes). This one isolates what every ordinary step pays: the same model and batch
 as ``throughput.py``'s plain loop, and noln's Trainer with no removal event, every site either
-live or frozen, with and without the aux loss. Median seconds per step after warm-up, the
-best of ``--repeat`` alternating rounds; the ratio is plain / noln (1.0 = no cost).
+live, every site frozen, or *mixed* (each block's first two site kinds frozen, the rest live:
+for GPT-2, ln_2 and ln_1's query/key path frozen while its value path and ln_f are live, the
+state where ln_1's two paths differ), with and without the aux loss. Median seconds per step
+after warm-up, the best of ``--repeat`` alternating rounds; the ratio is plain / noln (1.0 =
+no cost).
 
     OMP_NUM_THREADS=1 python bench/throughput_states.py --threads 1
 """
@@ -24,8 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (the plain loop and the model sizes)
 
+STATES = ("live", "mixed", "frozen")
 
-def noln_step_time(base, blocks: np.ndarray, args, device, aux: float, frozen: bool) -> float:
+
+def noln_step_time(base, blocks: np.ndarray, args, device, aux: float, state: str) -> float:
     from noln.arch import install
     from noln.config import make_config
     from noln.schedule import FixedSchedule
@@ -33,11 +38,13 @@ def noln_step_time(base, blocks: np.ndarray, args, device, aux: float, frozen: b
 
     model = copy.deepcopy(base)
     adapter = install(model)
-    if frozen:  # one train-mode pass gives every EMA a value, then freeze them all
+    if state != "live":  # one train-mode pass gives every EMA a value, then freeze
         model.to(device).train()
         model(torch.from_numpy(blocks[:2].astype(np.int64)).to(device))
-        for site in adapter.site_names():
-            adapter.freeze(site)
+        kinds = adapter.block_kinds[:2] if state == "mixed" else None
+        for name, site in adapter.sites.items():
+            if kinds is None or site.kind in kinds:
+                adapter.freeze(name)
     out = Path(tempfile.mkdtemp(prefix="noln-states-"))
     cfg = make_config(model="bench", data="bench", out=str(out), steps=args.steps,
                       batch_size=args.batch, micro_batch_size=args.micro, ctx=blocks.shape[1],
@@ -67,10 +74,10 @@ def main() -> None:
         times = throughput.plain_loop(copy.deepcopy(base), blocks, args, device)
         res.setdefault("plain", []).append(float(np.median(times[args.warmup:])))
         for aux in (0.0, 0.1):
-            for frozen in (False, True):
-                key = f"noln, every site {'frozen' if frozen else 'live'}, aux {aux}"
+            for state in STATES:
+                key = f"noln, {state if state == 'mixed' else 'every site ' + state}, aux {aux}"
                 res.setdefault(key, []).append(
-                    noln_step_time(base, blocks, args, device, aux, frozen))
+                    noln_step_time(base, blocks, args, device, aux, state))
     plain = min(res["plain"])
     lines = [f"| loop ({args.size}, batch {args.batch} x {ctx}, {device.type}, "
              f"{torch.get_num_threads()} thread(s)) | ms/step (each round) | plain / this |",
