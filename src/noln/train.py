@@ -35,6 +35,7 @@ from noln.sharding import (
     full_optimizer_state_dict,
     load_full_state_dicts,
     shard,
+    transformer_blocks,
 )
 
 
@@ -69,6 +70,24 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation). Every removal
+    changes one FakeNorm's mode, which a compiled graph is specialised on: compiled whole, the
+    model would recompile after each removal (49 for GPT-2 small, past dynamo's limit of 8,
+    after which it silently runs eagerly); compiled per block, blocks in the same state share a
+    graph, so a run compiles one per combination of its sites' modes (about 4)."""
+    import torch._dynamo
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise NolnError(f"--compile: {type(model).__name__} names no transformer block class "
+                        "(_no_split_modules): run without --compile")
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)  # a safety margin (see docstring)
+    for block in blocks:
+        block.compile()
 
 
 @dataclass
@@ -131,7 +150,8 @@ class Trainer:
             self.teacher = teacher.to(self.acc.device).eval().requires_grad_(False)
             if self.sharded:
                 shard(self.teacher, self.acc.device, mesh)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        if cfg.compile:
+            compile_blocks(model)
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
         self.ckpt_dir = self.out / "checkpoints"
@@ -168,14 +188,16 @@ class Trainer:
         final = self.adapter.final_norm
         final.capture_std = aux_on
         with self.autocast():
-            out = self.forward_model(input_ids=x, output_hidden_states=self.cfg.cos_reg > 0)
+            out = self.model(input_ids=x, use_cache=False,
+                             output_hidden_states=self.cfg.cos_reg > 0)
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
         if self.teacher is not None:
             # stay close to the original's whole distribution, not only the data's next token
             with torch.no_grad(), self.autocast():
-                ref = F.log_softmax(self.teacher(input_ids=x).logits[:, :-1].float(), dim=-1)
+                ref = self.teacher(input_ids=x, use_cache=False).logits[:, :-1].float()
+                ref = F.log_softmax(ref, dim=-1)
             kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
             loss = (1 - self.cfg.distill) * ce + self.cfg.distill * kl
         if aux_on:
@@ -204,7 +226,7 @@ class Trainer:
         model.eval()
         x = torch.from_numpy(np.asarray(self.probe_blocks, np.int64)).to(self.acc.device)
         with self.autocast():
-            logits = model(input_ids=x).logits[:, :-1].float()
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         model.train(was)
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         if self.acc.num_processes > 1:  # removal decisions must agree on every rank
