@@ -191,6 +191,9 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
+    if cfg.fsdp and not trainer.sharded:
+        console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
+                      "launch, torchrun); this run has one process, so nothing is sharded[/]")
     state = trainer.fit(resume=resume is not None)
     net = trainer.acc.unwrap_model(trainer.model)
     if trainer.sharded:  # measure and export a plain copy, gathered on the main process
