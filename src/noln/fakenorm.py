@@ -29,14 +29,19 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _global_mean(std: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The (masked) mean of ``std`` over every process's tokens: the value one process holding
-    the whole global micro-batch would compute, identical on every rank. One all-reduce of
-    (sum, count); every rank must call it the same number of times, in the same order."""
+def batch_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The (masked) mean of ``values`` over the micro-batch; in a multi-process run over every
+    process's share of it: the value one process holding the whole global micro-batch would
+    compute, identical on every rank. One all-reduce of (sum, count) there; every rank must
+    call it the same number of times, in the same order."""
+    if not _data_parallel():
+        if mask is None:
+            return values.mean()
+        return (values * mask).sum() / mask.sum().clamp_min(1.0)
     if mask is None:
-        stats = torch.stack([std.sum(), std.new_full((), float(std.numel()))])
+        stats = torch.stack([values.sum(), values.new_full((), float(values.numel()))])
     else:
-        stats = torch.stack([(std * mask).sum(), mask.sum()])
+        stats = torch.stack([(values * mask).sum(), mask.sum()])
     dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     return stats[0] / stats[1].clamp_min(1.0)
 
@@ -91,12 +96,7 @@ class FakeNorm(nn.Module):
             mask = self.std_mask.to(std.dtype)
             # per-head norms (Qwen3 q_norm / k_norm) see [batch, seq, heads]: mask each head
             mask = mask.reshape(*mask.shape, *(1,) * (std.dim() - mask.dim())).expand_as(std)
-        if _data_parallel():
-            batch_std = _global_mean(std, mask)
-        elif mask is not None:
-            batch_std = (std * mask).sum() / mask.sum().clamp_min(1.0)
-        else:
-            batch_std = std.mean()
+        batch_std = batch_mean(std, mask)
         first = self.n_updates == 0
         ema = self.momentum * self.sigma + (1 - self.momentum) * batch_std
         self.sigma.copy_(torch.where(first, batch_std, ema))

@@ -82,9 +82,15 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     if not by_name:
         return {}
     index = {n: i for i, n in enumerate(param_names(model, optimizer))}
-    return {"state": {index[n]: s for n, s in by_name["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                             for g in by_name["param_groups"]]}
+    return _rekey(by_name, index)
+
+
+def _rekey(optimizer_sd: dict, key: dict | list) -> dict:
+    """An optimizer state dict with each parameter's key ``k`` replaced by ``key[k]`` (index to
+    name, or name to index)."""
+    return {"state": {key[k]: s for k, s in optimizer_sd["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]}
+                             for g in optimizer_sd["param_groups"]]}
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -100,8 +106,5 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.state.clear()
     if not optimizer_sd["state"]:  # saved before the first step: nothing to load (see above)
         return
-    names = param_names(model, optimizer)
-    by_name = {"state": {names[i]: s for i, s in optimizer_sd["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                for g in optimizer_sd["param_groups"]]}
+    by_name = _rekey(optimizer_sd, param_names(model, optimizer))
     set_optimizer_state_dict(model, optimizer, by_name, options=_options())

@@ -28,6 +28,7 @@ from noln.arch import NormAdapter
 from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
 from noln.config import RemoveConfig
 from noln.errors import NolnError
+from noln.fakenorm import batch_mean
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -203,12 +204,7 @@ class Trainer:
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s = final.input_std
-            if self.acc.num_processes > 1:  # the target is the whole global micro-batch's
-                stats = torch.stack([(s * keep).sum().detach(), keep.sum().to(s.dtype)])
-                stats = self.acc.reduce(stats, reduction="sum")
-                s_star = stats[0] / stats[1].clamp_min(1)
-            else:
-                s_star = ((s * keep).sum() / keep.sum().clamp_min(1)).detach()
+            s_star = batch_mean(s.detach(), keep.to(s.dtype))  # the global micro-batch's
             loss = loss + self.cfg.aux_weight * (s - s_star).pow(2).mean()
             final.capture_std, final.input_std = False, None
         if self.cfg.cos_reg > 0:
