@@ -146,6 +146,72 @@ def test_hellaswag_on_reference_model_matches_brute_force():
     assert (scores.loglik < 0).all() and (scores.n_tokens > 0).all()
 
 
+def _count_unpacked(monkeypatch) -> list[int]:
+    """Items scored one row per ending (the packed path scores one item that way as its check)."""
+    import noln.evaluate.hellaswag as hs
+
+    calls: list[int] = []
+    plain = hs._score_rows
+
+    def counting(model, rows, *args):
+        calls.append(len(rows))
+        return plain(model, rows, *args)
+
+    monkeypatch.setattr(hs, "_score_rows", counting)
+    return calls
+
+
+def test_shared_context_equals_brute_force_on_the_reference_model(monkeypatch):
+    """The packed scorer (context once, four masked endings with their own positions, logits
+    only where an ending token is predicted) against one unpadded row per ending, item by
+    item; every item packs, so only the check item is scored unpacked."""
+    from noln.loading import load_model
+
+    model, tok = load_model(shared_path("models", "ref-gpt2-6L"))
+    items = load_hellaswag(shared_path("data", "hellaswag", "validation.jsonl"))[::997][:8]
+    calls = _count_unpacked(monkeypatch)
+    scores = score_items(model, tok, items, batch_size=3)
+    assert calls == [1]
+    np.testing.assert_allclose(scores.loglik, brute_force_loglik(model, tok, items, 256),
+                               atol=1e-4, rtol=0)
+
+
+def test_shared_context_equals_brute_force_on_llama_gqa_rotary(ref_tok, hs_items, monkeypatch):
+    """Rotary positions and grouped-query attention: each ending must be rotated from the
+    context's length, not from where it sits in the packed row. n_positions 96 also sends the
+    items that would be cut from the left down the unpacked path in the same call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(ref_tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=96, rope_theta=100.0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    calls = _count_unpacked(monkeypatch)
+    scores = score_items(model, ref_tok, hs_items, batch_size=4)
+    cut = sum(len(e.ctx) + max(map(len, e.endings)) > 97 for e in encode_items(hs_items, ref_tok))
+    assert 0 < cut < len(hs_items) and sum(calls) == 1 + cut
+    np.testing.assert_allclose(scores.loglik, brute_force_loglik(model, ref_tok, hs_items, 96),
+                               atol=1e-4, rtol=0)
+
+
+class IgnoresMask(GPT2LMHeadModel):
+    """A model that drops the attention mask and position ids: packing would be wrong."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, **kwargs)
+
+
+def test_a_model_that_ignores_the_packing_mask_is_scored_unpacked(ref_tok, hs_items):
+    model = tiny(len(ref_tok), n_positions=256)
+    broken = IgnoresMask(model.config).eval()
+    broken.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match="unpacked"):
+        got = score_items(broken, ref_tok, hs_items, share_context=True).loglik
+    want = score_items(model, ref_tok, hs_items, share_context=False).loglik
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_hub_items_are_cleaned_like_the_harness(monkeypatch):
     import datasets
 
