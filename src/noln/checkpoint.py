@@ -7,18 +7,42 @@ Each save writes ``last.pt.tmp``, flushes it to disk, keeps the previous checkpo
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from noln.errors import NolnError
+
+
+class UnsafeCheckpoint(NolnError):
+    """A checkpoint that only unpickling arbitrary objects could read: refused, never loaded."""
+
+
+def plain(obj):
+    """``obj`` with numpy scalars and arrays made Python numbers and tensors, tuples kept: what
+    ``torch.load(weights_only=True)`` reads without unpickling any class."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(plain(obj), f)
         f.flush()
         os.fsync(f.fileno())
     if path.exists():
@@ -27,21 +51,39 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint dict; a torn or foreign file is a clear error naming the fallback."""
+    """A checkpoint dict; a torn or foreign file is a clear error naming the fallback.
+
+    Loaded with ``weights_only=True``: tensors, numbers, strings and containers only, so a
+    crafted file cannot run code. A file that needs more (a checkpoint from before noln kept
+    its state plain, or a pickle with objects in it) is refused, never unpickled."""
     path = Path(path)
     if not path.is_file():
         raise NolnError(f"checkpoint '{path}' does not exist: was the run started with this --out?")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        prev = path.with_name("prev.pt")
-        hint = f"resume from '{prev}' instead" if prev.exists() and prev != path else \
-            "delete it and start the run again"
-        raise NolnError(f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}): "
-                        f"{hint}") from None
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is not news
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused is None:  # an opcode torch's safe unpickler does not read: not a checkpoint
+            raise NolnError(_corrupt(path, e)) from None
+        raise UnsafeCheckpoint(
+            f"checkpoint '{path}' holds a Python object ({refused.group(1)}) that noln will not "
+            "unpickle, since unpickling can run code: it is not a checkpoint this noln wrote (or "
+            "one from an older noln); start the run again, or load it yourself only if you trust "
+            "its source") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a torn zip
+        raise NolnError(_corrupt(path, e)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         raise NolnError(f"'{path}' is not a noln checkpoint (no model state or step)")
     return ckpt
+
+
+def _corrupt(path: Path, e: Exception) -> str:
+    prev = path.with_name("prev.pt")
+    hint = f"resume from '{prev}' instead" if prev.exists() and prev != path else \
+        "delete it and start the run again"
+    return f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}): {hint}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -52,6 +94,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
         try:
             load_checkpoint(last)
             return last
+        except UnsafeCheckpoint:
+            raise  # never quietly step around a crafted file
         except NolnError:
             if not prev.exists():
                 raise
@@ -64,16 +108,16 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
     its FakeNorms in the state they were saved in."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from noln.arch import install
-    from noln.loading import load_tokenizer
+    from noln.loading import load_config, load_tokenizer
 
     path = Path(path)
     ckpt_path = path if path.is_file() else latest_checkpoint(path)
     run_dir = ckpt_path.parent.parent
     ckpt = load_checkpoint(ckpt_path)
-    config = AutoConfig.from_pretrained(run_dir / "base")
+    config = load_config(run_dir / "base")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install(model)
     model.load_state_dict(ckpt["model"])

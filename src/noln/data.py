@@ -70,8 +70,13 @@ def _local_files(path: Path) -> list[Path]:
 def read_jsonl(path: Path, expected: str) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` of a JSON-lines file, blank lines skipped; a bad line is a
     NolnError naming the file, the line and ``expected`` (what each line should hold)."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise NolnError(f"{path}:{lineno} is not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                f"column {e.start + 1}): save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -83,12 +88,22 @@ def read_jsonl(path: Path, expected: str) -> Iterator[tuple[int, object]]:
 
 def _file_documents(path: Path) -> Iterator[str]:
     if path.suffix in (".jsonl", ".json"):
-        for _, record in read_jsonl(path, "one object with a 'text' field per line"):
+        for lineno, record in read_jsonl(path, "one object with a 'text' field per line"):
             text = record.get("text") if isinstance(record, dict) else None
+            if text is not None and not isinstance(text, str):
+                raise NolnError(f"{path}:{lineno}: 'text' is a {type(text).__name__}, not a "
+                                "string: each line needs {\"text\": \"...\"}")
             if text:
                 yield text
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        if b"\0" in data[:65536]:
+            raise NolnError(f"'{path}' is not a text file (it holds NUL bytes: binary data?): "
+                            "point --data at UTF-8 text")
+        text = data.decode("utf-8", errors="replace")
+        if text.count("\ufffd") > max(16, len(text) // 100):  # >1% undecodable: not UTF-8
+            raise NolnError(f"'{path}' is not UTF-8 text ({text.count(chr(0xFFFD)):,} "
+                            "undecodable bytes): save it as UTF-8")
         if text.strip():
             yield text
 

@@ -418,10 +418,10 @@ def load_linearized(path: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a folder written by ``save_linearized``."""
     from safetensors.torch import load_file
 
-    from noln.loading import load_model, load_tokenizer
+    from noln.loading import load_model, load_tokenizer, read_json
 
     path = Path(path).expanduser()
-    meta = json.loads((path / META_FILE).read_text())
+    meta = read_json(path / META_FILE)
     if meta.get("format") != FORMAT:
         raise NolnError(f"{path / META_FILE} is not a noln linearised model (format "
                         f"{meta.get('format')!r}): point at a folder written by noln linearize")
