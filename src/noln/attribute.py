@@ -254,11 +254,14 @@ def attribute_cmd(
     from noln.evaluate.commands import resolve_device, short_names
     from noln.interop import hooked_transformer
     from noln.report import json_safe, rich_table
+    from noln.runfolder import check_output_file
 
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
     if top < 1:
         raise NolnError(f"--top {top}: show at least 1 component")
+    check_output_file(plot, "--plot")
+    check_output_file(json_out, "--json")
     dev = resolve_device(device)
     names = short_names(models)
     tls = {key: hooked_transformer(path, device=dev, allow_ln=True)

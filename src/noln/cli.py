@@ -3,12 +3,14 @@ linearize, attribute. Every user-fixable problem is one red line and exit code 2
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from noln.attribute import attribute_cmd
 from noln.errors import NolnError
@@ -19,6 +21,18 @@ app = typer.Typer(help="Remove normalisation from pretrained transformers, evalu
                   "left, and measure layer linearity.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
+
+
+@app.callback()
+def _options(
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="run Python code shipped with a model folder or Hub repo "
+        "(config.json auto_map); off by default, so such a model is refused. Any position: "
+        "`noln eval MODEL --trust-remote-code` works too")] = False,
+) -> None:
+    from noln.loading import set_trust_remote_code
+
+    set_trust_remote_code(trust_remote_code)
 
 
 @app.command()
@@ -64,10 +78,16 @@ def remove(
         help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
         "split; or a local .jsonl)")] = None,
     hellaswag_limit: Annotated[int | None, typer.Option(help="only the first N items")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the noln run already in "
+                                            "--out (only the files noln wrote)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
-    """Fine-tune MODEL on --data while removing every LayerNorm; export and evaluate it."""
-    from noln.config import RemoveConfig, make_config
+    """Fine-tune MODEL on --data while removing every LayerNorm; export and evaluate it.
+
+    With --resume RUN, the run keeps its model, data, ctx, batch size, seed and schedule;
+    --lr, --steps/--tokens, --checkpoint-every, --format and the precision/memory options may
+    change (a new --lr also resets the guard's lowered one)."""
+    from noln.config import make_config, read_config_file
     from noln.remove import remove_layernorm, remove_with_control
 
     overrides = dict(tokens=tokens, steps=steps, schedule=schedule, eval_data=eval_data,
@@ -75,33 +95,46 @@ def remove(
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
                      export_format=format, precision=precision, compile=compile,
                      grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-                     checkpoint_every=checkpoint_every,
+                     checkpoint_every=checkpoint_every, keep_ln=True if keep_ln else None,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     sets = parse_sources(eval or [])
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
                         "`noln eval MODEL --hellaswag`")
-    if resume is not None and not control:
-        result = remove_layernorm(resume=resume, eval_sets=sets, progress=not quiet)
+    if hellaswag_limit is not None and hellaswag_limit < 1:
+        raise NolnError(f"--hellaswag-limit {hellaswag_limit} is invalid: must be >= 1; e.g. "
+                        "--hellaswag-limit 1000")
+    if resume is not None:
+        if config is not None:
+            raise NolnError("--resume takes its settings from the run's config.yaml: drop "
+                            "--config (flags such as --lr may still change, see --help)")
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise NolnError(f"--out {out} differs from --resume {resume}: a resumed run stays "
+                            "in its folder; drop --out")
+        if control:
+            remove_with_control(model, data, resume, resume=True, eval_sets=sets,
+                                hellaswag=hellaswag, hellaswag_limit=hellaswag_limit,
+                                **overrides)
+            return
+        result = remove_layernorm(model, data, resume=resume, eval_sets=sets, **overrides)
         _print_summary(result.summary)
         return
-    if config is not None:
-        base = RemoveConfig.from_yaml(config).model_dump()
-        model, data = model or base.pop("model"), data or base.pop("data", None)
-        out = out or Path(base.pop("out"))
+    if config is not None:  # the file's values under the flags' (None: not given)
+        base = read_config_file(config)
+        model, data = model or base.pop("model", None), data or base.pop("data", None)
+        out = out or (Path(base.pop("out")) if base.get("out") else None)
         overrides = {**{k: v for k, v in base.items() if k not in ("model", "data", "out")},
                      **overrides}
     if model is None:
         raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
     out = out or Path("runs") / Path(model).name
+    cfg = make_config(model=model, data=data, out=out, **overrides)  # every value checked now
     if control:
-        remove_with_control(model, data, resume or out, resume=resume is not None,
-                            eval_sets=sets, hellaswag=hellaswag,
-                            hellaswag_limit=hellaswag_limit, **overrides)
+        remove_with_control(model, data, out, eval_sets=sets, hellaswag=hellaswag,
+                            hellaswag_limit=hellaswag_limit, overwrite=overwrite, **overrides)
         return
-    make_config(model=model, data=data, out=out, keep_ln=keep_ln, **overrides)  # validate early
-    result = remove_layernorm(model, data, out, keep_ln=keep_ln, eval_sets=sets, **overrides)
+    result = remove_layernorm(config=cfg, eval_sets=sets, overwrite=overwrite)
     _print_summary(result.summary)
 
 
@@ -130,16 +163,20 @@ def export(
 
     from noln.arch import install
     from noln.checkpoint import load_run_model
-    from noln.export import export_model
+    from noln.export import EXPORT_FORMATS, check_export_target, export_model
+    from noln.remove import read_log
+    from noln.runfolder import check_output_dir
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise NolnError(f"unknown --dtype '{dtype}': use {', '.join(dtypes)}")
+    if format not in EXPORT_FORMATS:
+        raise NolnError(f"unknown --format '{format}': use {' or '.join(EXPORT_FORMATS)}")
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
+    check_export_target(out, source=run_dir)  # before loading anything
+    check_output_dir(out.parent, "--out")
     model, tok = load_run_model(checkpoint)
     adapter = install(model)
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
-    from noln.remove import read_log
-
     events = [r for r in read_log(run_dir / "log.jsonl") if r.get("event") == "remove"]
     path = export_model(adapter, tok, out, format, dtypes[dtype], events)
     console.print(f"wrote {format} export ({dtype}) to {path}")
@@ -174,6 +211,9 @@ def pretrain(
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue a killed run in OUT")] = False,
     cos_reg: Annotated[float, typer.Option(help="cosine linearity regulariser weight")] = 0.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the pretraining run "
+                                            "already in --out (only the files noln wrote)")] =
+    False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Pretrain a small model with LayerNorm from scratch (own BPE tokenizer)."""
@@ -181,7 +221,7 @@ def pretrain(
 
     r = run(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
             vocab_size=vocab_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
-            seed=seed, progress=not quiet, resume=resume, cos_reg=cos_reg)
+            seed=seed, progress=not quiet, resume=resume, cos_reg=cos_reg, overwrite=overwrite)
     ce = r.summary["val_ce"]
     console.print(f"pretrained {r.summary['n_params']:,} parameters on {r.summary['tokens']:,} "
                   f"tokens; val CE {ce['mean']:.4f} ± {ce['ci95']:.4f}; model in {r.out}")
@@ -222,15 +262,88 @@ def fill_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def _interrupt_hint(argv: list[str]) -> str:
+    """What to do after Ctrl-C: a training command names the way to continue it."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+
+    def value(flag: str) -> str | None:
+        return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), None)
+
+    if command == "remove":
+        run = value("--resume") or value("--out")
+        return ("interrupted: the run keeps its last checkpoint; continue it with `noln remove "
+                f"--resume {run or 'OUT'}`" + (" --control" if "--control" in argv else ""))
+    if command == "pretrain":
+        return "interrupted: the run keeps its last checkpoint; add --resume to the same command"
+    return "interrupted"
+
+
+def _expected(e: BaseException) -> str | None:
+    """One line for failures a user can act on that are not NolnErrors (disk, memory)."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return ("out of memory: lower --batch-size / --micro-batch-size or --ctx, or use "
+                "--grad-checkpointing (details: NOLN_DEBUG=1)")
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" ('{e.filename}')" if e.filename else ""
+        return f"{e.strerror or type(e).__name__}{where}: check the path, its permissions and " \
+            "free disk space"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``noln`` entry point: every failure is one line on stderr (exit 2 for anything the
+    user can fix, 1 for a bug, 130 for Ctrl-C); ``NOLN_DEBUG=1`` prints the whole traceback."""
+    argv = fill_optional_values(sys.argv[1:] if argv is None else argv)
+    if "--trust-remote-code" in argv:  # a global option, accepted after the command too
+        argv = ["--trust-remote-code", *(a for a in argv if a != "--trust-remote-code")]
+    debug = os.environ.get("NOLN_DEBUG", "") not in ("", "0")
+    err = Console(stderr=True)
+
+    def fail(message: str, code: int, e: BaseException | None = None) -> None:
+        if debug and e is not None:
+            import traceback
+
+            chain = e
+            while chain is not None:  # show the context noln's `from None` hid
+                chain.__suppress_context__ = False
+                chain = chain.__cause__ or chain.__context__
+            traceback.print_exception(e)
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
     try:
-        app(args=fill_optional_values(sys.argv[1:]))
+        # standalone_mode=False: exceptions reach us (typer would turn Ctrl-C into exit 130
+        # before noln could say how to continue)
+        code = app(args=argv, prog_name="noln", standalone_mode=False)
     except NolnError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(e), 2, e)
+    except typer.Abort:
+        err.print("[yellow]aborted[/]")
+        sys.exit(1)
     except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted: resume with --resume OUT[/]")
+        err.print(f"[yellow]{escape(_interrupt_hint(argv))}[/]", highlight=False, soft_wrap=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+        if hasattr(e, "exit_code") and hasattr(e, "format_message"):  # click's usage errors
+            message = e.format_message()
+            ctx = getattr(e, "ctx", None)
+            if not message and ctx is not None:  # a command given no arguments: its help
+                typer.echo(ctx.get_help())
+                sys.exit(e.exit_code)
+            command = f"noln {ctx.command_path.split(' ', 1)[1]}" if ctx is not None and \
+                " " in ctx.command_path else "noln"
+            fail(f"{message} (see `{command} --help`)", e.exit_code)
+        expected = _expected(e)
+        if expected is not None:
+            fail(expected, 2, e)
+        fail(f"internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]}): please "
+             "report it; NOLN_DEBUG=1 shows the traceback", 1, e)
+    if code == 130:  # typer's own handling of Ctrl-C in a command
+        err.print(f"[yellow]{escape(_interrupt_hint(argv))}[/]", highlight=False, soft_wrap=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # python -m noln.cli

@@ -2,17 +2,24 @@
 
 Presets hold the anchors' hyperparameters (METHODS.md section 1) for GPT-2 small..XL; any other
 model gets the ``default`` preset, whose fixed schedule is scaled to its depth and step count.
+
+Every setting of a run is validated here, once, before any model loads: ranges are pydantic
+``Field`` constraints, a schedule file's keys and values are checked by ``ScheduleFile``, and
+each error becomes one ``NolnError`` naming the flag (or config key) and a valid value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from noln.errors import NolnError
+
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Gap = Annotated[int, Field(ge=1)]
 
 
 class AdaptiveConfig(BaseModel):
@@ -23,65 +30,159 @@ class AdaptiveConfig(BaseModel):
     uses the mean training loss over the last ``window`` steps instead.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     signal: Literal["probe", "train"] = "probe"
-    tolerance: float = 0.01  # nats above the pre-removal loss that count as "recovered"
-    window: int = 4  # steps averaged for signal=train
-    min_gap: int = 2  # never remove two sites closer than this
-    max_gap: int = 40  # remove anyway after this many steps
-    finish_by: float = 0.6  # every site removed by this fraction of the run, whatever the loss
+    # nats above the pre-removal loss that count as "recovered" (negative: must improve on it)
+    tolerance: float = 0.01
+    window: int = Field(4, ge=1)  # steps averaged for signal=train
+    min_gap: int = Field(2, ge=1)  # never remove two sites closer than this
+    max_gap: int = Field(40, ge=1)  # remove anyway after this many steps
+    # every site removed by this fraction of the run, whatever the loss
+    finish_by: float = Field(0.6, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _gaps(self) -> AdaptiveConfig:
+        if self.min_gap > self.max_gap:
+            raise ValueError(f"adaptive min_gap {self.min_gap} is above max_gap {self.max_gap}: "
+                             "make min_gap <= max_gap")
+        return self
 
 
 class FixedConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    start: int | None = None  # first removal step; None: 7% of the run
-    gaps: dict[str, int] | None = None  # steps between removals, per site kind; None: even gaps
-    finish_by: float = 0.55  # with gaps=None, the last removal falls at this fraction of the run
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    start: int | None = Field(None, ge=0)  # first removal step; None: 7% of the run
+    gaps: dict[str, Gap] | None = None  # steps between removals, per site kind; None: even gaps
+    # with gaps=None, the last removal falls at this fraction of the run
+    finish_by: float = Field(0.55, gt=0, le=1)
+
+
+class ScheduleEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: int = Field(ge=0)
+    site: str
+
+
+class ScheduleFile(BaseModel):
+    """What a ``--schedule FILE.yaml`` may hold: explicit ``events``, or a ``type`` (fixed or
+    adaptive) with that type's settings. Strict: a typo'd key or a quoted number is an error
+    (YAML reads ``1e-2`` as text; write ``0.01``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    type: Literal["fixed", "adaptive", "events"] | None = None
+    events: list[ScheduleEvent] | None = None
+    order: list[str] | None = None
+    start: int | None = Field(None, ge=0)
+    gaps: dict[str, Gap] | None = None  # fixed
+    finish_by: float | None = Field(None, gt=0, le=1)  # fixed and adaptive
+    signal: Literal["probe", "train"] | None = None  # adaptive from here on
+    tolerance: float | None = None
+    window: int | None = Field(None, ge=1)
+    min_gap: int | None = Field(None, ge=1)
+    max_gap: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScheduleFile:
+        kind = self.type or ("events" if self.events is not None else "fixed")
+        if kind == "events" and self.events is None:
+            raise ValueError("type 'events' needs an 'events' list of {step: N, site: NAME}")
+        own = {"events": {"type", "events"}, "fixed": {"type", "order", "start", "gaps",
+                                                        "finish_by"},
+               "adaptive": {"type", "order", "start", "finish_by", "signal", "tolerance",
+                            "window", "min_gap", "max_gap"}}[kind]
+        foreign = sorted(self.model_fields_set - own)
+        if foreign:
+            raise ValueError(f"'{foreign[0]}' is not a setting of a {kind} schedule (its keys: "
+                             f"{', '.join(sorted(own))})")
+        if kind == "adaptive":
+            try:
+                AdaptiveConfig(**self.model_dump(include=set(AdaptiveConfig.model_fields),
+                                                 exclude_none=True))
+            except ValidationError as e:
+                raise ValueError(describe(e, _dotted, lambda loc: None)) from None
+        return self
+
+
+def check_schedule_file(path: str | Path) -> ScheduleFile:
+    """Read and validate a schedule file (sites and steps are checked against the model later,
+    in ``noln.schedule.build_schedule``, still before training)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise NolnError(f"cannot read schedule file '{path}' ({why}): --schedule takes fixed, "
+                        "adaptive or a YAML file") from None
+    except yaml.YAMLError as e:
+        raise NolnError(f"schedule file '{path}' is not valid YAML "
+                        f"({' '.join(str(e).split())})") from None
+    if not isinstance(spec, dict):
+        raise NolnError(f"schedule file '{path}' must be a mapping with 'events' or 'type' "
+                        "(see the README's schedule example)")
+    try:
+        return ScheduleFile(**spec)
+    except ValidationError as e:
+        raise NolnError(f"schedule file '{path}': {describe(e, _dotted, lambda loc: None)}") \
+            from None
 
 
 class RemoveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str
-    data: str = "openwebtext"
+    model: str = Field(min_length=1)
+    data: str = Field("openwebtext", min_length=1)
     eval_data: str | None = None  # held-out text; None: a slice held back from --data
-    eval_tokens: int = 65_536
-    probe_blocks: int = 8  # held-out sequences measuring each removal's cost (and recovery)
+    eval_tokens: int = Field(65_536, ge=1)
+    # held-out sequences measuring each removal's cost (and recovery)
+    probe_blocks: int = Field(8, ge=1)
     out: Path = Path("runs/noln")
     # budget and batch
-    tokens: int | None = None  # training tokens; overrides steps
-    steps: int = 300
-    batch_size: int = 32  # sequences per optimiser step (all processes together)
-    micro_batch_size: int | None = None  # per forward pass; the rest is gradient accumulation
-    ctx: int | None = None  # None: the model's context, at most 1024
+    tokens: int | None = Field(None, ge=1)  # training tokens; overrides steps
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)  # sequences per optimiser step (all processes together)
+    # per forward pass; the rest is gradient accumulation
+    micro_batch_size: int | None = Field(None, ge=1)
+    ctx: int | None = Field(None, ge=2)  # None: the model's context, at most 1024
     # optimiser (nanoGPT / paper 1)
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
     # removal
     keep_ln: bool = False  # the control: same run, no norm ever frozen
-    schedule: str = "adaptive"  # fixed | adaptive | path/to/schedule.yaml
+    schedule: str = Field("adaptive", min_length=1)  # fixed | adaptive | path/to/schedule.yaml
     fixed: FixedConfig = Field(default_factory=FixedConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
-    momentum: float = 0.9  # EMA of the per-token std
+    momentum: Fraction = 0.9  # EMA of the per-token std
     exclude_special: bool = True  # position 0 and EOT tokens do not count in sigma's estimate
-    aux_weight: float = 0.1  # paper 2's std-equalising loss on the residual entering ln_f
-    cos_reg: float = 0.0  # linearity paper's cosine regulariser between consecutive layers
-    distill: float = 0.0  # loss = (1 - distill) CE + distill KL(original || model); 0: pure CE
+    aux_weight: float = Field(0.1, ge=0)  # paper 2's std-equalising loss on the residual at ln_f
+    cos_reg: float = Field(0.0, ge=0)  # linearity paper's cosine regulariser between layers
+    # loss = (1 - distill) CE + distill KL(original || model); 0: pure CE
+    distill: float = Field(0.0, ge=0, le=1)
     # runtime
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     fsdp: bool = False  # shard weights, grads, AdamW state over the processes (FSDP2)
-    checkpoint_every: int = 50
-    guard_factor: float = 3.0  # a loss above this many times its recent mean counts as exploding
-    max_retries: int = 3
+    checkpoint_every: int = Field(50, ge=1)
+    # a loss above this many times its recent mean counts as exploding
+    guard_factor: float = Field(3.0, gt=1)
+    max_retries: int = Field(3, ge=0)
     export_format: Literal["hf", "clean", "both", "none"] = "hf"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RemoveConfig:
+        micro = self.micro_batch_size
+        if micro is not None and self.batch_size % micro:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of micro batch "
+                             f"{micro}: give --micro-batch-size {_divisor(self.batch_size, micro)}"
+                             f" or --batch-size {micro * max(1, round(self.batch_size / micro))}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
+                             f"would rise; give min_lr <= {self.lr:g}")
+        return self
 
     def resolved_steps(self, ctx: int) -> int:
         if self.tokens is not None:
@@ -93,11 +194,23 @@ class RemoveConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> RemoveConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise NolnError(f"cannot read config '{path}': {e}") from None
-        return make_config(**{**data, **overrides})
+        return make_config(**{**read_config_file(path), **overrides})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a ``--config`` YAML file (keys are checked by ``make_config``)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise NolnError(f"cannot read config '{path}' ({why}): check the path") from None
+    except yaml.YAMLError as e:
+        raise NolnError(f"config '{path}' is not valid YAML ({' '.join(str(e).split())})") \
+            from None
+    if not isinstance(data, dict):
+        raise NolnError(f"config '{path}' must be a mapping of RemoveConfig fields "
+                        "(model: gpt2, data: ..., lr: ...)")
+    return data
 
 
 # Anchors: paper 2 (Baroni et al.) for small..XL; batch 512 x 1024 tokens, 300 steps.
@@ -125,15 +238,193 @@ def preset_for(model: str) -> dict:
     return PRESETS.get(name, PRESETS["default"])
 
 
+# RemoveConfig fields set by a `noln remove` flag of another name than --field-name
+FLAG_NAMES = {"export_format": "--format", "progress": "--quiet"}
+# fields with no flag of their own: reachable through --config FILE.yaml only
+CONFIG_ONLY = {"eval_tokens", "probe_blocks", "min_lr", "warmup_steps", "weight_decay", "betas",
+               "grad_clip", "fixed", "adaptive", "momentum", "exclude_special", "guard_factor",
+               "max_retries"}
+
+
+def flag_name(loc: tuple) -> str:
+    """How a user sets the field at ``loc``: ``--batch-size`` or ``config key 'min_lr'``."""
+    if not loc:
+        return "config"
+    if loc[0] in CONFIG_ONLY or len(loc) > 1:
+        return f"config key '{_dotted(loc)}'"
+    return FLAG_NAMES.get(str(loc[0]), "--" + str(loc[0]).replace("_", "-"))
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc)
+
+
+def _divisor(n: int, near: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= near)
+
+
+_RULES = {
+    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}", "less_than": "must be < {lt}",
+    "finite_number": "must be a finite number", "literal_error": "must be {expected}",
+    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number", "float_type": "must be a number",
+    "float_parsing": "must be a number", "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false", "string_type": "must be text",
+    "string_too_short": "must not be empty", "dict_type": "must be a mapping",
+    "list_type": "must be a list", "tuple_type": "must be a list",
+    "missing": "is required",
+}
+
+
+def describe(e: ValidationError, name, example) -> str:
+    """One line for the first error of ``e``: what is wrong with which setting, and a valid
+    value. ``name(loc)`` says how the user sets it, ``example(loc)`` a valid value or None."""
+    err = e.errors()[0]
+    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
+    if kind == "value_error":  # our own model validators: the message is complete
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return f"unknown setting '{_dotted(loc)}': check its spelling"
+    rule = _RULES.get(kind, str(err["msg"]).lower()).format(**ctx)
+    if kind == "float_type" and isinstance(err.get("input"), str):
+        rule += ", not text (YAML reads 1e-2 and quoted numbers as text: write 0.01)"
+    where, good = name(loc), example(loc)
+    shown = f" {err['input']!r}" if kind != "missing" else ""
+    if where.startswith("--"):
+        return f"{where}{shown} is invalid: {rule}" + (f"; e.g. {where} {good}" if good is not
+                                                       None else "")
+    return f"{where} ={shown} is invalid: {rule}" + (f" (e.g. {_dotted(loc)}: {good})" if good is
+                                                     not None else "")
+
+
+EXAMPLES = {"ctx": 1024, "tokens": 50_000_000, "micro_batch_size": 4}
+
+
+def _example(loc: tuple, preset: dict) -> Any:
+    """A valid value for the field at ``loc``: the preset's, else the field's default."""
+    if not loc or loc[0] not in RemoveConfig.model_fields:
+        return None
+    if len(loc) == 1:
+        value = preset.get(loc[0], RemoveConfig.model_fields[loc[0]].get_default(
+            call_default_factory=True))
+        value = EXAMPLES.get(str(loc[0]), value) if value is None else value
+        return value if isinstance(value, int | float | str) and not isinstance(value, bool) \
+            else None
+    sub = {"fixed": FixedConfig, "adaptive": AdaptiveConfig}.get(str(loc[0]))
+    if sub is not None and loc[1] in sub.model_fields:
+        value = sub.model_fields[loc[1]].default
+        return value if isinstance(value, int | float | str) else None
+    return None
+
+
+def check_numbers(*specs: tuple[str, int | None, int, int]) -> None:
+    """Each ``(flag, value, least, example)``: a given value below ``least`` is an error naming
+    the flag and a valid value, raised before anything loads."""
+    for flag, value, least, example in specs:
+        if value is not None and value < least:
+            raise NolnError(f"{flag} {value} is invalid: must be >= {least}; e.g. {flag} "
+                            f"{example}")
+
+
 def make_config(**kwargs) -> RemoveConfig:
-    """A config from the model's preset, overridden by ``kwargs`` (None values are ignored)."""
+    """A config from the model's preset, overridden by ``kwargs`` (None values are ignored).
+
+    Every value is checked here, before anything is loaded. A learning rate given without
+    ``min_lr`` below the preset's ``min_lr`` scales the preset's ``min_lr`` with it (the cosine
+    keeps its shape instead of rising)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "model" not in kwargs:
         raise NolnError("no model given: pass a Hub id such as 'gpt2' or a local folder")
-    merged = {**preset_for(str(kwargs["model"])), **kwargs}
+    preset = preset_for(str(kwargs["model"]))
+    merged = {**preset, **kwargs}
+    lr, min_lr = merged.get("lr"), merged.get("min_lr")
+    if "min_lr" not in kwargs and isinstance(lr, float | int) and isinstance(min_lr, float) \
+            and 0 < lr < min_lr:
+        merged["min_lr"] = min_lr * lr / preset.get("lr", lr)
     try:
-        return RemoveConfig(**merged)
+        cfg = RemoveConfig(**merged)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise NolnError(f"bad config value for '{where}': {err['msg']}") from None
+        raise NolnError(describe(e, flag_name, lambda loc: _example(loc, preset))) from None
+    if cfg.schedule not in ("fixed", "adaptive"):
+        check_schedule_file(cfg.schedule)
+    return cfg
+
+
+# --resume: what a run fixes and what the command line may change (nanoGPT's rule)
+RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
+                "seed", "keep_ln", "schedule", "fixed", "adaptive", "momentum",
+                "exclude_special")
+RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
+                     "max_retries", "checkpoint_every", "progress", "export_format", "precision",
+                     "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
+# may change, but the loss the run optimises changes with them: applied with a warning
+RESUME_CHANGES_OBJECTIVE = ("aux_weight", "cos_reg", "distill", "weight_decay", "betas",
+                            "grad_clip")
+
+
+def _same(field: str, saved: Any, given: Any) -> bool:
+    if field in ("model", "data", "eval_data") and isinstance(saved, str) and \
+            isinstance(given, str) and Path(saved).exists() and Path(given).exists():
+        return Path(saved).resolve() == Path(given).resolve()
+    if isinstance(saved, list | tuple) and isinstance(given, list | tuple):
+        return list(saved) == list(given)
+    return saved == given
+
+
+def _lays_out_by_length(schedule: str) -> bool:
+    """A fixed schedule places its removals by the run's length (start, even gaps)."""
+    if schedule in ("fixed", "adaptive"):
+        return schedule == "fixed"
+    try:
+        spec = check_schedule_file(schedule)
+    except NolnError:
+        return False  # reported when the schedule is built
+    return (spec.type or ("events" if spec.events is not None else "fixed")) == "fixed"
+
+
+def resume_config(run: Path, given: dict[str, Any]
+                  ) -> tuple[RemoveConfig, dict[str, Any], list[str]]:
+    """The config of ``noln remove --resume RUN`` with command-line values ``given`` (None: not
+    given), the values that changed, and notes saying what was kept and what changed. A value
+    of ``RESUME_FIXED`` that differs from the run's is an error; ``RESUME_MAY_CHANGE`` values
+    replace the run's; ``RESUME_CHANGES_OBJECTIVE`` values replace them with a warning. A new
+    ``lr`` scales the run's ``min_lr`` with it unless ``min_lr`` is given too (the cosine keeps
+    its shape)."""
+    run = Path(run)
+    saved = read_config_file(run / "config.yaml")
+    given = {k: v for k, v in given.items() if v is not None and k != "out"}
+    for field in RESUME_FIXED:
+        if field in given and not _same(field, saved.get(field), given[field]):
+            raise NolnError(
+                f"{flag_name((field,))} {given[field]} differs from the run's {saved.get(field)}: "
+                f"--resume keeps {', '.join(RESUME_FIXED[:8])} ... from the run; drop the flag, "
+                "or start a new run with another --out")
+    unknown = sorted(set(given) - set(RESUME_FIXED) - set(RESUME_MAY_CHANGE)
+                     - set(RESUME_CHANGES_OBJECTIVE))
+    if unknown:
+        raise NolnError(f"unknown setting '{unknown[0]}' for --resume")
+    changed = {k: v for k, v in given.items()
+               if k not in RESUME_FIXED and not _same(k, saved.get(k), v)}
+    schedule = str(saved.get("schedule", "adaptive"))
+    if {"steps", "tokens"} & set(changed) and _lays_out_by_length(schedule):
+        raise NolnError(f"--steps/--tokens cannot change on --resume of a run with the {schedule} "
+                        "schedule: its removal steps are laid out over the run's length; resume "
+                        "without them (an adaptive or explicit-events schedule may be extended)")
+    merged = {**saved, **changed, "out": str(run)}
+    if "steps" in changed and "tokens" not in changed:
+        merged["tokens"] = None  # --steps replaces the run's token budget
+    if "lr" in changed and "min_lr" not in changed and saved.get("lr"):
+        merged["min_lr"] = float(saved.get("min_lr", 0.0)) * float(changed["lr"]) / \
+            float(saved["lr"])
+    cfg = make_config(**merged)
+    shown = {k: v for k, v in changed.items() if k != "progress"}
+    notes = [f"resuming {run}: keeps {', '.join(RESUME_FIXED[:8])} and the schedule from the "
+             "run; " + ("takes " + ", ".join(f"{flag_name((k,))} {v} (was {saved.get(k)})"
+                                             for k, v in shown.items()) + " from the command line"
+                        if shown else "nothing changed on the command line")]
+    for k in shown:
+        if k in RESUME_CHANGES_OBJECTIVE:
+            notes.append(f"warning: {flag_name((k,))} changes the loss the run optimises from "
+                         "here on; the run is no longer one continuous experiment")
+    return cfg, changed, notes

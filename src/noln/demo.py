@@ -33,13 +33,16 @@ def run_demo(out: Path = Path("noln-demo"), quick: bool = False, progress: bool 
     sizes = QUICK if quick else FULL
     out = Path(out)
     console.rule("[bold]1/2 pretrain a tiny GPT-2 on Python's own documentation")
-    base = pretrain(BUILTIN, out / "pretrained", progress=progress, **sizes["pretrain"])
+    # the demo's own folders: a second `noln demo` replaces what the first wrote there
+    base = pretrain(BUILTIN, out / "pretrained", progress=progress, overwrite=True,
+                    **sizes["pretrain"])
     console.print(f"pretrained: val CE {base.summary['val_ce']['mean']:.4f} nats, "
                   f"{base.summary['n_params']:,} parameters")
     console.rule("[bold]2/2 remove its LayerNorm (and the with-LN control)")
     result = remove_with_control(str(base.out), BUILTIN, out / "removal", progress=progress,
                                  eval_tokens=128 * sizes["pretrain"]["ctx"],
-                                 export_format="both", checkpoint_every=50, **sizes["remove"])
+                                 export_format="both", checkpoint_every=50, overwrite=True,
+                                 **sizes["remove"])
     console.print(f"models, logs and loss.png in {out / 'removal'} (control in "
                   f"{out / 'removal' / 'control'}); table in {out / 'removal' / 'table.md'}")
     return result

@@ -13,7 +13,9 @@ Both write ``noln.json`` beside the weights: format, family, every sigma, the re
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,14 +40,53 @@ def check_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype, fmt: str) ->
                         "bfloat16" + (", or use --format clean" if fmt == "hf" else ""))
 
 
+EXPORT_FORMATS = ("hf", "clean")
+
+
+def check_export_target(out: Path, source: Path | None = None) -> None:
+    """``out`` may take an export: new, empty, or a previous noln export (``noln.json`` with an
+    hf/clean format), which is replaced. Anything else is refused: an export never deletes what
+    noln did not write, and never the run it comes from."""
+    out = Path(out)
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if dst == src or dst in src.parents:
+            raise NolnError(f"--out '{out}' is the run folder itself (or holds it): export into a "
+                            "new folder, e.g. --out RUN/model")
+    if out.exists() and not out.is_dir():
+        raise NolnError(f"--out '{out}' is a file, not a folder: give a new folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    meta = out / "noln.json"
+    try:
+        fmt = json.loads(meta.read_text()).get("format") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt not in EXPORT_FORMATS:
+        raise NolnError(f"--out '{out}' is not empty and is not a noln export (no noln.json of "
+                        "an hf or clean export): noln replaces only its own exports; choose a "
+                        "new or empty folder")
+
+
 def _write_dir(out: Path, write) -> None:
-    """Write into ``out.tmp`` and rename: a killed export never leaves a half folder."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """Write into a fresh temporary folder beside ``out`` and rename it into place: a killed
+    export never leaves a half folder, and what ``out`` held (a previous export, checked by
+    ``check_export_target``) goes only once the new one is complete."""
+    check_export_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made by this call
+        raise
+    if old is not None:
+        shutil.rmtree(old)  # the previous noln export (check_export_target), moved aside
 
 
 def plain_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -109,18 +150,18 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
 
 def load_clean(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A ``clean`` export as a model with no norm module at all (eval mode)."""
-    from transformers import AutoConfig
+    from noln.loading import load_config, read_json
 
     path = Path(path)
     meta_path = path / "noln.json"
     if not meta_path.is_file():
         raise NolnError(f"'{path}' is not a noln export (no noln.json): export it with "
                         "`noln export RUN --format clean`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("format") != "clean":
         raise NolnError(f"'{path}' is a '{meta.get('format')}' export: load it with "
                         "transformers' from_pretrained, not load_clean")
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     adapter_cls = next((c for c in ADAPTERS.values() if c.family == meta["family"]), None)
     if adapter_cls is None:
         raise NolnError(f"'{path}' holds an unsupported family '{meta['family']}'")

@@ -8,18 +8,20 @@ writes a plain Hugging Face folder that ``from_pretrained`` and every noln comma
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from noln.arch import install
-from noln.config import make_config
+from noln.config import check_numbers, make_config
 from noln.data import iter_documents, load_tokens, pack
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
-from noln.remove import check_writable, read_log
+from noln.remove import read_log
 from noln.report import plot_loss
+from noln.runfolder import claim_run_folder
 from noln.train import Trainer
 
 EOT = "<|endoftext|>"
@@ -52,14 +54,20 @@ def train_tokenizer(source: str, vocab_size: int, max_docs: int | None = None):
                                    unk_token=EOT, model_max_length=int(1e9))
 
 
-def build_model(arch: str, vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
-                eot_id: int):
+def check_arch(arch: str, d_model: int, n_head: int) -> None:
     from noln.arch import FAMILIES, supported
 
     if arch not in FAMILIES:
         raise NolnError(f"noln pretrain cannot build '{arch}': --arch is one of {supported()}")
     if d_model % n_head:
         raise NolnError(f"--d-model {d_model} is not divisible by --heads {n_head}")
+
+
+def build_model(arch: str, vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
+                eot_id: int):
+    from noln.arch import FAMILIES
+
+    check_arch(arch, d_model, n_head)
     return FAMILIES[arch].build_small_model(vocab_size, n_layer, d_model, n_head, ctx, eot_id)
 
 
@@ -67,9 +75,33 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
              d_model: int = 128, n_head: int = 4, ctx: int = 128, vocab_size: int = 4096,
              steps: int = 600, tokens: int | None = None, batch_size: int = 32,
              lr: float = 1e-3, warmup_steps: int = 50, seed: int = 0, progress: bool = True,
-             resume: bool = False, cos_reg: float = 0.0) -> PretrainResult:
+             resume: bool = False, cos_reg: float = 0.0, overwrite: bool = False
+             ) -> PretrainResult:
+    """Pretrain into ``out`` (new or empty, a previous pretraining run with ``resume`` to
+    continue it, or with ``overwrite`` to replace it)."""
     out = Path(out)
-    check_writable(out)
+    check_numbers(("--layers", n_layer, 1, 4), ("--d-model", d_model, 1, 128),
+                  ("--heads", n_head, 1, 4), ("--ctx", ctx, 2, 128),
+                  ("--vocab-size", vocab_size, 260, 4096), ("--steps", steps, 1, 600),
+                  ("--tokens", tokens, 1, 1_000_000), ("--batch-size", batch_size, 1, 32),
+                  ("--seed", seed, 0, 0))
+    if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(cos_reg) and cos_reg >= 0):
+        raise NolnError(f"--lr {lr} / --cos-reg {cos_reg} is invalid: --lr must be a finite "
+                        "number > 0 (e.g. 1e-3), --cos-reg >= 0")
+    check_arch(arch, d_model, n_head)
+    with claim_run_folder(out, resume=resume, overwrite=overwrite,
+                          resume_hint="--resume on the same `noln pretrain` command") as claim:
+        return _pretrain(data, out, claim, arch=arch, n_layer=n_layer, d_model=d_model,
+                         n_head=n_head, ctx=ctx, vocab_size=vocab_size, steps=steps,
+                         tokens=tokens, batch_size=batch_size, lr=lr,
+                         warmup_steps=warmup_steps, seed=seed, progress=progress,
+                         resume=resume, cos_reg=cos_reg)
+
+
+def _pretrain(data: str, out: Path, claim, *, arch: str, n_layer: int, d_model: int,
+              n_head: int, ctx: int, vocab_size: int, steps: int, tokens: int | None,
+              batch_size: int, lr: float, warmup_steps: int, seed: int, progress: bool,
+              resume: bool, cos_reg: float) -> PretrainResult:
     torch.manual_seed(seed)
     if resume and (out / "base").is_dir():
         from noln.loading import load_tokenizer
@@ -93,6 +125,7 @@ def pretrain(data: str, out: str | Path, *, arch: str = "gpt2", n_layer: int = 4
         tokenizer.save_pretrained(out / "base")
     trainer = Trainer(cfg, model, train_blocks, val_blocks[:4], out, adapter,
                       eot_id=eot_id)
+    claim.started()
     state = trainer.fit(resume=resume)
     model = trainer.acc.unwrap_model(trainer.model).eval()
     from noln.export import export_model

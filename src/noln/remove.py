@@ -17,16 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from noln.arch import NormAdapter, install
-from noln.config import RemoveConfig, make_config
+from noln.config import RemoveConfig, make_config, resume_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
 from noln.export import export_model
-from noln.loading import load_pretrained, load_tokenizer
+from noln.loading import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
+from noln.runfolder import claim_run_folder
 from noln.schedule import build_schedule
 from noln.train import Trainer
 
@@ -44,18 +46,6 @@ class RemovalResult:
     @property
     def events(self) -> list[dict]:
         return [r for r in self.log if r.get("event") == "remove"]
-
-
-def check_writable(out: Path) -> None:
-    """Fail before training, not after an hour of it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".noln-write-test-{os.getpid()}"  # one per process under a launcher
-        probe.write_bytes(b"\0" * 1024)
-        probe.unlink()
-    except OSError as e:
-        raise NolnError(f"output folder '{out}' is not writable ({e.strerror}): choose another "
-                        "--out or free disk space") from None
 
 
 def check_disk_space(out: Path, model: nn.Module, export_formats: int) -> None:
@@ -80,9 +70,16 @@ def model_ctx(config, cfg: RemoveConfig) -> int:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
@@ -118,10 +115,9 @@ def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer, ctx: int,
 def _from_run_config(out: Path) -> nn.Module:
     """The run's architecture (``out/base``), randomly initialised: weights come from a
     checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "base"),
-                                            dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(load_config(out / "base"), dtype=torch.float32)
 
 
 def _build(cfg: RemoveConfig, resume: bool):
@@ -139,30 +135,72 @@ def _build(cfg: RemoveConfig, resume: bool):
 def remove_layernorm(model: str | None = None, data: str | None = None,
                      out: str | Path | None = None, *, resume: str | Path | None = None,
                      config: RemoveConfig | None = None, eval_sets: dict[str, str] | None = None,
-                     **overrides) -> RemovalResult:
+                     overwrite: bool = False, **overrides) -> RemovalResult:
     """Fine-tune ``model`` on ``data`` while freezing every norm; export and evaluate it.
 
     ``overrides`` are ``RemoveConfig`` fields (``tokens=``, ``schedule=``, ``keep_ln=`` ...).
-    ``resume=DIR`` continues a killed run from its last checkpoint with the run's own config.
-    ``eval_sets`` adds ``{name: source}`` texts to the before/after CE table.
+    ``resume=DIR`` continues a killed run from its last checkpoint with the run's own config;
+    ``overrides`` may change what ``noln.config.resume_config`` allows (lr, steps, guard ...).
+    ``eval_sets`` adds ``{name: source}`` texts to the before/after CE table. ``out`` must be
+    new, empty, or (with ``overwrite``) a previous run, whose noln files are then replaced.
     """
+    ranks = _ranks()
     if resume is not None:
+        if overwrite:
+            raise NolnError("--resume continues a run and --overwrite replaces one: give one "
+                            "of them")
         run = Path(resume)
         if not (run / "config.yaml").is_file():
             raise NolnError(f"'{run}' is not a noln run folder (no config.yaml): check --resume")
-        cfg = RemoveConfig.from_yaml(run / "config.yaml", out=str(run),
-                                     **{k: v for k, v in overrides.items() if k == "progress"})
+        cfg, changed, notes = resume_config(run, {"model": model, "data": data, **overrides})
+        for note in notes if ranks.is_main_process else []:
+            console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
-        cfg = config or make_config(model=model, data=data, out=out, **overrides)
+        cfg, changed = config or make_config(model=model, data=data, out=out, **overrides), {}
+    with claim_run_folder(Path(cfg.out), resume=resume is not None, overwrite=overwrite,
+                          main=ranks.is_main_process) as claim:
+        # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr, --resume)
+        return _remove(cfg, resume is not None, eval_sets, claim, ranks,
+                       reset_guard="lr" in changed)
+
+
+def _ranks():
+    """The processes of a launcher (one without): files are written by the main process only
+    (same state as the Trainer's Accelerator: CPU processes when ACCELERATE_USE_CPU is set or
+    there is no GPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+                        or not torch.cuda.is_available())
+
+
+# more passes over the training text than this is a mistake (--tokens far beyond the data)
+MAX_EPOCHS = 1000
+
+
+def check_epochs(cfg: RemoveConfig, steps: int, n_train: int, ctx: int, main: bool) -> None:
+    """A note when the run passes over its data more than once; an error past MAX_EPOCHS."""
+    epochs = steps * cfg.batch_size / max(1, n_train)
+    what = (f"{steps:,} steps x {cfg.batch_size} sequences of {ctx} tokens is {epochs:,.1f} "
+            f"passes over the {n_train:,} training sequences of '{cfg.data}'")
+    if epochs > MAX_EPOCHS:
+        raise NolnError(f"{what}, more than {MAX_EPOCHS}: lower --tokens/--steps or give more "
+                        "text")
+    if epochs > 1 and main:
+        console.print(f"[yellow]note: {escape(what)}[/]", highlight=False, soft_wrap=True)
+
+
+def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None, claim,
+            ranks, reset_guard: bool = False) -> RemovalResult:
+    """The run itself, in a folder ``remove_layernorm`` has claimed."""
     out = Path(cfg.out)
-    check_writable(out)
     t_start = time.time()
-    net, tokenizer = _build(cfg, resume is not None)
+    net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0:  # the original model, before any change
-        teacher = copy.deepcopy(net) if resume is None else load_pretrained(cfg.model)
+        teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     n_exports = {"both": 2, "none": 0}.get(cfg.export_format, 1)
-    check_disk_space(out, net, 0 if resume is not None else n_exports)
+    check_disk_space(out, net, 0 if resuming else n_exports)
     adapter = install(net, cfg.momentum)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
@@ -174,27 +212,24 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
                       f"{len(adapter.sites)} sites; the export needs all of them[/]")
     train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
+    check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
     sets = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
-    from accelerate import PartialState
-
-    # under a launcher, files are written by the main process only (same state as the Trainer's
-    # Accelerator: CPU processes when ACCELERATE_USE_CPU is set or there is no GPU)
-    ranks = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-                         or not torch.cuda.is_available())
-    if resume is None and ranks.is_main_process:
+    if ranks.is_main_process:  # on resume: the settings the command line changed
         cfg.to_yaml(out / "config.yaml")
+    if not resuming and ranks.is_main_process:
         net.config.save_pretrained(out / "base")
         tokenizer.save_pretrained(out / "base")
     ranks.wait_for_everyone()
     extra = {}
-    if resume is None:
+    if not resuming:
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
     if cfg.fsdp and not trainer.sharded:
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
-    state = trainer.fit(resume=resume is not None)
+    claim.started()
+    state = trainer.fit(resume=resuming, reset_guard=reset_guard)
     net = trainer.acc.unwrap_model(trainer.model)
     if trainer.sharded:  # measure and export a plain copy, gathered on the main process
         from noln.sharding import full_model_state_dict
@@ -244,7 +279,7 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                         out: str | Path | None = None, *, resume: bool = False,
                         eval_sets: dict[str, str] | None = None,
                         hellaswag: str | None = None, hellaswag_limit: int | None = None,
-                        **overrides) -> dict:
+                        overwrite: bool = False, **overrides) -> dict:
     """The with-LN control (``out/control``) and the removal run (``out``) on the same data,
     steps and seed, then the papers' table from ``noln.evaluate.compare_models``: original /
     fine-tuned with LN / without LN on the held-out text, each of ``eval_sets`` and optionally
@@ -253,18 +288,26 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     ``out/compare/`` (plots)."""
     from noln.evaluate.commands import load_models, resolve_device
     from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+    from noln.evaluate.hellaswag import load_hellaswag
 
+    overrides.pop("keep_ln", None)  # each run sets its own
+    # read before training: a missing or malformed HellaSwag is an error now, not after two runs
+    items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
     out = Path(out or make_config(model=model, **overrides).out)
     results, runs = {}, {}
-    for name, run_dir, keep in (("control", out / "control", True), ("no_ln", out, False)):
-        runs[name] = run_dir
-        if (run_dir / "summary.json").exists() and resume:
-            results[name] = json.loads((run_dir / "summary.json").read_text())
-            continue
-        resumable = resume and (run_dir / "checkpoints" / "last.pt").exists()
-        r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
-                             eval_sets=eval_sets, keep_ln=keep, **overrides)
-        results[name] = r.summary
+    # the pair's folder: refused or replaced as a whole, then each run claims its own part
+    with claim_run_folder(out, resume=resume, overwrite=overwrite,
+                          main=_ranks().is_main_process) as claim:
+        claim.started()  # from here on each run cleans up after itself
+        for name, run_dir, keep in (("control", out / "control", True), ("no_ln", out, False)):
+            runs[name] = run_dir
+            if (run_dir / "summary.json").exists() and resume:
+                results[name] = json.loads((run_dir / "summary.json").read_text())
+                continue
+            resumable = resume and (run_dir / "checkpoints" / "last.pt").exists()
+            r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
+                                 eval_sets=eval_sets, keep_ln=keep, **overrides)
+            results[name] = r.summary
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
@@ -283,8 +326,9 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     sources = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
     paths = {ORIGINAL: str(cfg.model), WITH_LN: str(runs["control"]), NO_LN: str(runs["no_ln"])}
     models = {k: m for k, (m, _) in load_models(paths, resolve_device("auto")).items()}
-    result = compare_models(models, tokenizer, sources, hellaswag=hellaswag, reference=ORIGINAL,
-                            hellaswag_limit=hellaswag_limit, progress=cfg.progress, paths=paths,
+    result = compare_models(models, tokenizer, sources, hellaswag=items, reference=ORIGINAL,
+                            hellaswag_name=hellaswag, hellaswag_limit=hellaswag_limit,
+                            progress=cfg.progress, paths=paths,
                             source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
                                           **(eval_sets or {})})
     result.print(console)

@@ -294,11 +294,15 @@ class Trainer:
         self.log_path.write_text("".join(lines))
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainState:
+    def fit(self, resume: bool = False, reset_guard: bool = False) -> TrainState:
+        """Train to the end (from the last checkpoint with ``resume``). ``reset_guard``: the
+        resumed run has a new learning rate, which replaces the one the guard lowered."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore(load_checkpoint(latest_checkpoint(self.out)))
             self._truncate_log()
+            if reset_guard:
+                self.state.lr_scale, self.state.failures = 1.0, 0
         else:
             self.log_path.unlink(missing_ok=True)
             self.save()  # step 0: the guard always has a good state to go back to

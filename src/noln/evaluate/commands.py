@@ -108,6 +108,20 @@ def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
     return ctx
 
 
+def check_options(*, tokens: int | None = None, ctx: int | None = None,
+                  batch_size: int | None = None, hellaswag_limit: int | None = None,
+                  json_out: Path | None = None, out: Path | None = None) -> None:
+    """Numbers in range and outputs writable, before any model loads."""
+    from noln.config import check_numbers
+    from noln.runfolder import check_output_dir, check_output_file
+
+    check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
+                  ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
+                                                       1000))
+    check_output_file(json_out, "--json")
+    check_output_dir(out, "--out")
+
+
 def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
     return None if source is None else load_hellaswag(source, limit=limit)
 
@@ -150,6 +164,8 @@ def eval_cmd(
         raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
+    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
+                  json_out=json_out, out=out)
     sources = parse_sources(data or [])
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
@@ -202,6 +218,8 @@ def compare_cmd(
     if not data and hellaswag is None:
         raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
                         "PATH)")
+    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
+                  json_out=json_out, out=out)
     sources = parse_sources(data or [])
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}

@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from noln.config import check_numbers
 from noln.errors import NolnError
 from noln.linearity.score import LinearityProfile
 from noln.report import json_safe
+from noln.runfolder import check_output_dir, check_output_file
 
 console = Console()
 
@@ -200,8 +202,13 @@ def linearity_cmd(
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
-    if tokens < 1 or batch_size < 1 or id_tokens < 0:
-        raise NolnError("--tokens, --batch-size must be positive and --id-tokens >= 0")
+    check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
+                  ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
+    if precision not in ("float64", "mixed"):
+        raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
+    check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
+    check_output_file(plot, "--plot")
     layer_list = _parse_layer_list(layers)
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
@@ -273,6 +280,13 @@ def linearize_cmd(
         raise NolnError(f"--fit '{fit}' is unknown: use lstsq or distill")
     if fit == "distill" and distill_steps < 1:
         raise NolnError("--fit distill needs --distill-steps >= 1")
+    check_numbers(("--tokens", tokens, 1, 16384), ("--eval-tokens", eval_tokens, 1, 16384),
+                  ("--batch-size", batch_size, 1, 8), ("--ctx", ctx, 2, 1024),
+                  ("--max-blocks", max_blocks, 1, 2), ("--distill-steps", distill_steps, 0, 100))
+    if not (math.isfinite(distill_lr) and distill_lr > 0):
+        raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
+                        "e.g. --distill-lr 1e-3")
+    check_output_dir(out, "--out")
     net, tok = load_model(model)
     block_list, returns_tuple = decoder_layers(net)
     chosen = parse_layers(layers, len(block_list))

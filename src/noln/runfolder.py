@@ -1,0 +1,232 @@
+"""Who may write where: a run folder belongs to its run, outputs are checked before the work.
+
+- ``claim_run_folder``: a new run starts only in a new or empty folder, or over a previous noln
+  run with ``overwrite`` (which deletes only the files noln writes, ``NOLN_OUTPUTS``); the folder
+  is locked (``.noln.lock`` holds the writer's PID) for as long as the run writes to it, and a
+  run that fails before training removes what it wrote and the folder if it made it.
+- ``check_output_file`` / ``check_output_dir``: an output path that cannot be written is an
+  error before any model loads, not after the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from noln.errors import NolnError
+
+LOCK = ".noln.lock"
+# everything noln writes in a run folder (remove, --control, pretrain); nothing else is deleted
+NOLN_OUTPUTS = ("config.yaml", "base", "checkpoints", "log.jsonl", "summary.json", "loss.png",
+                "model", "model-clean", "control", "table.md", "comparison.json", "compare",
+                LOCK)
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".noln-write-test"))
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder a noln run wrote: a removal run (``config.yaml``) or any run's checkpoints."""
+    return (folder / "config.yaml").is_file() or (folder / "checkpoints").is_dir()
+
+
+def _describe_run(folder: Path) -> str:
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        what = f"a run of {cfg.get('model')} on {cfg.get('data')}"
+    except Exception:  # noqa: BLE001 - only a description; the folder is refused either way
+        what = "a noln run"
+    state = "finished" if (folder / "summary.json").exists() else "unfinished"
+    return f"{what} ({state})"
+
+
+def remove_noln_outputs(folder: Path) -> None:
+    """Delete what noln writes in a run folder (``NOLN_OUTPUTS``) and nothing else."""
+    for name in NOLN_OUTPUTS:
+        path = folder / name
+        if name == LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # a folder of noln's own layout (checkpoints, model, base ...)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def check_run_target(out: Path, overwrite: bool, flag: str = "--out",
+                     resume_hint: str = "`noln remove --resume {out}`") -> None:
+    """Refuse to start a run over another run or over files noln did not write."""
+    if not out.is_dir():
+        return
+    entries = [e for e in _entries(out) if e != LOCK]
+    # a --control run's removal run lives in the same folder as its control (DIR/control)
+    rest = [e for e in entries if not (e == "control" and is_run_folder(out / "control"))]
+    if not entries or (not rest and not overwrite):
+        return
+    if is_run_folder(out):
+        if overwrite:
+            remove_noln_outputs(out)
+            return
+        raise NolnError(f"{flag} '{out}' already holds {_describe_run(out)}: continue it with "
+                        f"{resume_hint.format(out=out)}, pass --overwrite to replace it, or "
+                        "choose another folder")
+    shown = ", ".join(f"'{e}'" for e in rest[:3]) + (" ..." if len(rest) > 3 else "")
+    raise NolnError(f"{flag} '{out}' is not empty and not a noln run folder (it holds {shown}): "
+                    "noln starts a run only in a new or empty folder; choose another")
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def acquire_lock(folder: Path) -> bool:
+    """Create ``folder/.noln.lock`` holding this process's PID. A lock whose process is alive
+    (on this machine) is an error naming it; a stale one (its process is gone) is taken over;
+    this process's own lock is re-entrant. True when this call took it (and must release it)."""
+    path = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), str(holder.get("host", me["host"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, me["host"]  # torn or foreign content: nobody holds it
+            if pid == me["pid"] and host == me["host"]:
+                return False
+            if pid > 0 and (host != me["host"] or _alive(pid)):
+                where = "" if host == me["host"] else f" on host {host}"
+                raise NolnError(f"'{folder}' is in use by another noln process (PID {pid}{where}, "
+                                f"lock file {path}): wait for it to finish or stop it; if that "
+                                "process is gone, delete the lock file") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    raise NolnError(f"cannot take the lock {path}: another process keeps taking it")
+
+
+def release_lock(folder: Path) -> None:
+    """Remove ``folder/.noln.lock`` if this process holds it."""
+    path = folder / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Fail before training, not after an hour of it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".noln-write-test-{os.getpid()}"  # one per process under a launcher
+        probe.write_bytes(b"\0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise NolnError(f"output folder '{out}' is not writable ({e.strerror}): choose another "
+                        f"{flag} or free disk space") from None
+
+
+class RunClaim:
+    """What ``claim_run_folder`` hands the run: call ``started()`` once training begins."""
+
+    def __init__(self) -> None:
+        self.training = False
+
+    def started(self) -> None:
+        self.training = True
+
+
+@contextmanager
+def claim_run_folder(out: Path, *, resume: bool, overwrite: bool = False, main: bool = True,
+                     flag: str = "--out", resume_hint: str = "`noln remove --resume {out}`"
+                     ) -> Iterator[RunClaim]:
+    """Own ``out`` for the length of a run (see the module docstring). Only the main process of
+    a launcher checks, locks and cleans; the others only check that they can write."""
+    out = Path(out)
+    created = not out.exists()
+    claim = RunClaim()
+    check_writable(out, flag)
+    if not main:
+        yield claim
+        return
+    before: set[str] | None = None
+    fresh = False
+    try:
+        fresh = acquire_lock(out)  # before looking: a live run's files are never touched
+        if not resume:
+            check_run_target(out, overwrite, flag, resume_hint)
+        before = set(_entries(out))
+        yield claim
+    except BaseException:
+        if before is not None and not claim.training and not resume:
+            # nothing trained: remove what this run wrote, and only that
+            for name in NOLN_OUTPUTS:
+                if name not in before and name != LOCK:
+                    path = out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)  # written by this run (it was not there before)
+                    elif path.exists():
+                        path.unlink()
+        raise
+    finally:
+        if fresh:
+            release_lock(out)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """``path`` can be written (its folder exists or can be made, and is writable; the path is
+    not a folder): checked before the work, not after it."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise NolnError(f"{flag} '{path}' is a folder: give a file name")
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NolnError(f"{flag} '{path}' cannot be written: '{existing}' is a file, not a "
+                        "folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise NolnError(f"{flag} '{path}' cannot be written: no write permission in "
+                        f"'{existing}'")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise NolnError(f"{flag} '{path}' cannot be written: the file is read-only")
+
+
+def check_output_dir(path: Path | None, flag: str) -> None:
+    """``path`` is, or can be made as, a writable folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NolnError(f"{flag} '{path}' is a file, not a folder: give a folder")
+    check_output_file(path / "x", flag)
