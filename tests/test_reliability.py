@@ -1,0 +1,472 @@
+"""Reliability, as a hostile user meets it: runs never lose files, folders never run code, and
+every bad input is one line on stderr with exit code 2 (no traceback) before any work is done.
+
+Messages that matter are checked through the real entry point: a subprocess
+(``python -m noln.cli``) where the process matters (signals, exit codes, a crafted pickle), else
+``noln.cli.main`` in-process (same code path, without paying for a new interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from noln.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
+RUN_ARGS = ["--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule",
+            "fixed", "--checkpoint-every", "4", "--format", "none", "--quiet"]
+
+
+def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "noln.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """``noln ARGS`` in this process: (exit code, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(code: int, stderr: str, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line, holding every needle."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, text_jsonl, tmp_path_factory) -> Path:
+    """A finished 12-step removal run (every site frozen), made through the CLI."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    p = cli("remove", tiny_model_dir, "--data", text_jsonl, "--out", run, *RUN_ARGS)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return run
+
+
+def fake_run(folder: Path, model: str = "some/other-model") -> Path:
+    """A folder that looks like a noln run of another model (what the refusal reads)."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"model: {model}\ndata: builtin\n")
+    (folder / "checkpoints" / "last.pt").write_bytes(b"weeks of training")
+    return folder
+
+
+# ----------------------------------------------------------------------------- 1. data loss
+
+
+def test_remove_refuses_another_run_and_a_foreign_folder(capsys, tiny_model_dir, tmp_path):
+    other = fake_run(tmp_path / "other")
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "builtin", "--out", other,
+                         *RUN_ARGS)
+    one_error_line(code, err, "already holds a run of some/other-model", "--resume",
+                   "--overwrite")
+    assert (other / "checkpoints" / "last.pt").read_bytes() == b"weeks of training"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not lose me")
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "builtin", "--out", mine,
+                         "--overwrite", *RUN_ARGS)
+    one_error_line(code, err, "not a noln run folder", "thesis.tex")
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+def test_overwrite_replaces_only_what_noln_wrote(capsys, tiny_model_dir, text_jsonl, tmp_path):
+    run = fake_run(tmp_path / "run")
+    (run / "notes.md").write_text("my notes")
+    (run / "log.jsonl").write_text('{"step": 0, "loss": 99.0}\n')
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         "--overwrite", *RUN_ARGS)
+    assert code == 0, err
+    assert (run / "notes.md").read_text() == "my notes"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "event" not in r] == list(range(12))
+    assert not (run / ".noln.lock").exists()
+
+
+def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny_model_dir,
+                                                                     tmp_path):
+    from noln.runfolder import LOCK, acquire_lock, release_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "builtin", "--out",
+                             out, *RUN_ARGS)
+        one_error_line(code, err, f"in use by another noln process (PID {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert acquire_lock(out)  # the holder is gone: its lock is stale and taken over
+    assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+    release_lock(out)
+    assert not (out / LOCK).exists()
+
+
+def test_two_runs_into_one_folder_the_second_is_refused(tiny_model_dir, text_jsonl, tmp_path):
+    out = tmp_path / "run"
+    args = ["remove", tiny_model_dir, "--data", text_jsonl, "--out", out, *RUN_ARGS]
+    args[args.index("--steps") + 1] = "400"
+    first = subprocess.Popen([sys.executable, "-m", "noln.cli", *map(str, args)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = cli(*args)
+        one_error_line(second.returncode, second.stderr, f"PID {first.pid}")
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "new" / "run"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", tmp_path / "missing.jsonl",
+                         "--out", out, *RUN_ARGS)
+    one_error_line(code, err, "does not exist")
+    assert not out.exists()
+
+
+def test_export_never_deletes_what_it_did_not_write(capsys, finished_run, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "paper.pdf").write_bytes(b"%PDF")
+    code, err = run_main(capsys, "export", finished_run, "--out", mine)
+    one_error_line(code, err, "not a noln export")
+    assert (mine / "paper.pdf").read_bytes() == b"%PDF"
+    code, err = run_main(capsys, "export", finished_run, "--out", finished_run)
+    one_error_line(code, err, "run folder itself")
+    assert (finished_run / "checkpoints" / "last.pt").exists()
+    # a previous export of its own is replaced, in either format
+    target = tmp_path / "export"
+    for fmt in ("hf", "clean", "hf"):
+        code, err = run_main(capsys, "export", finished_run, "--out", target, "--format", fmt)
+        assert code == 0, err
+        assert json.loads((target / "noln.json").read_text())["format"] == fmt
+    assert not [p for p in tmp_path.iterdir() if "noln-tmp" in p.name or "noln-old" in p.name]
+
+
+def test_delete_calls_touch_only_noln_files():
+    """Every rmtree in the package names what it deletes as noln's own (a comment on the line,
+    or the line before, says why), and no torch.load runs with weights_only=False."""
+    for path in SRC.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            assert "weights_only=False" not in line, f"{path}:{i + 1}"
+            if "rmtree(" in line:
+                assert "#" in line or "#" in lines[i - 1], \
+                    f"{path}:{i + 1}: say why this rmtree deletes only noln's files"
+
+
+# ----------------------------------------------------------------------------- 2. code
+
+
+_EVIL = """
+import os, pickle, sys
+path, marker, how = sys.argv[1:]
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {marker}",))
+obj = {"model": {}, "step": 1, "x": Evil()}
+if how == "torch":  # inside torch's zip format, as torch.save writes it
+    import torch
+    torch.save(obj, path)
+else:  # a bare pickle
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+"""
+
+
+@pytest.mark.parametrize("how", ["torch", "raw"])
+def test_a_crafted_checkpoint_does_not_run(finished_run, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    marker = tmp_path / "pwned"
+    ckpt = run / "checkpoints" / "last.pt"
+    (run / "checkpoints" / "prev.pt").unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-c", _EVIL, ckpt, marker, how], check=True)
+    for args in (["eval", run, "--data", "builtin", "--tokens", "256"],
+                 ["export", run, "--out", tmp_path / "x"],
+                 ["remove", "--resume", run, "--quiet"]):
+        p = cli(*args)
+        one_error_line(p.returncode, p.stderr, str(ckpt))
+        assert not marker.exists(), f"{args[0]} ran the pickle's code"
+
+
+def test_a_folder_with_its_own_code_is_refused_without_the_flag(capsys, tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "noln-evil", "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for command in (["eval", folder, "--data", "builtin"], ["sites", folder],
+                    ["linearity", folder, "--data", "builtin"]):
+        code, err = run_main(capsys, *command)
+        one_error_line(code, err, "--trust-remote-code", "auto_map")
+        assert not marker.exists()
+
+
+def test_every_hub_load_passes_trust_remote_code():
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"(AutoConfig|AutoTokenizer|AutoModelForCausalLM)\.from_pretrained\(",
+                             text):
+            call = text[m.end(): text.index("\n\n", m.end())]
+            assert "trust_remote_code=" in call.split(")\n")[0], \
+                f"{path}: {m.group(0)} without trust_remote_code"
+
+
+# ----------------------------------------------------------------------------- 3. options
+
+
+def test_config_file_and_a_runs_own_config_yaml_work(capsys, tiny_model_dir, text_jsonl,
+                                                     tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: {text_jsonl}\nsteps: 8\nbatch_size: 4\n"
+                   "ctx: 64\nschedule: fixed\nexport_format: none\nkeep_ln: false\n")
+    first = tmp_path / "first"
+    code, err = run_main(capsys, "remove", "--config", cfg, "--out", first, "--quiet")
+    assert code == 0, err
+    # the run's own resolved config.yaml (every field, its out included) starts a new run
+    second = tmp_path / "second"
+    code, err = run_main(capsys, "remove", "--config", first / "config.yaml", "--out", second,
+                         "--steps", "10", "--quiet")
+    assert code == 0, err
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["ctx"] == 64
+
+
+def test_resume_takes_a_new_lr_and_keeps_the_run(capsys, finished_run, tmp_path):
+    from noln.config import RemoveConfig
+    from noln.train import lr_at
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpts = run / "checkpoints"
+    os.replace(ckpts / "prev.pt", ckpts / "last.pt")  # back to step 8, as if killed there
+    (run / "summary.json").unlink()
+    code, err = run_main(capsys, "remove", "--resume", run, "--ctx", "32")
+    one_error_line(code, err, "--ctx 32 differs from the run's 64")
+    code, err = run_main(capsys, "remove", "--resume", run, "--lr", "2e-4", "--quiet")
+    assert code == 0, err
+    assert "takes --lr 0.0002 (was 0.001)" in err and "keeps model, data" in err
+    cfg = RemoveConfig.from_yaml(run / "config.yaml")
+    assert cfg.lr == 2e-4 and cfg.min_lr == pytest.approx(3e-5 * 0.2)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(12))
+    for r in steps[8:]:
+        assert r["lr"] == pytest.approx(lr_at(r["step"], cfg, 12))
+    assert steps[7]["lr"] == pytest.approx(lr_at(7, cfg.model_copy(update={
+        "lr": 1e-3, "min_lr": 3e-5}), 12))
+
+
+def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):
+    code, err = run_main(capsys, "remove", "--resume", finished_run, "--steps", "20")
+    one_error_line(code, err, "fixed schedule")
+
+
+# ----------------------------------------------------------------------------- 4. numbers
+
+
+@pytest.mark.parametrize("flag,value,rule", [
+    ("--steps", "0", ">= 1"), ("--tokens", "0", ">= 1"), ("--batch-size", "0", ">= 1"),
+    ("--batch-size", "-4", ">= 1"), ("--ctx", "0", ">= 2"), ("--ctx", "-1", ">= 2"),
+    ("--distill", "2", "<= 1"), ("--aux-weight", "-1", ">= 0"), ("--lr", "nan", "finite"),
+    ("--lr", "0", "> 0"), ("--checkpoint-every", "0", ">= 1"), ("--seed", "-1", ">= 0"),
+    ("--micro-batch-size", "3", "not a multiple"),
+])
+def test_remove_numbers_are_checked_before_anything_loads(capsys, tmp_path, flag, value, rule):
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "remove", "no/such-model", "--data", "builtin", "--out", out,
+                         flag, value)
+    line = one_error_line(code, err, flag, rule)
+    assert "e.g." in line or "give" in line  # a valid value
+    assert not out.exists()
+
+
+def test_bad_numbers_of_the_other_commands(capsys, tmp_path):
+    cases = [
+        (["eval", "m", "--data", "builtin", "--batch-size", "0"], "--batch-size 0"),
+        (["eval", "m", "--hellaswag", "x.jsonl", "--hellaswag-limit", "0"], "--hellaswag-limit"),
+        (["compare", "a", "b", "c", "--data", "builtin", "--tokens", "0"], "--tokens 0"),
+        (["pretrain", "--data", "builtin", "--out", tmp_path / "p", "--heads", "0"], "--heads 0"),
+        (["pretrain", "--data", "builtin", "--out", tmp_path / "p", "--d-model", "100",
+          "--heads", "3"], "not divisible"),
+        (["linearity", "m", "--data", "builtin", "--id-tokens", "-1"], "--id-tokens"),
+        (["linearize", "m", "--out", tmp_path / "l", "--distill-lr", "nan"], "--distill-lr"),
+        (["remove", "m", "--hellaswag-limit", "0", "--control", "--hellaswag", "x"],
+         "--hellaswag-limit"),
+    ]
+    for args, needle in cases:
+        code, err = run_main(capsys, *args)
+        one_error_line(code, err, needle)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("type: adaptive\ntolerence: 0.02\n", "unknown setting 'tolerence'"),
+    ("type: adaptive\ntolerance: high\n", "tolerance = 'high' is invalid: must be a number"),
+    ("type: adaptive\ntolerance: 1e-2\n", "write 0.01"),
+    ("type: fixed\ntolerance: 0.1\n", "not a setting of a fixed schedule"),
+    ("events:\n  - {step: -1, site: ln_f}\n", "events.0.step = -1"),
+    ("type: adaptive\nmin_gap: 9\nmax_gap: 2\n", "min_gap <= max_gap"),
+])
+def test_schedule_files_are_validated_before_loading(capsys, tmp_path, text, needle):
+    schedule = tmp_path / "s.yaml"
+    schedule.write_text(text)
+    code, err = run_main(capsys, "remove", "no/such-model", "--data", "builtin", "--out",
+                         tmp_path / "o", "--schedule", schedule)
+    one_error_line(code, err, "schedule file", needle)
+
+
+def test_tokens_far_beyond_the_data_is_an_error(capsys, tiny_model_dir, text_jsonl, tmp_path):
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", out,
+                         "--tokens", str(10**12), "--batch-size", "4", "--ctx", "64", "--quiet")
+    one_error_line(code, err, "passes over the", "lower --tokens")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 5. files
+
+
+def test_files_that_are_not_what_they_claim(capsys, tiny_model_dir, tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "caf\xe9"}\n')
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"text": "fine"}\n{"text": ["a", "b"]}\n')
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    for path, needle in ((latin1, "latin1.jsonl:1 is not UTF-8"),
+                         (listed, "list.jsonl:2: 'text' is a list"),
+                         (binary, "binary.txt' is not a text file")):
+        code, err = run_main(capsys, "eval", tiny_model_dir, "--data", path)
+        one_error_line(code, err, needle)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = run_main(capsys, "eval", truncated, "--data", "builtin")
+    one_error_line(code, err, str(truncated), "corrupt or truncated")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "gpt2", ')
+    code, err = run_main(capsys, "eval", broken, "--data", "builtin")
+    one_error_line(code, err, "config.json' is not a readable JSON file")
+
+
+# ----------------------------------------------------------------------------- 6. fail early
+
+
+def test_unwritable_outputs_fail_before_the_work(capsys, finished_run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = blocker / "out.json"
+    cases = [
+        ["eval", "no/such-model", "--data", "builtin", "--json", bad],
+        ["eval", "no/such-model", "--data", "builtin", "--out", blocker],
+        ["compare", "a", "b", "c", "--data", "builtin", "--json", bad],
+        ["linearity", "no/such-model", "--data", "builtin", "--plot", bad],
+        ["linearity", "no/such-model", "--data", "builtin", "--csv", bad],
+        ["linearize", "no/such-model", "--out", blocker / "lin"],
+        ["attribute", "no/such-model", "--text", "hi", "--json", bad],
+        ["export", finished_run, "--out", blocker],
+    ]
+    for args in cases:
+        code, err = run_main(capsys, *args)
+        line = one_error_line(code, err)
+        assert "a-file" in line and "no/such-model" not in line, line
+
+
+def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,
+                                                                text_jsonl, tmp_path):
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", out,
+                         "--control", "--hellaswag", tmp_path / "missing.jsonl", *RUN_ARGS)
+    one_error_line(code, err, "missing.jsonl' does not exist")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 7. models
+
+
+def test_non_causal_models_are_refused(capsys, tmp_path):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+               intermediate_size=64, architectures=["BertForMaskedLM"]).save_pretrained(bert)
+    for args in (["eval", bert, "--data", "builtin"], ["compare", bert, bert, bert, "--data",
+                                                        "builtin"],
+                 ["linearity", bert, "--data", "builtin"]):
+        code, err = run_main(capsys, *args)
+        one_error_line(code, err, "BertForMaskedLM, not a causal language model")
+
+
+# ----------------------------------------------------------------------------- 8. smaller
+
+
+def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path):
+    out = tmp_path / "run"
+    args = ["remove", tiny_model_dir, "--data", text_jsonl, "--out", out, *RUN_ARGS]
+    args[args.index("--steps") + 1] = "400"
+    proc = subprocess.Popen([sys.executable, "-m", "noln.cli", *map(str, args)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"noln remove --resume {out}" in stderr and "Traceback" not in stderr
+    assert not (out / ".noln.lock").exists()
+
+
+def test_noln_debug_shows_the_whole_chain(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    p = cli("remove", "--config", bad)
+    one_error_line(p.returncode, p.stderr, "is not valid YAML")
+    p = cli("remove", "--config", bad, env={**os.environ, "NOLN_DEBUG": "1"})
+    assert p.returncode == 2 and "Traceback" in p.stderr
+    assert "yaml" in p.stderr.lower() and "During handling" in p.stderr  # the hidden cause too
+
+
+def test_usage_errors_stay_one_line_with_clicks_exit_code(capsys):
+    code, err = run_main(capsys, "remove", "--no-such-flag")
+    one_error_line(code, err, "--no-such-flag", "noln remove --help")
+    code, _ = run_main(capsys, "--help")
+    assert code == 0
+
+
+def test_checkpoints_hold_only_plain_state(finished_run):
+    """What a run saves loads with weights_only=True (no numpy scalars, no objects)."""
+    ckpt = torch.load(finished_run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 12 and "ce_before" in ckpt["extra"]
