@@ -174,10 +174,23 @@ def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+EOT = "<|endoftext|>"
+
+
+def separator_id(tokenizer) -> int | None:
+    """The token that ends a document in pretraining: ``<|endoftext|>`` where the vocabulary
+    has it, else eos. They differ in chat-tuned tokenizers (SmolLM2-Instruct's eos is
+    ``<|im_end|>``, the end of a chat turn; its pretraining joined documents with
+    ``<|endoftext|>``), and the text must be packed the way the model was trained."""
+    eot = tokenizer.get_vocab().get(EOT)
+    return eot if eot is not None else tokenizer.eos_token_id
+
+
 def tokenize(docs: Iterable[str], tokenizer, max_tokens: int | None = None,
              batch_docs: int = 512) -> np.ndarray:
-    """Token ids of ``docs``, each document followed by end-of-text, cut at ``max_tokens``."""
-    eot = tokenizer.eos_token_id
+    """Token ids of ``docs``, each document followed by end-of-text (``separator_id``), cut at
+    ``max_tokens``."""
+    eot = separator_id(tokenizer)
     if eot is None:
         raise NolnError("the tokenizer has no end-of-text (eos) token to join documents with")
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32

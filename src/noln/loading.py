@@ -1,5 +1,6 @@
-"""Load any model noln handles by one name: a Hub id, a Hugging Face folder, a noln export
-(``hf`` or ``clean``) or a ``noln remove`` run folder / checkpoint file."""
+"""Load any model noln handles by one name: a Hub id, a Hugging Face folder, a llama.cpp
+``.gguf`` file (or a folder holding one; see ``noln.gguf``), a noln export (``hf`` or
+``clean``) or a ``noln remove`` run folder / checkpoint file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from noln import gguf
 from noln.errors import NolnError
 
 try:
@@ -127,6 +129,7 @@ def _looks_local(name: str) -> bool:
 def load_tokenizer(name: str | Path):
     from transformers import AutoTokenizer
 
+    name = gguf.resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code())
     except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder
@@ -144,7 +147,7 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
     check: it reads hidden states and logits, which every causal LM has)."""
     from transformers import AutoModelForCausalLM
 
-    name = str(name)
+    name = gguf.resolve(name)  # a .gguf file (or a folder holding one): its converted folder
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id such "
                         "as 'gpt2'")

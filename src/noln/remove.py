@@ -22,7 +22,7 @@ from torch import nn
 
 from noln.arch import NormAdapter, install
 from noln.config import RemoveConfig, make_config, resume_config
-from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack
+from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
 from noln.export import export_model
@@ -224,7 +224,7 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     if not resuming:
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
-                      eot_id=tokenizer.eos_token_id, extra_state=extra, teacher=teacher)
+                      eot_id=separator_id(tokenizer), extra_state=extra, teacher=teacher)
     if cfg.fsdp and not trainer.sharded:
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")

@@ -1,0 +1,176 @@
+"""GGUF in: a tiny Llama written as GGUF here (llama.cpp's layout: Q/K rows permuted for its
+rotary), read back through noln, must give the original model's logits; bad files are one
+clear line. The real SmolLM2 file is used when it is present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+SMOLLM2 = Path(os.environ.get("NOLN_SMOLLM2", Path.home() / ".cache/noln/models/"
+                              "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's convert script reorders each Q/K head's rows from HF's rotate-half layout
+    to interleaved pairs; transformers undoes it when it reads a GGUF."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def write_llama_gguf(path: Path, model, tokenizer) -> None:
+    """``model`` (a LlamaForCausalLM, tied embeddings) and its byte-level BPE as an F32 GGUF."""
+    cfg = model.config
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    special = {t["content"] for t in spec["added_tokens"]}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL
+                            for t in tokens])
+    writer.add_token_merges(merges)
+    eot = vocab["<|endoftext|>"]
+    writer.add_bos_token_id(eot)
+    writer.add_eos_token_id(eot)
+    writer.add_add_bos_token(False)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        w = sd[hf]
+        if gg.endswith("attn_q.weight"):
+            w = _permute(w, cfg.num_attention_heads)
+        elif gg.endswith("attn_k.weight"):
+            w = _permute(w, cfg.num_key_value_heads)
+        writer.add_tensor(gg, np.ascontiguousarray(w.numpy()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, text_jsonl):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from noln.pretrain import train_tokenizer
+
+    tok = train_tokenizer(str(text_jsonl), vocab_size=384)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
+    write_llama_gguf(path, model, tok)
+    return path, model, tok
+
+
+def test_gguf_file_and_folder_load_to_the_original_logits(tiny_gguf):
+    from noln.loading import load_model
+
+    path, original, tok = tiny_gguf
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.no_grad():
+        want = original(ids).logits
+    for name in (path, path.parent):  # the file, and a folder holding one
+        model, tokenizer = load_model(name)
+        assert tokenizer("The quick brown fox")["input_ids"] == tok("The quick brown fox")[
+            "input_ids"]
+        with torch.no_grad():
+            got = model(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # converted once, then read from the cache: the user's folder is left as it was
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_gguf_removal_sites_and_export(tiny_gguf, tmp_path):
+    from noln.arch import install
+    from noln.loading import load_pretrained
+
+    path, _, _ = tiny_gguf
+    adapter = install(load_pretrained(path))
+    assert len(adapter.site_names()) == 2 * 3 + 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "noln.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "NOLN_DEBUG": ""}, timeout=300)
+
+
+def test_bad_gguf_files_are_one_clear_line(tiny_gguf, tmp_path):
+    path, _, _ = tiny_gguf
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 100)
+    other = tmp_path / "rwkv.gguf"  # an architecture transformers does not read
+    writer = gguf.GGUFWriter(str(other), "rwkv6")
+    writer.add_tensor("x", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(b"")
+    cases = {truncated: "truncated", junk: "not a readable GGUF", other: "architecture 'rwkv6'",
+             two: "holds 2 GGUF files", tmp_path / "missing.gguf": "does not exist"}
+    for bad, message in cases.items():
+        r = _cli("sites", str(bad))
+        assert r.returncode == 2, (bad, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"needs SmolLM2's GGUF at {SMOLLM2} "
+                    "(../shared/models/smollm2/fetch.sh fetches it)")
+def test_real_smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1): Llama, 30 layers, 91 removal sites, the pretraining's
+    document separator, and a sensible next-token loss on plain English."""
+    from noln.arch import install
+    from noln.data import separator_id
+    from noln.loading import load_model
+
+    model, tok = load_model(SMOLLM2)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert separator_id(tok) == 0 and tok.eos_token_id == 2  # <|endoftext|>, <|im_end|>
+    text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of"
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Italy" or \
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]) < 3.0
+    assert len(install(model).site_names()) == 91
