@@ -4,7 +4,9 @@ total in tokens, tokens/s, elapsed and ETA, on stderr, gone when the work ends."
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -71,3 +73,20 @@ class TokenProgress:
 def token_progress(description: str, total: int, enabled: bool = True,
                    console: Console | None = None) -> TokenProgress:
     return TokenProgress(description, total, enabled, console)
+
+
+@contextmanager
+def counting_forwards(model: torch.nn.Module, bar: TokenProgress):
+    """Advance ``bar`` by the tokens of every top-level forward of ``model`` (for commands whose
+    passes are spread over helpers that take no progress callback)."""
+
+    def count(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            bar.advance(ids.numel())
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield bar
+    finally:
+        handle.remove()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from noln.errors import NolnError
 from noln.evaluate.hellaswag import accepts
 from noln.evaluate.loss import CEResult, logits_budget, model_device, summarize
+from noln.progress import token_progress
 
 ROWS_BUDGET = 2**22  # elements per slice in the divergence arithmetic, to bound temporaries
 
@@ -208,8 +209,6 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
                     progress: bool = False, description: str = "") -> dict[str, BlockReport]:
     """CE, rare tokens, residual norms and (against ``models[reference]``) faithfulness of every
     model on the same ``[n, ctx]`` blocks, each batch run through all models in turn."""
-    from rich.progress import track
-
     if reference is not None and reference not in models:
         raise NolnError(f"reference '{reference}' is not one of the models ({', '.join(models)})")
     blocks = torch.from_numpy(np.array(blocks, dtype=np.int64))
@@ -241,32 +240,35 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
     norm_pos0: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     norm_rest: dict[str, torch.Tensor | None] = dict.fromkeys(names)
 
-    starts = range(0, n, batch_size)
-    for i in track(starts, description=description or "evaluating", disable=not progress,
-                   transient=True):
-        x = blocks[i : i + batch_size]
-        targets = x[:, 1:].flatten()
-        ref_logp = ref_top = None
-        for m in [reference, *others] if reference is not None else names:
-            device = model_device(models[m])
-            logits, states = _forward(models[m], x.to(device), hidden=norms)
-            logits = logits[:, :-1].flatten(0, 1)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
-            logp = F.log_softmax(logits, dim=-1)
-            del logits
-            ce[m].append(-logp.gather(1, targets.to(device)[:, None])[:, 0].view(len(x), -1).cpu())
-            if states is not None:
-                h = torch.stack([s.float().norm(dim=-1) for s in states]).double().cpu()
-                p0, rest = h[:, :, 0].sum(1), h[:, :, 1:].sum((1, 2))
-                norm_pos0[m] = p0 if norm_pos0[m] is None else norm_pos0[m] + p0
-                norm_rest[m] = rest if norm_rest[m] is None else norm_rest[m] + rest
-            if m == reference:
-                ref_logp, ref_top = logp, logp.argmax(-1)
-            elif ref_logp is not None:
-                kl, js = _divergences(ref_logp.to(device), logp)
-                kl_sum[m] += kl.double().sum()
-                js_sum[m] += js.double().sum()
-                agree[m] += (logp.argmax(-1) == ref_top.to(device)).sum()
+    total = n * ctx * len(names)  # tokens through a model
+    with token_progress(description or "evaluating", total, enabled=progress) as bar:
+        for i in range(0, n, batch_size):
+            x = blocks[i : i + batch_size]
+            targets = x[:, 1:].flatten()
+            ref_logp = ref_top = None
+            for m in [reference, *others] if reference is not None else names:
+                device = model_device(models[m])
+                logits, states = _forward(models[m], x.to(device), hidden=norms)
+                logits = logits[:, :-1].flatten(0, 1)
+                # bf16 -> fp32
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                logp = F.log_softmax(logits, dim=-1)
+                del logits
+                nll = -logp.gather(1, targets.to(device)[:, None])[:, 0]
+                ce[m].append(nll.view(len(x), -1).cpu())
+                if states is not None:
+                    h = torch.stack([s.float().norm(dim=-1) for s in states]).double().cpu()
+                    p0, rest = h[:, :, 0].sum(1), h[:, :, 1:].sum((1, 2))
+                    norm_pos0[m] = p0 if norm_pos0[m] is None else norm_pos0[m] + p0
+                    norm_rest[m] = rest if norm_rest[m] is None else norm_rest[m] + rest
+                if m == reference:
+                    ref_logp, ref_top = logp, logp.argmax(-1)
+                elif ref_logp is not None:
+                    kl, js = _divergences(ref_logp.to(device), logp)
+                    kl_sum[m] += kl.double().sum()
+                    js_sum[m] += js.double().sum()
+                    agree[m] += (logp.argmax(-1) == ref_top.to(device)).sum()
+            bar.advance(len(x) * ctx * len(names))
 
     for m in names:
         models[m].train(was_training[m])

@@ -16,6 +16,7 @@ from rich.table import Table
 from noln.config import check_numbers
 from noln.errors import NolnError
 from noln.linearity.score import LinearityProfile
+from noln.progress import counting_forwards, token_progress
 from noln.report import json_safe
 from noln.runfolder import check_output_dir, check_output_file
 
@@ -38,13 +39,6 @@ def sequence_length(model, ctx: int | None = None, cap: int = 1024) -> int:
     if not 2 <= ctx <= limit:
         raise NolnError(f"--ctx {ctx} is out of range for this model (2-{limit} tokens)")
     return ctx
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    console=console, transient=True)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -165,12 +159,12 @@ def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list
     ctx = sequence_length(model, ctx)
     check_tokens(tokens, hidden_size(model))  # before tokenising and running anything
     blocks = load_blocks(data, tok, ctx, max_tokens=tokens)
-    with _progress() as bar:
-        task = bar.add_task(f"hidden states of {name}", total=len(blocks))
+    with token_progress(f"linearity of {short_name(name)}", blocks.size,
+                        console=console) as bar:
         profile = linearity_profile(
             model, blocks, layers=layers, batch_size=batch_size, geometry=geometry,
             id_tokens=id_tokens, seed=seed, precision=precision, name=name,
-            progress=lambda done, total: bar.update(task, completed=done))
+            progress=lambda done, total: bar.update(done * blocks.shape[1]))
     return profile, {"data": data, "ctx": ctx, "precision": precision}
 
 
@@ -315,59 +309,69 @@ def linearize_cmd(
         net.save_pretrained(out / "base")
         tok.save_pretrained(out / "base")
 
+    per_distill = 2 * distill_steps * batch_size * ctx  # teacher and student forwards
     if chosen is None:
         k = max_blocks if max_blocks is not None else max(1, len(block_list) // 2)
-        table = Table(title=f"Greedy linearisation of {model}: CE on {eval_blocks.size:,} "
-                            "tokens")
-        for col in ("step", "block", "score", "held-out", "drop", "linear", "linear+distil"):
-            table.add_column(col, justify="right")
-
-        def log(row: dict) -> None:
-            console.print(f"step {row['step']}: block {row['block']}, CE drop "
-                          f"{_fmt(row['ce_drop'])} / linear {_fmt(row['ce_linear'])} / distil "
-                          f"{_fmt(row['ce_distill'])}")
-
-        rows, maps = greedy_linearize(net, fit_blocks, eval_blocks, k,
-                                      distill_steps=distill_steps, distill_lr=distill_lr,
-                                      batch_size=batch_size, log=log)
-        for r in rows:
-            table.add_row(str(r["step"]), "—" if r["block"] is None else str(r["block"]),
-                          _fmt(r["score"]), _fmt(r["score_heldout"]), _fmt(r["ce_drop"]),
-                          _fmt(r["ce_linear"]), _fmt(r["ce_distill"]))
-        console.print(table)
-        final = maps["distill" if fit == "distill" else "lstsq"]
-        report = {"model": model, "data": data, "eval_data": eval_data or f"{data} (held back)",
-                  "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
-                  "distill_steps": distill_steps, "distill_lr": distill_lr, "steps": rows}
-        (out / "linearize.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
-        console.print(f"wrote {out / 'linearize.json'} and "
-                      f"{plot_curve(rows, out / 'linearize_curve.png', short_name(model))}")
+        work = eval_blocks.size + k * (fit_blocks.size + 2 * eval_blocks.size + (
+            per_distill + eval_blocks.size if distill_steps > 0 else 0))
     else:
-        base_ce = cross_entropy(net, eval_blocks, batch_size)
-        with swapped(net, {i: SkipBlock(returns_tuple) for i in chosen}):
-            drop_ce = cross_entropy(net, eval_blocks, batch_size)
-        final = fit_layers(net, fit_blocks, chosen, batch_size)
-        with swapped(net, final):
-            lin_ce = cross_entropy(net, eval_blocks, batch_size)
-        rows = [("original", base_ce.mean), ("drop blocks", drop_ce.mean),
-                ("linear (least squares)", lin_ce.mean)]
-        if fit == "distill":
-            distill(net, final, fit_blocks, distill_steps, distill_lr, batch_size)
+        work = 3 * eval_blocks.size + len(chosen) * fit_blocks.size + (
+            per_distill + eval_blocks.size if fit == "distill" else 0)
+    with token_progress(f"linearize {short_name(model)}", work, console=console) as bar, \
+            counting_forwards(net, bar):
+        if chosen is None:
+            table = Table(title=f"Greedy linearisation of {model}: CE on {eval_blocks.size:,} "
+                                "tokens")
+            for col in ("step", "block", "score", "held-out", "drop", "linear", "linear+distil"):
+                table.add_column(col, justify="right")
+
+            def log(row: dict) -> None:
+                console.print(f"step {row['step']}: block {row['block']}, CE drop "
+                              f"{_fmt(row['ce_drop'])} / linear {_fmt(row['ce_linear'])} / distil "
+                              f"{_fmt(row['ce_distill'])}")
+
+            rows, maps = greedy_linearize(net, fit_blocks, eval_blocks, k,
+                                          distill_steps=distill_steps, distill_lr=distill_lr,
+                                          batch_size=batch_size, log=log)
+            for r in rows:
+                table.add_row(str(r["step"]), "—" if r["block"] is None else str(r["block"]),
+                              _fmt(r["score"]), _fmt(r["score_heldout"]), _fmt(r["ce_drop"]),
+                              _fmt(r["ce_linear"]), _fmt(r["ce_distill"]))
+            console.print(table)
+            final = maps["distill" if fit == "distill" else "lstsq"]
+            report = {"model": model, "data": data, "eval_data": eval_data or f"{data} (held back)",
+                      "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
+                      "distill_steps": distill_steps, "distill_lr": distill_lr, "steps": rows}
+            (out / "linearize.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            console.print(f"wrote {out / 'linearize.json'} and "
+                          f"{plot_curve(rows, out / 'linearize_curve.png', short_name(model))}")
+        else:
+            base_ce = cross_entropy(net, eval_blocks, batch_size)
+            with swapped(net, {i: SkipBlock(returns_tuple) for i in chosen}):
+                drop_ce = cross_entropy(net, eval_blocks, batch_size)
+            final = fit_layers(net, fit_blocks, chosen, batch_size)
             with swapped(net, final):
-                rows.append(("linear + distil", cross_entropy(net, eval_blocks, batch_size).mean))
-        table = Table(title=f"{model} with blocks {','.join(map(str, chosen))} replaced: CE on "
-                            f"{eval_blocks.size:,} tokens")
-        table.add_column("variant")
-        table.add_column("CE", justify="right")
-        table.add_column("vs original", justify="right")
-        for name, ce in rows:
-            table.add_row(name, f"{ce:.4f}", f"{ce - base_ce.mean:+.4f}")
-        console.print(table)
-        report = {"model": model, "layers": chosen, "fit": fit, "data": data,
-                  "eval_data": eval_data or f"{data} (held back)",
-                  "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
-                  "ce": {name: ce for name, ce in rows}}
-        (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
+                lin_ce = cross_entropy(net, eval_blocks, batch_size)
+            rows = [("original", base_ce.mean), ("drop blocks", drop_ce.mean),
+                    ("linear (least squares)", lin_ce.mean)]
+            if fit == "distill":
+                distill(net, final, fit_blocks, distill_steps, distill_lr, batch_size)
+                with swapped(net, final):
+                    ce = cross_entropy(net, eval_blocks, batch_size).mean
+                    rows.append(("linear + distil", ce))
+            table = Table(title=f"{model} with blocks {','.join(map(str, chosen))} replaced: CE on "
+                                f"{eval_blocks.size:,} tokens")
+            table.add_column("variant")
+            table.add_column("CE", justify="right")
+            table.add_column("vs original", justify="right")
+            for name, ce in rows:
+                table.add_row(name, f"{ce:.4f}", f"{ce - base_ce.mean:+.4f}")
+            console.print(table)
+            report = {"model": model, "layers": chosen, "fit": fit, "data": data,
+                      "eval_data": eval_data or f"{data} (held back)",
+                      "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
+                      "ce": {name: ce for name, ce in rows}}
+            (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
 
     for i, m in final.items():
         swap_layer(net, i, m)
