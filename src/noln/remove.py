@@ -225,6 +225,10 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
                       eot_id=separator_id(tokenizer), extra_state=extra, teacher=teacher)
+    if cfg.progress and trainer.acc.is_main_process:
+        why = {"auto": "native bf16" if trainer.bf16 else "no native bf16 on this device"}
+        console.print(f"precision {trainer.precision} on {trainer.acc.device.type} "
+                      f"({why.get(cfg.precision, 'as asked')})", highlight=False)
     if cfg.fsdp and not trainer.sharded:
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
@@ -265,8 +269,8 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [r for r in log if r.get("event") == "guard"], "exports": exported,
-        "world_size": trainer.acc.num_processes, "sharded": trainer.sharded,
-        "pid": os.getpid(),
+        "precision": trainer.precision, "world_size": trainer.acc.num_processes,
+        "sharded": trainer.sharded, "pid": os.getpid(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "

@@ -29,6 +29,7 @@ from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
 from noln.config import RemoveConfig
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean
+from noln.precision import resolve_precision
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -113,16 +114,16 @@ class Trainer:
         self.ctx = train_blocks.shape[1]
         self.total_steps = cfg.resolved_steps(self.ctx)
         self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "fp32"
         # bf16 autocast is ours, not accelerate's: accelerate's would also wrap the model's
         # forward to copy every output (the whole logits tensor) to float32
         # no DDP buffer broadcast: every FakeNorm all-reduces its own sigma update (identical
         # on every rank), so rank 0's buffers need not overwrite the others' at each forward
         self.acc = accelerator or Accelerator(mixed_precision="no", kwargs_handlers=[
             DistributedDataParallelKwargs(broadcast_buffers=False)])
-        self.bf16 = precision == "bf16"
+        # auto: bf16 where the device multiplies bf16 natively (a GPU, a CPU with AMX or
+        # AVX512-BF16), fp32 elsewhere (emulated bf16 on an AVX2 CPU is slower than fp32)
+        self.precision = resolve_precision(cfg.precision, self.acc.device)
+        self.bf16 = self.precision == "bf16"
         world = self.acc.num_processes
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() != world:  # each would train the whole batch
