@@ -192,7 +192,9 @@ def linearity_cmd(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the TwoNN subsample")] = 0,
     precision: Annotated[str, typer.Option(help="float64 (exact) | mixed (float32 products per "
-                                           "batch, float64 sums: faster, ~1e-7)")] = "float64",
+                                           "batch, float64 sums: faster, ~1e-7, but up to ~1e-3 "
+                                           "without residual on models with massive "
+                                           "activations)")] = "float64",
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
