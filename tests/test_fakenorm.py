@@ -119,3 +119,93 @@ def test_gradient_checkpointing_counts_each_batch_once_in_the_ema():
         assert float(b.sigma) == pytest.approx(float(a.sigma), rel=1e-6), name
     for a, b in zip(g_plain, g_ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- special tokens' own scale (position 0 and end-of-text) ------------------------------------
+
+
+def _special_batch():
+    """[2, 5, 16]: position 0 of each row and one end-of-text token (row 1, position 3) are
+    ~100x the others, as in real LLMs' massive activations."""
+    from noln.fakenorm import special_token_mask
+
+    torch.manual_seed(1)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 9]])
+    mask = special_token_mask(ids, eot_id=0)
+    x = torch.randn(2, 5, 16)
+    x[mask] *= 100.0
+    return x, mask
+
+
+@pytest.mark.parametrize("cls", [FakeLayerNorm, FakeRMSNorm])
+def test_special_scale_tracks_and_divides_special_tokens_by_position(cls):
+    x, mask = _special_batch()
+    assert mask.tolist() == [[True, False, False, False, False], [True, False, False, True, False]]
+    norm = cls(nn.Parameter(torch.ones(16)), nn.Parameter(torch.zeros(16)) if cls is
+               FakeLayerNorm else None, eps=1e-5)
+    norm.enable_special_scale()
+    norm.train()
+    norm.std_mask, norm.special_mask = ~mask, mask
+    norm(x)
+    xc = x - x.mean(-1, keepdim=True) if cls is FakeLayerNorm else x
+    std = (xc.pow(2).mean(-1) + 1e-5).sqrt()
+    torch.testing.assert_close(norm.sigma, std[~mask].mean())
+    torch.testing.assert_close(norm.sigma_special, std[mask].mean())
+    norm.freeze()
+    norm.eval()
+    s, s_special = float(norm.sigma), float(norm.sigma_special)
+    assert s_special > 50 * s
+    for fade, divisor in ((0.0, s_special), (0.5, (s_special * s) ** 0.5), (1.0, s)):
+        norm.set_special_fade(fade)
+        y = norm(x)
+        # by position: the special tokens' rows, every channel; the others by sigma
+        torch.testing.assert_close(y[mask], xc[mask] / divisor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y[~mask], xc[~mask] / s, rtol=1e-5, atol=1e-6)
+    norm.special_mask = None  # nothing marked: every token by sigma (the plain fixed scale)
+    norm.set_special_fade(0.0)
+    torch.testing.assert_close(norm(x), xc / s, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dicts_without_special_buffers_still_load():
+    """Checkpoints written before special scales existed resume with them off."""
+    norm = FakeRMSNorm(nn.Parameter(torch.ones(8)), None, eps=1e-6)
+    norm.freeze(3.0)
+    old = {k: v for k, v in norm.state_dict().items() if "special" not in k}
+    fresh = FakeRMSNorm(nn.Parameter(torch.ones(8)), None, eps=1e-6)
+    fresh.load_state_dict(old)  # strict
+    assert fresh.frozen and not fresh.special and float(fresh.sigma) == 3.0
+    norm.enable_special_scale()
+    norm.set_special_fade(0.25)
+    fresh.load_state_dict(norm.state_dict())
+    assert fresh.special and fresh.fade == 0.25 and fresh.special_pending
+
+
+def test_adapter_marks_special_tokens_for_one_forward_only():
+    """The model's hooks find position 0 and end-of-text in each forward's input_ids, and
+    clear them after it; without special scales they do nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from noln.arch import install
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    adapter = install(model, eot_id=0)
+    seen = []
+    norm = adapter.final_norm
+    norm.register_forward_pre_hook(lambda m, a: seen.append(m.special_mask))
+    ids = torch.tensor([[3, 4, 0, 5]])
+    model(ids)
+    assert seen == [None]  # special scales off: no mask
+    adapter.enable_special_scale()
+    model(input_ids=ids)
+    assert seen[-1].tolist() == [[True, False, True, False]] and norm.special_mask is None
+    again = install(model)  # a second adapter keeps the end-of-text id and one pair of hooks
+    model(ids)
+    assert again.eot_id == 0 and seen[-1].tolist() == [[True, False, True, False]]
+    for name in adapter.site_names():
+        adapter.freeze(name)
+    assert adapter.export_state() == "mixed"  # special scales not faded: not exportable
+    adapter.set_special_fade(1.0)
+    assert adapter.export_state() == "all"

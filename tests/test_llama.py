@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 import noln
@@ -238,3 +239,50 @@ def test_pretrain_llama(text_jsonl, tmp_path):
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 2
     assert type(model.model.norm).__name__ == "LlamaRMSNorm"  # a plain HF folder, real norms
     assert isinstance(install(model).final_norm, FakeRMSNorm)
+
+
+def test_special_scale_run_fades_into_one_sigma_and_exports(tokenizer, text_jsonl, tmp_path):
+    """With --special-scale, every site keeps a scale of its own for position 0 and
+    end-of-text while the removals run, fades it into the shared sigma at the end, and ends as
+    a plain fixed-scale model whose exports give its logits."""
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              schedule="fixed", export_format="both", special_scale=True,
+                              special_fade=(0.5, 0.9), fixed={"finish_by": 0.4}, **FAST)
+    assert r.summary["complete"] and r.adapter.export_state() == "all"
+    norms = r.adapter.norms()
+    assert all(n.special and n.fade == 1.0 for n in norms)
+    # special tokens were measured apart from the ordinary ones
+    assert any(abs(float(n.sigma_special) - float(n.sigma)) > 1e-3 * float(n.sigma)
+               for n in norms)
+    faded = [e for e in r.log if e.get("event") == "special_faded"]
+    last_removal = max(e["step"] for e in r.events)
+    assert len(faded) == 1 and faded[0]["step"] > last_removal and faded[0]["step"] < 24
+    assert_run_matches_its_exports(r, vocab=len(tokenizer))
+
+
+def test_run_that_ends_with_the_fade_unfinished_says_so(tokenizer, text_jsonl, tmp_path):
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    names = install(tiny("llama", vocab=len(tokenizer))).site_names()
+    events = tmp_path / "late.yaml"  # the last site freezes at step 20 of 24: no time to fade
+    events.write_text(yaml.safe_dump({"events": [{"step": 2 + 3 * i, "site": name}
+                                                 for i, name in enumerate(names)]}))
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              schedule=str(events), export_format="hf", special_scale=True,
+                              special_fade=(0.5, 0.9), **FAST)
+    assert not r.summary["complete"] and "faded" in r.summary["unfinished"]
+    assert "--resume" in r.summary["unfinished"] and r.summary["exports"] == {}
+    from noln.cli import _print_summary
+    from noln.errors import NolnError
+
+    with pytest.raises(NolnError, match="removal unfinished"):  # `noln remove` exits 2
+        _print_summary(r.summary)
+    # resumed with more steps, it finishes and exports
+    r2 = noln.remove_layernorm(resume=tmp_path / "run", steps=40, progress=False)
+    assert r2.summary["complete"] and r2.summary["exports"]

@@ -94,10 +94,35 @@ def test_adaptive_probe_signal_compares_held_out_loss_before_and_after():
 def test_adaptive_max_gap_and_deadline_force_progress():
     cfg = AdaptiveConfig(tolerance=0.0, window=2, min_gap=2, max_gap=10, finish_by=0.5)
     sched = AdaptiveSchedule(SITES, cfg, start=0, total_steps=60)
-    fired = _drive(sched, lambda t, n: 5.0 + n, 60)  # never recovers
+    # never recovers, but each removal costs 0.2 nats: below `diverged` (0.5), so it is forced
+    fired = _drive(sched, lambda t, n: 5.0 + 0.2 * n, 60)
     assert len(fired) == len(SITES)
     assert max(fired) <= 30  # all removed by finish_by * steps
     assert all(b - a <= 10 for a, b in zip(sorted(fired), sorted(fired)[1:]))
+    assert sched.stall is None and sched.remaining() == []
+
+
+def test_adaptive_does_not_force_removals_into_a_diverging_model():
+    """The deadline must not freeze one site a step while the loss climbs (SmolLM2 at 20K
+    tokens went from 5.3 to 12.7 that way): past `diverged` nats above the level before the
+    last removal, the schedule waits; once the loss comes back, removals resume."""
+    cfg = AdaptiveConfig(signal="train", tolerance=0.0, window=1, min_gap=1, max_gap=4,
+                         finish_by=0.5, diverged=0.5)
+    sched = AdaptiveSchedule(SITES, cfg, start=0, total_steps=40)
+    # the second removal breaks the model (+2 nats) until step 30, when it recovers
+    fired = _drive(sched, lambda t, n: 5.0 + (2.0 if n >= 2 and t < 30 else 0.0) + 0.1 * n, 40)
+    steps = sorted(fired)
+    assert len(steps) >= 2 and not any(30 > t > steps[1] for t in steps)  # waited, no freezing
+    assert sched.stall is not None and sched.stall["level"] - sched.stall["reference"] > 0.5
+    assert len(fired) == len(SITES) and max(steps) >= 30  # then finished after recovery
+
+    never = AdaptiveSchedule(SITES, cfg, start=0, total_steps=40)
+    fired = _drive(never, lambda t, n: 5.0 + (2.0 if n >= 2 else 0.0), 40)
+    assert len(fired) == 2 and never.remaining() == SITES[2:]  # stops rather than diverging
+    state = never.state_dict()
+    again = AdaptiveSchedule(SITES, cfg, start=0, total_steps=40)
+    again.load_state_dict(state)
+    assert again.stall == never.stall and again.remaining() == never.remaining()
 
 
 def test_adaptive_state_round_trip_continues_identically():

@@ -74,6 +74,10 @@ def remove(
         "--fsdp/--no-fsdp", help="under a launcher: shard weights, gradients and optimizer "
         "state over the processes (FSDP2) instead of replicating them (DDP)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option()] = None,
+    special_scale: Annotated[bool | None, typer.Option(
+        "--special-scale/--no-special-scale", help="position 0 and end-of-text tokens keep a "
+        "frozen scale of their own, faded into the shared one at the end of the run (real LLMs' "
+        "massive activations; special_fade sets when)")] = None,
     hellaswag: Annotated[str | None, typer.Option(
         help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
         "split; or a local .jsonl)")] = None,
@@ -95,7 +99,8 @@ def remove(
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
                      export_format=format, precision=precision, compile=compile,
                      grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-                     checkpoint_every=checkpoint_every, keep_ln=True if keep_ln else None,
+                     checkpoint_every=checkpoint_every, special_scale=special_scale,
+                     keep_ln=True if keep_ln else None,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     sets = parse_sources(eval or [])
@@ -149,6 +154,8 @@ def _print_summary(summary: dict) -> None:
     console.print(f"{len(summary['frozen'])} sites frozen, {summary['tokens']:,} tokens, "
                   f"{summary['train_wall_time_s']:.0f}s training; exports: "
                   f"{', '.join(summary['exports'].values()) or 'none'}")
+    if summary.get("unfinished"):  # the run is kept, but it did not do what was asked
+        raise NolnError(summary["unfinished"])
 
 
 @app.command()

@@ -37,8 +37,12 @@ class AdaptiveConfig(BaseModel):
     window: int = Field(4, ge=1)  # steps averaged for signal=train
     min_gap: int = Field(2, ge=1)  # never remove two sites closer than this
     max_gap: int = Field(40, ge=1)  # remove anyway after this many steps
-    # every site removed by this fraction of the run, whatever the loss
+    # every site removed by this fraction of the run, unless the model is diverging
     finish_by: float = Field(0.6, gt=0, le=1)
+    # a removal is never forced (by max_gap or finish_by) while the probe loss is more than
+    # this many nats above its level before the previous removal: the schedule waits for the
+    # model to recover, and a run that ends still waiting stops with the sites left and why
+    diverged: float = Field(0.5, gt=0)
 
     @model_validator(mode="after")
     def _gaps(self) -> AdaptiveConfig:
@@ -79,6 +83,7 @@ class ScheduleFile(BaseModel):
     window: int | None = Field(None, ge=1)
     min_gap: int | None = Field(None, ge=1)
     max_gap: int | None = Field(None, ge=1)
+    diverged: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ScheduleFile:
@@ -88,7 +93,7 @@ class ScheduleFile(BaseModel):
         own = {"events": {"type", "events"}, "fixed": {"type", "order", "start", "gaps",
                                                         "finish_by"},
                "adaptive": {"type", "order", "start", "finish_by", "signal", "tolerance",
-                            "window", "min_gap", "max_gap"}}[kind]
+                            "window", "min_gap", "max_gap", "diverged"}}[kind]
         foreign = sorted(self.model_fields_set - own)
         if foreign:
             raise ValueError(f"'{foreign[0]}' is not a setting of a {kind} schedule (its keys: "
@@ -155,6 +160,12 @@ class RemoveConfig(BaseModel):
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
     momentum: Fraction = 0.9  # EMA of the per-token std
     exclude_special: bool = True  # position 0 and EOT tokens do not count in sigma's estimate
+    # position 0 and EOT tokens get a frozen sigma of their own at every site, faded into the
+    # shared sigma from special_fade[0] to special_fade[1] of the run once every site is
+    # frozen (noln.fakenorm: the massive activations of real LLMs)
+    special_scale: bool = False
+    special_fade: tuple[Annotated[float, Field(ge=0, le=1)],
+                        Annotated[float, Field(ge=0, le=1)]] = (0.6, 0.9)
     aux_weight: float = Field(0.1, ge=0)  # paper 2's std-equalising loss on the residual at ln_f
     cos_reg: float = Field(0.0, ge=0)  # linearity paper's cosine regulariser between layers
     # loss = (1 - distill) CE + distill KL(original || model); 0: pure CE
@@ -179,6 +190,9 @@ class RemoveConfig(BaseModel):
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of micro batch "
                              f"{micro}: give --micro-batch-size {_divisor(self.batch_size, micro)}"
                              f" or --batch-size {micro * max(1, round(self.batch_size / micro))}")
+        if not self.special_fade[0] < self.special_fade[1]:
+            raise ValueError(f"special_fade {list(self.special_fade)} must rise: give two "
+                             "fractions of the run, start < end (e.g. [0.6, 0.9])")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")
@@ -354,8 +368,9 @@ def make_config(**kwargs) -> RemoveConfig:
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
                 "seed", "keep_ln", "schedule", "fixed", "adaptive", "momentum",
-                "exclude_special")
+                "exclude_special", "special_scale")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
+                     "special_fade",
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning

@@ -9,6 +9,21 @@ the ``is_frozen`` buffer so the forward pass never syncs with the device to read
 
 In a multi-process (DDP) run each update all-reduces the batch statistics, so every rank keeps
 the sigma that one process training on the whole global batch would have.
+
+**Special tokens** (position 0 and end-of-text) carry the massive activations of real LLMs:
+SmolLM2-135M's residual at position 0 is ~150x the median token's from layer 15 on, and an
+end-of-text token mid-sequence ~100x. One frozen sigma that fits ordinary tokens multiplies
+their normalised output by ~100 and breaks the model (the attention sink). With
+``special_scale`` on, a site also tracks ``sigma_special`` (the EMA of the special tokens' std)
+and, frozen, divides special tokens by
+
+    sigma_special ** (1 - fade) * sigma ** fade,
+
+``fade`` going 0 -> 1 at the end of the run (``noln.train``), so the model has time to learn to
+shrink its special tokens' residuals before every token shares one sigma. At ``fade = 1`` the
+site is the plain fixed scale again (exportable). Which tokens are special is set per forward
+pass from ``input_ids`` by the adapter (``special_mask``, ``[batch, seq]`` bool), indexed by
+position, never by channel (METHODS.md section 3: paper 1's code rescaled hidden channel 0).
 """
 
 from __future__ import annotations
@@ -27,6 +42,15 @@ def _data_parallel() -> bool:
     """True in a multi-process run (``accelerate launch``/torchrun: DDP), where each process
     sees only its slice of the batch."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def special_token_mask(ids: torch.Tensor, eot_id: int | None) -> torch.Tensor:
+    """``[batch, seq]`` True for special tokens: position 0 and end-of-text (``eot_id``)."""
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    if eot_id is not None:
+        special |= ids == eot_id
+    return special
 
 
 def batch_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,6 +85,13 @@ class FakeNorm(nn.Module):
         self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
         self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        # special tokens' own scale (module docstring); off unless enable_special_scale()
+        self.register_buffer("special_on", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("sigma_special", torch.ones((), dtype=torch.float32))
+        self.register_buffer("special_fade", torch.zeros((), dtype=torch.float32))
+        self.special = False  # mirrors special_on, read without a device sync
+        self.fade = 0.0  # mirrors special_fade
+        self.special_mask: torch.Tensor | None = None  # [batch, seq], set by the adapter's hook
         self.frozen = False
         # Set by the trainer for one forward pass: which tokens count in the sigma estimate
         # ([batch, seq] bool; position 0 / EOT excluded), and whether to keep per-token std.
@@ -79,9 +110,40 @@ class FakeNorm(nn.Module):
         self.is_frozen.fill_(True)
         self.frozen = True
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def enable_special_scale(self) -> None:
+        """Give special tokens their own sigma (module docstring); before training starts."""
+        self.special_on.fill_(True)
+        self.special = True
+
+    @property
+    def special_divisor(self) -> torch.Tensor:
+        """What a frozen site divides special tokens by: sigma_special faded into sigma."""
+        fade = self.special_fade
+        return self.sigma_special.pow(1 - fade) * self.sigma.pow(fade)
+
+    def set_special_fade(self, fade: float) -> None:
+        self.special_fade.fill_(fade)
+        self.fade = float(fade)
+
+    @property
+    def special_pending(self) -> bool:
+        """True while special tokens still have a scale of their own (fade below 1)."""
+        return self.special and self.fade < 1.0
+
+    _NEW_BUFFERS = ("special_on", "sigma_special", "special_fade")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # checkpoints from before special scales had none of these buffers: the defaults
+        # (off) are what those runs trained with
+        for name in self._NEW_BUFFERS:
+            if prefix + name not in state_dict and prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
         self.frozen = bool(self.is_frozen)
+        self.special = bool(self.special_on)
+        self.fade = float(self.special_fade)
 
     def _centered(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(dim=-1, keepdim=True) if self.center else x
@@ -93,24 +155,47 @@ class FakeNorm(nn.Module):
         std = std.squeeze(-1).float()
         mask = None
         if self.std_mask is not None:
-            mask = self.std_mask.to(std.dtype)
             # per-head norms (Qwen3 q_norm / k_norm) see [batch, seq, heads]: mask each head
-            mask = mask.reshape(*mask.shape, *(1,) * (std.dim() - mask.dim())).expand_as(std)
+            mask = self._expand(self.std_mask.to(std.dtype), std)
         batch_std = batch_mean(std, mask)
         first = self.n_updates == 0
         ema = self.momentum * self.sigma + (1 - self.momentum) * batch_std
         self.sigma.copy_(torch.where(first, batch_std, ema))
+        if self.special:
+            special = self._expand(self.special_mask, std) if self.special_mask is not None \
+                else None
+            if special is not None:
+                special_std = batch_mean(std, special.to(std.dtype))
+                ema = self.momentum * self.sigma_special + (1 - self.momentum) * special_std
+                self.sigma_special.copy_(torch.where(first, special_std, ema))
         self.n_updates.add_(1)
 
+    @staticmethod
+    def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A ``[batch, seq]`` mask broadcast over any trailing per-head axes of ``like``
+        (``[batch, seq]`` or ``[batch, seq, heads]``)."""
+        return mask.reshape(*mask.shape, *(1,) * (like.dim() - mask.dim())).expand_as(like)
+
+    def _per_token_special(self) -> bool:
+        return self.frozen and self.special_pending and self.special_mask is not None
+
+    def frozen_divisor(self, x: torch.Tensor) -> torch.Tensor:
+        """What a frozen site divides ``x`` by: ``sigma``, or per token (``[..., 1]``) while
+        special tokens still have a scale of their own."""
+        if not self._per_token_special():
+            return self.sigma
+        mask = self._expand(self.special_mask, x[..., 0]).unsqueeze(-1)  # [B, T(, H), 1]
+        return torch.where(mask, self.special_divisor, self.sigma)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.capture_std:
+        if not self.capture_std and not self._per_token_special():
             fast = self._fast_forward(x)
             if fast is not None:
                 return fast
         xf = x.float()  # norms run in float32 under autocast, as torch's own LayerNorm does
         xc = self._centered(xf)
         if self.frozen:
-            y = xc / self.sigma
+            y = xc / self.frozen_divisor(xc)
             if self.capture_std:
                 self.input_std = (xc.pow(2).mean(dim=-1) + self.eps).sqrt()
         else:
@@ -136,6 +221,9 @@ class FakeNorm(nn.Module):
 
     def extra_repr(self) -> str:
         state = f"frozen, sigma={self.sigma.item():.4g}" if self.frozen else "live"
+        if self.special:
+            state += (f", special tokens sigma={self.sigma_special.item():.4g} "
+                      f"fade={self.special_fade.item():.2f}")
         return f"{tuple(self.weight.shape)}, eps={self.eps}, {state}"
 
 

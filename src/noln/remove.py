@@ -201,7 +201,9 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     n_exports = {"both": 2, "none": 0}.get(cfg.export_format, 1)
     check_disk_space(out, net, 0 if resuming else n_exports)
-    adapter = install(net, cfg.momentum)
+    adapter = install(net, cfg.momentum, separator_id(tokenizer))
+    if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
+        adapter.enable_special_scale()
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
     kinds = {name: site.kind for name, site in adapter.sites.items()}
@@ -241,7 +243,7 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         full = full_model_state_dict(net)
         if ranks.is_main_process:
             net = _from_run_config(out)
-            adapter = install(net, cfg.momentum)
+            adapter = install(net, cfg.momentum, separator_id(tokenizer))
             net.load_state_dict(full)
             net.to(trainer.acc.device)
     net.eval()
@@ -251,6 +253,9 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         return RemovalResult(net, adapter, read_log(out / "log.jsonl"), summary, out)
     log = read_log(out / "log.jsonl")
     events = [r for r in log if r.get("event") == "remove"]
+    unfinished = None if cfg.keep_ln else unfinished_removal(adapter, trainer.schedule, out)
+    if unfinished:
+        console.print(f"[yellow]{unfinished}[/]")
     ce_after = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
     formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
     if cfg.keep_ln:
@@ -259,7 +264,7 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     for fmt in formats:
         target = out / ("model" if fmt == "hf" or len(formats) == 1 else f"model-{fmt}")
         if adapter.export_state() == "mixed":
-            console.print(f"[yellow]not exporting {fmt}: some sites are still live[/]")
+            console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
             continue
         exported[fmt] = str(export_model(adapter, tokenizer, target, fmt, events=events))
     summary = {
@@ -271,12 +276,34 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
         "guard_events": [r for r in log if r.get("event") == "guard"], "exports": exported,
         "precision": trainer.precision, "world_size": trainer.acc.num_processes,
         "sharded": trainer.sharded, "pid": os.getpid(),
+        "complete": unfinished is None, "unfinished": unfinished,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "
               f"{'control (LN kept)' if cfg.keep_ln else 'LayerNorm removal'}")
     ranks.wait_for_everyone()
     return RemovalResult(net, adapter, log, summary, out)
+
+
+def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
+    """Why a removal run ended with its model not norm-free (None when it is), and how to go
+    on: a schedule that waited on a diverging model, or special scales still fading."""
+    resume = f"the checkpoint is kept: `noln remove --resume {out} --steps N` with more steps"
+    live = [n for n in adapter.site_names() if n not in adapter.frozen_sites()]
+    if live:
+        why = ""
+        if getattr(schedule, "stall", None):
+            st = schedule.stall
+            why = (f"; from step {st['step']} the schedule waited: the probe loss stood at "
+                   f"{st['level']:.3f}, more than adaptive.diverged above its level before the "
+                   f"last removal ({st['reference']:.3f})")
+        return (f"removal unfinished: {len(live)} of {len(adapter.sites)} sites still live "
+                f"(next {live[0]}){why}; {resume}, or a lower --lr")
+    fading = [n for n in adapter.norms() if n.special_pending]
+    if fading:
+        return (f"removal unfinished: every site is frozen but special tokens' scales are "
+                f"{fading[0].fade:.0%} faded into the shared sigma (special_fade); {resume}")
+    return None
 
 
 def remove_with_control(model: str | None = None, data: str | None = None,

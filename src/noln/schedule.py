@@ -55,7 +55,12 @@ class AdaptiveSchedule(Schedule):
     the previous removal: held-out CE on fixed tokens (``signal: probe``) or the mean training
     loss over ``window`` steps (``signal: train``). Never sooner than ``min_gap`` steps, never
     later than ``max_gap``, and every site gone by ``finish_by`` of the run (the longest wait
-    shrinks to make it)."""
+    shrinks to make it) -- unless the model is diverging: while the loss is more than
+    ``diverged`` nats above its level before the previous removal, no removal is forced; the
+    schedule waits for the model to recover (``stall`` records the last such wait), and a run
+    that ends waiting keeps its sites live and says so rather than freezing into a broken
+    model (SmolLM2-135M at 20K tokens: the deadline froze one site a step while the held-out
+    loss rose from 5.3 to 12.7)."""
 
     def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
         self.order, self.cfg, self.start = list(order), cfg, start
@@ -63,6 +68,7 @@ class AdaptiveSchedule(Schedule):
         self.next_idx = 0
         self.last_step = -1
         self.reference: float | None = None
+        self.stall: dict | None = None  # the last forced removal declined: step, level, reference
 
     def _level(self, losses: Sequence[float], probe: Callable[[], float] | None) -> float:
         if self.cfg.signal == "probe" and probe is not None:
@@ -77,10 +83,16 @@ class AdaptiveSchedule(Schedule):
         since = step - self.last_step
         remaining = len(self.order) - self.next_idx
         max_gap = min(self.cfg.max_gap, max(1, (self.deadline - step) // remaining))
-        if self.next_idx > 0 and since < max_gap:
-            min_gap = max(self.cfg.min_gap, self.cfg.window if self.cfg.signal == "train" else 1)
-            if since < min_gap or self._level(losses, probe) > self.reference + self.cfg.tolerance:
-                return []
+        if self.next_idx > 0:
+            if since < max_gap:
+                min_gap = max(self.cfg.min_gap,
+                              self.cfg.window if self.cfg.signal == "train" else 1)
+                if since < min_gap or \
+                        self._level(losses, probe) > self.reference + self.cfg.tolerance:
+                    return []
+            elif (level := self._level(losses, probe)) > self.reference + self.cfg.diverged:
+                self.stall = {"step": step, "level": level, "reference": self.reference}
+                return []  # due by the clock, but the model has not recovered: wait
         self.reference = self._level(losses, probe)
         self.last_step = step
         self.next_idx += 1
@@ -93,12 +105,16 @@ class AdaptiveSchedule(Schedule):
             return self.order[self.next_idx]
         return f"{self.order[self.next_idx]} at loss<={self.reference + self.cfg.tolerance:.3f}"
 
+    def remaining(self) -> list[str]:
+        return self.order[self.next_idx :]
+
     def state_dict(self) -> dict:
-        return {"next_idx": self.next_idx, "last_step": self.last_step, "reference": self.reference}
+        return {"next_idx": self.next_idx, "last_step": self.last_step, "reference": self.reference,
+                "stall": self.stall}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_idx, self.last_step = state["next_idx"], state["last_step"]
-        self.reference = state["reference"]
+        self.reference, self.stall = state["reference"], state.get("stall")
 
 
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,

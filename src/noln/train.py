@@ -28,7 +28,7 @@ from noln.arch import NormAdapter
 from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
 from noln.config import RemoveConfig
 from noln.errors import NolnError
-from noln.fakenorm import batch_mean
+from noln.fakenorm import batch_mean, special_token_mask
 from noln.precision import resolve_precision
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
@@ -54,15 +54,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]  # shared tensors counted once
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def special_token_mask(x: torch.Tensor, eot_id: int | None) -> torch.Tensor:
-    """True for ordinary tokens: not position 0, not end-of-text (their residual std is huge)."""
-    keep = torch.ones_like(x, dtype=torch.bool)
-    keep[:, 0] = False
-    if eot_id is not None:
-        keep &= x != eot_id
-    return keep
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -184,7 +175,8 @@ class Trainer:
 
     # -- loss ------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = special_token_mask(x, self.eot_id)
+        keep = ~special_token_mask(x, self.eot_id)  # ordinary tokens: their residual std is
+        # the one to estimate; position 0's and end-of-text's are outliers
         self.adapter.set_std_mask(keep if self.cfg.exclude_special else None)
         aux_on = self.cfg.aux_weight > 0 and not self.cfg.keep_ln
         final = self.adapter.final_norm
@@ -245,6 +237,22 @@ class Trainer:
             current[:] = [self.probe_loss()]
             self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
                       "probe_before": before, "probe_after": current[0]})
+
+    def fade_special(self, step: int) -> None:
+        """Special tokens' own scales (``special_scale``) move to the shared sigma, one equal
+        step of the fade per training step from ``special_fade[0]`` of the run to
+        ``special_fade[1]``, and never before every site is frozen. The fade lives in the
+        FakeNorms' buffers, so checkpoints carry it."""
+        norms = [n for n in self.adapter.norms() if n.special]
+        if not norms or self.cfg.keep_ln or not norms[0].special_pending:
+            return
+        start, end = (round(f * self.total_steps) for f in self.cfg.special_fade)
+        if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites):
+            return
+        fade = min(1.0, norms[0].fade + 1.0 / max(1, end - start))
+        self.adapter.set_special_fade(fade)
+        if fade >= 1.0:
+            self.log({"event": "special_faded", "step": step})
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
@@ -316,6 +324,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 step, t0 = self.state.step, time.perf_counter()
                 self.remove_due(step)
+                self.fade_special(step)
                 lr = lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr

@@ -33,9 +33,9 @@ def check_supported(config) -> type[NormAdapter]:
     return ADAPTERS[model_type]
 
 
-def install(model: nn.Module, momentum: float = 0.9) -> NormAdapter:
+def install(model: nn.Module, momentum: float = 0.9, eot_id: int | None = None) -> NormAdapter:
     """Swap ``model``'s norms for FakeNorms in place and return its adapter."""
-    return check_supported(model.config)(model, momentum)
+    return check_supported(model.config)(model, momentum, eot_id)
 
 
 __all__ = ["ADAPTERS", "FAMILIES", "NormAdapter", "Site", "check_supported", "install", "supported"]

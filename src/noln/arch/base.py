@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from noln.errors import NolnError
-from noln.fakenorm import FakeNorm
+from noln.fakenorm import FakeNorm, special_token_mask
 
 # The hf export's eps trick: sqrt(var + 1e12) ~ 1e6 for every token, so a norm weight
 # gamma * 1e6 / sigma makes the plain class's norm a fixed scale gamma / sigma.
@@ -40,6 +40,7 @@ class SplitNorm(nn.Module):
             normed = self.qk(resid_pre)
             if self.training:  # v sees the same input: keep its EMA in step without recomputing
                 self.v.sigma.copy_(self.qk.sigma)
+                self.v.sigma_special.copy_(self.qk.sigma_special)
                 self.v.n_updates.copy_(self.qk.n_updates)
             return normed
         return self.split(resid_pre)
@@ -64,11 +65,48 @@ class NormAdapter:
     block_kinds: ClassVar[tuple[str, ...]]  # per-block site kinds, in removal order
     final_kind: ClassVar[str]
 
-    def __init__(self, model: nn.Module, momentum: float = 0.9):
+    def __init__(self, model: nn.Module, momentum: float = 0.9, eot_id: int | None = None):
         self.model = model
         self.momentum = momentum
+        # end-of-text: a special token (with position 0) for special scales; a second adapter
+        # on the same model keeps the first one's unless it is told another
+        self.eot_id = eot_id if eot_id is not None else getattr(model, "_noln_eot_id", None)
+        model._noln_eot_id = self.eot_id
         self.install()
         self.sites: dict[str, Site] = {s.name: s for s in self.ordered(self.collect_sites())}
+        # special tokens are found from each forward's input_ids (noln.fakenorm); the hooks
+        # do nothing unless a site has special_scale on. One pair per model, the newest adapter's
+        for handle in getattr(model, "_noln_hooks", ()):
+            handle.remove()
+        model._noln_hooks = (
+            model.register_forward_pre_hook(self._mark_special_tokens, with_kwargs=True),
+            model.register_forward_hook(self._clear_special_tokens))
+
+    def _special_norms(self) -> list[FakeNorm]:
+        return [n for n in self.norms() if n.special]
+
+    def _mark_special_tokens(self, module, args, kwargs) -> None:
+        norms = self._special_norms()
+        if not norms:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = None if ids is None else special_token_mask(ids, self.eot_id)
+        for norm in norms:
+            norm.special_mask = mask
+
+    def _clear_special_tokens(self, module, args, output) -> None:
+        for norm in self._special_norms():
+            norm.special_mask = None
+
+    def enable_special_scale(self) -> None:
+        """Every site gives position 0 and end-of-text tokens a scale of their own, faded into
+        the shared sigma by ``set_special_fade`` (noln.fakenorm)."""
+        for norm in self.norms():
+            norm.enable_special_scale()
+
+    def set_special_fade(self, fade: float) -> None:
+        for norm in self._special_norms():
+            norm.set_special_fade(fade)
 
     # -- family-specific ------------------------------------------------------------------
     def install(self) -> None:
@@ -106,7 +144,7 @@ class NormAdapter:
         buffers and without each split norm's per-path names for its shared weight and bias."""
         paths = tuple(f"{name}.{path}." for name, module in self.model.named_modules()
                       if isinstance(module, SplitNorm) for path in ("qk", "v"))
-        buffers = (".sigma", ".is_frozen", ".n_updates")
+        buffers = (".sigma", ".is_frozen", ".n_updates", *(f".{b}" for b in FakeNorm._NEW_BUFFERS))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()
                 if not k.startswith(paths) and not k.endswith(buffers)}
 
@@ -154,8 +192,11 @@ class NormAdapter:
             norm.std_mask = mask
 
     def export_state(self) -> str:
-        """'none' (nothing frozen), 'all' (every site frozen) or 'mixed'."""
+        """'none' (nothing frozen), 'all' (every site frozen, special tokens' scales faded
+        into the shared sigma) or 'mixed'."""
         n = len(self.frozen_sites())
+        if n and any(norm.special_pending for norm in self.norms()):
+            return "mixed"  # a fixed scale per token kind: no plain class can express it
         return "none" if n == 0 else "all" if n == len(self.sites) else "mixed"
 
     def require_export_state(self, allowed: tuple[str, ...]) -> str:

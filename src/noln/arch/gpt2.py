@@ -49,8 +49,8 @@ class SplitLayerNorm(SplitNorm):
             if self.training and not self.v.frozen:
                 self.v._update_sigma(std.detach())
         u = self.qk(resid_pre)
-        self.v_ratio = ((self.qk.sigma if self.qk.frozen else std)
-                        / (self.v.sigma if self.v.frozen else std))
+        self.v_ratio = ((self.qk.frozen_divisor(resid_pre) if self.qk.frozen else std)
+                        / (self.v.frozen_divisor(resid_pre) if self.v.frozen else std))
         return u
 
 
