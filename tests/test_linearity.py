@@ -262,6 +262,33 @@ def test_profile_of_a_model_and_bad_requests(tmp_path):
     assert rows and set(rows) == {1}
     with pytest.raises(NolnError, match="layer 5 requested but the model has 3 blocks"):
         linearity_profile(model, blocks, layers=[5])
+    assert p.layers_without_first == []  # off unless asked
+
+
+def test_scores_without_position_zero(tmp_path):
+    """`without_first` scores the same blocks with position 0 of every sequence left out (the
+    paper's score on the stored states minus those rows); a massive first token, as real LLMs
+    have, pins the paper's with-residual score near 1 while the rest tells the truth."""
+    _, model, _, blocks = tiny_model(tmp_path)
+    p = linearity_profile(model, blocks, geometry=False, batch_size=3, without_first=True)
+    with torch.no_grad():
+        hs = model(input_ids=torch.from_numpy(blocks), output_hidden_states=True).hidden_states
+    x, y = (h[:, 1:].reshape(-1, 32).double() for h in hs[1:3])
+    rest = p.layers_without_first[1]
+    assert rest.layer == 1 and rest.n_tokens == blocks.shape[0] * (blocks.shape[1] - 1)
+    assert rest.with_residual == pytest.approx(paper_score(x, y), abs=1e-6)
+    assert rest.without_residual == pytest.approx(paper_score(x, y - x), abs=1e-6)
+    # a constructed massive first token: the same random map on every token, but position 0's
+    # residual 200x the others along one direction, as in SmolLM2's layers 12-18
+    g = torch.Generator().manual_seed(0)
+    n_seq, ctx, d = 64, 16, 32
+    h0 = torch.randn(n_seq, ctx, d, generator=g, dtype=torch.float64)
+    h0[:, 0, 0] += 200.0
+    h1 = h0 + 0.5 * torch.randn(n_seq, ctx, d, generator=g, dtype=torch.float64)
+    h1[:, 0, 0] += 200.0
+    every = linearity_scores(h0.reshape(-1, d), h1.reshape(-1, d)).with_residual
+    rest = linearity_scores(h0[:, 1:].reshape(-1, d), h1[:, 1:].reshape(-1, d)).with_residual
+    assert every > 0.99 and rest < 0.9
     with pytest.raises(NolnError, match="too few tokens for width: 16 tokens for hidden size 32"):
         linearity_profile(model, blocks[:1])
 

@@ -74,14 +74,27 @@ def profile_table(p: LinearityProfile) -> Table:
                            f"d={p.d_model}, chance floor d/(n-1) = {p.chance_floor:.4f})"))
     for col in ("block", "depth", "with res", "held-out", "w/o res", "held-out", "aniso", "ID"):
         t.add_column(col, justify="right")
+    rest = {s.layer: s for s in p.layers_without_first}
+    if rest:
+        for col in ("with res\nno pos 0", "w/o res\nno pos 0"):
+            t.add_column(col, justify="right")
     for s in p.layers:
+        extra = [_fmt(rest[s.layer].with_residual), _fmt(rest[s.layer].without_residual)] \
+            if s.layer in rest else []
         t.add_row(str(s.layer), f"{depth(s.layer, p.n_layers):.2f}", _fmt(s.with_residual),
                   _fmt(s.with_residual_heldout), _fmt(s.without_residual),
                   _fmt(s.without_residual_heldout), _fmt(s.anisotropy, 3),
-                  _fmt(s.intrinsic_dim, 1))
-    t.caption = escape(f"block l scores H[l] -> H[l+1]; the last block ({p.n_layers - 1}) is "
-                       "skipped (HF's last hidden state is after the final norm); anisotropy and "
-                       "TwoNN intrinsic dimension (ID) are of the block's input H[l]")
+                  _fmt(s.intrinsic_dim, 1), *extra)
+    caption = (f"block l scores H[l] -> H[l+1]; the last block ({p.n_layers - 1}) is skipped "
+               "(HF's last hidden state is after the final norm); anisotropy and TwoNN intrinsic "
+               "dimension (ID) are of the block's input H[l]")
+    if rest:
+        gap = max(abs(s.with_residual - rest[s.layer].with_residual) for s in p.layers
+                  if s.layer in rest)
+        caption += (f"; 'no pos 0': position 0 of every sequence left out (largest change of "
+                    f"the with-residual score: {gap:.3f}"
+                    + (": position 0 dominates the score" if gap > 0.01 else "") + ")")
+    t.caption = escape(caption)
     return t
 
 
@@ -134,7 +147,7 @@ def plot_profiles(profiles: list[LinearityProfile], path: Path) -> Path:
 
 
 def write_csv(profiles: list[LinearityProfile], path: Path) -> None:
-    cols = ["model", "layer", "depth", "with_residual", "with_residual_heldout",
+    cols = ["model", "positions", "layer", "depth", "with_residual", "with_residual_heldout",
             "without_residual", "without_residual_heldout", "n_tokens", "chance_floor",
             "anisotropy", "anisotropy_power", "intrinsic_dim"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +155,17 @@ def write_csv(profiles: list[LinearityProfile], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(cols)
         for p in profiles:
-            for s in p.layers:
-                row = {**s.__dict__, "model": p.model, "depth": depth(s.layer, p.n_layers)}
-                w.writerow(["" if row[c] is None else row[c] for c in cols])
+            for positions, scores in (("all", p.layers), ("without_first", p.layers_without_first)):
+                for s in scores:
+                    row = {**s.__dict__, "model": p.model, "positions": positions,
+                           "depth": depth(s.layer, p.n_layers)}
+                    w.writerow(["" if row.get(c) is None else row[c] for c in cols])
 
 
 def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list[int] | None,
                 geometry: bool, id_tokens: int, batch_size: int, seed: int,
-                precision: str = "float64") -> tuple[LinearityProfile, dict]:
+                precision: str = "float64",
+                without_first: bool = False) -> tuple[LinearityProfile, dict]:
     """Load ``name``, tokenise ``data`` with its tokenizer and profile it."""
     from noln.data import load_blocks
     from noln.linearity.score import check_tokens, hidden_size, linearity_profile
@@ -164,7 +180,8 @@ def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list
         profile = linearity_profile(
             model, blocks, layers=layers, batch_size=batch_size, geometry=geometry,
             id_tokens=id_tokens, seed=seed, precision=precision, name=name,
-            progress=lambda done, total: bar.update(done * blocks.shape[1]))
+            progress=lambda done, total: bar.update(done * blocks.shape[1]),
+            without_first=without_first)
     return profile, {"data": data, "ctx": ctx, "precision": precision}
 
 
@@ -195,6 +212,9 @@ def linearity_cmd(
                                            "batch, float64 sums: faster, ~1e-7, but up to ~1e-3 "
                                            "without residual on models with massive "
                                            "activations)")] = "float64",
+    without_first: Annotated[bool, typer.Option(
+        "--without-first/--all-positions-only", help="also score every block with position 0 "
+        "left out (its massive activation in real LLMs pins the paper's score near 1)")] = True,
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
@@ -209,7 +229,7 @@ def linearity_cmd(
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
         p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry and id_tokens > 2,
-                              id_tokens, batch_size, seed, precision)
+                              id_tokens, batch_size, seed, precision, without_first)
         console.print(profile_table(p))
         profiles.append(p)
         metas.append(meta)

@@ -399,6 +399,10 @@ class LinearityProfile:
     hidden_states: list[dict] = field(default_factory=list)  # geometry of H[0..n_layers]
     heldout: str = ("two-fold: sequences alternate between halves; the affine map fitted on one "
                     "half is scored on the other, errors pooled over both directions")
+    # the same scores with position 0 of every sequence left out: in real LLMs its massive
+    # activation (SmolLM2-135M: 150x the median norm) dominates the centred Frobenius norm and
+    # pins the with-residual score near 1 whatever the other tokens do
+    layers_without_first: list[LayerScore] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -408,10 +412,13 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
                       layers: Sequence[int] | None = None, batch_size: int = 8,
                       geometry: bool = True, id_tokens: int = 2048, seed: int = 0,
                       rcond: float = RCOND, precision: str = "float64", name: str = "",
-                      progress: Callable[[int, int], None] | None = None) -> LinearityProfile:
+                      progress: Callable[[int, int], None] | None = None,
+                      without_first: bool = False) -> LinearityProfile:
     """Linearity scores (and, with ``geometry``, anisotropy and intrinsic dimension) per layer.
 
     ``blocks`` is ``[n_sequences, ctx]`` token ids; every position of every sequence is a token.
+    ``without_first``: also score every layer with position 0 left out (same forward pass,
+    second set of moments), in ``layers_without_first``.
     """
     from noln.linearity.geometry import TokenSample, anisotropy, twonn_dimension
 
@@ -422,14 +429,21 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     states = range(n_layers + 1) if geometry else ()
     moments = StreamingMoments(d, pairs, states, device=model_device(model), precision=precision)
     sample = TokenSample(blocks.shape, id_tokens, seed) if geometry else None
+    rest = None
+    if without_first:
+        check_tokens(blocks.shape[0] * (blocks.shape[1] - 1), d)
+        rest = StreamingMoments(d, pairs, device=model_device(model), precision=precision)
 
     def consume(hs: list[torch.Tensor], half: int) -> None:
         moments.update(hs, half)
+        if rest is not None:
+            rest.update([h[:, 1:] for h in hs], half)  # [batch, ctx - 1, d]: position 0 out
         if sample is not None:
             sample.add(hs)
 
     stream_hidden_states(model, blocks, consume, batch_size, progress)
     scores = score_pairs(moments, rcond)
+    scores_rest = score_pairs(rest, rcond) if rest is not None else []
     geo: list[dict] = []
     if geometry:
         for k in moments.states:
@@ -445,4 +459,5 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
             s.intrinsic_dim = g["intrinsic_dim"]
     n = sum(moments.n)
     return LinearityProfile(model=name, n_tokens=n, d_model=d, n_layers=n_layers,
-                            chance_floor=d / (n - 1), layers=scores, hidden_states=geo)
+                            chance_floor=d / (n - 1), layers=scores, hidden_states=geo,
+                            layers_without_first=scores_rest)
