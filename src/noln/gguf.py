@@ -112,8 +112,11 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its per-tensor progress bars and tokenizer notes
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # a GGUF file carries tensors and metadata, never code: nothing here may run any
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                  trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     trust_remote_code=False,
                                                      dtype=torch.float32)
     except Exception as e:
         raise NolnError(f"transformers could not read '{path.name}' ({type(e).__name__}: "
