@@ -180,9 +180,10 @@ def test_state_dicts_without_special_buffers_still_load():
     assert fresh.special and fresh.fade == 0.25 and fresh.special_pending
 
 
-def test_adapter_marks_special_tokens_for_one_forward_only():
-    """The model's hooks find position 0 and end-of-text in each forward's input_ids, and
-    clear them after it; without special scales they do nothing."""
+def test_adapter_marks_special_tokens_of_each_forward():
+    """The model's hook finds position 0 and end-of-text in each forward's input_ids (kept
+    until the next forward, for activation checkpointing's recomputation); without special
+    scales it does nothing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from noln.arch import install
@@ -200,7 +201,9 @@ def test_adapter_marks_special_tokens_for_one_forward_only():
     assert seen == [None]  # special scales off: no mask
     adapter.enable_special_scale()
     model(input_ids=ids)
-    assert seen[-1].tolist() == [[True, False, True, False]] and norm.special_mask is None
+    assert seen[-1].tolist() == [[True, False, True, False]]
+    model(torch.tensor([[7, 0]]))
+    assert norm.special_mask.tolist() == [[True, True]]
     again = install(model)  # a second adapter keeps the end-of-text id and one pair of hooks
     model(ids)
     assert again.eot_id == 0 and seen[-1].tolist() == [[True, False, True, False]]
@@ -209,3 +212,40 @@ def test_adapter_marks_special_tokens_for_one_forward_only():
     assert adapter.export_state() == "mixed"  # special scales not faded: not exportable
     adapter.set_special_fade(1.0)
     assert adapter.export_state() == "all"
+
+
+def test_special_scales_survive_activation_checkpointing():
+    """Checkpointed blocks re-run their forward in the backward pass: they must divide special
+    tokens by the same per-token scales, so the gradients equal the uncheckpointed ones."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from noln.arch import install
+    from noln.train import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2))
+    ids = torch.randint(1, 50, (2, 12))
+    ids[1, 5] = 0
+    grads = []
+    for checkpointed in (False, True):
+        model = copy.deepcopy(base)
+        adapter = install(model, eot_id=0)
+        adapter.enable_special_scale()
+        for i, name in enumerate(adapter.site_names()):
+            norm = adapter.site(name).norm
+            norm.sigma_special.fill_(20.0 + i)
+            adapter.freeze(name)
+        adapter.set_special_fade(0.3)
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

@@ -141,9 +141,10 @@ def test_head_norm_sigma_ignores_masked_tokens():
     x = torch.randint(1, VOCAB, (2, 12))
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[:, 0] = False
-    adapter.set_std_mask(mask)
     model.train()
-    model(x)
+    with adapter.measuring(std_mask=mask):
+        model(x)
+    assert norm.std_mask is None  # scoped to the forward passes inside
     h.remove()
     k = seen[0].float()  # [batch, seq, kv_heads, head_dim]
     rms = (k.pow(2).mean(-1) + norm.eps).sqrt()[:, 1:]

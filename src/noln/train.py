@@ -177,13 +177,14 @@ class Trainer:
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = ~special_token_mask(x, self.eot_id)  # ordinary tokens: their residual std is
         # the one to estimate; position 0's and end-of-text's are outliers
-        self.adapter.set_std_mask(keep if self.cfg.exclude_special else None)
         aux_on = self.cfg.aux_weight > 0 and not self.cfg.keep_ln
         final = self.adapter.final_norm
-        final.capture_std = aux_on
-        with self.autocast():
-            out = self.model(input_ids=x, use_cache=False,
-                             output_hidden_states=self.cfg.cos_reg > 0)
+        with self.adapter.measuring(std_mask=keep if self.cfg.exclude_special else None,
+                                    capture_std=[final] if aux_on else []):
+            with self.autocast():
+                out = self.model(input_ids=x, use_cache=False,
+                                 output_hidden_states=self.cfg.cos_reg > 0)
+            input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
@@ -196,15 +197,12 @@ class Trainer:
             loss = (1 - self.cfg.distill) * ce + self.cfg.distill * kl
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
-            s = final.input_std
-            s_star = batch_mean(s.detach(), keep.to(s.dtype))  # the global micro-batch's
-            loss = loss + self.cfg.aux_weight * (s - s_star).pow(2).mean()
-            final.capture_std, final.input_std = False, None
+            s_star = batch_mean(input_std.detach(), keep.to(input_std.dtype))  # global micro
+            loss = loss + self.cfg.aux_weight * (input_std - s_star).pow(2).mean()
         if self.cfg.cos_reg > 0:
             from noln.linearity.regularizer import cosine_regularizer
 
             loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
-        self.adapter.set_std_mask(None)
         return loss, ce.detach()
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ kind-major, block-minor: every block's first kind, then every block's second kin
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,13 +76,14 @@ class NormAdapter:
         model._noln_eot_id = self.eot_id
         self.install()
         self.sites: dict[str, Site] = {s.name: s for s in self.ordered(self.collect_sites())}
-        # special tokens are found from each forward's input_ids (noln.fakenorm); the hooks
-        # do nothing unless a site has special_scale on. One pair per model, the newest adapter's
+        # special tokens are found from each forward's input_ids (noln.fakenorm); the hook
+        # does nothing unless a site has special_scale on. One per model, the newest adapter's.
+        # The mask stays until the next forward: activation checkpointing re-runs the blocks'
+        # forwards in the backward pass, and they must divide by the same per-token scales
         for handle in getattr(model, "_noln_hooks", ()):
             handle.remove()
         model._noln_hooks = (
-            model.register_forward_pre_hook(self._mark_special_tokens, with_kwargs=True),
-            model.register_forward_hook(self._clear_special_tokens))
+            model.register_forward_pre_hook(self._mark_special_tokens, with_kwargs=True),)
 
     def _special_norms(self) -> list[FakeNorm]:
         return [n for n in self.norms() if n.special]
@@ -93,10 +96,6 @@ class NormAdapter:
         mask = None if ids is None else special_token_mask(ids, self.eot_id)
         for norm in norms:
             norm.special_mask = mask
-
-    def _clear_special_tokens(self, module, args, output) -> None:
-        for norm in self._special_norms():
-            norm.special_mask = None
 
     def enable_special_scale(self) -> None:
         """Every site gives position 0 and end-of-text tokens a scale of their own, faded into
@@ -187,9 +186,23 @@ class NormAdapter:
     def sigmas(self) -> dict[str, float]:
         return {n: float(s.norm.sigma) for n, s in self.sites.items()}
 
-    def set_std_mask(self, mask: torch.Tensor | None) -> None:
-        for norm in self.norms():
-            norm.std_mask = mask
+    @contextmanager
+    def measuring(self, std_mask: torch.Tensor | None = None,
+                  capture_std: Sequence[FakeNorm] = ()) -> Iterator[None]:
+        """For the forward passes inside: ``std_mask`` (``[batch, seq]`` bool) says which
+        tokens count in every live site's sigma estimate, and each norm in ``capture_std``
+        keeps its input's per-token std as ``norm.input_std`` (the aux loss reads it). Reset
+        on exit, exception or not, as TransformerLens scopes its hooks."""
+        norms = self.norms()
+        for norm in norms:
+            norm.std_mask = std_mask
+        for norm in capture_std:
+            norm.capture_std = True
+        try:
+            yield
+        finally:
+            for norm in norms:
+                norm.std_mask, norm.capture_std, norm.input_std = None, False, None
 
     def export_state(self) -> str:
         """'none' (nothing frozen), 'all' (every site frozen, special tokens' scales faded
