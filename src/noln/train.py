@@ -1,11 +1,12 @@
 """The fine-tuning loop: freeze norm sites on a schedule while training on next-token loss.
 
 Plain PyTorch on ``accelerate`` (device placement, DDP) or FSDP2 (``noln.sharding``), bf16
-autocast on a GPU, read in order:
-removals due -> micro-batches (CE + aux std loss) -> clip -> AdamW step -> guard -> log ->
-checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule position,
-loss history, RNG, data position = the step) is in the checkpoint, so a killed run resumes to
-the same final weights as an uninterrupted one.
+autocast where the device has native bf16 (``noln.precision``), read in order:
+removals due -> special scales' fade -> micro-batches (CE + aux std loss) -> clip -> guard
+(a blown-up loss restores the last checkpoint before the optimiser can step on it) -> AdamW
+step -> log -> checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule
+position, loss history, RNG, data position = the step) is in the checkpoint, so a killed run
+resumes to the same final weights as an uninterrupted one.
 """
 
 from __future__ import annotations

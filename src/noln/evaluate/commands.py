@@ -97,14 +97,14 @@ def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]
 
 
 def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
-    longest = min(model_context(m) for m in models)
+    shortest = min(model_context(m) for m in models)  # every model must read the chunk
     if ctx is None:
-        return longest
+        return shortest
     if ctx < 2:
         raise NolnError(f"--ctx {ctx} is too short: a chunk needs at least 2 tokens")
-    if ctx > longest:
-        raise NolnError(f"--ctx {ctx} is longer than a model's context of {longest}: give "
-                        f"--ctx {longest} or less")
+    if ctx > shortest:
+        raise NolnError(f"--ctx {ctx} is longer than a model's context of {shortest}: give "
+                        f"--ctx {shortest} or less")
     return ctx
 
 
