@@ -174,3 +174,52 @@ def test_real_smollm2_gguf():
     assert tok.decode(logits[0, -1].argmax()).strip() == "Italy" or \
         torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]) < 3.0
     assert len(install(model).site_names()) == 91
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"needs SmolLM2's GGUF at {SMOLLM2} "
+                    "(../shared/models/smollm2/fetch.sh fetches it)")
+def test_real_smollm2_norm_free_exports_and_interop(tmp_path):
+    """SmolLM2 with all 91 sites frozen (at 2x their EMA sigmas: at 1x, the norm-free model's
+    SwiGLU blocks blow a 16-token input up to inf without fine-tuning) exports to plain
+    LlamaForCausalLM (every RMSNorm eps >= 1e10) and to the clean model, and TransformerLens and
+    nnsight give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    import noln
+    from noln.arch import install
+    from noln.data import separator_id
+    from noln.export import export_model
+    from noln.fakenorm import special_token_mask
+    from noln.loading import load_model
+
+    model, tok = load_model(SMOLLM2)
+    eot = separator_id(tok)
+    adapter = install(model, eot_id=eot)
+    texts = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park",
+             "In 1905, Einstein published four papers that changed physics forever. The"]
+    ids = torch.tensor([tok(t)["input_ids"][:16] for t in texts])
+    model.train()
+    with torch.no_grad(), adapter.measuring(std_mask=~special_token_mask(ids, eot)):
+        model(input_ids=ids)
+    model.eval()
+    for name in adapter.site_names():
+        adapter.freeze(name)
+        adapter.site(name).norm.sigma.mul_(2.0)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert torch.isfinite(want).all() and want.std() > 0.05
+    hf = export_model(adapter, tok, tmp_path / "hf", "hf")
+    clean = export_model(adapter, tok, tmp_path / "clean", "clean")
+    plain = AutoModelForCausalLM.from_pretrained(hf).eval()
+    assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.rms_norm_eps >= 1e10
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(noln.load_clean(clean)(ids).logits, want, rtol=1e-4,
+                                   atol=1e-4)
+    tl = noln.to_transformer_lens(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(tl(ids), want, rtol=1e-4, atol=1e-4)
+    nm = noln.to_nnsight(hf)
+    with nm.trace(ids):
+        logits = nm.output.logits.save()
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
