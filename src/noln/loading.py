@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from noln import gguf
 from noln.errors import NolnError
+from noln.gguf import resolve as resolve_gguf
 
 try:
     from safetensors import SafetensorError
@@ -129,7 +129,7 @@ def _looks_local(name: str) -> bool:
 def load_tokenizer(name: str | Path):
     from transformers import AutoTokenizer
 
-    name = gguf.resolve(name)
+    name = resolve_gguf(name)
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code())
     except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder
@@ -147,7 +147,7 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
     check: it reads hidden states and logits, which every causal LM has)."""
     from transformers import AutoModelForCausalLM
 
-    name = gguf.resolve(name)  # a .gguf file (or a folder holding one): its converted folder
+    name = resolve_gguf(name)  # a .gguf file (or a folder holding one): its converted folder
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id such "
                         "as 'gpt2'")
