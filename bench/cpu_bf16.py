@@ -58,6 +58,10 @@ def step_time(model, opt, ids, bf16: bool) -> float:
     return time.perf_counter() - t
 
 
+def rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -112,8 +116,8 @@ def main() -> None:
                     step[bf16].append(n / dt)
         f32, f16 = statistics.median(fwd[False]), statistics.median(fwd[True])
         s32, s16 = statistics.median(step[False]), statistics.median(step[True])
-        lines.append(f"| {name} | {batch} x {ctx} | {f32:,.0f} | {f16:,.0f} | {f16 / f32:.2f} | "
-                     f"{s32:,.0f} | {s16:,.0f} | {s16 / s32:.2f} | {dlogit:.3f} | "
+        lines.append(f"| {name} | {batch} x {ctx} | {rate(f32)} | {rate(f16)} | {f16 / f32:.2f} | "
+                     f"{rate(s32)} | {rate(s16)} | {s16 / s32:.2f} | {dlogit:.3f} | "
                      f"{ce[1] - ce[0]:+.4f} |")
         print(lines[-1], flush=True)
         del model, opt

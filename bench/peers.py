@@ -196,6 +196,49 @@ def linearity_job(args, model: str, work: Path) -> dict:
             "equal": max(diffs.values()) < 1e-3}
 
 
+def hellaswag_core_job(args, model: str, work: Path) -> dict:
+    """Scoring alone, in this process: lm-eval's ``HFLM.loglikelihood`` (batch 32) on the
+    (context, " " + ending) requests its HellaSwag task makes, against ``score_items``; same
+    loaded weights, alternating, so start-up costs and slow drifts of the load drop out."""
+    import numpy as np
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from noln.evaluate.hellaswag import load_hellaswag, score_items
+    from noln.loading import load_model
+
+    n = args.hellaswag_items
+    items = load_hellaswag(str(HELLASWAG), limit=n)
+    net, tok = load_model(model)
+    lm = HFLM(pretrained=model, dtype="float32", batch_size=32, device="cpu")
+    requests = [Instance("loglikelihood", {}, (it.ctx, " " + e), j, doc_id=i)
+                for i, it in enumerate(items) for j, e in enumerate(it.endings)]
+    runs: dict[str, list] = {"peer": [], "noln": [], "load": []}
+    for r in range(args.repeats):
+        for side in ("peer", "noln"):
+            runs["load"].append(uptime())
+            t = time.perf_counter()
+            with torch.inference_mode():
+                if side == "peer":
+                    peer = np.array([ll for ll, _ in lm.loglikelihood(requests,
+                                                                      disable_tqdm=True)])
+                else:
+                    mine = score_items(net, tok, items).loglik
+            runs[side].append(time.perf_counter() - t)
+            print(f"  {side} run {r + 1}: {runs[side][-1]:.1f} s", flush=True)
+    peer = peer.reshape(n, 4)
+    diff = float(np.abs(peer - mine).max())
+    same = int((peer.argmax(1) == mine.argmax(1)).sum())
+    return {"job": f"HellaSwag scoring only (one process, weights loaded), first {n:,} items",
+            "peer": "lm-eval 0.4 `HFLM.loglikelihood`, batch 32",
+            "peer_cmd": ["python", "bench/peers.py", "--jobs", "hellaswag-core"],
+            "noln_cmd": ["python", "-m", "noln.cli", "(noln.evaluate.hellaswag.score_items)"],
+            "runs": runs, "equal": same == n,
+            "agreement": f"same acc prediction on {same}/{n} items; max |Δ log-likelihood| "
+                         f"{diff:.1e}"}
+
+
 def alternate(peer_cmd: list[str], noln_cmd: list[str], repeats: int) -> dict:
     runs: dict[str, list] = {"peer": [], "noln": [], "load": []}
     for r in range(repeats):
@@ -255,8 +298,9 @@ def main() -> None:
         print(f"{job} on {name}", flush=True)
         work = args.work / f"{name}-{job}"
         work.mkdir(parents=True, exist_ok=True)
-        rows.append((hellaswag_job if job == "hellaswag" else linearity_job)(args, str(model),
-                                                                             work))
+        run = {"hellaswag": hellaswag_job, "hellaswag-core": hellaswag_core_job,
+               "linearity": linearity_job}[job]
+        rows.append(run(args, str(model), work))
     import torch
 
     lines = [f"## {name}", "",
