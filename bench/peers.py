@@ -251,19 +251,12 @@ def alternate(peer_cmd: list[str], noln_cmd: list[str], repeats: int) -> dict:
     return runs
 
 
-def gguf_to_folder(path: Path, work: Path) -> Path:
-    """A plain float32 HF folder converted once from a GGUF file (both sides load it)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_to_folder(path: Path) -> Path:
+    """The plain float32 HF folder noln converts a GGUF file to once (``noln.gguf.hf_folder``,
+    cached by the file's sha256); both sides load it."""
+    from noln.gguf import hf_folder
 
-    out = work / (path.stem + "-hf")
-    if not (out / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    return out
+    return hf_folder(path, progress=False)
 
 
 def fmt_runs(times: list[float]) -> str:
@@ -291,7 +284,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model)
     if model.suffix == ".gguf":
-        model = gguf_to_folder(model, args.work)
+        model = gguf_to_folder(model)
     name = args.name or Path(args.model).name
     rows = []
     for job in args.jobs.split(","):
