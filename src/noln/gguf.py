@@ -135,8 +135,8 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
     (tmp / "noln-source.txt").write_text(f"{path}\n")
     try:
         os.replace(tmp, target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # another process converted it first: drop this process's own copy
+        shutil.rmtree(tmp, ignore_errors=True)  # (tmp: noln's cache, written just above)
     return target
 
 
