@@ -436,8 +436,11 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path):
     out = tmp_path / "run"
     args = ["remove", tiny_model_dir, "--data", text_jsonl, "--out", out, *RUN_ARGS]
     args[args.index("--steps") + 1] = "400"
+    # a shell's background jobs inherit SIGINT ignored (nohup, `&`): give the child the default
+    # handler, as a terminal would, so Python turns the signal into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "noln.cli", *map(str, args)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "log.jsonl").exists():
         time.sleep(0.1)
