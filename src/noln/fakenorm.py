@@ -130,7 +130,7 @@ class FakeNorm(nn.Module):
         """True while special tokens still have a scale of their own (fade below 1)."""
         return self.special and self.fade < 1.0
 
-    _NEW_BUFFERS = ("special_on", "sigma_special", "special_fade")
+    SPECIAL_BUFFERS = ("special_on", "sigma_special", "special_fade")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -138,7 +138,7 @@ class FakeNorm(nn.Module):
                                       unexpected_keys, error_msgs)
         # checkpoints from before special scales had none of these buffers: the defaults
         # (off) are what those runs trained with
-        for name in self._NEW_BUFFERS:
+        for name in self.SPECIAL_BUFFERS:
             if prefix + name not in state_dict and prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
         self.frozen = bool(self.is_frozen)
@@ -161,13 +161,10 @@ class FakeNorm(nn.Module):
         first = self.n_updates == 0
         ema = self.momentum * self.sigma + (1 - self.momentum) * batch_std
         self.sigma.copy_(torch.where(first, batch_std, ema))
-        if self.special:
-            special = self._expand(self.special_mask, std) if self.special_mask is not None \
-                else None
-            if special is not None:
-                special_std = batch_mean(std, special.to(std.dtype))
-                ema = self.momentum * self.sigma_special + (1 - self.momentum) * special_std
-                self.sigma_special.copy_(torch.where(first, special_std, ema))
+        if self.special and self.special_mask is not None:
+            special_std = batch_mean(std, self._expand(self.special_mask, std).to(std.dtype))
+            ema = self.momentum * self.sigma_special + (1 - self.momentum) * special_std
+            self.sigma_special.copy_(torch.where(first, special_std, ema))
         self.n_updates.add_(1)
 
     @staticmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from noln.errors import NolnError
@@ -106,9 +107,6 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
 
         Console(stderr=True).print(f"converting {path.name} ({arch}) to a float32 Hugging Face "
                                    f"folder in {target} (once)", highlight=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a torn conversion of this process id (noln's own)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its per-tensor progress bars and tokenizer notes
     try:
@@ -127,16 +125,22 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
     # rebuild it as the plain float32 model it is
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config = type(model.config).from_dict(config)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(config),
+                                             dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "noln-source.txt").write_text(f"{path}\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process converted it first: drop this process's own copy
-        shutil.rmtree(tmp, ignore_errors=True)  # (tmp: noln's cache, written just above)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "noln-source.txt").write_text(f"{path}\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its conversion there first: use that one
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # this call's own temporary folder, if left
     return target
 
 

@@ -143,7 +143,8 @@ class NormAdapter:
         buffers and without each split norm's per-path names for its shared weight and bias."""
         paths = tuple(f"{name}.{path}." for name, module in self.model.named_modules()
                       if isinstance(module, SplitNorm) for path in ("qk", "v"))
-        buffers = (".sigma", ".is_frozen", ".n_updates", *(f".{b}" for b in FakeNorm._NEW_BUFFERS))
+        buffers = (".sigma", ".is_frozen", ".n_updates",
+                   *(f".{b}" for b in FakeNorm.SPECIAL_BUFFERS))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()
                 if not k.startswith(paths) and not k.endswith(buffers)}
 
