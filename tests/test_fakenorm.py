@@ -170,10 +170,11 @@ def test_state_dicts_without_special_buffers_still_load():
     """Checkpoints written before special scales existed resume with them off."""
     norm = FakeRMSNorm(nn.Parameter(torch.ones(8)), None, eps=1e-6)
     norm.freeze(3.0)
-    old = {k: v for k, v in norm.state_dict().items() if "special" not in k}
+    old = {k: v for k, v in norm.state_dict().items() if "special" not in k and "taper" not in k}
     fresh = FakeRMSNorm(nn.Parameter(torch.ones(8)), None, eps=1e-6)
     fresh.load_state_dict(old)  # strict
     assert fresh.frozen and not fresh.special and float(fresh.sigma) == 3.0
+    assert not fresh.tapering and not fresh.pending  # no taper: the plain fixed scale
     norm.enable_special_scale()
     norm.set_special_fade(0.25)
     fresh.load_state_dict(norm.state_dict())
@@ -249,3 +250,47 @@ def test_special_scales_survive_activation_checkpointing():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+@pytest.mark.parametrize("cls", [FakeLayerNorm, FakeRMSNorm])
+def test_taper_blends_each_tokens_std_into_the_fixed_scale(cls):
+    """Frozen with a taper, a site divides token t by s_t ** (1 - w) * sigma ** w: the live norm
+    at w = 0, the fixed scale at w = 1, and the gradient reaches x through s_t in between."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16))
+    bias = nn.Parameter(torch.randn(16)) if cls is FakeLayerNorm else None
+    norm = cls(weight, bias, eps=1e-5).train()
+    x = torch.randn(2, 6, 16) * torch.tensor([1.0, 10.0, 1.0, 3.0, 0.5, 1.0])[None, :, None]
+    live = norm(x).detach()
+    norm.freeze(taper=True)
+    sigma = float(norm.sigma)
+    assert norm.tapering and norm.pending and norm.taper == 0.0
+    xc = x - x.mean(-1, keepdim=True) if cls is FakeLayerNorm else x
+    s_t = (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+
+    def expected(w, x_in):
+        xc_in = x_in - x_in.mean(-1, keepdim=True) if cls is FakeLayerNorm else x_in
+        s_in = (xc_in.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        y = xc_in / (s_in ** (1 - w) * sigma ** w) * weight
+        return y + bias if bias is not None else y
+
+    torch.testing.assert_close(norm(x), live, rtol=1e-5, atol=1e-5)
+    norm.set_taper(0.5)
+    torch.testing.assert_close(norm(x), xc / (s_t * sigma).sqrt() * weight +
+                               (bias if bias is not None else 0), rtol=1e-5, atol=1e-5)
+    assert float(norm.sigma) == sigma, "the fixed scale stays the EMA at the removal step"
+    xg = x.clone().requires_grad_(True)
+    grad = torch.autograd.grad(norm(xg).pow(2).sum(), xg)[0]
+    xr = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(expected(0.5, xr).pow(2).sum(), xr)[0]
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
+    norm.set_taper(1.0)
+    assert not norm.tapering and not norm.pending
+    torch.testing.assert_close(norm(x), expected(1.0, x), rtol=1e-5, atol=1e-5)
+    # the taper's state is a buffer: a checkpoint taken mid-taper resumes mid-taper
+    norm.set_taper(0.25)
+    fresh = cls(nn.Parameter(weight.detach().clone()), None if bias is None else
+                nn.Parameter(bias.detach().clone()), eps=1e-5)
+    fresh.load_state_dict(norm.state_dict())
+    assert fresh.tapering and fresh.taper == 0.25
+    torch.testing.assert_close(fresh(x), norm(x))

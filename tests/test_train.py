@@ -33,6 +33,31 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
     assert_run_matches_its_exports(r, vocab=500)
 
 
+def test_taper_run_moves_each_site_to_its_fixed_scale_and_exports(tiny_model_dir, text_jsonl,
+                                                                    tmp_path):
+    """With --taper N, each removed site reaches its fixed scale N steps after its removal
+    (a 'tapered' event), and the finished run exports like any other."""
+    r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              schedule="fixed", export_format="both", taper=4,
+                              fixed={"finish_by": 0.6}, **FAST)
+    removed = {e["site"]: e["step"] for e in r.log if e.get("event") == "remove"}
+    tapered = {e["site"]: e["step"] for e in r.log if e.get("event") == "tapered"}
+    assert set(removed) == set(tapered) == set(r.adapter.site_names())
+    assert all(tapered[s] == removed[s] + 3 for s in removed), (removed, tapered)
+    assert all(e["probe_after"] == pytest.approx(e["probe_before"], abs=1e-5)
+               for e in r.events), "at its removal step a tapering site is still the live norm"
+    assert r.adapter.export_state() == "all" and r.summary["complete"]
+    assert_run_matches_its_exports(r, vocab=500)
+
+
+def test_taper_that_cannot_end_in_the_run_fails_before_training(tiny_model_dir, text_jsonl,
+                                                                 tmp_path):
+    with pytest.raises(NolnError, match="--taper 40 does not fit.*give --taper 1[0-9] or less"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              schedule="fixed", taper=40, **FAST)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # bit-identical results across processes: one thread, and MKL's reproducible code paths (its
 # default picks kernels by memory alignment, which differs between processes: ~1e-7 drift)
 DETERMINISTIC = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}

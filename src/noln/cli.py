@@ -74,6 +74,9 @@ def remove(
         "--fsdp/--no-fsdp", help="under a launcher: shard weights, gradients and optimizer "
         "state over the processes (FSDP2) instead of replicating them (DDP)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option()] = None,
+    taper: Annotated[int | None, typer.Option(
+        help="steps over which each removed site's division moves from every token's own std "
+        "to its fixed scale (0: at once, as the papers)")] = None,
     special_scale: Annotated[bool | None, typer.Option(
         "--special-scale/--no-special-scale", help="position 0 and end-of-text tokens keep a "
         "frozen scale of their own, faded into the shared one at the end of the run (real LLMs' "
@@ -99,7 +102,8 @@ def remove(
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
                      export_format=format, precision=precision, compile=compile,
                      grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-                     checkpoint_every=checkpoint_every, special_scale=special_scale,
+                     checkpoint_every=checkpoint_every, taper=taper,
+                     special_scale=special_scale,
                      keep_ln=True if keep_ln else None,
                      progress=not quiet)
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -158,6 +158,9 @@ class RemoveConfig(BaseModel):
     schedule: str = Field("adaptive", min_length=1)  # fixed | adaptive | path/to/schedule.yaml
     fixed: FixedConfig = Field(default_factory=FixedConfig)
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+    # a removed site's divisor moves from each token's own std to the frozen sigma over this
+    # many steps (noln.fakenorm: taper); 0: at once, as the papers freeze
+    taper: int = Field(0, ge=0)
     momentum: Fraction = 0.9  # EMA of the per-token std
     exclude_special: bool = True  # position 0 and EOT tokens do not count in sigma's estimate
     # position 0 and EOT tokens get a frozen sigma of their own at every site, faded into the
@@ -367,7 +370,7 @@ def make_config(**kwargs) -> RemoveConfig:
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
-                "seed", "keep_ln", "schedule", "fixed", "adaptive", "momentum",
+                "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "momentum",
                 "exclude_special", "special_scale")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
                      "special_fade",

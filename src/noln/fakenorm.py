@@ -24,6 +24,19 @@ shrink its special tokens' residuals before every token shares one sigma. At ``f
 site is the plain fixed scale again (exportable). Which tokens are special is set per forward
 pass from ``input_ids`` by the adapter (``special_mask``, ``[batch, seq]`` bool), indexed by
 position, never by channel (METHODS.md section 3: paper 1's code rescaled hidden channel 0).
+
+**Taper.** Freezing switches a site's divisor from each token's own std ``s_t`` to ``sigma`` in
+one step; a token whose residual is 10x the typical one then enters the next layer 10x larger.
+In a SwiGLU model that error grows quadratically block after block (docs/BENCHMARKS.md,
+SmolLM2). With a taper the frozen site divides by
+
+    s_t ** (1 - w) * sigma ** w,
+
+``w`` (``taper_weight``) rising from 0 to 1 over ``taper`` training steps (``noln.train``), so
+the fine-tuning can shrink the outliers while they are still partly normalised. The blend is
+geometric: a token at ``k`` times the typical std reaches the next layer at ``k ** w`` times
+its normalised size. ``sigma`` stays the EMA frozen at the removal step; at ``w = 1`` the site
+is the plain fixed scale. Gradients flow through ``s_t ** (1 - w)`` as through a live norm.
 """
 
 from __future__ import annotations
@@ -89,8 +102,12 @@ class FakeNorm(nn.Module):
         self.register_buffer("special_on", torch.zeros((), dtype=torch.bool))
         self.register_buffer("sigma_special", torch.ones((), dtype=torch.float32))
         self.register_buffer("special_fade", torch.zeros((), dtype=torch.float32))
+        # weight of the fixed scale in a frozen site's divisor (module docstring: taper);
+        # 1 unless the site was frozen with a taper
+        self.register_buffer("taper_weight", torch.ones((), dtype=torch.float32))
         self.special = False  # mirrors special_on, read without a device sync
         self.fade = 0.0  # mirrors special_fade
+        self.taper = 1.0  # mirrors taper_weight
         self.special_mask: torch.Tensor | None = None  # [batch, seq], set by the adapter's hook
         self.frozen = False
         # Set by the trainer for one forward pass: which tokens count in the sigma estimate
@@ -103,12 +120,23 @@ class FakeNorm(nn.Module):
     def normalized_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
-    def freeze(self, sigma: float | torch.Tensor | None = None) -> None:
-        """Replace the per-token division by the current EMA (or a given value) from now on."""
+    def freeze(self, sigma: float | torch.Tensor | None = None, taper: bool = False) -> None:
+        """Replace the per-token division by the current EMA (or a given value) from now on;
+        with ``taper``, gradually: ``set_taper`` moves the divisor from each token's std to it."""
         if sigma is not None:
             self.sigma.fill_(float(sigma))
         self.is_frozen.fill_(True)
         self.frozen = True
+        self.set_taper(0.0 if taper else 1.0)
+
+    def set_taper(self, weight: float) -> None:
+        self.taper_weight.fill_(weight)
+        self.taper = float(weight)
+
+    @property
+    def tapering(self) -> bool:
+        """Frozen, but still dividing partly by each token's own std (module docstring)."""
+        return self.frozen and self.taper < 1.0
 
     def enable_special_scale(self) -> None:
         """Give special tokens their own sigma (module docstring); before training starts."""
@@ -130,20 +158,27 @@ class FakeNorm(nn.Module):
         """True while special tokens still have a scale of their own (fade below 1)."""
         return self.special and self.fade < 1.0
 
-    SPECIAL_BUFFERS = ("special_on", "sigma_special", "special_fade")
+    @property
+    def pending(self) -> bool:
+        """Frozen, but not yet one fixed scale for every token (a taper or a special scale
+        still running): no plain model class can express the site."""
+        return self.frozen and (self.tapering or self.special_pending)
+
+    # buffers added after the first releases: checkpoints from before them lack these, and
+    # their defaults (special scales off, no taper) are what those runs trained with
+    OPTIONAL_BUFFERS = ("special_on", "sigma_special", "special_fade", "taper_weight")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        # checkpoints from before special scales had none of these buffers: the defaults
-        # (off) are what those runs trained with
-        for name in self.SPECIAL_BUFFERS:
+        for name in self.OPTIONAL_BUFFERS:
             if prefix + name not in state_dict and prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
         self.frozen = bool(self.is_frozen)
         self.special = bool(self.special_on)
         self.fade = float(self.special_fade)
+        self.taper = float(self.taper_weight)
 
     def _centered(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(dim=-1, keepdim=True) if self.center else x
@@ -178,14 +213,19 @@ class FakeNorm(nn.Module):
 
     def frozen_divisor(self, x: torch.Tensor) -> torch.Tensor:
         """What a frozen site divides ``x`` by: ``sigma``, or per token (``[..., 1]``) while
-        special tokens still have a scale of their own."""
-        if not self._per_token_special():
-            return self.sigma
-        mask = self._expand(self.special_mask, x[..., 0]).unsqueeze(-1)  # [B, T(, H), 1]
-        return torch.where(mask, self.special_divisor, self.sigma)
+        special tokens still have a scale of their own or a taper runs (module docstring)."""
+        divisor = self.sigma
+        if self._per_token_special():
+            mask = self._expand(self.special_mask, x[..., 0]).unsqueeze(-1)  # [B, T(, H), 1]
+            divisor = torch.where(mask, self.special_divisor, self.sigma)
+        if self.taper < 1.0:
+            xc = self._centered(x.float())
+            std = (xc.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt()
+            divisor = std.pow(1.0 - self.taper) * divisor.pow(self.taper)
+        return divisor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.capture_std and not self._per_token_special():
+        if not self.capture_std and not self._per_token_special() and not self.tapering:
             fast = self._fast_forward(x)
             if fast is not None:
                 return fast
@@ -218,6 +258,8 @@ class FakeNorm(nn.Module):
 
     def extra_repr(self) -> str:
         state = f"frozen, sigma={self.sigma.item():.4g}" if self.frozen else "live"
+        if self.tapering:
+            state += f", taper {self.taper:.2f}"
         if self.special:
             state += (f", special tokens sigma={self.sigma_special.item():.4g} "
                       f"fade={self.special_fade.item():.2f}")

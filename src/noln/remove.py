@@ -69,6 +69,18 @@ def model_ctx(config, cfg: RemoveConfig) -> int:
     return min(cfg.ctx or 1024, limit)
 
 
+def check_taper(cfg: RemoveConfig, schedule, steps: int) -> None:
+    """A taper that cannot end within the run: its last site would never be a fixed scale."""
+    if not cfg.taper or cfg.keep_ln:
+        return
+    events = getattr(schedule, "events", None)
+    last = events[-1][0] if events else getattr(schedule, "deadline", None)
+    if last is not None and last + cfg.taper > steps:
+        raise NolnError(f"--taper {cfg.taper} does not fit: the last removal comes at step "
+                        f"{last} of {steps}, so its taper would end at step {last + cfg.taper}; "
+                        f"give --taper {max(1, steps - last)} or less, or more --steps/--tokens")
+
+
 def read_log(path: Path) -> list[dict]:
     """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
     if not path.exists():
@@ -209,6 +221,7 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     kinds = {name: site.kind for name, site in adapter.sites.items()}
     schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln)
+    check_taper(cfg, schedule, steps)
     if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
             cfg.export_format in ("hf", "clean", "both"):
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
@@ -299,6 +312,11 @@ def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
                    f"last removal ({st['reference']:.3f})")
         return (f"removal unfinished: {len(live)} of {len(adapter.sites)} sites still live "
                 f"(next {live[0]}){why}; {resume}, or a lower --lr")
+    tapering = [n for n in adapter.site_names() if adapter.site(n).norm.tapering]
+    if tapering:
+        w = adapter.site(tapering[0]).norm.taper
+        return (f"removal unfinished: every site is frozen but {len(tapering)} still taper "
+                f"(e.g. {tapering[0]} at {w:.0%} of its fixed scale; --taper); {resume}")
     fading = [n for n in adapter.norms() if n.special_pending]
     if fading:
         return (f"removal unfinished: every site is frozen but special tokens' scales are "

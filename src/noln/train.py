@@ -2,7 +2,7 @@
 
 Plain PyTorch on ``accelerate`` (device placement, DDP) or FSDP2 (``noln.sharding``), bf16
 autocast where the device has native bf16 (``noln.precision``), read in order:
-removals due -> special scales' fade -> micro-batches (CE + aux std loss) -> clip -> guard
+removals due -> tapers -> special scales' fade -> micro-batches (CE + aux std loss) -> clip -> guard
 (a blown-up loss restores the last checkpoint before the optimiser can step on it) -> AdamW
 step -> log -> checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule
 position, loss history, RNG, data position = the step) is in the checkpoint, so a killed run
@@ -233,9 +233,22 @@ class Trainer:
         for site in self.schedule.due(step, self.state.losses, probe):
             before = probe()
             sigma = self.adapter.freeze(site)
+            if self.cfg.taper:
+                self.adapter.site(site).norm.freeze(taper=True)
             current[:] = [self.probe_loss()]
             self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
                       "probe_before": before, "probe_after": current[0]})
+
+    def advance_tapers(self, step: int) -> None:
+        """Every tapering site (``taper``, noln.fakenorm) moves ``1 / taper`` of the way from
+        its tokens' own std to its fixed sigma, once per training step, including its removal
+        step; the weights live in the FakeNorms' buffers, so checkpoints carry them."""
+        for name, site in self.adapter.sites.items():
+            norm = site.norm
+            if norm.tapering:
+                norm.set_taper(min(1.0, norm.taper + 1.0 / self.cfg.taper))
+                if not norm.tapering:
+                    self.log({"event": "tapered", "step": step, "site": name})
 
     def fade_special(self, step: int) -> None:
         """Special tokens' own scales (``special_scale``) move to the shared sigma, one equal
@@ -246,7 +259,8 @@ class Trainer:
         if not norms or self.cfg.keep_ln or not norms[0].special_pending:
             return
         start, end = (round(f * self.total_steps) for f in self.cfg.special_fade)
-        if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites):
+        if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites) or \
+                any(n.tapering for n in self.adapter.norms()):
             return
         fade = min(1.0, norms[0].fade + 1.0 / max(1, end - start))
         self.adapter.set_special_fade(fade)
@@ -323,6 +337,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 step, t0 = self.state.step, time.perf_counter()
                 self.remove_due(step)
+                self.advance_tapers(step)
                 self.fade_special(step)
                 lr = lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale
                 for group in self.optimizer.param_groups:

@@ -1,9 +1,14 @@
 """What every model family's adapter provides: its removal sites, and plain / clean exports.
 
-A *site* is one place where a per-token normalisation happens and can be frozen on its own
-(GPT-2 has four kinds: ``ln_2``, ``ln_1_qk``, ``ln_1_v``, ``ln_f``). Sites are named
-``blocks.{i}.{kind}`` or, for the final norm, by its kind alone. The default removal order is
-kind-major, block-minor: every block's first kind, then every block's second kind, ...
+A *site* is one place where a per-token normalisation happens and can be frozen on its own.
+Sites are named by *role*, the same in every family: per block ``mlp_in`` (the norm before
+the MLP), ``attn_in_qk`` / ``attn_in_v`` (the attention's input norm as read by the query/key
+projections and by the value projection), ``q_norm`` / ``k_norm`` where the attention has
+per-head norms (Qwen3); and ``final``, the norm before the unembedding. Sites are named
+``blocks.{i}.{role}``, the final norm ``final``. Each family maps its own modules to roles in
+its adapter (GPT-2: ``ln_2`` -> ``mlp_in``, ...), and its old per-family site names stay
+accepted as ``aliases``. The default removal order is role-major, block-minor: every block's
+first role, then every block's second role, ..., ``final`` last.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import torch
 from torch import nn
 
 from noln.errors import NolnError
-from noln.fakenorm import FakeNorm, special_token_mask
+from noln.fakenorm import FakeLayerNorm, FakeNorm, special_token_mask
+
+# the roles of removal sites, in every family's default removal order (a family has a subset)
+MLP_IN, ATTN_IN_QK, ATTN_IN_V, Q_NORM, K_NORM, FINAL = (
+    "mlp_in", "attn_in_qk", "attn_in_v", "q_norm", "k_norm", "final")
+ROLES = (MLP_IN, ATTN_IN_QK, ATTN_IN_V, Q_NORM, K_NORM, FINAL)
 
 # The hf export's eps trick: sqrt(var + 1e12) ~ 1e6 for every token, so a norm weight
 # gamma * 1e6 / sigma makes the plain class's norm a fixed scale gamma / sigma.
@@ -51,12 +61,66 @@ class SplitNorm(nn.Module):
         return torch.cat([self.qk(resid_pre), self.v(resid_pre)], dim=-1)
 
 
+class SplitLayerNorm(SplitNorm):
+    """A LayerNorm as two removal sites (``attn_in_qk`` and ``attn_in_v``; GPT-2, GPT-NeoX).
+    ``fused_v=False``: once the paths differ, both side by side (2d wide) for a projection
+    that reads them apart (NeoX). ``fused_v=True``: the Q/K path's output only, with the
+    per-token ratio rho = divisor_qk / divisor_v left in ``v_ratio`` for a fused projection
+    that corrects its V columns (GPT-2's ``c_attn``; see ``noln.arch.gpt2``)."""
+
+    def __init__(self, ln: nn.LayerNorm, momentum: float, fused_v: bool = False):
+        super().__init__(FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum),
+                         FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum))
+        self.fused_v = fused_v
+        self.v_ratio: torch.Tensor | None = None  # rho for the reader, set by every forward
+
+    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        self.v_ratio = None
+        return super().forward(resid_pre)
+
+    def split(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        if not self.fused_v:
+            return super().split(resid_pre)
+        std = None
+        if not (self.qk.frozen and self.v.frozen):  # one path live: its divisor is per token
+            xf = resid_pre.float()
+            std = (xf.var(dim=-1, unbiased=False, keepdim=True) + self.v.eps).sqrt()
+            if self.training and not self.v.frozen:
+                self.v._update_sigma(std.detach())
+        u = self.qk(resid_pre)
+        self.v_ratio = ((self.qk.frozen_divisor(resid_pre) if self.qk.frozen else std)
+                        / (self.v.frozen_divisor(resid_pre) if self.v.frozen else std))
+        return u
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its parts, as module paths from the ``...ForCausalLM`` model:
+    the decoder-layer ModuleList, the final norm (None: none), and whether a decoder layer
+    returns a tuple whose first element is the hidden state."""
+
+    layers: str
+    final_norm: str | None
+    returns_tuple: bool = False
+
+
 @dataclass(frozen=True)
 class Site:
-    name: str
-    kind: str
+    name: str  # blocks.{layer}.{role}, or the role alone for the final norm
+    kind: str  # the role: mlp_in, attn_in_qk, attn_in_v, q_norm, k_norm or final
     layer: int | None  # None for the final norm
     norm: FakeNorm
+
+    @property
+    def role(self) -> str:
+        return self.kind
+
+
+def canonical_name(name: str, aliases: dict[str, str]) -> str:
+    """``name`` (a site or a bare role) with an old per-family kind replaced by its role."""
+    head, _, kind = str(name).rpartition(".")
+    role = aliases.get(kind, kind)
+    return f"{head}.{role}" if head else role
 
 
 class NormAdapter:
@@ -64,8 +128,11 @@ class NormAdapter:
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
-    block_kinds: ClassVar[tuple[str, ...]]  # per-block site kinds, in removal order
-    final_kind: ClassVar[str]
+    layout: ClassVar[Layout]
+    block_kinds: ClassVar[tuple[str, ...]]  # per-block roles, in removal order
+    final_kind: ClassVar[str] = FINAL
+    # the family's site kinds before sites were named by role (old runs, schedule files)
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, momentum: float = 0.9, eot_id: int | None = None):
         self.model = model
@@ -144,7 +211,7 @@ class NormAdapter:
         paths = tuple(f"{name}.{path}." for name, module in self.model.named_modules()
                       if isinstance(module, SplitNorm) for path in ("qk", "v"))
         buffers = (".sigma", ".is_frozen", ".n_updates",
-                   *(f".{b}" for b in FakeNorm.SPECIAL_BUFFERS))
+                   *(f".{b}" for b in FakeNorm.OPTIONAL_BUFFERS))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()
                 if not k.startswith(paths) and not k.endswith(buffers)}
 
@@ -161,12 +228,17 @@ class NormAdapter:
     def site_names(self) -> list[str]:
         return list(self.sites)
 
+    def canonical(self, name: str) -> str:
+        """``name`` with an old per-family kind (``ln_2``, ``blocks.3.ln_1_v``) as its role."""
+        return canonical_name(name, self.aliases)
+
     def site(self, name: str) -> Site:
-        if name not in self.sites:
+        canonical = self.canonical(name)
+        if canonical not in self.sites:
             raise NolnError(f"no removal site '{name}' in this {self.family} model with "
                             f"{self.n_layers} blocks: sites are blocks.0..{self.n_layers - 1}."
                             f"{{{','.join(self.block_kinds)}}} and {self.final_kind}")
-        return self.sites[name]
+        return self.sites[canonical]
 
     def norms(self) -> list[FakeNorm]:
         return [s.norm for s in self.sites.values()]
@@ -206,11 +278,11 @@ class NormAdapter:
                 norm.std_mask, norm.capture_std, norm.input_std = None, False, None
 
     def export_state(self) -> str:
-        """'none' (nothing frozen), 'all' (every site frozen, special tokens' scales faded
-        into the shared sigma) or 'mixed'."""
+        """'none' (nothing frozen), 'all' (every site frozen, tapers done, special tokens'
+        scales faded into the shared sigma) or 'mixed'."""
         n = len(self.frozen_sites())
-        if n and any(norm.special_pending for norm in self.norms()):
-            return "mixed"  # a fixed scale per token kind: no plain class can express it
+        if any(norm.pending for norm in self.norms()):
+            return "mixed"  # a per-token divisor: no plain class can express it
         return "none" if n == 0 else "all" if n == len(self.sites) else "mixed"
 
     def require_export_state(self, allowed: tuple[str, ...]) -> str:
