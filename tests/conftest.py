@@ -101,7 +101,7 @@ def frozen_exports(model_dir: Path, root: Path, seed: int) -> SimpleNamespace:
     from transformers import AutoModelForCausalLM
 
     from noln.export import export_model
-    from noln.loading import load_tokenizer
+    from noln.pretrained import load_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from noln.arch import FAMILIES
-from noln.attribute import ATTN_BIAS, UNEMBED_BIAS, attribute_cmd, attribute_logit
+from noln.attribute import ATTN_BIAS, UNEMBED_BIAS, attribute_logit
+from noln.cli.attribute import attribute_cmd
 from noln.errors import NolnError
 from noln.export import export_model
-from noln.loading import load_tokenizer
+from noln.pretrained import load_tokenizer
 
 from .conftest import freeze_all, frozen_exports, need_transformer_lens, shared_path
 

@@ -5,7 +5,7 @@ import pytest
 
 from noln.data import load_tokens, pack, tokenize
 from noln.errors import NolnError
-from noln.loading import load_tokenizer
+from noln.pretrained import load_tokenizer
 
 
 @pytest.fixture(scope="module")

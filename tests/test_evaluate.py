@@ -14,8 +14,8 @@ import typer
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
+from noln.cli.evaluate import compare_cmd, eval_cmd
 from noln.errors import NolnError
-from noln.evaluate.commands import compare_cmd, eval_cmd, parse_sources
 from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
 from noln.evaluate.faithfulness import evaluate_blocks, faithfulness
 from noln.evaluate.hellaswag import (
@@ -25,6 +25,7 @@ from noln.evaluate.hellaswag import (
     score_items,
     summarize,
 )
+from noln.evaluate.inputs import parse_sources
 from noln.evaluate.loss import token_losses
 
 from .conftest import shared_path
@@ -44,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def ref_tok():
-    from noln.loading import load_tokenizer
+    from noln.pretrained import load_tokenizer
 
     return load_tokenizer(shared_path("models", "ref-gpt2-6L"))
 

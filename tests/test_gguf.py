@@ -117,7 +117,7 @@ def test_gguf_file_and_folder_load_to_the_original_logits(tiny_gguf):
 
 def test_gguf_removal_sites_and_export(tiny_gguf, tmp_path):
     from noln.arch import install
-    from noln.loading import load_pretrained
+    from noln.pretrained import load_pretrained
 
     path, _, _ = tiny_gguf
     adapter = install(load_pretrained(path))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import noln
 from noln.errors import NolnError
 from noln.export import export_model
-from noln.loading import load_tokenizer
+from noln.pretrained import load_tokenizer
 
 from .conftest import freeze_all, frozen_exports, need_transformer_lens, shared_path
 

@@ -13,6 +13,7 @@ import torch
 
 import noln
 import noln.loading
+import noln.pretrained
 from noln.errors import NolnError
 from noln.linearity.geometry import anisotropy, twonn_dimension
 from noln.linearity.regularizer import cosine_regularizer
@@ -21,7 +22,6 @@ from noln.linearity.replace import (
     decoder_layers,
     fit_layers,
     greedy_linearize,
-    load_linearized,
     parse_layers,
     record_block_states,
     save_linearized,
@@ -303,7 +303,7 @@ def test_analysis_loads_families_noln_cannot_remove_norms_from(tmp_path):
     _, _, tok, blocks = tiny_model(tmp_path)
     tok.save_pretrained(tmp_path / "opt")
     with pytest.raises(NolnError, match="unsupported architecture 'opt'"):
-        noln.loading.load_pretrained(tmp_path / "opt")  # removal refuses it ...
+        noln.pretrained.load_pretrained(tmp_path / "opt")  # removal refuses it ...
     model, _ = noln.load_model(tmp_path / "opt")  # ... analysis does not
     p = linearity_profile(model, blocks)
     assert len(p.layers) == 1 and 0 < p.layers[0].with_residual <= 1 + 1e-9
@@ -325,7 +325,7 @@ def test_linearised_model_keeps_hidden_states_and_reloads(tmp_path):
     save_linearized(model, tok, str(path), tmp_path / "lin")
     meta = json.loads((tmp_path / "lin" / "linearized.json").read_text())
     assert meta["layers"] == {"0": "linear", "1": "linear", "2": "drop"}
-    again, _ = load_linearized(tmp_path / "lin")
+    again, _ = noln.loading.load_model(tmp_path / "lin")
     via_load_model, _ = noln.load_model(tmp_path / "lin")  # what noln eval / compare use
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits,
@@ -334,14 +334,14 @@ def test_linearised_model_keeps_hidden_states_and_reloads(tmp_path):
                                    model(input_ids=ids).logits, rtol=0, atol=0)
     shutil.rmtree(path)
     with pytest.raises(NolnError, match="base model of .* no longer exists"):
-        load_linearized(tmp_path / "lin")
+        noln.loading.load_model(tmp_path / "lin")
 
 
 def test_greedy_linearize_and_cli(tmp_path, monkeypatch):
     from typer import Typer
     from typer.testing import CliRunner
 
-    from noln.linearity.commands import linearity_cmd, linearize_cmd
+    from noln.cli.linearity import linearity_cmd, linearize_cmd
 
     path, model, _, blocks = tiny_model(tmp_path)
     rows, maps = greedy_linearize(model, blocks[:8], blocks[8:], 2, distill_steps=3,
@@ -381,7 +381,7 @@ def test_greedy_linearize_and_cli(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "lin" / "linearize.json").read_text())
     assert set(report["ce"]) == {"original", "drop blocks", "linear (least squares)",
                                  "linear + distil"}
-    lin, _ = load_linearized(tmp_path / "lin")
+    lin, _ = noln.loading.load_model(tmp_path / "lin")
     assert type(decoder_layers(lin)[0][1]).__name__ == "AffineBlock"
 
 

@@ -106,7 +106,7 @@ def test_overwrite_replaces_only_what_noln_wrote(capsys, tiny_model_dir, text_js
 
 def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny_model_dir,
                                                                      tmp_path):
-    from noln.runfolder import LOCK, acquire_lock, release_lock
+    from noln.run import LOCK, acquire_lock, release_lock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -236,7 +236,8 @@ def test_every_hub_load_passes_trust_remote_code():
         text = path.read_text()
         for m in re.finditer(r"(AutoConfig|AutoTokenizer|AutoModelForCausalLM)\.from_pretrained\(",
                              text):
-            call = text[m.end(): text.index("\n\n", m.end())]
+            end = text.find("\n\n", m.end())  # the statement's paragraph (or the file's end)
+            call = text[m.end(): end if end >= 0 else len(text)]
             assert "trust_remote_code=" in call.split(")\n")[0], \
                 f"{path}: {m.group(0)} without trust_remote_code"
 

@@ -269,7 +269,7 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
 
     from noln.arch import install
     from noln.config import make_config
-    from noln.loading import load_pretrained
+    from noln.pretrained import load_pretrained
     from noln.train import Trainer
 
     model = load_pretrained(tiny_model_dir)
@@ -296,7 +296,7 @@ def test_cos_reg_adds_the_linearity_regulariser_to_the_loss(tiny_model_dir, tmp_
     from noln.arch import install
     from noln.config import make_config
     from noln.linearity.regularizer import cosine_regularizer
-    from noln.loading import load_pretrained
+    from noln.pretrained import load_pretrained
     from noln.train import Trainer
 
     model = load_pretrained(tiny_model_dir).eval()

@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 
 from noln.data import BUILTIN
+from noln.pretrain import pretrain
+from noln.remove import remove_with_control
 
 console = Console(stderr=True)
 
@@ -27,9 +29,6 @@ QUICK = dict(pretrain=dict(n_layer=2, d_model=64, n_head=2, ctx=64, vocab_size=1
 
 
 def run_demo(out: Path = Path("noln-demo"), quick: bool = False, progress: bool = True) -> dict:
-    from noln.pretrain import pretrain
-    from noln.remove import remove_with_control
-
     sizes = QUICK if quick else FULL
     out = Path(out)
     console.rule("[bold]1/2 pretrain a tiny GPT-2 on Python's own documentation")

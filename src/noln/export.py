@@ -24,6 +24,7 @@ from torch import nn
 
 from noln.arch import ADAPTERS, NormAdapter
 from noln.errors import NolnError
+from noln.pretrained import load_config, read_json
 
 FP16_MAX = 65504.0
 
@@ -150,8 +151,6 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
 
 def load_clean(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A ``clean`` export as a model with no norm module at all (eval mode)."""
-    from noln.loading import load_config, read_json
-
     path = Path(path)
     meta_path = path / "noln.json"
     if not meta_path.is_file():

@@ -7,7 +7,6 @@ writes a plain Hugging Face folder that ``from_pretrained`` and every noln comma
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from noln.config import check_numbers, make_config
 from noln.data import iter_documents, load_tokens, pack
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
-from noln.remove import read_log
+from noln.export import export_model
+from noln.pretrained import load_pretrained, load_tokenizer
 from noln.report import plot_loss
-from noln.runfolder import claim_run_folder
+from noln.run import RunFolder, claim_run_folder
 from noln.train import Trainer
 
 EOT = "<|endoftext|>"
@@ -103,10 +103,9 @@ def _pretrain(data: str, out: Path, claim, *, arch: str, n_layer: int, d_model: 
               batch_size: int, lr: float, warmup_steps: int, seed: int, progress: bool,
               resume: bool, cos_reg: float) -> PretrainResult:
     torch.manual_seed(seed)
-    if resume and (out / "base").is_dir():
-        from noln.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(out / "base")
+    run = RunFolder(out)
+    if resume and run.base.is_dir():
+        tokenizer = load_tokenizer(run.base)
     else:
         tokenizer = train_tokenizer(data, vocab_size)
     eot_id = tokenizer.convert_tokens_to_ids(EOT)
@@ -121,24 +120,20 @@ def _pretrain(data: str, out: Path, claim, *, arch: str, n_layer: int, d_model: 
                       checkpoint_every=max(50, steps // 4))
     adapter = install(model)  # live FakeNorms compute the real LayerNorm
     if not resume:
-        model.config.save_pretrained(out / "base")
-        tokenizer.save_pretrained(out / "base")
+        model.config.save_pretrained(run.base)
+        tokenizer.save_pretrained(run.base)
     trainer = Trainer(cfg, model, train_blocks, val_blocks[:4], out, adapter,
                       eot_id=eot_id)
     claim.started()
     state = trainer.fit(resume=resume)
     model = trainer.acc.unwrap_model(trainer.model).eval()
-    from noln.export import export_model
-
-    export_model(adapter, tokenizer, out / "model")
-    from noln.loading import load_pretrained
-
-    plain = load_pretrained(out / "model")
+    export_model(adapter, tokenizer, run.export("hf"))
+    plain = load_pretrained(run.export("hf"))
     ce = cross_entropy(plain, val_blocks)
     summary = {"data": data, "arch": arch, "n_layer": n_layer, "d_model": d_model,
                "n_head": n_head, "ctx": ctx, "vocab_size": len(tokenizer), "steps": state.step,
                "tokens": state.step * batch_size * ctx, "train_wall_time_s": state.wall_time,
                "val_ce": ce.to_dict(), "n_params": sum(p.numel() for p in plain.parameters())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_loss(read_log(out / "log.jsonl"), out / "loss.png", title=f"pretraining {arch}")
-    return PretrainResult(plain, tokenizer, out / "model", summary)
+    run.write_summary(summary)
+    plot_loss(run.read_log(), run.loss_plot, title=f"pretraining {arch}")
+    return PretrainResult(plain, tokenizer, run.export("hf"), summary)

@@ -1,8 +1,15 @@
-"""``remove_layernorm``: config -> model adapter -> trainer -> export -> evaluate -> report.
+"""The removal recipe: ``remove_layernorm`` = preflight -> ``setup`` -> ``train`` -> ``finish``.
 
-One run folder holds everything: ``config.yaml``, ``base/`` (the model's config and tokenizer,
-to rebuild it on resume), ``checkpoints/``, ``log.jsonl``, ``model/`` (the export),
-``summary.json`` and ``loss.png``. With a control, ``control/`` is a run folder of its own.
+- preflight: the run's settings (``noln.config``: preset < ``--config`` file < arguments; or
+  the run's own on ``--resume``), every value checked before anything loads, and the run folder
+  claimed (``noln.run``);
+- ``setup``: the model (pretrained, or rebuilt from the run's ``base/`` on resume) with its
+  FakeNorms, the schedule, the token blocks, the run's files and the CE before training;
+- ``train``: ``noln.train.Trainer`` to the last step (checkpoints, resume, guard);
+- ``finish``: CE after, exports, ``summary.json`` and ``loss.png``.
+
+``remove_with_control`` runs the with-norm control beside the removal and builds the papers'
+table. Where each file lives is ``noln.run.RunFolder``'s business.
 """
 
 from __future__ import annotations
@@ -10,27 +17,34 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from noln.arch import NormAdapter, install
 from noln.config import RemoveConfig, make_config, resume_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
 from noln.errors import NolnError
+from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+from noln.evaluate.hellaswag import load_hellaswag
+from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
 from noln.export import export_model
-from noln.loading import load_config, load_pretrained, load_tokenizer
+from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
-from noln.runfolder import claim_run_folder
-from noln.schedule import build_schedule
-from noln.train import Trainer
+from noln.run import RunClaim, RunFolder, claim_run_folder
+from noln.schedule import Schedule, build_schedule
+from noln.sharding import full_model_state_dict
+from noln.train import Trainer, TrainState
 
 console = Console(stderr=True)
 
@@ -52,8 +66,6 @@ def check_disk_space(out: Path, model: nn.Module, export_formats: int) -> None:
     """A checkpoint holds the weights and AdamW's two moments (float32); at a save ``last.pt``,
     ``prev.pt`` and the new ``last.pt.tmp`` coexist; each export is another copy of the
     weights. Refuse to start a run the disk cannot hold to the end."""
-    import shutil
-
     n_params = sum(p.numel() for p in model.parameters())
     need = n_params * 4 * (3 * 3 + export_formats) + (64 << 20)
     free = shutil.disk_usage(out).free
@@ -79,19 +91,6 @@ def check_taper(cfg: RemoveConfig, schedule, steps: int) -> None:
         raise NolnError(f"--taper {cfg.taper} does not fit: the last removal comes at step "
                         f"{last} of {steps}, so its taper would end at step {last + cfg.taper}; "
                         f"give --taper {max(1, steps - last)} or less, or more --steps/--tokens")
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in records if isinstance(r, dict)]
 
 
 def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
@@ -124,20 +123,18 @@ def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer, ctx: int,
     return sets
 
 
-def _from_run_config(out: Path) -> nn.Module:
-    """The run's architecture (``out/base``), randomly initialised: weights come from a
+def _from_run_config(run: RunFolder) -> nn.Module:
+    """The run's architecture (``base/``), randomly initialised: weights come from a
     checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(load_config(out / "base"), dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(load_config(run.base), dtype=torch.float32)
 
 
 def _build(cfg: RemoveConfig, resume: bool):
-    """Model, tokenizer, adapter: the pretrained model, or on resume the run's own config."""
-    out = Path(cfg.out)
+    """Model and tokenizer: the pretrained model, or on resume the run's own config."""
+    run = RunFolder(cfg.out)
     if resume:
-        model = _from_run_config(out)
-        tokenizer = load_tokenizer(out / "base")
+        model = _from_run_config(run)
+        tokenizer = load_tokenizer(run.base)
     else:
         model = load_pretrained(cfg.model)
         tokenizer = load_tokenizer(cfg.model)
@@ -161,27 +158,30 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if overwrite:
             raise NolnError("--resume continues a run and --overwrite replaces one: give one "
                             "of them")
-        run = Path(resume)
-        if not (run / "config.yaml").is_file():
-            raise NolnError(f"'{run}' is not a noln run folder (no config.yaml): check --resume")
-        cfg, changed, notes = resume_config(run, {"model": model, "data": data, **overrides})
+        run = RunFolder(resume)
+        if not run.config.is_file():
+            raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
+                            "--resume")
+        cfg, changed, notes = resume_config(run.root, {"model": model, "data": data,
+                                                       **overrides})
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
         cfg, changed = config or make_config(model=model, data=data, out=out, **overrides), {}
     with claim_run_folder(Path(cfg.out), resume=resume is not None, overwrite=overwrite,
                           main=ranks.is_main_process) as claim:
+        resuming = resume is not None
+        t_start = time.time()
+        removal = setup(cfg, resuming, eval_sets, ranks)
         # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr, --resume)
-        return _remove(cfg, resume is not None, eval_sets, claim, ranks,
-                       reset_guard="lr" in changed)
+        trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed)
+        return finish(removal, trainer, state, ranks, t_start)
 
 
 def _ranks():
     """The processes of a launcher (one without): files are written by the main process only
     (same state as the Trainer's Accelerator: CPU processes when ACCELERATE_USE_CPU is set or
     there is no GPU)."""
-    from accelerate import PartialState
-
     return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
                         or not torch.cuda.is_available())
 
@@ -202,17 +202,36 @@ def check_epochs(cfg: RemoveConfig, steps: int, n_train: int, ctx: int, main: bo
         console.print(f"[yellow]note: {escape(what)}[/]", highlight=False, soft_wrap=True)
 
 
-def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None, claim,
-            ranks, reset_guard: bool = False) -> RemovalResult:
-    """The run itself, in a folder ``remove_layernorm`` has claimed."""
-    out = Path(cfg.out)
-    t_start = time.time()
+@dataclass
+class Removal:
+    """Everything a removal run trains with, built by ``setup`` before its first step."""
+
+    cfg: RemoveConfig
+    run: RunFolder
+    model: nn.Module
+    tokenizer: object
+    adapter: NormAdapter
+    schedule: Schedule
+    ctx: int
+    train_blocks: np.ndarray
+    heldout: np.ndarray
+    eval_sets: dict[str, np.ndarray]  # the CE table's token blocks, "heldout" first
+    teacher: nn.Module | None = None  # the original model, for --distill
+    ce_before: dict | None = None  # None on resume: the checkpoint holds it
+
+
+def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
+          ranks) -> Removal:
+    """Model, FakeNorms, schedule and data; the run's config and base model written; the CE
+    before training measured (a new run only). Every check that needs the model runs here,
+    before training."""
+    run = RunFolder(cfg.out)
     net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     n_exports = {"both": 2, "none": 0}.get(cfg.export_format, 1)
-    check_disk_space(out, net, 0 if resuming else n_exports)
+    check_disk_space(run.root, net, 0 if resuming else n_exports)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
         adapter.enable_special_scale()
@@ -230,16 +249,26 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
     sets = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
     if ranks.is_main_process:  # on resume: the settings the command line changed
-        cfg.to_yaml(out / "config.yaml")
+        cfg.to_yaml(run.config)
     if not resuming and ranks.is_main_process:
-        net.config.save_pretrained(out / "base")
-        tokenizer.save_pretrained(out / "base")
+        net.config.save_pretrained(run.base)
+        tokenizer.save_pretrained(run.base)
     ranks.wait_for_everyone()
-    extra = {}
-    if not resuming:
-        extra["ce_before"] = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
-    trainer = Trainer(cfg, net, train_blocks, heldout[: cfg.probe_blocks], out, adapter, schedule,
-                      eot_id=separator_id(tokenizer), extra_state=extra, teacher=teacher)
+    ce_before = None if resuming else {k: cross_entropy(net, b).to_dict()
+                                       for k, b in sets.items()}
+    return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
+                   sets, teacher, ce_before)
+
+
+def train(r: Removal, resuming: bool, claim: RunClaim,
+          reset_guard: bool = False) -> tuple[Trainer, TrainState]:
+    """The loop (``noln.train``), from step 0 or the run's last checkpoint, to the end; the
+    folder's claim learns when training starts (before it, a failed run cleans up)."""
+    cfg = r.cfg
+    extra = {} if r.ce_before is None else {"ce_before": r.ce_before}
+    trainer = Trainer(cfg, r.model, r.train_blocks, r.heldout[: cfg.probe_blocks], r.run.root,
+                      r.adapter, r.schedule, eot_id=separator_id(r.tokenizer),
+                      extra_state=extra, teacher=r.teacher)
     if cfg.progress and trainer.acc.is_main_process:
         why = {"auto": "native bf16" if trainer.bf16 else "no native bf16 on this device"}
         console.print(f"precision {trainer.precision} on {trainer.acc.device.type} "
@@ -249,53 +278,58 @@ def _remove(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
     claim.started()
     state = trainer.fit(resume=resuming, reset_guard=reset_guard)
+    return trainer, state
+
+
+def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
+           t_start: float) -> RemovalResult:
+    """CE after training, the exports (a finished removal only), ``summary.json`` and
+    ``loss.png``, written by the main process."""
+    cfg, run, adapter = r.cfg, r.run, r.adapter
     net = trainer.acc.unwrap_model(trainer.model)
     if trainer.sharded:  # measure and export a plain copy, gathered on the main process
-        from noln.sharding import full_model_state_dict
-
         full = full_model_state_dict(net)
         if ranks.is_main_process:
-            net = _from_run_config(out)
-            adapter = install(net, cfg.momentum, separator_id(tokenizer))
+            net = _from_run_config(run)
+            adapter = install(net, cfg.momentum, separator_id(r.tokenizer))
             net.load_state_dict(full)
             net.to(trainer.acc.device)
     net.eval()
     if not ranks.is_main_process:  # the main process measures, exports and writes the summary
         ranks.wait_for_everyone()
-        summary = json.loads((out / "summary.json").read_text())
-        return RemovalResult(net, adapter, read_log(out / "log.jsonl"), summary, out)
-    log = read_log(out / "log.jsonl")
-    events = [r for r in log if r.get("event") == "remove"]
-    unfinished = None if cfg.keep_ln else unfinished_removal(adapter, trainer.schedule, out)
+        return RemovalResult(net, adapter, run.read_log(), run.read_summary(), run.root)
+    log = run.read_log()
+    events = [e for e in log if e.get("event") == "remove"]
+    unfinished = None if cfg.keep_ln else unfinished_removal(adapter, trainer.schedule, run.root)
     if unfinished:
         console.print(f"[yellow]{unfinished}[/]")
-    ce_after = {k: cross_entropy(net, b).to_dict() for k, b in sets.items()}
+    ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
     formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
     if cfg.keep_ln:
         formats = [f for f in formats if f == "hf"]  # a control has nothing to fold
     exported = {}
     for fmt in formats:
-        target = out / ("model" if fmt == "hf" or len(formats) == 1 else f"model-{fmt}")
         if adapter.export_state() == "mixed":
             console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
             continue
-        exported[fmt] = str(export_model(adapter, tokenizer, target, fmt, events=events))
+        exported[fmt] = str(export_model(adapter, r.tokenizer, run.export(fmt, len(formats)),
+                                         fmt, events=events))
     summary = {
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
-        "steps": state.step, "tokens": state.step * cfg.batch_size * ctx, "ctx": ctx,
+        "steps": state.step, "tokens": state.step * cfg.batch_size * r.ctx, "ctx": r.ctx,
         "train_wall_time_s": state.wall_time, "wall_time_s": time.time() - t_start,
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
-        "guard_events": [r for r in log if r.get("event") == "guard"], "exports": exported,
+        "guard_events": [e for e in log if e.get("event") == "guard"], "exports": exported,
         "precision": trainer.precision, "world_size": trainer.acc.num_processes,
         "sharded": trainer.sharded, "pid": os.getpid(),
         "complete": unfinished is None, "unfinished": unfinished,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_loss(log, out / "loss.png", title=f"{Path(cfg.model).name}: "
+    run.write_summary(summary)
+    plot_loss(log, run.loss_plot, title=f"{Path(cfg.model).name}: "
               f"{'control (LN kept)' if cfg.keep_ln else 'LayerNorm removal'}")
     ranks.wait_for_everyone()
-    return RemovalResult(net, adapter, log, summary, out)
+    return RemovalResult(net, adapter, log, summary, run.root)
 
 
 def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
@@ -335,30 +369,25 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     HellaSwag, with faithfulness to the original. Written to ``out/table.md``,
     ``out/comparison.json`` (``table``: the CE numbers; ``compare``: everything) and
     ``out/compare/`` (plots)."""
-    from noln.evaluate.commands import load_models, resolve_device
-    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
-    from noln.evaluate.hellaswag import load_hellaswag
-
     overrides.pop("keep_ln", None)  # each run sets its own
     # read before training: a missing or malformed HellaSwag is an error now, not after two runs
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
-    out = Path(out or make_config(model=model, **overrides).out)
+    pair = RunFolder(out or make_config(model=model, **overrides).out)
+    out = pair.root
     results, runs = {}, {}
     # the pair's folder: refused or replaced as a whole, then each run claims its own part
     with claim_run_folder(out, resume=resume, overwrite=overwrite,
                           main=_ranks().is_main_process) as claim:
         claim.started()  # from here on each run cleans up after itself
-        for name, run_dir, keep in (("control", out / "control", True), ("no_ln", out, False)):
-            runs[name] = run_dir
-            if (run_dir / "summary.json").exists() and resume:
-                results[name] = json.loads((run_dir / "summary.json").read_text())
+        for name, run, keep in (("control", pair.control, True), ("no_ln", pair, False)):
+            runs[name] = run.root
+            if run.finished() and resume:
+                results[name] = run.read_summary()
                 continue
-            resumable = resume and (run_dir / "checkpoints" / "last.pt").exists()
-            r = remove_layernorm(model, data, run_dir, resume=run_dir if resumable else None,
+            resumable = resume and run.has_checkpoint()
+            r = remove_layernorm(model, data, run.root, resume=run.root if resumable else None,
                                  eval_sets=eval_sets, keep_ln=keep, **overrides)
             results[name] = r.summary
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)
         return {}
@@ -368,8 +397,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
              for source in results["no_ln"]["ce_after"]}
 
     # the same held-out blocks the runs measured, now through the shared evaluation code
-    cfg = RemoveConfig.from_yaml(out / "config.yaml", out=str(out))
-    tokenizer = load_tokenizer(out / "base")
+    cfg = RemoveConfig.from_yaml(pair.config, out=str(out))
+    tokenizer = load_tokenizer(pair.base)
     ctx = results["no_ln"]["ctx"]
     _, heldout = prepare_data(cfg, tokenizer, ctx, results["no_ln"]["steps"])
     sources = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
@@ -381,12 +410,11 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                             source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
                                           **(eval_sets or {})})
     result.print(console)
-    result.save(out / "compare")
-    (out / "table.md").write_text(result.to_markdown())
+    result.save(pair.compare)
+    pair.table.write_text(result.to_markdown())
     combined = {"table": table, "compare": result.to_dict(), "control": results["control"],
                 "no_ln": results["no_ln"]}
-    (out / "comparison.json").write_text(json.dumps(json_safe(combined), indent=1))
-    control_log = read_log(out / "control" / "log.jsonl")
-    plot_loss(read_log(out / "log.jsonl"), out / "loss.png", control_log=control_log,
+    pair.comparison.write_text(json.dumps(json_safe(combined), indent=1))
+    plot_loss(pair.read_log(), pair.loss_plot, control_log=pair.control.read_log(),
               title=f"{Path(str(results['no_ln']['model'])).name}: LayerNorm removal vs control")
     return combined

@@ -26,11 +26,12 @@ from accelerate.utils import broadcast
 from torch import nn
 
 from noln.arch import NormAdapter
-from noln.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
+from noln.checkpoint import load_checkpoint, save_atomic
 from noln.config import RemoveConfig
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.precision import resolve_precision
+from noln.run import RunFolder, latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -148,8 +149,8 @@ class Trainer:
             compile_blocks(model)
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
-        self.ckpt_dir = self.out / "checkpoints"
-        self.log_path = self.out / "log.jsonl"
+        self.run = RunFolder(self.out)
+        self.log_path = self.run.log
 
     def autocast(self):
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -287,7 +288,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "extra": self.extra_state,
             "config": self.cfg.model_dump(mode="json"),
-        }, self.ckpt_dir / "last.pt")
+        }, self.run.last_checkpoint)
 
     def restore(self, ckpt: dict) -> None:
         if self.sharded:

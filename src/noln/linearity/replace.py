@@ -414,11 +414,12 @@ def is_linearized(path: str | Path) -> bool:
     return (Path(path).expanduser() / META_FILE).is_file()
 
 
-def load_linearized(path: str | Path, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of a folder written by ``save_linearized``."""
+def load_linearized(path: str | Path, load_base, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a folder written by ``save_linearized``; ``load_base(name,
+    dtype=)`` opens its base model (``noln.loading.load_model``: any model noln names)."""
     from safetensors.torch import load_file
 
-    from noln.loading import load_model, load_tokenizer, read_json
+    from noln.pretrained import load_tokenizer, read_json
 
     path = Path(path).expanduser()
     meta = read_json(path / META_FILE)
@@ -429,7 +430,7 @@ def load_linearized(path: str | Path, dtype: torch.dtype = torch.float32):
     if meta.get("base_copy") is None and (Path(base).is_absolute() and not Path(base).exists()):
         raise NolnError(f"the base model of {path} was '{base}', which no longer exists: restore "
                         "it, or re-run noln linearize with --copy-base")
-    model, tokenizer = load_model(str(base), dtype=dtype)
+    model, tokenizer = load_base(str(base), dtype=dtype)
     layers, returns_tuple = decoder_layers(model)
     if len(layers) != meta["n_layers"]:
         raise NolnError(f"the base model '{base}' has {len(layers)} blocks but {path} was made "

@@ -1,4 +1,10 @@
-"""Who may write where: a run folder belongs to its run, outputs are checked before the work.
+"""The run folder: its layout, who may write it, and what is read back from it.
+
+One module owns every path in a run folder (``RunFolder``): ``config.yaml`` (the run's
+settings), ``base/`` (the model's config and tokenizer, to rebuild it on resume),
+``checkpoints/last.pt`` and ``prev.pt``, ``log.jsonl`` (one record per step or event),
+``summary.json``, ``loss.png``, ``model/`` and ``model-clean/`` (exports); a ``--control`` pair
+adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, ``compare/``.
 
 - ``claim_run_folder``: a new run starts only in a new or empty folder, or over a previous noln
   run with ``overwrite`` (which deletes only the files noln writes, ``NOLN_OUTPUTS``); the folder
@@ -16,15 +22,116 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from noln.arch import install
+from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
 from noln.errors import NolnError
+from noln.pretrained import load_config, load_tokenizer
 
 LOCK = ".noln.lock"
 # everything noln writes in a run folder (remove, --control, pretrain); nothing else is deleted
 NOLN_OUTPUTS = ("config.yaml", "base", "checkpoints", "log.jsonl", "summary.json", "loss.png",
                 "model", "model-clean", "control", "table.md", "comparison.json", "compare",
                 LOCK)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where each part of a run lives (module docstring); the only place that spells them."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.yaml")
+    base = property(lambda self: self.root / "base")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    last_checkpoint = property(lambda self: self.checkpoints / "last.pt")
+    log = property(lambda self: self.root / "log.jsonl")
+    summary = property(lambda self: self.root / "summary.json")
+    loss_plot = property(lambda self: self.root / "loss.png")
+    control = property(lambda self: RunFolder(self.root / "control"))
+    table = property(lambda self: self.root / "table.md")
+    comparison = property(lambda self: self.root / "comparison.json")
+    compare = property(lambda self: self.root / "compare")
+
+    def export(self, fmt: str, n_formats: int = 1) -> Path:
+        """``model/`` for the hf export (or the only one), ``model-{fmt}/`` beside it."""
+        return self.root / ("model" if fmt == "hf" or n_formats == 1 else f"model-{fmt}")
+
+    def is_run(self) -> bool:
+        return is_run_folder(self.root)
+
+    def has_checkpoint(self) -> bool:
+        return self.last_checkpoint.exists()
+
+    def finished(self) -> bool:
+        return self.summary.exists()
+
+    def read_log(self) -> list[dict]:
+        return read_log(self.log)
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary.read_text())
+
+    def write_summary(self, summary: dict) -> None:
+        self.summary.write_text(json.dumps(summary, indent=1))
+
+    def latest_checkpoint(self) -> Path:
+        return latest_checkpoint(self.root)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """``last.pt``, or ``prev.pt`` where ``last.pt`` is unreadable (killed mid-rename)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    last, prev = ckpt_dir / "last.pt", ckpt_dir / "prev.pt"
+    if last.exists():
+        try:
+            load_checkpoint(last)
+            return last
+        except UnsafeCheckpoint:
+            raise  # never quietly step around a crafted file
+        except NolnError:
+            if not prev.exists():
+                raise
+            return prev
+    if prev.exists():
+        return prev
+    raise NolnError(f"no checkpoint in '{ckpt_dir}': nothing to resume; start a new run")
+
+
+def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
+    its FakeNorms in the state they were saved in."""
+    path = Path(path)
+    ckpt_path = path if path.is_file() else latest_checkpoint(path)
+    run = RunFolder(ckpt_path.parent.parent)
+    ckpt = load_checkpoint(ckpt_path)
+    model = AutoModelForCausalLM.from_config(load_config(run.base), dtype=dtype)
+    install(model)
+    model.load_state_dict(ckpt["model"])
+    return model, load_tokenizer(run.base)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -38,8 +145,6 @@ def is_run_folder(folder: Path) -> bool:
 
 def _describe_run(folder: Path) -> str:
     try:
-        import yaml
-
         cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
         what = f"a run of {cfg.get('model')} on {cfg.get('data')}"
     except Exception:  # noqa: BLE001 - only a description; the folder is refused either way

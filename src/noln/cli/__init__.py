@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from noln.attribute import attribute_cmd
+from noln.arch import install
+from noln.cli.attribute import attribute_cmd
+from noln.cli.evaluate import compare_cmd, eval_cmd
+from noln.cli.linearity import linearity_cmd, linearize_cmd
+from noln.config import make_config, read_config_file
+from noln.demo import run_demo
 from noln.errors import NolnError
-from noln.evaluate.commands import compare_cmd, eval_cmd, parse_sources
-from noln.linearity.commands import linearity_cmd, linearize_cmd
+from noln.evaluate.inputs import parse_sources
+from noln.export import EXPORT_FORMATS, check_export_target, export_model
+from noln.pretrain import pretrain as run_pretrain
+from noln.pretrained import load_pretrained, set_trust_remote_code
+from noln.remove import remove_layernorm, remove_with_control
+from noln.report import ce_rows, rich_table
+from noln.run import RunFolder, check_output_dir, load_run_model
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
                   "left, and measure layer linearity.", no_args_is_help=True,
@@ -30,8 +42,6 @@ def _options(
         "(config.json auto_map); off by default, so such a model is refused. Any position: "
         "`noln eval MODEL --trust-remote-code` works too")] = False,
 ) -> None:
-    from noln.loading import set_trust_remote_code
-
     set_trust_remote_code(trust_remote_code)
 
 
@@ -94,9 +104,6 @@ def remove(
     With --resume RUN, the run keeps its model, data, ctx, batch size, seed and schedule;
     --lr, --steps/--tokens, --checkpoint-every, --format and the precision/memory options may
     change (a new --lr also resets the guard's lowered one)."""
-    from noln.config import make_config, read_config_file
-    from noln.remove import remove_layernorm, remove_with_control
-
     overrides = dict(tokens=tokens, steps=steps, schedule=schedule, eval_data=eval_data,
                      batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
                      aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
@@ -148,8 +155,6 @@ def remove(
 
 
 def _print_summary(summary: dict) -> None:
-    from noln.report import ce_rows, rich_table
-
     table = {k: {"before": summary["ce_before"][k], "after": v}
              for k, v in summary["ce_after"].items() if k in summary["ce_before"]}
     if table:
@@ -170,25 +175,17 @@ def export(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
 ) -> None:
     """Export a run's model for plain transformers (hf) or with the norms folded away (clean)."""
-    import torch
-
-    from noln.arch import install
-    from noln.checkpoint import load_run_model
-    from noln.export import EXPORT_FORMATS, check_export_target, export_model
-    from noln.remove import read_log
-    from noln.runfolder import check_output_dir
-
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise NolnError(f"unknown --dtype '{dtype}': use {', '.join(dtypes)}")
     if format not in EXPORT_FORMATS:
         raise NolnError(f"unknown --format '{format}': use {' or '.join(EXPORT_FORMATS)}")
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
-    check_export_target(out, source=run_dir)  # before loading anything
+    run = RunFolder(checkpoint if checkpoint.is_dir() else checkpoint.parent.parent)
+    check_export_target(out, source=run.root)  # before loading anything
     check_output_dir(out.parent, "--out")
     model, tok = load_run_model(checkpoint)
     adapter = install(model)
-    events = [r for r in read_log(run_dir / "log.jsonl") if r.get("event") == "remove"]
+    events = [r for r in run.read_log() if r.get("event") == "remove"]
     path = export_model(adapter, tok, out, format, dtypes[dtype], events)
     console.print(f"wrote {format} export ({dtype}) to {path}")
 
@@ -196,9 +193,6 @@ def export(
 @app.command()
 def sites(model: Annotated[str, typer.Argument(help="Hub id or local folder")]) -> None:
     """List a model's removal sites in the default removal order."""
-    from noln.arch import install
-    from noln.loading import load_pretrained
-
     adapter = install(load_pretrained(model))
     for i, name in enumerate(adapter.site_names()):
         console.print(f"{i:3d}  {name}")
@@ -228,9 +222,7 @@ def pretrain(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Pretrain a small model with LayerNorm from scratch (own BPE tokenizer)."""
-    from noln.pretrain import pretrain as run
-
-    r = run(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
+    r = run_pretrain(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
             vocab_size=vocab_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
             seed=seed, progress=not quiet, resume=resume, cos_reg=cos_reg, overwrite=overwrite)
     ce = r.summary["val_ce"]
@@ -246,8 +238,6 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Offline, end to end: pretrain a tiny model on Python's own docs, remove its LayerNorm."""
-    from noln.demo import run_demo
-
     run_demo(out, quick=quick, progress=not quiet)
 
 
@@ -291,8 +281,6 @@ def _interrupt_hint(argv: list[str]) -> str:
 
 def _expected(e: BaseException) -> str | None:
     """One line for failures a user can act on that are not NolnErrors (disk, memory)."""
-    import torch
-
     if isinstance(e, torch.OutOfMemoryError | MemoryError):
         return ("out of memory: lower --batch-size / --micro-batch-size or --ctx, or use "
                 "--grad-checkpointing (details: NOLN_DEBUG=1)")
@@ -314,8 +302,6 @@ def main(argv: list[str] | None = None) -> None:
 
     def fail(message: str, code: int, e: BaseException | None = None) -> None:
         if debug and e is not None:
-            import traceback
-
             chain = e
             while chain is not None:  # show the context noln's `from None` hid
                 chain.__suppress_context__ = False
@@ -355,7 +341,3 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[yellow]{escape(_interrupt_hint(argv))}[/]", highlight=False, soft_wrap=True)
     if isinstance(code, int) and code:
         sys.exit(code)
-
-
-if __name__ == "__main__":  # python -m noln.cli
-    main()

@@ -1,0 +1,5 @@
+"""``python -m noln.cli``."""
+
+from noln.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""What ``noln eval`` / ``noln compare`` and the ``--control`` table share: naming text sources
+and models, choosing a device, loading models onto it, and the chunk length every model reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from noln.config import check_numbers
+from noln.data import is_local
+from noln.errors import NolnError
+from noln.evaluate.hellaswag import model_context
+from noln.loading import load_model
+from noln.run import check_output_dir, check_output_file
+
+
+def parse_sources(specs: list[str]) -> dict[str, str]:
+    """``["val=corpus/val.jsonl", "wiki.jsonl"]`` -> ``{"val": ..., "wiki": "wiki.jsonl"}``."""
+    sources: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not (sep and re.fullmatch(r"[\w.\-]+", name) and source and not Path(spec).exists()):
+            source = spec
+            name = Path(spec).stem if is_local(spec) else spec.rstrip("/").split("/")[-1]
+            name = name.split(":")[0]
+        if name in sources:
+            raise NolnError(f"two --data sources are named '{name}': name them, as "
+                            f"--data {name}2={source}")
+        sources[name] = source
+    return sources
+
+
+def short_names(models: list[str]) -> dict[str, str]:
+    """Column names for models: a folder's own name (``runs/a/model`` -> ``model``) unless two
+    would clash, then the name as given."""
+    shorts = [Path(m).name if is_local(m) and Path(m).name else m for m in models]
+    if len(set(shorts)) < len(shorts):
+        shorts = list(models)
+    return dict(zip(shorts, models, strict=True))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise NolnError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise NolnError(f"--device {device} but no CUDA GPU is visible: use --device cpu")
+    return resolved
+
+
+def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]:
+    """``{key: (model, tokenizer)}`` on ``device``."""
+    loaded = {}
+    for key, name in names.items():
+        model, tok = load_model(name)
+        loaded[key] = (model.to(device), tok)
+    return loaded
+
+
+def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
+    shortest = min(model_context(m) for m in models)  # every model must read the chunk
+    if ctx is None:
+        return shortest
+    if ctx < 2:
+        raise NolnError(f"--ctx {ctx} is too short: a chunk needs at least 2 tokens")
+    if ctx > shortest:
+        raise NolnError(f"--ctx {ctx} is longer than a model's context of {shortest}: give "
+                        f"--ctx {shortest} or less")
+    return ctx
+
+
+def check_options(*, tokens: int | None = None, ctx: int | None = None,
+                  batch_size: int | None = None, hellaswag_limit: int | None = None,
+                  json_out: Path | None = None, out: Path | None = None) -> None:
+    """Numbers in range and outputs writable, before any model loads."""
+    check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
+                  ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
+                                                       1000))
+    check_output_file(json_out, "--json")
+    check_output_dir(out, "--out")
+
+

@@ -1,0 +1,163 @@
+"""Pretrained models, configs and tokenizers from the Hub, a Hugging Face folder or a llama.cpp
+``.gguf`` file (or a folder holding one; see ``noln.gguf``): code-free unless the user passes
+``--trust-remote-code``, one clear line for every way a name or a folder can be wrong.
+``noln.loading.load_model`` builds on these to open anything noln writes as well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from noln.arch import check_supported
+from noln.errors import NolnError
+from noln.gguf import resolve as resolve_gguf
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors: the error lives in the compiled module
+    from safetensors._safetensors_rust import SafetensorError
+
+# a model folder's own Python code (config.json's auto_map) runs only when the user says so:
+# `noln --trust-remote-code ...` (cli) or set_trust_remote_code(True)
+_TRUST_REMOTE_CODE = False
+
+
+def set_trust_remote_code(trust: bool) -> None:
+    global _TRUST_REMOTE_CODE
+    _TRUST_REMOTE_CODE = bool(trust)
+
+
+def trust_remote_code() -> bool:
+    return _TRUST_REMOTE_CODE
+
+
+def _raise_remote_code(name, e: Exception) -> None:
+    """transformers' refusal to run a repository's code, as noln's one line."""
+    if "custom code" in str(e) or "trust_remote_code" in str(e):
+        raise NolnError(f"'{name}' needs its own Python code to load (auto_map): noln runs a "
+                        "model's code only with --trust-remote-code; check the code first") \
+            from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file noln reads (noln.json, linearized.json, config.json): unreadable or
+    not a JSON object is one error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NolnError(f"'{path}' is not a readable JSON file ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}): the file is corrupt; restore or "
+                        "re-create it") from None
+    if not isinstance(data, dict):
+        raise NolnError(f"'{path}' is not a JSON object: the file is corrupt")
+    return data
+
+
+def read_config_json(folder: Path) -> dict:
+    """A local model folder's ``config.json``; missing, unreadable or not JSON is one error
+    naming the file."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        raise NolnError(f"'{folder}' has no config.json: not a Hugging Face model folder (nor a "
+                        "noln run or export); check the path")
+    return read_json(path)
+
+
+def load_config(name: str | Path):
+    """``AutoConfig`` of a Hub id or local folder, code-free unless --trust-remote-code: a
+    folder whose config names its own code (``auto_map``) and a model type transformers does not
+    know is refused with the flag to pass, before anything is imported from it."""
+    name = str(name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        raw = read_config_json(local)
+        if "auto_map" in raw and not trust_remote_code() and \
+                raw.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise NolnError(f"'{name}' needs its own Python code to load (config.json auto_map, "
+                            f"model type {raw.get('model_type')!r}): noln runs a model's code "
+                            "only with --trust-remote-code; check the code first")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code())
+    except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder
+        _raise_remote_code(name, e)
+        if local.is_dir():
+            raise NolnError(f"cannot read the config of '{name}' ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]})") from None
+        raise NolnError(f"cannot load model '{name}' ({type(e).__name__}): not a local folder with "
+                        "config.json and not reachable on the Hugging Face Hub (offline?); pass "
+                        "a local folder") from None
+
+
+def check_causal(config, name) -> None:
+    """Refuse a model that does not predict the next token from the left alone (BERT and other
+    encoders see the future, so their "CE" means nothing), from its config, before weights."""
+    causal_classes = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal_classes.update(v if isinstance(v, list | tuple) else [v])
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    if archs:
+        causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel"))
+                     for a in archs)
+    else:
+        causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if causal and model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and \
+            not getattr(config, "is_decoder", False):
+        causal = False  # an encoder family: its causal head needs is_decoder
+    if not causal:
+        what = archs[0] if archs else model_type
+        raise NolnError(f"'{name}' is a {what}, not a causal language model (it sees the tokens "
+                        "it predicts): noln takes models that predict the next token, such as "
+                        "GPT-2, Pythia or Llama")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_tokenizer(name: str | Path):
+    name = resolve_gguf(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code())
+    except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder
+        _raise_remote_code(name, e)
+        raise NolnError(f"cannot load a tokenizer for '{name}' ({type(e).__name__}): the folder "
+                        "needs tokenizer files, or pass a Hub id with network access") from None
+    tok.model_max_length = int(1e9)  # we chunk ourselves; silence length warnings
+    return tok
+
+
+def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
+                    check_family: bool = True):
+    """A causal LM from the Hub or a plain Hugging Face folder, with a clear error if missing.
+    ``check_family``: refuse families noln cannot remove norms from (analysis needs no such
+    check: it reads hidden states and logits, which every causal LM has)."""
+    name = resolve_gguf(name)  # a .gguf file (or a folder holding one): its converted folder
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id such "
+                        "as 'gpt2'")
+    config = load_config(name)
+    check_causal(config, name)
+    if check_family:
+        check_supported(config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code())
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        _raise_remote_code(name, e)
+        first = " ".join(str(e).split())[:200]
+        hint = ("the weights file is corrupt or truncated; copy or download it again"
+                if isinstance(e, SafetensorError | OSError) else "is the folder complete?")
+        raise NolnError(f"cannot read the weights of '{name}' ({type(e).__name__}: {first}): "
+                        f"{hint}") from None
