@@ -4,7 +4,8 @@ from noln.config import AdaptiveConfig, FixedConfig
 from noln.errors import NolnError
 from noln.schedule import AdaptiveSchedule, build_schedule
 
-SITES = [f"blocks.{i}.{k}" for k in ("ln_2", "ln_1_qk", "ln_1_v") for i in range(2)] + ["ln_f"]
+SITES = [f"blocks.{i}.{k}" for k in ("mlp_in", "attn_in_qk", "attn_in_v")
+         for i in range(2)] + ["final"]
 KINDS = {s: s.rsplit(".", 1)[-1] for s in SITES}
 
 
@@ -12,12 +13,26 @@ def _build(spec, steps=100, **fixed):
     return build_schedule(spec, SITES, KINDS, steps, FixedConfig(**fixed), AdaptiveConfig())
 
 
+EVENTS = [(10, "blocks.0.mlp_in"), (12, "blocks.1.mlp_in"), (14, "blocks.0.attn_in_qk"),
+          (17, "blocks.1.attn_in_qk"), (20, "blocks.0.attn_in_v"), (25, "blocks.1.attn_in_v"),
+          (30, "final")]
+
+
 def test_fixed_gaps_per_kind_in_kind_major_order():
-    s = _build("fixed", start=10, gaps={"ln_2": 2, "ln_1_qk": 3, "ln_1_v": 5})
-    assert s.events == [(10, "blocks.0.ln_2"), (12, "blocks.1.ln_2"), (14, "blocks.0.ln_1_qk"),
-                        (17, "blocks.1.ln_1_qk"), (20, "blocks.0.ln_1_v"), (25, "blocks.1.ln_1_v"),
-                        (30, "ln_f")]
-    assert s.due(17, []) == ["blocks.1.ln_1_qk"] and s.due(18, []) == []
+    s = _build("fixed", start=10, gaps={"mlp_in": 2, "attn_in_qk": 3, "attn_in_v": 5})
+    assert s.events == EVENTS
+    assert s.due(17, []) == ["blocks.1.attn_in_qk"] and s.due(18, []) == []
+
+
+@pytest.mark.parametrize("gaps", [{"ln_2": 2, "ln_1_qk": 3, "ln_1_v": 5},  # GPT-2's old names
+                                  {"ln_post": 2, "ln_in_qk": 3, "ln_in_v": 5},  # NeoX's
+                                  {"post_attention_layernorm": 2, "input_layernorm_qk": 3,
+                                   "input_layernorm_v": 5},  # Llama's
+                                  {"ln_2": 7, "mlp_in": 2, "ln_1_qk": 3, "attn_in_v": 5}])
+def test_old_site_kinds_are_gap_keys_for_their_roles(gaps):
+    """Presets and old runs' config.yaml key gaps by the old per-family kinds; the role's own
+    key wins where both are given."""
+    assert _build("fixed", start=10, gaps=gaps).events == EVENTS
 
 
 def test_fixed_without_gaps_spreads_evenly_to_finish_by():
@@ -29,7 +44,7 @@ def test_fixed_without_gaps_spreads_evenly_to_finish_by():
 
 def test_fixed_schedule_past_the_end_is_rejected_before_training():
     with pytest.raises(NolnError, match="ends at step 610 but the run has 100 steps"):
-        _build("fixed", start=10, gaps={"ln_2": 100, "ln_1_qk": 100, "ln_1_v": 100})
+        _build("fixed", start=10, gaps={"mlp_in": 100, "attn_in_qk": 100, "attn_in_v": 100})
 
 
 def test_keep_ln_removes_nothing():
@@ -139,18 +154,57 @@ def test_adaptive_state_round_trip_continues_identically():
 
 def test_schedule_file_events_and_validation(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("events:\n  - {step: 3, site: blocks.1.ln_2}\n  - {step: 1, site: ln_f}\n")
+    f.write_text("events:\n  - {step: 3, site: blocks.1.mlp_in}\n  - {step: 1, site: final}\n")
     s = _build(str(f))
-    assert s.events == [(1, "ln_f"), (3, "blocks.1.ln_2")]
-    f.write_text("events:\n  - {step: 3, site: blocks.9.ln_2}\n")
-    with pytest.raises(NolnError, match="names site 'blocks.9.ln_2', which this model does not"):
+    assert s.events == [(1, "final"), (3, "blocks.1.mlp_in")]
+    f.write_text("events:\n  - {step: 3, site: blocks.9.mlp_in}\n")
+    with pytest.raises(NolnError, match=r"names site 'blocks.9.mlp_in', which this model does "
+                                        r"not have: sites are blocks.0.mlp_in \.\.\. final"):
         _build(str(f))
-    f.write_text("events:\n  - {step: 300, site: ln_f}\n")
+    f.write_text("events:\n  - {step: 300, site: final}\n")
     with pytest.raises(NolnError, match="at step 300, outside the run's 100 steps"):
         _build(str(f))
-    f.write_text("type: adaptive\ntolerance: 0.5\norder: [ln_f, blocks.0.ln_2]\n")
+    f.write_text("type: adaptive\ntolerance: 0.5\norder: [final, blocks.0.mlp_in]\n")
     s = _build(str(f))
-    assert isinstance(s, AdaptiveSchedule) and s.order == ["ln_f", "blocks.0.ln_2"]
+    assert isinstance(s, AdaptiveSchedule) and s.order == ["final", "blocks.0.mlp_in"]
     assert s.cfg.tolerance == 0.5
     with pytest.raises(NolnError, match="does not exist"):
         _build(str(tmp_path / "missing.yaml"))
+
+
+def test_schedule_files_with_old_site_names_still_work(tmp_path):
+    """A schedule file written before sites were named by role: its events and order name the
+    old per-family sites, and they freeze the same sites under their role names."""
+    f = tmp_path / "old.yaml"
+    f.write_text("events:\n  - {step: 3, site: blocks.1.ln_2}\n  - {step: 1, site: ln_f}\n"
+                 "  - {step: 2, site: blocks.0.input_layernorm_v}\n")
+    s = _build(str(f))
+    assert s.events == [(1, "final"), (2, "blocks.0.attn_in_v"), (3, "blocks.1.mlp_in")]
+    assert s.due(2, []) == ["blocks.0.attn_in_v"]
+    f.write_text("type: adaptive\norder: [norm, blocks.0.ln_in_qk, blocks.1.ln_1_v]\n")
+    assert _build(str(f)).order == ["final", "blocks.0.attn_in_qk", "blocks.1.attn_in_v"]
+    f.write_text("events:\n  - {step: 3, site: blocks.9.ln_2}\n")
+    with pytest.raises(NolnError, match="names site 'blocks.9.ln_2', which this model does not"):
+        _build(str(f))
+
+
+def test_adaptive_state_from_a_run_with_old_names_resumes(tmp_path):
+    """A checkpoint's schedule state from a run started with old site names (its schedule file
+    ordered by them) continues in a schedule built with role names: same next site, same
+    decisions."""
+    f = tmp_path / "old.yaml"
+    old = [f"blocks.{i}.{k}" for k in ("ln_2", "ln_1_qk", "ln_1_v") for i in range(2)] + ["ln_f"]
+    f.write_text("type: adaptive\norder: [" + ", ".join(old) + "]\n")
+    cfg = AdaptiveConfig(tolerance=0.05, window=1, min_gap=1, max_gap=50)
+    a = AdaptiveSchedule(old, cfg, start=1, total_steps=100)  # as built before the rename
+    losses = [3.0, 3.1, 3.0, 2.9, 2.95, 3.3, 3.0]
+    for t in range(len(losses)):
+        a.due(t, losses[:t])
+    state = {"next_idx": a.next_idx, "last_step": a.last_step, "reference": a.reference,
+             "stall": a.stall}  # what an old checkpoint holds
+    b = build_schedule(str(f), SITES, KINDS, 100, FixedConfig(), cfg)
+    b.load_state_dict(state)
+    assert b.order == SITES and b.remaining()[0] == SITES[a.next_idx]
+    more = losses + [2.8, 2.7, 2.6]
+    assert [a.due(t, more[:t]) for t in range(7, 10)] == [b.due(t, more[:t])
+                                                          for t in range(7, 10)]

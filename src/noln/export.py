@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from noln.arch import ADAPTERS, NormAdapter
+from noln.arch import ADAPTERS, NormAdapter, canonical_site
 from noln.errors import NolnError
 from noln.pretrained import load_config, read_json
 
@@ -122,8 +122,11 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
     """Export ``adapter.model`` to ``out`` as ``hf`` or ``clean``; returns ``out``."""
     out = Path(out)
     config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
+    # a run's removal events, from a log.jsonl written before sites were named by role too
+    events = [{**e, "site": canonical_site(e["site"])} if "site" in e else e
+              for e in events or []]
     meta = {"format": fmt, "family": adapter.family, "sigmas": adapter.sigmas(),
-            "frozen": adapter.frozen_sites(), "events": events or []}
+            "frozen": adapter.frozen_sites(), "events": events}
     if fmt == "hf":
         model = plain_model(adapter, dtype)
         meta["note"] = ("plain checkpoint: norms use eps=1e12, weight=gamma*1e6/sigma"

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from noln.arch import transformer_lens_config_keys
 from noln.errors import NolnError
 from noln.fakenorm import FakeNorm
 
@@ -160,10 +161,9 @@ def _tl_config(plain: nn.Module, loading, tmp: Path, device, dtype):
     config = plain.config.to_dict()
     if not config.get("architectures"):
         config["architectures"] = [type(plain).__name__]
-    # TransformerLens reads GPT-2's context length from ``n_ctx``, a key GPT-2's published
-    # config.json has but transformers no longer writes
-    if "n_positions" in config:
-        config.setdefault("n_ctx", config["n_positions"])
+    # keys TransformerLens reads that transformers no longer writes (GPT-2's ``n_ctx``)
+    for key, value in transformer_lens_config_keys(config).items():
+        config.setdefault(key, value)
     (tmp / "config.json").write_text(json.dumps(config))
     try:
         return loading.get_pretrained_model_config(str(tmp), hf_cfg=config, fold_ln=True,

@@ -7,23 +7,17 @@ from pathlib import Path
 
 from rich.table import Table
 
-KIND_COLOURS = {"ln_2": "tab:orange", "ln_1_qk": "tab:green", "ln_1_v": "tab:purple",
-                "ln_f": "tab:red",
-                # llama family (same roles, HF module names; Qwen3's per-head norms)
-                "post_attention_layernorm": "tab:orange", "input_layernorm_qk": "tab:green",
-                "input_layernorm_v": "tab:purple", "q_norm": "tab:cyan", "k_norm": "tab:olive",
-                "norm": "tab:red",
-                # neox
-                "ln_post": "tab:orange", "ln_in_qk": "tab:green", "ln_in_v": "tab:purple"}
+from noln.arch import role_of
 
-
-def _kind(site: str) -> str:
-    return site.rsplit(".", 1)[-1]
+# by role (noln.arch.base); a log from before sites were named by role maps through
+# canonical_site to the same colours
+ROLE_COLOURS = {"mlp_in": "tab:orange", "attn_in_qk": "tab:green", "attn_in_v": "tab:purple",
+                "q_norm": "tab:cyan", "k_norm": "tab:olive", "final": "tab:red"}
 
 
 def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None,
               title: str = "") -> Path:
-    """Training loss (raw and smoothed) with a vertical line at each removal, by site kind."""
+    """Training loss (raw and smoothed) with a vertical line at each removal, by site role."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,8 +42,8 @@ def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None
     seen = set()
     for r in log:
         if r.get("event") == "remove":
-            kind = _kind(r["site"])
-            ax.axvline(r["step"], color=KIND_COLOURS.get(kind, "black"), lw=0.7, alpha=0.6,
+            kind = role_of(r["site"])
+            ax.axvline(r["step"], color=ROLE_COLOURS.get(kind, "black"), lw=0.7, alpha=0.6,
                        label=f"freeze {kind}" if kind not in seen else None)
             seen.add(kind)
     ax.set_xlabel("step")

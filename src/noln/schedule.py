@@ -2,6 +2,10 @@
 
 A schedule sees the step and the recent training losses and answers which sites to freeze now.
 Its whole state is a small dict, saved in every checkpoint so a resumed run continues it.
+
+Sites and gap keys are named by role (``blocks.3.attn_in_v``, ``mlp_in``; see ``noln.arch``);
+the old per-family names (``blocks.3.ln_1_v``, ``ln_2``, ``input_layernorm_qk`` ...) are read
+as their roles, so schedule files and runs from before the rename keep working.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from noln.arch import canonical_site
 from noln.config import AdaptiveConfig, FixedConfig
 from noln.errors import NolnError
 
@@ -38,7 +43,7 @@ class FixedSchedule(Schedule):
     """Explicit (step, site) events."""
 
     def __init__(self, events: list[tuple[int, str]]):
-        self.events = sorted(events)
+        self.events = sorted((t, canonical_site(s)) for t, s in events)
         self.order = [s for _, s in self.events]
 
     def due(self, step: int, losses: Sequence[float],
@@ -63,7 +68,7 @@ class AdaptiveSchedule(Schedule):
     loss rose from 5.3 to 12.7)."""
 
     def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
-        self.order, self.cfg, self.start = list(order), cfg, start
+        self.order, self.cfg, self.start = [canonical_site(s) for s in order], cfg, start
         self.deadline = max(start + 1, int(cfg.finish_by * total_steps))
         self.next_idx = 0
         self.last_step = -1
@@ -113,23 +118,27 @@ class AdaptiveSchedule(Schedule):
                 "stall": self.stall}
 
     def load_state_dict(self, state: dict) -> None:
+        # no site names in the state: a run from before the role names resumes as it was
         self.next_idx, self.last_step = state["next_idx"], state["last_step"]
         self.reference, self.stall = state["reference"], state.get("stall")
 
 
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
                  total_steps: int) -> list[tuple[int, str]]:
-    """Anchors' fixed gaps (per site kind) or, without gaps, even spacing to ``finish_by``."""
+    """Anchors' fixed gaps (per site role; an old per-family kind such as ``ln_2`` counts as
+    its role, the role's own key first) or, without gaps, even spacing to ``finish_by``."""
     start = cfg.start if cfg.start is not None else max(1, round(0.07 * total_steps))
     if cfg.gaps is None:
         span = max(0, int(cfg.finish_by * total_steps) - start)
         gap = max(1, span // max(1, len(order) - 1))
         return [(start + i * gap, s) for i, s in enumerate(order)]
+    gaps = {canonical_site(k): v for k, v in cfg.gaps.items() if canonical_site(k) != k}
+    gaps.update({k: v for k, v in cfg.gaps.items() if canonical_site(k) == k})
     events, step = [], start
     for i, site in enumerate(order):
         events.append((step, site))
         if i + 1 < len(order):
-            step += cfg.gaps.get(kind_of[site], 1)
+            step += gaps.get(kind_of[site], 1)
     return events
 
 
@@ -148,7 +157,9 @@ def read_schedule_file(path: Path) -> dict:
 
 def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
                    fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False) -> Schedule:
-    """Validate and build the schedule; every error is raised here, before training starts."""
+    """Validate and build the schedule; every error is raised here, before training starts.
+    ``site_names``: the model's sites in default order; ``kind_of``: each one's role. Names read
+    from a schedule file may be old per-family ones (``canonical_site``)."""
     if keep_ln:
         return FixedSchedule([])
     order = list(site_names)
@@ -158,13 +169,14 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
         spec = file_spec.get("type", "events" if "events" in file_spec else "fixed")
         if "order" in file_spec:
             order = [str(s) for s in file_spec["order"]]
-    unknown = [s for s in order if s not in kind_of]
+    unknown = [s for s in order if canonical_site(s) not in kind_of]
+    order = [canonical_site(s) for s in order]
     if spec == "events":
         try:
             events = [(int(e["step"]), str(e["site"])) for e in file_spec["events"]]
         except (KeyError, TypeError, ValueError):
             raise NolnError("schedule 'events' must be a list of {step: N, site: NAME}") from None
-        unknown += [s for _, s in events if s not in kind_of]
+        unknown += [s for _, s in events if canonical_site(s) not in kind_of]
     if unknown:
         raise NolnError(f"schedule names site '{unknown[0]}', which this model does not have: "
                         f"sites are {site_names[0]} ... {site_names[-1]} "

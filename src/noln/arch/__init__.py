@@ -1,22 +1,59 @@
-"""One adapter per model family; nothing outside this package knows which family it handles."""
+"""One adapter per model family; nothing outside this package knows which family it handles.
+
+Sites are named by role (``blocks.{i}.mlp_in``, ``blocks.{i}.attn_in_qk``, ..., ``final``; see
+``noln.arch.base``); ``canonical_site`` maps the old per-family names to them. The layout
+registry (``noln.arch.layout``) says where any known model keeps its decoder layers and final
+norm, and how long its context is.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from noln.arch.base import NormAdapter, Site
-from noln.arch.gpt2 import GPT2Adapter
-from noln.arch.llama import LlamaAdapter
-from noln.arch.neox import NeoXAdapter
+from noln.arch.base import FINAL, ROLES, Layout, NormAdapter, Site, canonical_name
+from noln.arch.layout import (
+    ADAPTER_CLASSES,
+    LAYOUTS,
+    context_length,
+    decoder_layers,
+    final_norm,
+    layout,
+    transformer_lens_config_keys,
+)
 from noln.errors import NolnError
 
 ADAPTERS: dict[str, type[NormAdapter]] = {
-    t: cls for cls in (GPT2Adapter, NeoXAdapter, LlamaAdapter) for t in cls.model_types
+    t: cls for cls in ADAPTER_CLASSES for t in cls.model_types
 }
 
 
 # `noln pretrain --arch NAME`: the family names users type
 FAMILIES: dict[str, type[NormAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
+
+
+def _all_aliases() -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for cls in ADAPTER_CLASSES:
+        for old, role in cls.aliases.items():
+            if aliases.setdefault(old, role) != role:  # one old name, one role, in every family
+                raise RuntimeError(f"site alias '{old}' means two roles")
+    return aliases
+
+
+# old per-family site kind -> role (GPT-2's ln_2 -> mlp_in, Llama's norm -> final, ...)
+ALIASES: dict[str, str] = _all_aliases()
+
+
+def canonical_site(name: str) -> str:
+    """A site name (``blocks.3.ln_1_v``) or a bare kind (``ln_2``) from a user or an old run,
+    with any old per-family kind replaced by its role (``blocks.3.attn_in_v``, ``mlp_in``);
+    role names come back as they are."""
+    return canonical_name(name, ALIASES)
+
+
+def role_of(site: str) -> str:
+    """The role of a site name, old names included (``blocks.0.ln_2`` -> ``mlp_in``)."""
+    return canonical_site(site).rsplit(".", 1)[-1]
 
 
 def supported() -> str:
@@ -38,4 +75,7 @@ def install(model: nn.Module, momentum: float = 0.9, eot_id: int | None = None) 
     return check_supported(model.config)(model, momentum, eot_id)
 
 
-__all__ = ["ADAPTERS", "FAMILIES", "NormAdapter", "Site", "check_supported", "install", "supported"]
+__all__ = ["ADAPTERS", "ALIASES", "FAMILIES", "FINAL", "LAYOUTS", "ROLES", "Layout",
+           "NormAdapter", "Site", "canonical_site", "check_supported", "context_length",
+           "decoder_layers", "final_norm", "install", "layout", "role_of", "supported",
+           "transformer_lens_config_keys"]

@@ -1,8 +1,10 @@
-"""GPT-2: four removal sites per model family layout (ln_2, ln_1 Q/K path, ln_1 V path, ln_f).
+"""GPT-2: four removal sites per block layout. Roles: ``mlp_in`` is ``ln_2``, ``attn_in_qk`` /
+``attn_in_v`` are ``ln_1`` as read by Q/K and by V, ``final`` is ``ln_f`` (the old site names
+``ln_2``, ``ln_1_qk``, ``ln_1_v``, ``ln_f`` are aliases).
 
 To freeze ln_1 separately for queries/keys and values, ``block.ln_1`` becomes a
-``SplitLayerNorm`` holding two FakeLayerNorms over the same weight and bias, and
-``attn.c_attn`` becomes ``SplitInputQKV``. While both sites are live their outputs are
+``SplitLayerNorm`` (``noln.arch.base``) holding two FakeLayerNorms over the same weight and
+bias, and ``attn.c_attn`` becomes ``GPT2FusedQKV``. While both sites are live their outputs are
 identical, so ln_1 returns the d-wide tensor and c_attn runs the original single matmul.
 
 Once they differ, the two paths differ only in the per-token divisor (sigma when frozen, the
@@ -22,39 +24,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, SplitNorm, fold_scale_into_rows
+from noln.arch.base import (
+    ATTN_IN_QK,
+    ATTN_IN_V,
+    EPS_SCALE,
+    EPS_TRICK,
+    FINAL,
+    MLP_IN,
+    Layout,
+    NormAdapter,
+    Site,
+    SplitLayerNorm,
+    fold_scale_into_rows,
+)
 from noln.fakenorm import FakeLayerNorm, FakeNorm
 
 
-class SplitLayerNorm(SplitNorm):
-    """ln_1 as two removal sites; see the module docstring."""
-
-    def __init__(self, ln: nn.LayerNorm, momentum: float, fused_v: bool = False):
-        super().__init__(FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum),
-                         FakeLayerNorm(ln.weight, ln.bias, ln.eps, momentum))
-        self.fused_v = fused_v
-        self.v_ratio: torch.Tensor | None = None  # rho for the reader, set by every forward
-
-    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
-        self.v_ratio = None
-        return super().forward(resid_pre)
-
-    def split(self, resid_pre: torch.Tensor) -> torch.Tensor:
-        if not self.fused_v:
-            return super().split(resid_pre)
-        std = None
-        if not (self.qk.frozen and self.v.frozen):  # one path live: its divisor is per token
-            xf = resid_pre.float()
-            std = (xf.var(dim=-1, unbiased=False, keepdim=True) + self.v.eps).sqrt()
-            if self.training and not self.v.frozen:
-                self.v._update_sigma(std.detach())
-        u = self.qk(resid_pre)
-        self.v_ratio = ((self.qk.frozen_divisor(resid_pre) if self.qk.frozen else std)
-                        / (self.v.frozen_divisor(resid_pre) if self.v.frozen else std))
-        return u
-
-
-class SplitInputQKV(nn.Module):
+class GPT2FusedQKV(nn.Module):
     """GPT-2's fused ``c_attn`` (Conv1D, weight ``[d, 3d]``) with the V columns corrected by
     its ln_1's ``v_ratio`` (see the module docstring)."""
 
@@ -84,8 +70,9 @@ class SplitInputQKV(nn.Module):
 class GPT2Adapter(NormAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
-    block_kinds = ("ln_2", "ln_1_qk", "ln_1_v")
-    final_kind = "ln_f"
+    layout = Layout("transformer.h", "transformer.ln_f")
+    block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
+    aliases = {"ln_2": MLP_IN, "ln_1_qk": ATTN_IN_QK, "ln_1_v": ATTN_IN_V, "ln_f": FINAL}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -107,18 +94,17 @@ class GPT2Adapter(NormAdapter):
         for block in tf.h:
             if not isinstance(block.ln_1, SplitLayerNorm):
                 block.ln_1 = SplitLayerNorm(block.ln_1, self.momentum, fused_v=True)
-                block.attn.c_attn = SplitInputQKV(block.attn.c_attn, block.ln_1)
+                block.attn.c_attn = GPT2FusedQKV(block.attn.c_attn, block.ln_1)
             if not isinstance(block.ln_2, FakeNorm):
                 block.ln_2 = FakeLayerNorm.from_layernorm(block.ln_2, self.momentum)
         if not isinstance(tf.ln_f, FakeNorm):
             tf.ln_f = FakeLayerNorm.from_layernorm(tf.ln_f, self.momentum)
 
     def collect_sites(self) -> list[Site]:
-        sites = [Site("ln_f", "ln_f", None, self.model.transformer.ln_f)]
+        sites = [Site(FINAL, FINAL, None, self.model.transformer.ln_f)]
         for i, block in enumerate(self.blocks):
-            sites += [Site(f"blocks.{i}.ln_2", "ln_2", i, block.ln_2),
-                      Site(f"blocks.{i}.ln_1_qk", "ln_1_qk", i, block.ln_1.qk),
-                      Site(f"blocks.{i}.ln_1_v", "ln_1_v", i, block.ln_1.v)]
+            sites += [Site(f"blocks.{i}.{role}", role, i, norm) for role, norm in (
+                (MLP_IN, block.ln_2), (ATTN_IN_QK, block.ln_1.qk), (ATTN_IN_V, block.ln_1.v))]
         return sites
 
     # -- exports ---------------------------------------------------------------------------

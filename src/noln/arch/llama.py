@@ -1,10 +1,12 @@
 """Llama-style RMSNorm models: Llama, Mistral, Qwen2, Qwen3 (``model.layers[i]`` with
 ``input_layernorm`` -> ``self_attn`` -> ``post_attention_layernorm`` -> ``mlp``, ``model.norm``).
 
-Sites per block, in removal order: ``post_attention_layernorm`` (before the MLP),
-``input_layernorm_qk`` (the attention input read by ``q_proj``/``k_proj``),
-``input_layernorm_v`` (read by ``v_proj``) and, for Qwen3, ``q_norm`` and ``k_norm`` (RMSNorm over
-``head_dim`` of each query / key head, after the projection); then the final ``norm``.
+Sites per block, in removal order, by role: ``mlp_in`` (``post_attention_layernorm``, before
+the MLP), ``attn_in_qk`` (``input_layernorm`` as read by ``q_proj``/``k_proj``), ``attn_in_v``
+(read by ``v_proj``) and, for Qwen3, ``q_norm`` and ``k_norm`` (RMSNorm over ``head_dim`` of
+each query / key head, after the projection); then ``final`` (``model.norm``). The old site
+names ``post_attention_layernorm``, ``input_layernorm_qk``, ``input_layernorm_v`` and ``norm``
+are aliases.
 A FakeRMSNorm has no mean subtraction; its sigma is the EMA of the per-token RMS
 ``sqrt(mean(x^2) + eps)`` (per token and head for ``q_norm``/``k_norm``).
 
@@ -39,12 +41,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, SplitNorm
+from noln.arch.base import (
+    ATTN_IN_QK,
+    ATTN_IN_V,
+    EPS_SCALE,
+    EPS_TRICK,
+    FINAL,
+    K_NORM,
+    MLP_IN,
+    Q_NORM,
+    Layout,
+    NormAdapter,
+    Site,
+    SplitNorm,
+)
 from noln.fakenorm import FakeNorm, FakeRMSNorm
 
-BLOCK_KINDS = ("post_attention_layernorm", "input_layernorm_qk", "input_layernorm_v")
-QK_NORM_KINDS = ("q_norm", "k_norm")
-FINAL_KIND = "norm"
+BLOCK_KINDS = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
+QK_NORM_KINDS = (Q_NORM, K_NORM)  # roles named as the attention's own modules
 
 
 class SplitRMSNorm(SplitNorm):
@@ -82,8 +96,10 @@ def _w(t: torch.Tensor) -> torch.Tensor:
 class LlamaAdapter(NormAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    layout = Layout("model.layers", "model.norm")
     block_kinds = BLOCK_KINDS  # + q_norm, k_norm where the attention has them (Qwen3)
-    final_kind = FINAL_KIND
+    aliases = {"post_attention_layernorm": MLP_IN, "input_layernorm_qk": ATTN_IN_QK,
+               "input_layernorm_v": ATTN_IN_V, "norm": FINAL}
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -129,15 +145,12 @@ class LlamaAdapter(NormAdapter):
         self.block_kinds = BLOCK_KINDS + (QK_NORM_KINDS if self.has_qk_norm else ())
 
     def collect_sites(self) -> list[Site]:
-        sites = [Site(FINAL_KIND, FINAL_KIND, None, self.model.model.norm)]
+        sites = [Site(FINAL, FINAL, None, self.model.model.norm)]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            sites += [Site(f"blocks.{i}.post_attention_layernorm", "post_attention_layernorm", i,
-                           layer.post_attention_layernorm),
-                      Site(f"blocks.{i}.input_layernorm_qk", "input_layernorm_qk", i,
-                           layer.input_layernorm.qk),
-                      Site(f"blocks.{i}.input_layernorm_v", "input_layernorm_v", i,
-                           layer.input_layernorm.v)]
+            sites += [Site(f"blocks.{i}.{role}", role, i, norm) for role, norm in (
+                (MLP_IN, layer.post_attention_layernorm), (ATTN_IN_QK, layer.input_layernorm.qk),
+                (ATTN_IN_V, layer.input_layernorm.v))]
             if self.has_qk_norm:
                 sites += [Site(f"blocks.{i}.{k}", k, i, getattr(attn, k)) for k in QK_NORM_KINDS]
         return sites

@@ -1,4 +1,7 @@
-"""GPT-NeoX / Pythia: four removal sites (ln_post, ln_in Q/K path, ln_in V path, ln_f).
+"""GPT-NeoX / Pythia: four removal sites per block layout. Roles: ``mlp_in`` is
+``post_attention_layernorm``, ``attn_in_qk`` / ``attn_in_v`` are ``input_layernorm`` as read by
+Q/K and by V, ``final`` is ``final_layer_norm`` (old site names ``ln_post``, ``ln_in_qk``,
+``ln_in_v``, ``ln_f`` are aliases).
 
 A GPT-NeoX layer reads its residual through two LayerNorms: ``input_layernorm`` feeds attention,
 ``post_attention_layernorm`` feeds the MLP. With ``use_parallel_residual`` (Pythia's default)
@@ -6,7 +9,7 @@ both read the same residual; without it the MLP's norm reads the residual after 
 Either way each norm feeds exactly one layer, so the folding is the same.
 
 As for GPT-2, ``input_layernorm`` becomes a ``SplitLayerNorm`` (Q/K and V sites over the same
-weight) and ``attention.query_key_value`` a ``SplitInputQKV``. The fused projection's output is
+weight) and ``attention.query_key_value`` a ``NeoXSplitQKV``. The fused projection's output is
 per head ``[q, k, v]`` (transformers views it as ``[..., heads, 3 * head_size]``), so the Q/K
 rows are the first two thirds of every head's block, not of the whole output.
 
@@ -21,8 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noln.arch.base import EPS_SCALE, EPS_TRICK, NormAdapter, Site, fold_scale_into_rows
-from noln.arch.gpt2 import SplitLayerNorm
+from noln.arch.base import (
+    ATTN_IN_QK,
+    ATTN_IN_V,
+    EPS_SCALE,
+    EPS_TRICK,
+    FINAL,
+    MLP_IN,
+    Layout,
+    NormAdapter,
+    Site,
+    SplitLayerNorm,
+    fold_scale_into_rows,
+)
 from noln.fakenorm import FakeLayerNorm, FakeNorm
 
 
@@ -35,7 +49,7 @@ def qk_v_rows(n_heads: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]
     return qk, v
 
 
-class SplitInputQKV(nn.Module):
+class NeoXSplitQKV(nn.Module):
     """GPT-NeoX's fused ``query_key_value`` (Linear ``[3d, d]``) taking Q/K and V inputs apart:
     a ``2d``-wide input is ``[Q/K input, V input]``; a ``d``-wide one is the plain Linear."""
 
@@ -67,8 +81,9 @@ class SplitInputQKV(nn.Module):
 class NeoXAdapter(NormAdapter):
     family = "neox"
     model_types = ("gpt_neox",)
-    block_kinds = ("ln_post", "ln_in_qk", "ln_in_v")
-    final_kind = "ln_f"
+    layout = Layout("gpt_neox.layers", "gpt_neox.final_layer_norm")
+    block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
+    aliases = {"ln_post": MLP_IN, "ln_in_qk": ATTN_IN_QK, "ln_in_v": ATTN_IN_V, "ln_f": FINAL}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -94,7 +109,7 @@ class NeoXAdapter(NormAdapter):
         for layer in self.blocks:
             if not isinstance(layer.input_layernorm, SplitLayerNorm):
                 layer.input_layernorm = SplitLayerNorm(layer.input_layernorm, self.momentum)
-                layer.attention.query_key_value = SplitInputQKV(
+                layer.attention.query_key_value = NeoXSplitQKV(
                     layer.attention.query_key_value, n_heads)
             if not isinstance(layer.post_attention_layernorm, FakeNorm):
                 layer.post_attention_layernorm = FakeLayerNorm.from_layernorm(
@@ -105,11 +120,11 @@ class NeoXAdapter(NormAdapter):
                                                                  self.momentum)
 
     def collect_sites(self) -> list[Site]:
-        sites = [Site("ln_f", "ln_f", None, self.model.gpt_neox.final_layer_norm)]
+        sites = [Site(FINAL, FINAL, None, self.model.gpt_neox.final_layer_norm)]
         for i, layer in enumerate(self.blocks):
-            sites += [Site(f"blocks.{i}.ln_post", "ln_post", i, layer.post_attention_layernorm),
-                      Site(f"blocks.{i}.ln_in_qk", "ln_in_qk", i, layer.input_layernorm.qk),
-                      Site(f"blocks.{i}.ln_in_v", "ln_in_v", i, layer.input_layernorm.v)]
+            sites += [Site(f"blocks.{i}.{role}", role, i, norm) for role, norm in (
+                (MLP_IN, layer.post_attention_layernorm), (ATTN_IN_QK, layer.input_layernorm.qk),
+                (ATTN_IN_V, layer.input_layernorm.v))]
         return sites
 
     # -- exports ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from noln.arch import final_norm
 from noln.errors import NolnError
 from noln.evaluate.hellaswag import accepts
 from noln.evaluate.loss import CEResult, logits_budget, model_device, summarize
@@ -112,22 +113,13 @@ class BlockReport:
 # ----------------------------------------------------------------------------- forward
 
 
-def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm before the unembedding (GPT-2 ``transformer.ln_f``), whose input is the last
-    residual; HF's last hidden state is its *output*, which hides the residual's scale."""
-    base = getattr(model, "base_model", model)
-    for name in ("ln_f", "norm", "final_layer_norm"):
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
-
 def _forward(model: torch.nn.Module, ids: torch.Tensor,
              hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Logits ``[B, T, V]`` and, if asked, the residual stream per layer."""
     captured: list[torch.Tensor] = []
-    norm = _final_norm(model) if hidden else None
+    # the final norm's input is the last residual; HF's last hidden state is its *output*,
+    # which hides the residual's scale
+    norm = final_norm(model) if hidden else None
     handle = None
     if norm is not None:
         handle = norm.register_forward_pre_hook(lambda _, args: captured.append(args[0]))

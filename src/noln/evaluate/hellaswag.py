@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from noln.arch import context_length
 from noln.data import encode_batch, is_local, read_jsonl
 from noln.errors import NolnError
 from noln.evaluate.loss import accepts, logits_budget, model_device
@@ -150,14 +151,8 @@ def encode_items(items: list[Item], tokenizer) -> list[Encoded]:
 
 
 def model_context(model: torch.nn.Module) -> int:
-    """The longest input the model takes (GPT-2: ``n_positions``)."""
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise NolnError(f"cannot tell the context length of {type(model).__name__}: its config has no "
-                    "n_positions or max_position_embeddings")
+    """The longest input the model takes (the arch layout registry's rule)."""
+    return context_length(model)
 
 
 def _row(ctx: list[int], ending: list[int], n_ctx: int) -> tuple[list[int], int]:

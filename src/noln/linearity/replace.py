@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noln.arch import decoder_layers
 from noln.errors import NolnError
 from noln.evaluate.loss import model_device
 from noln.linearity.score import (
@@ -43,32 +44,6 @@ from noln.linearity.score import (
 FORMAT = "noln-linearized"
 META_FILE = "linearized.json"
 MAPS_FILE = "maps.safetensors"
-
-# model_type -> (path of the decoder-layer ModuleList, whether a layer returns a tuple whose first
-# element is the hidden state). Checked against transformers 5.23's modeling files.
-LAYER_LISTS: dict[str, tuple[str, bool]] = {
-    "gpt2": ("transformer.h", False),
-    "gpt_bigcode": ("transformer.h", False),
-    "gpt_neox": ("gpt_neox.layers", False),
-    "opt": ("model.decoder.layers", False),
-    **{t: ("model.layers", False) for t in (
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo", "olmo2",
-        "stablelm", "starcoder2")},
-    **{t: ("transformer.h", True) for t in ("gpt_neo", "gptj", "bloom", "falcon", "codegen")},
-}
-
-
-def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, bool]:
-    """``(the decoder layers of model, whether each returns a tuple)``: the one family-specific
-    lookup of this module."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYER_LISTS:
-        raise NolnError(f"cannot find the decoder layers of model type '{model_type}': linear "
-                        f"replacement knows {', '.join(sorted(LAYER_LISTS))}; add the family to "
-                        "LAYER_LISTS in noln/linearity/replace.py")
-    path, returns_tuple = LAYER_LISTS[model_type]
-    return model.get_submodule(path), returns_tuple
-
 
 # ----------------------------------------------------------------------------- modules
 
