@@ -11,7 +11,8 @@ each error becomes one ``NolnError`` naming the flag (or config key) and a valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -129,62 +130,101 @@ def check_schedule_file(path: str | Path) -> ScheduleFile:
             from None
 
 
-class RemoveConfig(BaseModel):
+def describe_field(text: str, **extra: Any) -> dict:
+    """``Field`` keywords for a setting's one description (``--help`` and the README read it;
+    ``flag`` names a command-line flag other than ``--field-name``)."""
+    return {"description": text, **({"json_schema_extra": extra} if extra else {})}
+
+
+class TrainConfig(BaseModel):
+    """What every training run has (``noln remove`` and ``noln pretrain``): output, budget and
+    batch, optimiser (nanoGPT / paper 1), precision and memory, checkpoints and the guard.
+
+    Each field is declared once, with its type, range and description: the command line's
+    options and ``key=value`` overrides are generated from it (``noln.cli``)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
-    data: str = Field("openwebtext", min_length=1)
-    eval_data: str | None = None  # held-out text; None: a slice held back from --data
-    eval_tokens: int = Field(65_536, ge=1)
-    # held-out sequences measuring each removal's cost (and recovery)
-    probe_blocks: int = Field(8, ge=1)
-    out: Path = Path("runs/noln")
-    # budget and batch
-    tokens: int | None = Field(None, ge=1)  # training tokens; overrides steps
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)  # sequences per optimiser step (all processes together)
-    # per forward pass; the rest is gradient accumulation
-    micro_batch_size: int | None = Field(None, ge=1)
-    ctx: int | None = Field(None, ge=2)  # None: the model's context, at most 1024
-    # optimiser (nanoGPT / paper 1)
-    lr: float = Field(6e-4, gt=0)
-    min_lr: float = Field(6e-5, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, gt=0)
+    out: Path = Field(Path("runs/noln"), **describe_field("run folder"))
+    tokens: int | None = Field(None, ge=1, **describe_field("training tokens (sets the steps)"))
+    steps: int = Field(300, ge=1, **describe_field("optimiser steps (unless --tokens)"))
+    batch_size: int = Field(32, ge=1, **describe_field(
+        "sequences per optimiser step (all processes together)"))
+    micro_batch_size: int | None = Field(None, ge=1, **describe_field(
+        "sequences per forward pass; the rest is gradient accumulation"))
+    ctx: int | None = Field(None, ge=2, **describe_field(
+        "tokens per sequence (default: the model's context, at most 1024)"))
+    lr: float = Field(6e-4, gt=0, **describe_field("peak learning rate"))
+    min_lr: float = Field(6e-5, ge=0, **describe_field("learning rate at the end of the cosine"))
+    warmup_steps: int = Field(10, ge=0, **describe_field("linear warmup steps"))
+    weight_decay: float = Field(0.1, ge=0, **describe_field("AdamW weight decay (2-D weights)"))
+    betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), **describe_field("AdamW betas"))
+    grad_clip: float = Field(1.0, gt=0, **describe_field("gradient norm clip"))
+    cos_reg: float = Field(0.0, ge=0, **describe_field(
+        "weight of the linearity paper's cosine regulariser between layers"))
+    seed: int = Field(0, ge=0, **describe_field("seed of the data order and initialisation"))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", **describe_field(
+        "auto (bf16 where the device has it natively) | fp32 | bf16"))
+    compile: bool = Field(False, **describe_field("torch.compile each transformer block"))
+    grad_checkpointing: bool = Field(False, **describe_field(
+        "recompute activations in the backward pass (less memory, ~30% slower)"))
+    fsdp: bool = Field(False, **describe_field(
+        "under a launcher: shard weights, gradients and AdamW state over the processes (FSDP2) "
+        "instead of replicating them (DDP)"))
+    checkpoint_every: int = Field(50, ge=1, **describe_field("steps between checkpoints"))
+    guard_factor: float = Field(3.0, gt=1, **describe_field(
+        "a loss above this many times its recent mean counts as exploding"))
+    max_retries: int = Field(3, ge=0, **describe_field(
+        "restarts from the last checkpoint (at half the lr) before the run stops"))
+    progress: bool = Field(True, **describe_field("progress bar", flag="--quiet"))
+
+    def resolved_steps(self, ctx: int) -> int:
+        if self.tokens is not None:
+            return max(1, -(-self.tokens // (self.batch_size * ctx)))
+        return self.steps
+
+
+class RemoveConfig(TrainConfig):
+    """A removal run (``noln remove``): the training settings, plus the model, its data, the
+    schedule, the objective and the export."""
+
+    model: str = Field(min_length=1, **describe_field(
+        "Hub id (gpt2, gpt2-medium ...), local Hugging Face folder or .gguf file"))
+    data: str = Field("openwebtext", min_length=1, **describe_field(
+        "HF dataset name, local .jsonl/.txt/folder, or 'builtin'"))
+    eval_data: str | None = Field(None, **describe_field(
+        "held-out text (default: a slice of --data)"))
+    eval_tokens: int = Field(65_536, ge=1, **describe_field("held-out tokens for the CE table"))
+    probe_blocks: int = Field(8, ge=1, **describe_field(
+        "held-out sequences measuring each removal's cost (and recovery)"))
     # removal
-    keep_ln: bool = False  # the control: same run, no norm ever frozen
-    schedule: str = Field("adaptive", min_length=1)  # fixed | adaptive | path/to/schedule.yaml
-    fixed: FixedConfig = Field(default_factory=FixedConfig)
-    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
-    # a removed site's divisor moves from each token's own std to the frozen sigma over this
-    # many steps (noln.fakenorm: taper); 0: at once, as the papers freeze
-    taper: int = Field(0, ge=0)
-    momentum: Fraction = 0.9  # EMA of the per-token std
-    exclude_special: bool = True  # position 0 and EOT tokens do not count in sigma's estimate
-    # position 0 and EOT tokens get a frozen sigma of their own at every site, faded into the
-    # shared sigma from special_fade[0] to special_fade[1] of the run once every site is
-    # frozen (noln.fakenorm: the massive activations of real LLMs)
-    special_scale: bool = False
+    keep_ln: bool = Field(False, **describe_field("the control: fine-tune, remove nothing"))
+    schedule: str = Field("adaptive", min_length=1, **describe_field(
+        "fixed | adaptive | FILE.yaml"))
+    fixed: FixedConfig = Field(default_factory=FixedConfig, **describe_field(
+        "the fixed schedule's settings (fixed.start, fixed.gaps.ROLE, fixed.finish_by)"))
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig, **describe_field(
+        "the adaptive schedule's settings (adaptive.tolerance, .min_gap, .max_gap, ...)"))
+    taper: int = Field(0, ge=0, **describe_field(
+        "steps over which each removed site's division moves from every token's own std to "
+        "its fixed scale (0: at once, as the papers)"))
+    momentum: Fraction = Field(0.9, **describe_field("EMA momentum of the per-token std"))
+    exclude_special: bool = Field(True, **describe_field(
+        "position 0 and end-of-text tokens do not count in sigma's estimate"))
+    special_scale: bool = Field(False, **describe_field(
+        "position 0 and end-of-text tokens keep a frozen scale of their own, faded into the "
+        "shared one at the end of the run (real LLMs' massive activations)"))
     special_fade: tuple[Annotated[float, Field(ge=0, le=1)],
-                        Annotated[float, Field(ge=0, le=1)]] = (0.6, 0.9)
-    aux_weight: float = Field(0.1, ge=0)  # paper 2's std-equalising loss on the residual at ln_f
-    cos_reg: float = Field(0.0, ge=0)  # linearity paper's cosine regulariser between layers
-    # loss = (1 - distill) CE + distill KL(original || model); 0: pure CE
-    distill: float = Field(0.0, ge=0, le=1)
-    # runtime
-    seed: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    fsdp: bool = False  # shard weights, grads, AdamW state over the processes (FSDP2)
-    checkpoint_every: int = Field(50, ge=1)
-    # a loss above this many times its recent mean counts as exploding
-    guard_factor: float = Field(3.0, gt=1)
-    max_retries: int = Field(3, ge=0)
-    export_format: Literal["hf", "clean", "both", "none"] = "hf"
-    progress: bool = True
+                        Annotated[float, Field(ge=0, le=1)]] = Field((0.6, 0.9), **describe_field(
+                            "fractions of the run between which special tokens' scales fade "
+                            "into the shared one (once every site is frozen)"))
+    aux_weight: float = Field(0.1, ge=0, **describe_field(
+        "weight of paper 2's loss pulling every token's residual std at the final norm to the "
+        "typical token's"))
+    distill: float = Field(0.0, ge=0, le=1, **describe_field(
+        "weight of KL to the original model (the rest is CE)"))
+    export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
+        "export: hf | clean | both | none", flag="--format"))
 
     @model_validator(mode="after")
     def _combinations(self) -> RemoveConfig:
@@ -200,11 +240,6 @@ class RemoveConfig(BaseModel):
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")
         return self
-
-    def resolved_steps(self, ctx: int) -> int:
-        if self.tokens is not None:
-            return max(1, -(-self.tokens // (self.batch_size * ctx)))
-        return self.steps
 
     def to_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
@@ -230,46 +265,107 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Anchors: paper 2 (Baroni et al.) for small..XL; batch 512 x 1024 tokens, 300 steps.
-PRESETS: dict[str, dict] = {
+# Anchors: paper 2 (Baroni et al.) for small..XL; batch 512 x 1024 tokens, 300 steps. Gaps are
+# per site role (noln.arch): ln_2 -> mlp_in, ln_1 Q/K -> attn_in_qk, ln_1 V -> attn_in_v.
+_PAPER2_GAPS = {"mlp_in": 2, "attn_in_qk": 2, "attn_in_v": 3}
+_GPT2 = {
     "gpt2": dict(batch_size=512, micro_batch_size=16, ctx=1024, steps=300, lr=6e-4, min_lr=3e-4,
-                 warmup_steps=25, aux_weight=0.1,
-                 fixed=dict(start=20, gaps={"ln_2": 2, "ln_1_qk": 2, "ln_1_v": 3})),
+                 warmup_steps=25, aux_weight=0.1, fixed=dict(start=20, gaps=_PAPER2_GAPS)),
     "gpt2-medium": dict(batch_size=512, micro_batch_size=8, ctx=1024, steps=300, lr=3e-4,
                         min_lr=1e-4, warmup_steps=25, aux_weight=0.05,
-                        fixed=dict(start=20, gaps={"ln_2": 2, "ln_1_qk": 2, "ln_1_v": 3})),
+                        fixed=dict(start=20, gaps=_PAPER2_GAPS)),
     "gpt2-large": dict(batch_size=512, micro_batch_size=4, ctx=1024, steps=300, lr=2e-4,
                        min_lr=4e-5, warmup_steps=25, aux_weight=0.03,
-                       fixed=dict(start=20, gaps={"ln_2": 2, "ln_1_qk": 2, "ln_1_v": 3})),
+                       fixed=dict(start=20, gaps=_PAPER2_GAPS)),
     "gpt2-xl": dict(batch_size=512, micro_batch_size=2, ctx=1024, steps=300, lr=1e-4,
                     min_lr=2e-5, warmup_steps=25, aux_weight=0.01,
-                    fixed=dict(start=20, gaps={"ln_2": 2, "ln_1_qk": 2, "ln_1_v": 3})),
-    # small models trained briefly on CPU (the offline reference): ref README's baseline budget
-    "default": dict(batch_size=16, steps=146, lr=3e-4, min_lr=3e-5, warmup_steps=10,
-                    aux_weight=0.1),
+                    fixed=dict(start=20, gaps=_PAPER2_GAPS)),
 }
+# by exact Hub id (both of GPT-2's names); a local folder never gets one, whatever its name
+PRESETS: dict[str, dict] = {**_GPT2, **{f"openai-community/{k}": v for k, v in _GPT2.items()}}
+# everything else: small models trained briefly on CPU (the offline reference's baseline budget)
+DEFAULT_PRESET = dict(batch_size=16, steps=146, lr=3e-4, min_lr=3e-5, warmup_steps=10,
+                      aux_weight=0.1)
 
 
 def preset_for(model: str) -> dict:
-    name = Path(model).name if Path(model).exists() else model.split("/")[-1]
-    return PRESETS.get(name, PRESETS["default"])
+    """The anchors' settings for a Hub id they were published for, else ``DEFAULT_PRESET``.
+    Never by a folder's name: ``runs/gpt2`` is not GPT-2 small."""
+    if Path(str(model)).expanduser().exists():
+        return DEFAULT_PRESET
+    return PRESETS.get(str(model), DEFAULT_PRESET)
 
 
-# RemoveConfig fields set by a `noln remove` flag of another name than --field-name
-FLAG_NAMES = {"export_format": "--format", "progress": "--quiet"}
-# fields with no flag of their own: reachable through --config FILE.yaml only
-CONFIG_ONLY = {"eval_tokens", "probe_blocks", "min_lr", "warmup_steps", "weight_decay", "betas",
-               "grad_clip", "fixed", "adaptive", "momentum", "exclude_special", "guard_factor",
-               "max_retries"}
+class PretrainConfig(TrainConfig):
+    """A small model with its norms, trained from scratch (``noln pretrain``); the training
+    defaults suit a model of a few million parameters on a CPU."""
+
+    data: str = Field(min_length=1, **describe_field(
+        "local .jsonl/.txt/folder, HF dataset, or 'builtin'"))
+    arch: str = Field("gpt2", min_length=1, **describe_field("model family: gpt2 | neox | llama"))
+    n_layer: int = Field(4, ge=1, **describe_field("transformer blocks", flag="--layers"))
+    d_model: int = Field(128, ge=1, **describe_field("residual stream width"))
+    n_head: int = Field(4, ge=1, **describe_field("attention heads", flag="--heads"))
+    vocab_size: int = Field(4096, ge=260, **describe_field("BPE vocabulary to train"))
+    steps: int = Field(600, ge=1, **describe_field("optimiser steps (unless --tokens)"))
+    batch_size: int = Field(32, ge=1, **describe_field("sequences per optimiser step"))
+    ctx: int = Field(128, ge=2, **describe_field("tokens per sequence (the model's context)"))
+    lr: float = Field(1e-3, gt=0, **describe_field("peak learning rate"))
+    min_lr: float | None = Field(None, ge=0, **describe_field(
+        "learning rate at the end of the cosine (default: lr / 10)"))
+    warmup_steps: int = Field(50, ge=0, **describe_field("linear warmup steps"))
+    checkpoint_every: int | None = Field(None, ge=1, **describe_field(
+        "steps between checkpoints (default: a quarter of the run, at least 50)"))
+
+    @model_validator(mode="after")
+    def _derived(self) -> PretrainConfig:
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if self.checkpoint_every is None:
+            self.checkpoint_every = max(50, self.steps // 4)
+        if self.d_model % self.n_head:
+            raise ValueError(f"--d-model {self.d_model} is not divisible by --heads "
+                             f"{self.n_head}")
+        return self
 
 
-def flag_name(loc: tuple) -> str:
-    """How a user sets the field at ``loc``: ``--batch-size`` or ``config key 'min_lr'``."""
+# the plain types a setting needs for a flag of its own; the others (nested settings, pairs)
+# are given as key=value (fixed.gaps.mlp_in=4, betas=[0.9,0.99]) on the command line or in a
+# --config file
+FLAG_TYPES = (bool, int, float, str, Path)
+
+
+def option_type(annotation: Any) -> type | None:
+    """The type of a setting's flag: ``int | None`` -> int, a Literal of strings -> str, None
+    where the setting has no flag (a nested setting or a pair)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str
+    if origin in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return option_type(args[0]) if len(args) == 1 else None
+    return annotation if annotation in FLAG_TYPES else None
+
+
+def flag_of(name: str, cls: type[BaseModel] = RemoveConfig) -> str | None:
+    """The command-line flag of setting ``name`` (``--batch-size``, ``--format``), or None
+    where it is given as ``name=value``."""
+    field = cls.model_fields.get(name)
+    if field is None:
+        return None
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "flag" in extra:
+        return str(extra["flag"])
+    return "--" + name.replace("_", "-") if option_type(field.annotation) else None
+
+
+def flag_name(loc: tuple, cls: type[BaseModel] = RemoveConfig) -> str:
+    """How a user sets the setting at ``loc``: its flag (``--batch-size``) or, for nested
+    settings and pairs, ``setting 'fixed.start'`` (key=value or a --config file)."""
     if not loc:
         return "config"
-    if loc[0] in CONFIG_ONLY or len(loc) > 1:
-        return f"config key '{_dotted(loc)}'"
-    return FLAG_NAMES.get(str(loc[0]), "--" + str(loc[0]).replace("_", "-"))
+    flag = flag_of(str(loc[0]), cls) if len(loc) == 1 else None
+    return flag or f"setting '{_dotted(loc)}'"
 
 
 def _dotted(loc: tuple) -> str:
@@ -344,8 +440,80 @@ def check_numbers(*specs: tuple[str, int | None, int, int]) -> None:
                             f"{example}")
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``; nested settings (``fixed``, ``adaptive``) merge key by key,
+    so ``fixed.gaps.mlp_in=4`` changes one gap of a preset's schedule, not the whole of it."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _value(raw: str) -> Any:
+    """A command-line value: a number, true/false, null, a YAML list/mapping, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_settings(items: list[str], cls: type[BaseModel] = RemoveConfig) -> dict[str, Any]:
+    """torchtune-style ``key=value`` overrides, nested by dots: ``["fixed.gaps.mlp_in=4",
+    "lr=1e-4"]`` -> ``{"fixed": {"gaps": {"mlp_in": 4}}, "lr": 0.0001}``. Values are read as
+    numbers, true/false, or YAML (``special_fade=[0.5,0.9]``); the keys are checked against the
+    schema now, the values when the config is built."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise NolnError(f"'{item}' is not a setting: give KEY=VALUE, e.g. lr=1e-4 or "
+                            "fixed.gaps.mlp_in=4")
+        if path[0] not in cls.model_fields:
+            raise NolnError(f"unknown setting '{path[0]}' in '{item}': settings are "
+                            f"{', '.join(cls.model_fields)}")
+        node = settings
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NolnError(f"'{item}' sets inside '{part}', which is given a value too")
+        if path[-1] in node:
+            raise NolnError(f"setting '{key}' is given twice: give it once")
+        node[path[-1]] = _value(raw)
+    return settings
+
+
+def make_pretrain_config(**kwargs) -> PretrainConfig:
+    """A ``noln pretrain`` config from ``kwargs`` (None values are ignored), every value checked
+    before anything is built."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return PretrainConfig(**kwargs)
+    except ValidationError as e:
+        def name(loc: tuple) -> str:
+            return flag_name(loc, PretrainConfig)
+
+        def example(loc: tuple) -> Any:
+            field = PretrainConfig.model_fields.get(str(loc[0])) if loc else None
+            value = None if field is None else field.get_default(call_default_factory=True)
+            return value if isinstance(value, int | float | str) and \
+                not isinstance(value, bool) else None
+
+        raise NolnError(describe(e, name, example)) from None
+
+
 def make_config(**kwargs) -> RemoveConfig:
-    """A config from the model's preset, overridden by ``kwargs`` (None values are ignored).
+    """A config from the model's preset, overridden by ``kwargs`` (None values are ignored;
+    nested settings merge key by key). The one merge order: preset < ``--config`` file <
+    command line (``noln.cli`` merges the last two before calling this).
 
     Every value is checked here, before anything is loaded. A learning rate given without
     ``min_lr`` below the preset's ``min_lr`` scales the preset's ``min_lr`` with it (the cosine
@@ -354,7 +522,7 @@ def make_config(**kwargs) -> RemoveConfig:
     if "model" not in kwargs:
         raise NolnError("no model given: pass a Hub id such as 'gpt2' or a local folder")
     preset = preset_for(str(kwargs["model"]))
-    merged = {**preset, **kwargs}
+    merged = deep_merge(preset, kwargs)
     lr, min_lr = merged.get("lr"), merged.get("min_lr")
     if "min_lr" not in kwargs and isinstance(lr, float | int) and isinstance(min_lr, float) \
             and 0 < lr < min_lr:

@@ -27,7 +27,7 @@ from torch import nn
 
 from noln.arch import NormAdapter
 from noln.checkpoint import load_checkpoint, save_atomic
-from noln.config import RemoveConfig
+from noln.config import RemoveConfig, TrainConfig
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.precision import resolve_precision
@@ -43,7 +43,7 @@ from noln.sharding import (
 )
 
 
-def lr_at(step: int, cfg: RemoveConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warmup, then cosine from ``lr`` to ``min_lr`` over the rest of the run."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -96,12 +96,15 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: RemoveConfig, model: nn.Module, train_blocks: np.ndarray,
+    def __init__(self, cfg: TrainConfig, model: nn.Module, train_blocks: np.ndarray,
                  probe_blocks: np.ndarray, out: Path, adapter: NormAdapter,
                  schedule: Schedule | None = None, eot_id: int | None = None,
                  accelerator: Accelerator | None = None, extra_state: dict | None = None,
                  teacher: nn.Module | None = None):
         self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
+        # the removal's settings (schedule, objective): None while norms only train (pretraining,
+        # a --keep-ln control)
+        self.removal = cfg if isinstance(cfg, RemoveConfig) and not cfg.keep_ln else None
         self.schedule = schedule or FixedSchedule([])
         self.extra_state = extra_state or {}  # saved with checkpoints (e.g. CE before training)
         self.ctx = train_blocks.shape[1]
@@ -141,7 +144,8 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.teacher = None
-        if teacher is not None and cfg.distill > 0:  # the original model, frozen
+        self.distill = cfg.distill if isinstance(cfg, RemoveConfig) else 0.0
+        if teacher is not None and self.distill > 0:  # the original model, frozen
             self.teacher = teacher.to(self.acc.device).eval().requires_grad_(False)
             if self.sharded:
                 shard(self.teacher, self.acc.device, mesh)
@@ -179,9 +183,11 @@ class Trainer:
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = ~special_token_mask(x, self.eot_id)  # ordinary tokens: their residual std is
         # the one to estimate; position 0's and end-of-text's are outliers
-        aux_on = self.cfg.aux_weight > 0 and not self.cfg.keep_ln
+        aux_weight = self.removal.aux_weight if self.removal is not None else 0.0
+        aux_on = aux_weight > 0
+        exclude = self.cfg.exclude_special if isinstance(self.cfg, RemoveConfig) else True
         final = self.adapter.final_norm
-        with self.adapter.measuring(std_mask=keep if self.cfg.exclude_special else None,
+        with self.adapter.measuring(std_mask=keep if exclude else None,
                                     capture_std=[final] if aux_on else []):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
@@ -196,11 +202,11 @@ class Trainer:
                 ref = self.teacher(input_ids=x, use_cache=False).logits[:, :-1].float()
                 ref = F.log_softmax(ref, dim=-1)
             kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
-            loss = (1 - self.cfg.distill) * ce + self.cfg.distill * kl
+            loss = (1 - self.distill) * ce + self.distill * kl
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s_star = batch_mean(input_std.detach(), keep.to(input_std.dtype))  # global micro
-            loss = loss + self.cfg.aux_weight * (input_std - s_star).pow(2).mean()
+            loss = loss + aux_weight * (input_std - s_star).pow(2).mean()
         if self.cfg.cos_reg > 0:
             from noln.linearity.regularizer import cosine_regularizer
 
@@ -234,7 +240,7 @@ class Trainer:
         for site in self.schedule.due(step, self.state.losses, probe):
             before = probe()
             sigma = self.adapter.freeze(site)
-            if self.cfg.taper:
+            if self.removal is not None and self.removal.taper:
                 self.adapter.site(site).norm.freeze(taper=True)
             current[:] = [self.probe_loss()]
             self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
@@ -247,7 +253,7 @@ class Trainer:
         for name, site in self.adapter.sites.items():
             norm = site.norm
             if norm.tapering:
-                norm.set_taper(min(1.0, norm.taper + 1.0 / self.cfg.taper))
+                norm.set_taper(min(1.0, norm.taper + 1.0 / self.removal.taper))
                 if not norm.tapering:
                     self.log({"event": "tapered", "step": step, "site": name})
 
@@ -257,9 +263,9 @@ class Trainer:
         ``special_fade[1]``, and never before every site is frozen. The fade lives in the
         FakeNorms' buffers, so checkpoints carry it."""
         norms = [n for n in self.adapter.norms() if n.special]
-        if not norms or self.cfg.keep_ln or not norms[0].special_pending:
+        if not norms or self.removal is None or not norms[0].special_pending:
             return
-        start, end = (round(f * self.total_steps) for f in self.cfg.special_fade)
+        start, end = (round(f * self.total_steps) for f in self.removal.special_fade)
         if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites) or \
                 any(n.tapering for n in self.adapter.norms()):
             return

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -18,7 +18,16 @@ from noln.arch import install
 from noln.cli.attribute import attribute_cmd
 from noln.cli.evaluate import compare_cmd, eval_cmd
 from noln.cli.linearity import linearity_cmd, linearize_cmd
-from noln.config import make_config, read_config_file
+from noln.cli.schema import settings_given, with_settings
+from noln.config import (
+    PretrainConfig,
+    RemoveConfig,
+    deep_merge,
+    flag_of,
+    make_config,
+    parse_settings,
+    read_config_file,
+)
 from noln.demo import run_demo
 from noln.errors import NolnError
 from noln.evaluate.inputs import parse_sources
@@ -45,75 +54,49 @@ def _options(
     set_trust_remote_code(trust_remote_code)
 
 
-@app.command()
 def remove(
-    model: Annotated[str | None, typer.Argument(help="Hub id (gpt2, gpt2-medium ...) or a "
-                                                "local Hugging Face folder")] = None,
-    data: Annotated[str | None, typer.Option(help="HF dataset name, local .jsonl/.txt/folder, "
-                                             "or 'builtin'")] = None,
-    out: Annotated[Path | None, typer.Option(help="run folder")] = None,
-    tokens: Annotated[int | None, typer.Option(help="training tokens (sets the steps)")] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
-    schedule: Annotated[str | None, typer.Option(help="fixed | adaptive | FILE.yaml")] = None,
-    keep_ln: Annotated[bool, typer.Option("--keep-ln", help="the control: fine-tune, remove "
-                                          "nothing")] = False,
+    model: Annotated[str | None, typer.Argument(
+        help="Hub id (gpt2, gpt2-medium ...), local Hugging Face folder or .gguf file")] = None,
+    settings: Annotated[list[str] | None, typer.Argument(
+        metavar="[KEY=VALUE]...", show_default=False,
+        help="any setting of the run as key=value, nested ones by dots: fixed.gaps.mlp_in=4 "
+        "adaptive.tolerance=0.02 betas=[0.9,0.99] (merge order: preset < --config < command "
+        "line)")] = None,
     control: Annotated[bool, typer.Option("--control", help="also run the --keep-ln control "
                                           "(OUT/control) and print the 3-column table")] = False,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config (flags override it)")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="held-out text (default: a slice of "
-                                                  "--data)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings (the command line "
+                                                "overrides it)")] = None,
     eval: Annotated[list[str] | None, typer.Option(help="extra NAME=SOURCE text for the CE "
                                                    "table (repeatable)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="sequences per step")] = None,
-    micro_batch_size: Annotated[int | None, typer.Option()] = None,
-    ctx: Annotated[int | None, typer.Option(help="tokens per sequence")] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    aux_weight: Annotated[float | None, typer.Option(help="std-equalising aux loss weight")] = None,
-    cos_reg: Annotated[float | None, typer.Option(help="cosine linearity regulariser")] = None,
-    distill: Annotated[float | None, typer.Option(help="weight of KL to the original model "
-                                                  "(0..1; the rest is CE)")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    format: Annotated[str | None, typer.Option(help="export: hf | clean | both | none")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile")] = None,
-    grad_checkpointing: Annotated[bool | None, typer.Option(
-        "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in the "
-        "backward pass (less memory)")] = None,
-    fsdp: Annotated[bool | None, typer.Option(
-        "--fsdp/--no-fsdp", help="under a launcher: shard weights, gradients and optimizer "
-        "state over the processes (FSDP2) instead of replicating them (DDP)")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option()] = None,
-    taper: Annotated[int | None, typer.Option(
-        help="steps over which each removed site's division moves from every token's own std "
-        "to its fixed scale (0: at once, as the papers)")] = None,
-    special_scale: Annotated[bool | None, typer.Option(
-        "--special-scale/--no-special-scale", help="position 0 and end-of-text tokens keep a "
-        "frozen scale of their own, faded into the shared one at the end of the run (real LLMs' "
-        "massive activations; special_fade sets when)")] = None,
     hellaswag: Annotated[str | None, typer.Option(
         help="with --control: also score HellaSwag ('hf' or bare flag: the Hub's validation "
         "split; or a local .jsonl)")] = None,
     hellaswag_limit: Annotated[int | None, typer.Option(help="only the first N items")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the noln run already in "
                                             "--out (only the files noln wrote)")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    **flags: Any,
 ) -> None:
-    """Fine-tune MODEL on --data while removing every LayerNorm; export and evaluate it.
+    """Fine-tune MODEL on --data while removing every norm; export and evaluate it.
 
+    Every setting has a flag or is given as KEY=VALUE (see the README's settings table).
     With --resume RUN, the run keeps its model, data, ctx, batch size, seed and schedule;
     --lr, --steps/--tokens, --checkpoint-every, --format and the precision/memory options may
     change (a new --lr also resets the guard's lowered one)."""
-    overrides = dict(tokens=tokens, steps=steps, schedule=schedule, eval_data=eval_data,
-                     batch_size=batch_size, micro_batch_size=micro_batch_size, ctx=ctx, lr=lr,
-                     aux_weight=aux_weight, cos_reg=cos_reg, distill=distill, seed=seed,
-                     export_format=format, precision=precision, compile=compile,
-                     grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-                     checkpoint_every=checkpoint_every, taper=taper,
-                     special_scale=special_scale,
-                     keep_ln=True if keep_ln else None,
-                     progress=not quiet)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    settings = list(settings or [])
+    if model is not None and "=" in model and model.split("=", 1)[0].split(".")[0] in \
+            RemoveConfig.model_fields and not Path(model).exists():
+        settings.insert(0, model)  # `noln remove --resume RUN lr=1e-4`: no model, a setting
+        model = None
+    given = settings_given(RemoveConfig, flags)
+    typed = parse_settings(settings, RemoveConfig)
+    both = sorted(set(given) & set(typed))
+    if both:
+        raise NolnError(f"'{both[0]}' is given as {flag_of(both[0])} and as {both[0]}=...: give "
+                        "it once")
+    overrides = {**typed, **given}
+    if model is not None:
+        overrides["model"] = model
     sets = parse_sources(eval or [])
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
@@ -125,9 +108,11 @@ def remove(
         if config is not None:
             raise NolnError("--resume takes its settings from the run's config.yaml: drop "
                             "--config (flags such as --lr may still change, see --help)")
+        out = overrides.pop("out", None)
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise NolnError(f"--out {out} differs from --resume {resume}: a resumed run stays "
                             "in its folder; drop --out")
+        model, data = overrides.pop("model", None), overrides.pop("data", None)
         if control:
             remove_with_control(model, data, resume, resume=True, eval_sets=sets,
                                 hellaswag=hellaswag, hellaswag_limit=hellaswag_limit,
@@ -136,22 +121,23 @@ def remove(
         result = remove_layernorm(model, data, resume=resume, eval_sets=sets, **overrides)
         _print_summary(result.summary)
         return
-    if config is not None:  # the file's values under the flags' (None: not given)
-        base = read_config_file(config)
-        model, data = model or base.pop("model", None), data or base.pop("data", None)
-        out = out or (Path(base.pop("out")) if base.get("out") else None)
-        overrides = {**{k: v for k, v in base.items() if k not in ("model", "data", "out")},
-                     **overrides}
-    if model is None:
+    if config is not None:  # the file's values under the command line's
+        overrides = deep_merge(read_config_file(config), overrides)
+    if overrides.get("model") is None:
         raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
-    out = out or Path("runs") / Path(model).name
-    cfg = make_config(model=model, data=data, out=out, **overrides)  # every value checked now
+    overrides.setdefault("out", Path("runs") / Path(str(overrides["model"])).name)
+    cfg = make_config(**overrides)  # every value checked now, before anything loads
     if control:
+        model, data, out = overrides.pop("model"), overrides.pop("data", None), \
+            overrides.pop("out")
         remove_with_control(model, data, out, eval_sets=sets, hellaswag=hellaswag,
                             hellaswag_limit=hellaswag_limit, overwrite=overwrite, **overrides)
         return
     result = remove_layernorm(config=cfg, eval_sets=sets, overwrite=overwrite)
     _print_summary(result.summary)
+
+
+app.command("remove")(with_settings(remove, RemoveConfig, skip=("model",)))
 
 
 def _print_summary(summary: dict) -> None:
@@ -198,36 +184,26 @@ def sites(model: Annotated[str, typer.Argument(help="Hub id or local folder")]) 
         console.print(f"{i:3d}  {name}")
 
 
-@app.command()
 def pretrain(
-    data: Annotated[str, typer.Option(help="local .jsonl/.txt/folder, HF dataset, or "
-                                      "'builtin'")],
-    out: Annotated[Path, typer.Option(help="output folder (model in OUT/model)")],
-    arch: Annotated[str, typer.Option(help="model family: gpt2 | neox | llama")] = "gpt2",
-    layers: Annotated[int, typer.Option()] = 4,
-    d_model: Annotated[int, typer.Option()] = 128,
-    heads: Annotated[int, typer.Option()] = 4,
-    ctx: Annotated[int, typer.Option()] = 128,
-    vocab_size: Annotated[int, typer.Option()] = 4096,
-    steps: Annotated[int, typer.Option()] = 600,
-    tokens: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue a killed run in OUT")] = False,
-    cos_reg: Annotated[float, typer.Option(help="cosine linearity regulariser weight")] = 0.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the pretraining run "
                                             "already in --out (only the files noln wrote)")] =
     False,
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    **flags: Any,
 ) -> None:
-    """Pretrain a small model with LayerNorm from scratch (own BPE tokenizer)."""
-    r = run_pretrain(data, out, arch=arch, n_layer=layers, d_model=d_model, n_head=heads, ctx=ctx,
-            vocab_size=vocab_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
-            seed=seed, progress=not quiet, resume=resume, cos_reg=cos_reg, overwrite=overwrite)
+    """Pretrain a small model with its norms from scratch (own BPE tokenizer)."""
+    given = settings_given(PretrainConfig, flags)
+    if "data" not in given or "out" not in given:
+        raise NolnError("noln pretrain needs --data SOURCE and --out FOLDER (the model is "
+                        "written to OUT/model)")
+    r = run_pretrain(given.pop("data"), given.pop("out"), resume=resume, overwrite=overwrite,
+                     **given)
     ce = r.summary["val_ce"]
     console.print(f"pretrained {r.summary['n_params']:,} parameters on {r.summary['tokens']:,} "
                   f"tokens; val CE {ce['mean']:.4f} ± {ce['ci95']:.4f}; model in {r.out}")
+
+
+app.command("pretrain")(with_settings(pretrain, PretrainConfig))
 
 
 @app.command()
