@@ -356,6 +356,61 @@ def test_resume_restores_frozen_sites_and_the_schedule_state(fam, tmp_path):
         [schedule.due(t, more[:t]) for t in range(7, 10)]
 
 
+def test_export_names_an_old_logs_removals_by_role(tmp_path):
+    """``noln export`` of a run started before the rename: its log's removal events name the
+    old sites; the export's noln.json names them by role."""
+    fam = FAMILIES_UNDER_TEST[0]
+    adapter = _frozen_with_distinct_sigmas(tiny(fam))
+    events = [{"event": "remove", "step": 3 + i, "site": n, "sigma": 1.0}
+              for i, n in enumerate(["blocks.0.ln_2", "blocks.1.ln_1_v", "ln_f"])]
+    path = export_model(adapter, _Tok(), tmp_path / "hf", "hf", events=events)
+    meta = json.loads((path / "noln.json").read_text())
+    assert [e["site"] for e in meta["events"]] == ["blocks.0.mlp_in", "blocks.1.attn_in_v", "final"]
+    assert [e["step"] for e in meta["events"]] == [3, 4, 5]
+
+
+def test_a_run_started_with_old_site_names_resumes_to_the_same_model(tiny_model_dir, text_jsonl,
+                                                                      tmp_path, monkeypatch):
+    """A run from before the rename (schedule file and log.jsonl in GPT-2's old site names),
+    killed at step 16, resumes to the uninterrupted run's sigmas, and exports role names."""
+    import noln
+    import noln.train
+
+    old = [f"blocks.{i}.{k}" for k in ("ln_2", "ln_1_qk", "ln_1_v") for i in range(2)] + ["ln_f"]
+    spec = tmp_path / "old.yaml"
+    spec.write_text(yaml.safe_dump({"events": [{"step": 3 + 4 * j, "site": s}
+                                               for j, s in enumerate(old)]}))
+    fast = dict(schedule=str(spec), steps=30, batch_size=4, ctx=32, lr=1e-3, warmup_steps=2,
+                eval_tokens=256, checkpoint_every=10, progress=False, export_format="hf")
+    full = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "full", **fast)
+    assert full.adapter.frozen_sites() == [canonical_site(s) for s in old]
+
+    log = noln.train.Trainer.log
+
+    def killed_at_16(self, record):
+        log(self, record)
+        if record.get("step") == 16 and "loss" in record and "event" not in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(noln.train.Trainer, "log", killed_at_16)
+    with pytest.raises(KeyboardInterrupt):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", **fast)
+    monkeypatch.undo()
+    # what the run wrote before the rename: its removals under the old names
+    log_path = tmp_path / "run" / "log.jsonl"
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    old_of = {canonical_site(s): s for s in old}
+    records = [{**r, "site": old_of[r["site"]]} if r.get("event") == "remove" else r
+               for r in records]
+    assert sum(r.get("event") == "remove" for r in records) == 4
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    r = noln.remove_layernorm(resume=tmp_path / "run", progress=False)
+    assert r.summary["complete"] and r.adapter.sigmas() == full.adapter.sigmas()
+    meta = json.loads((tmp_path / "run" / "model" / "noln.json").read_text())
+    assert [e["site"] for e in meta["events"]] == full.adapter.site_names()
+
+
 # ----------------------------------------------------------------------------- layout registry
 
 
