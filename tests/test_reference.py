@@ -22,7 +22,7 @@ def test_reference_model_full_removal_with_control(tmp_path):
         steps=24, batch_size=4, lr=3e-4, warmup_steps=2, eval_tokens=16 * 256,
         export_format="both", checkpoint_every=100, progress=False)
     no_ln = result["no_ln"]
-    assert len(no_ln["frozen"]) == 19 and "ln_f" in no_ln["frozen"]  # every site, ln_f too
+    assert len(no_ln["frozen"]) == 19 and "final" in no_ln["frozen"]  # every site, ln_f too
     table = result["table"]["heldout"]
     assert set(table) == {"original", "with LN (fine-tuned)", "without LN"}
     assert (out / "table.md").read_text().count("|") > 8
