@@ -28,10 +28,10 @@ def test_fixed_gaps_per_kind_in_kind_major_order():
                                   {"ln_post": 2, "ln_in_qk": 3, "ln_in_v": 5},  # NeoX's
                                   {"post_attention_layernorm": 2, "input_layernorm_qk": 3,
                                    "input_layernorm_v": 5},  # Llama's
-                                  {"ln_2": 7, "mlp_in": 2, "ln_1_qk": 3, "attn_in_v": 5}])
+                                  {"mlp_in": 7, "ln_2": 2, "ln_1_qk": 3, "attn_in_v": 5}])
 def test_old_site_kinds_are_gap_keys_for_their_roles(gaps):
-    """Presets and old runs' config.yaml key gaps by the old per-family kinds; the role's own
-    key wins where both are given."""
+    """Old runs' config.yaml and old config files key gaps by the old per-family kinds. Merged
+    over a preset (keyed by role), the old name is the user's: it wins over the role's key."""
     assert _build("fixed", start=10, gaps=gaps).events == EVENTS
 
 
@@ -208,3 +208,14 @@ def test_adaptive_state_from_a_run_with_old_names_resumes(tmp_path):
     more = losses + [2.8, 2.7, 2.6]
     assert [a.due(t, more[:t]) for t in range(7, 10)] == [b.due(t, more[:t])
                                                           for t in range(7, 10)]
+
+
+def test_an_old_gap_key_over_a_preset_keyed_by_role_is_the_users():
+    """GPT-2's preset keys gaps by role; an old run's config.yaml (or an old config file) gives
+    ``ln_2``: merged over the preset, the user's value is the one the schedule uses."""
+    from noln.config import make_config
+
+    cfg = make_config(model="gpt2", data="builtin", out="run", fixed={"gaps": {"ln_2": 4}})
+    assert cfg.fixed.gaps["mlp_in"] == 2 and cfg.fixed.gaps["ln_2"] == 4  # both, merged
+    s = build_schedule("fixed", SITES, KINDS, 100, cfg.fixed, AdaptiveConfig())
+    assert [t for t, _ in s.events] == [20, 24, 28, 30, 32, 35, 38]

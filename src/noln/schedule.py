@@ -125,15 +125,17 @@ class AdaptiveSchedule(Schedule):
 
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
                  total_steps: int) -> list[tuple[int, str]]:
-    """Anchors' fixed gaps (per site role; an old per-family kind such as ``ln_2`` counts as
-    its role, the role's own key first) or, without gaps, even spacing to ``finish_by``."""
+    """Anchors' fixed gaps (per site role) or, without gaps, even spacing to ``finish_by``.
+    An old per-family kind (``ln_2``) is read as its role and wins over the role's own key:
+    presets key gaps by role, so an old name comes from the user or an old run's config.yaml
+    merged over a preset."""
     start = cfg.start if cfg.start is not None else max(1, round(0.07 * total_steps))
     if cfg.gaps is None:
         span = max(0, int(cfg.finish_by * total_steps) - start)
         gap = max(1, span // max(1, len(order) - 1))
         return [(start + i * gap, s) for i, s in enumerate(order)]
-    gaps = {canonical_site(k): v for k, v in cfg.gaps.items() if canonical_site(k) != k}
-    gaps.update({k: v for k, v in cfg.gaps.items() if canonical_site(k) == k})
+    gaps = {k: v for k, v in cfg.gaps.items() if canonical_site(k) == k}
+    gaps.update({canonical_site(k): v for k, v in cfg.gaps.items() if canonical_site(k) != k})
     events, step = [], start
     for i, site in enumerate(order):
         events.append((step, site))
