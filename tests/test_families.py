@@ -466,9 +466,6 @@ ALLOWED = {
     # interop converts to and from TransformerLens, whose modules are not a family's: a norm
     # is found there by its class name (LayerNorm, RMSNorm, FakeNorm ...), whatever the family
     ("interop.py", "norm"),
-    # not yet switched (the recipe half of issue 14): remove.model_ctx reads the context length
-    # itself instead of noln.arch.context_length(config, default=1024). Delete these then.
-    ("remove.py", "n_positions"), ("remove.py", "max_position_embeddings"),
 }
 
 

@@ -30,7 +30,7 @@ from rich.markup import escape
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from noln.arch import NormAdapter, install
+from noln.arch import NormAdapter, context_length, install
 from noln.config import RemoveConfig, make_config, resume_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
 from noln.errors import NolnError
@@ -76,9 +76,8 @@ def check_disk_space(out: Path, model: nn.Module, export_formats: int) -> None:
 
 
 def model_ctx(config, cfg: RemoveConfig) -> int:
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                            1024)
-    return min(cfg.ctx or 1024, limit)
+    """Tokens per training sequence: ``--ctx``, else 1024, at most the model's context."""
+    return min(cfg.ctx or 1024, context_length(config, default=1024))
 
 
 def check_taper(cfg: RemoveConfig, schedule, steps: int) -> None:
