@@ -18,9 +18,15 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from noln.errors import NolnError
+
+try:  # the help topics of `pydoc`; some distributions split pydoc_data out
+    from pydoc_data.topics import topics as PYDOC_TOPICS
+except ImportError:
+    PYDOC_TOPICS = {}
 
 BUILTIN = "builtin"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -36,12 +42,7 @@ def cache_dir() -> Path:
 
 def builtin_documents() -> Iterator[str]:
     """Docstrings of the standard library (read with ``ast``, nothing imported) and pydoc topics."""
-    try:
-        from pydoc_data.topics import topics
-
-        yield from (topics[k] for k in sorted(topics))
-    except ImportError:  # some distributions split pydoc_data out
-        pass
+    yield from (PYDOC_TOPICS[k] for k in sorted(PYDOC_TOPICS))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.rglob("*.py")):
         rel = path.relative_to(stdlib).parts
@@ -109,8 +110,6 @@ def _file_documents(path: Path) -> Iterator[str]:
 
 
 def _hub_documents(name: str, split: str) -> Iterator[str]:
-    import datasets
-
     config = None
     if ":" in name:  # "wikitext:wikitext-103-raw-v1"
         name, config = name.split(":", 1)

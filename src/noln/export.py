@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from noln.arch import ADAPTERS, NormAdapter, canonical_site
 from noln.errors import NolnError
@@ -93,8 +94,6 @@ def _write_dir(out: Path, write) -> None:
 def plain_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:
     """In memory, what the ``hf`` export of ``adapter.model`` loads as: the family's plain Hugging
     Face class (eval mode) with real norms, eps-trick weights where sites are frozen."""
-    from transformers import AutoModelForCausalLM
-
     config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
     state = adapter.hf_state_dict()
     check_dtype(state, dtype, "hf")

@@ -19,6 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from noln.errors import NolnError
 
 SUFFIX = ".gguf"
@@ -98,13 +103,8 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
     if arch not in known:
         raise NolnError(f"GGUF architecture '{arch}' of '{path.name}' is not one transformers can "
                         f"read: {', '.join(known)}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if progress:
-        from rich.console import Console
-
         Console(stderr=True).print(f"converting {path.name} ({arch}) to a float32 Hugging Face "
                                    f"folder in {target} (once)", highlight=False)
     verbosity = hf_logging.get_verbosity()

@@ -29,10 +29,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from noln.arch import transformer_lens_config_keys
+from noln.arch import install, transformer_lens_config_keys
 from noln.errors import NolnError
+from noln.export import clean_model, plain_model
 from noln.fakenorm import FakeNorm
+from noln.loading import load_model, load_tokenizer
 
 EPS_TRICK_MIN = 1e6  # a norm eps this large means the eps trick: a fixed scale, not a norm
 TL_NORM_WEIGHTS = (".ln1.w", ".ln2.w", "ln_final.w")  # TransformerLens's names, every family
@@ -66,8 +69,6 @@ def _norm_params(model: nn.Module) -> set[str]:
 
 
 def _load(model_or_dir, tokenizer) -> tuple[nn.Module, object | None, str]:
-    from noln.loading import load_model, load_tokenizer
-
     if isinstance(model_or_dir, nn.Module):
         source = str(getattr(model_or_dir.config, "_name_or_path", "") or "")
         if tokenizer is None and source and Path(source).is_dir():  # the folder it came from
@@ -85,8 +86,6 @@ def _load(model_or_dir, tokenizer) -> tuple[nn.Module, object | None, str]:
 def _unfold_clean(model: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
     """A clean model (no norm modules) as its plain class with unit norms, and the unembedding
     bias that the plain class has no room for."""
-    from transformers import AutoModelForCausalLM
-
     config = model.config.__class__.from_dict(model.config.to_dict())
     plain = AutoModelForCausalLM.from_config(config).to(next(model.parameters()).dtype)
     head = model.get_output_embeddings()
@@ -109,9 +108,6 @@ def _unfold_clean(model: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
 
 def plain_view(model_or_dir, tokenizer=None) -> Plain:
     """Any model noln can load, as its plain Hugging Face class with real norm modules."""
-    from noln.arch import install
-    from noln.export import clean_model, plain_model
-
     model, tok, name = _load(model_or_dir, tokenizer)
     if any(isinstance(m, FakeNorm) for m in model.modules()):  # a run's model (FakeNorms)
         adapter = install(model)
@@ -293,8 +289,6 @@ def to_nnsight(model_or_dir, *, tokenizer=None):
     except ImportError:
         raise NolnError("nnsight is not installed: pip install nnsight (or noln's extra: "
                         "pip install 'noln[interop]')") from None
-    from noln.arch import install
-    from noln.export import clean_model
 
     model, tok, _ = _load(model_or_dir, tokenizer)
     if any(isinstance(m, FakeNorm) for m in model.modules()):

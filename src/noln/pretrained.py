@@ -19,25 +19,12 @@ from transformers.models.auto.modeling_auto import (
 from noln.arch import check_supported
 from noln.errors import NolnError
 from noln.gguf import resolve as resolve_gguf
+from noln.trust import trust_remote_code
 
 try:
     from safetensors import SafetensorError
 except ImportError:  # older safetensors: the error lives in the compiled module
     from safetensors._safetensors_rust import SafetensorError
-
-# a model folder's own Python code (config.json's auto_map) runs only when the user says so:
-# `noln --trust-remote-code ...` (cli) or set_trust_remote_code(True)
-_TRUST_REMOTE_CODE = False
-
-
-def set_trust_remote_code(trust: bool) -> None:
-    global _TRUST_REMOTE_CODE
-    _TRUST_REMOTE_CODE = bool(trust)
-
-
-def trust_remote_code() -> bool:
-    return _TRUST_REMOTE_CODE
-
 
 def _raise_remote_code(name, e: Exception) -> None:
     """transformers' refusal to run a repository's code, as noln's one line."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 from rich.table import Table
 
 from noln.arch import role_of
@@ -18,10 +20,7 @@ ROLE_COLOURS = {"mlp_in": "tab:orange", "attn_in_qk": "tab:green", "attn_in_v": 
 def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None,
               title: str = "") -> Path:
     """Training loss (raw and smoothed) with a vertical line at each removal, by site role."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     def curve(records):
         steps = [r["step"] for r in records if "loss" in r and "event" not in r]

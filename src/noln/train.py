@@ -23,6 +23,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from noln.arch import NormAdapter
@@ -30,6 +38,7 @@ from noln.checkpoint import load_checkpoint, save_atomic
 from noln.config import RemoveConfig, TrainConfig
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
+from noln.linearity.regularizer import cosine_regularizer
 from noln.precision import resolve_precision
 from noln.run import RunFolder, latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
@@ -208,8 +217,6 @@ class Trainer:
             s_star = batch_mean(input_std.detach(), keep.to(input_std.dtype))  # global micro
             loss = loss + aux_weight * (input_std - s_star).pow(2).mean()
         if self.cfg.cos_reg > 0:
-            from noln.linearity.regularizer import cosine_regularizer
-
             loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
         return loss, ce.detach()
 
@@ -420,15 +427,6 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, start: int):
         self.enabled = enabled
         if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  "
                                            "{task.fields[tps]} tok/s  next: {task.fields[nxt]}"),

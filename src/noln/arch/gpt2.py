@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from noln.arch.base import (
     ATTN_IN_QK,
@@ -81,8 +82,6 @@ class GPT2Adapter(NormAdapter):
     @staticmethod
     def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
                           eot_id: int) -> nn.Module:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         config = GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d_model,
                             n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0, bos_token_id=eot_id, eos_token_id=eot_id,
@@ -168,8 +167,6 @@ class GPT2Adapter(NormAdapter):
 
     @staticmethod
     def build_clean_model(config) -> nn.Module:
-        from transformers import GPT2LMHeadModel
-
         config.tie_word_embeddings = False
         model = GPT2LMHeadModel(config)
         for block in model.transformer.h:

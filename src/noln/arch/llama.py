@@ -40,6 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from noln.arch.base import (
     ATTN_IN_QK,
@@ -114,8 +115,6 @@ class LlamaAdapter(NormAdapter):
                           eot_id: int) -> nn.Module:
         """A Llama with grouped-query attention (half as many K/V heads, when even), SwiGLU
         width ~8/3 d (a multiple of 32) and an untied unembedding."""
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model,
                              intermediate_size=32 * math.ceil(8 * d_model / 3 / 32),
                              num_hidden_layers=n_layer, num_attention_heads=n_head,
@@ -220,8 +219,6 @@ class LlamaAdapter(NormAdapter):
 
     @staticmethod
     def build_clean_model(config) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
         config.tie_word_embeddings = False
         model = AutoModelForCausalLM.from_config(config)
         for layer in model.model.layers:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from noln.arch.base import (
     ATTN_IN_QK,
@@ -92,8 +93,6 @@ class NeoXAdapter(NormAdapter):
     @staticmethod
     def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
                           eot_id: int) -> nn.Module:
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
         # Pythia's shape: parallel residual, rotary on a quarter of each head, untied unembedding
         config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model,
                                num_hidden_layers=n_layer, num_attention_heads=n_head,
@@ -208,8 +207,6 @@ class NeoXAdapter(NormAdapter):
 
     @staticmethod
     def build_clean_model(config) -> nn.Module:
-        from transformers import GPTNeoXForCausalLM
-
         config.tie_word_embeddings = False
         model = GPTNeoXForCausalLM(config)
         d = config.hidden_size

@@ -9,12 +9,10 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from noln.arch import install
 from noln.cli.attribute import attribute_cmd
 from noln.cli.evaluate import compare_cmd, eval_cmd
 from noln.cli.linearity import linearity_cmd, linearize_cmd
@@ -28,15 +26,8 @@ from noln.config import (
     parse_settings,
     read_config_file,
 )
-from noln.demo import run_demo
 from noln.errors import NolnError
-from noln.evaluate.inputs import parse_sources
-from noln.export import EXPORT_FORMATS, check_export_target, export_model
-from noln.pretrain import pretrain as run_pretrain
-from noln.pretrained import load_pretrained, set_trust_remote_code
-from noln.remove import remove_layernorm, remove_with_control
-from noln.report import ce_rows, rich_table
-from noln.run import RunFolder, check_output_dir, load_run_model
+from noln.trust import set_trust_remote_code
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
                   "left, and measure layer linearity.", no_args_is_help=True,
@@ -97,7 +88,6 @@ def remove(
     overrides = {**typed, **given}
     if model is not None:
         overrides["model"] = model
-    sets = parse_sources(eval or [])
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
                         "`noln eval MODEL --hellaswag`")
@@ -113,6 +103,7 @@ def remove(
             raise NolnError(f"--out {out} differs from --resume {resume}: a resumed run stays "
                             "in its folder; drop --out")
         model, data = overrides.pop("model", None), overrides.pop("data", None)
+        remove_layernorm, remove_with_control, sets = _removal(eval)
         if control:
             remove_with_control(model, data, resume, resume=True, eval_sets=sets,
                                 hellaswag=hellaswag, hellaswag_limit=hellaswag_limit,
@@ -127,6 +118,7 @@ def remove(
         raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
     overrides.setdefault("out", Path("runs") / Path(str(overrides["model"])).name)
     cfg = make_config(**overrides)  # every value checked now, before anything loads
+    remove_layernorm, remove_with_control, sets = _removal(eval)
     if control:
         model, data, out = overrides.pop("model"), overrides.pop("data", None), \
             overrides.pop("out")
@@ -140,7 +132,18 @@ def remove(
 app.command("remove")(with_settings(remove, RemoveConfig, skip=("model",)))
 
 
+def _removal(eval_specs: list[str] | None):
+    """The removal entry points and the --eval sets: the library, loaded once the settings
+    are known to be valid (so a bad value is answered at once, before torch loads)."""
+    from noln.evaluate.inputs import parse_sources
+    from noln.remove import remove_layernorm, remove_with_control
+
+    return remove_layernorm, remove_with_control, parse_sources(eval_specs or [])
+
+
 def _print_summary(summary: dict) -> None:
+    from noln.report import ce_rows, rich_table
+
     table = {k: {"before": summary["ce_before"][k], "after": v}
              for k, v in summary["ce_after"].items() if k in summary["ce_before"]}
     if table:
@@ -161,6 +164,12 @@ def export(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
 ) -> None:
     """Export a run's model for plain transformers (hf) or with the norms folded away (clean)."""
+    import torch
+
+    from noln.arch import install
+    from noln.export import EXPORT_FORMATS, check_export_target, export_model
+    from noln.run import RunFolder, check_output_dir, load_run_model
+
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise NolnError(f"unknown --dtype '{dtype}': use {', '.join(dtypes)}")
@@ -179,12 +188,19 @@ def export(
 @app.command()
 def sites(model: Annotated[str, typer.Argument(help="Hub id or local folder")]) -> None:
     """List a model's removal sites in the default removal order."""
+    from noln.arch import install
+    from noln.pretrained import load_pretrained
+
     adapter = install(load_pretrained(model))
     for i, name in enumerate(adapter.site_names()):
         console.print(f"{i:3d}  {name}")
 
 
 def pretrain(
+    settings: Annotated[list[str] | None, typer.Argument(
+        metavar="[KEY=VALUE]...", show_default=False,
+        help="any setting as key=value, e.g. betas=[0.9,0.99] (the flags are the same "
+        "settings)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue a killed run in OUT")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the pretraining run "
                                             "already in --out (only the files noln wrote)")] =
@@ -192,7 +208,15 @@ def pretrain(
     **flags: Any,
 ) -> None:
     """Pretrain a small model with its norms from scratch (own BPE tokenizer)."""
+    from noln.pretrain import pretrain as run_pretrain
+
     given = settings_given(PretrainConfig, flags)
+    typed = parse_settings(list(settings or []), PretrainConfig)
+    both = sorted(set(given) & set(typed))
+    if both:
+        raise NolnError(f"'{both[0]}' is given as {flag_of(both[0], PretrainConfig)} and as "
+                        f"{both[0]}=...: give it once")
+    given = {**typed, **given}
     if "data" not in given or "out" not in given:
         raise NolnError("noln pretrain needs --data SOURCE and --out FOLDER (the model is "
                         "written to OUT/model)")
@@ -214,6 +238,8 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     """Offline, end to end: pretrain a tiny model on Python's own docs, remove its LayerNorm."""
+    from noln.demo import run_demo
+
     run_demo(out, quick=quick, progress=not quiet)
 
 
@@ -257,6 +283,8 @@ def _interrupt_hint(argv: list[str]) -> str:
 
 def _expected(e: BaseException) -> str | None:
     """One line for failures a user can act on that are not NolnErrors (disk, memory)."""
+    import torch
+
     if isinstance(e, torch.OutOfMemoryError | MemoryError):
         return ("out of memory: lower --batch-size / --micro-batch-size or --ctx, or use "
                 "--grad-checkpointing (details: NOLN_DEBUG=1)")

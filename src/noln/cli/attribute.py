@@ -7,22 +7,10 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 
-from noln.attribute import (
-    attribute_logit,
-    encode_text,
-    plot_attribution,
-    single_token_id,
-    table_rows,
-)
 from noln.errors import NolnError
-from noln.evaluate.inputs import resolve_device, short_names
-from noln.interop import hooked_transformer
-from noln.report import json_safe, rich_table
-from noln.run import check_output_file
 
 
 def attribute_cmd(
@@ -49,6 +37,20 @@ def attribute_cmd(
     """Direct logit attribution of one logit to every component (embeddings, each head, each
     MLP, biases). Exact for a no-LN model; for a model with LN, shows the usual frozen-LN-scale
     approximation next to each component's exact direct effect."""
+    import torch
+
+    from noln.attribute import (
+        attribute_logit,
+        encode_text,
+        plot_attribution,
+        single_token_id,
+        table_rows,
+    )
+    from noln.evaluate.inputs import resolve_device, short_names
+    from noln.interop import hooked_transformer
+    from noln.report import json_safe, rich_table
+    from noln.run import check_output_file
+
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
     if top < 1:

@@ -8,22 +8,15 @@ one ``ComparisonResult``; errors a user can fix are raised as ``NolnError``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from noln.data import load_blocks, tokenizer_fingerprint
 from noln.errors import NolnError
-from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, ComparisonResult, compare_models
-from noln.evaluate.hellaswag import Item, load_hellaswag
-from noln.evaluate.inputs import (
-    check_options,
-    chunk_length,
-    load_models,
-    parse_sources,
-    resolve_device,
-    short_names,
-)
+
+if TYPE_CHECKING:  # annotations only: the command imports the library when it runs
+    from noln.evaluate.compare import ComparisonResult
+    from noln.evaluate.hellaswag import Item
 
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="text to measure CE on: NAME=SOURCE or SOURCE (name = file stem); a "
@@ -52,6 +45,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 
 
 def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
+    from noln.evaluate.hellaswag import load_hellaswag
+
     return None if source is None else load_hellaswag(source, limit=limit)
 
 
@@ -89,6 +84,17 @@ def eval_cmd(
 ) -> None:
     """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
     HellaSwag acc / acc_norm, for each MODEL."""
+    from noln.data import load_blocks, tokenizer_fingerprint
+    from noln.evaluate.compare import compare_models
+    from noln.evaluate.inputs import (
+        check_options,
+        chunk_length,
+        load_models,
+        parse_sources,
+        resolve_device,
+        short_names,
+    )
+
     if not data and hellaswag is None:
         raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
     if len(set(models)) != len(models):
@@ -144,6 +150,16 @@ def compare_cmd(
 ) -> None:
     """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
     HellaSwag, faithfulness to ORIGINAL, and the no-LN − with-LN difference."""
+    from noln.data import load_blocks, tokenizer_fingerprint
+    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+    from noln.evaluate.inputs import (
+        check_options,
+        chunk_length,
+        load_models,
+        parse_sources,
+        resolve_device,
+    )
+
     if not data and hellaswag is None:
         raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
                         "PATH)")

@@ -12,36 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noln.config import check_numbers
-from noln.data import load_blocks
 from noln.errors import NolnError
-from noln.evaluate.loss import cross_entropy
-from noln.linearity.replace import (
-    SkipBlock,
-    decoder_layers,
-    distill,
-    fit_layers,
-    greedy_linearize,
-    parse_layers,
-    plot_curve,
-    save_linearized,
-    swap_layer,
-    swapped,
-)
-from noln.linearity.report import (
-    fmt,
-    parse_layer_list,
-    plot_profiles,
-    profile_table,
-    run_profile,
-    sequence_length,
-    short_name,
-    write_csv,
-)
-from noln.linearity.score import check_tokens, hidden_size
-from noln.loading import load_model
-from noln.progress import counting_forwards, token_progress
-from noln.report import json_safe
-from noln.run import check_output_dir, check_output_file
 
 console = Console()
 
@@ -79,6 +50,16 @@ def linearity_cmd(
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
+    from noln.linearity.report import (
+        parse_layer_list,
+        plot_profiles,
+        profile_table,
+        run_profile,
+        write_csv,
+    )
+    from noln.report import json_safe
+    from noln.run import check_output_file
+
     check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
                   ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
     if precision not in ("float64", "mixed"):
@@ -136,6 +117,27 @@ def linearize_cmd(
                                             "weights in OUT/base instead of a reference")] = False,
 ) -> None:
     """Replace blocks by least-squares affine maps (optionally distilled) and report CE."""
+    from noln.data import load_blocks
+    from noln.evaluate.loss import cross_entropy
+    from noln.linearity.replace import (
+        SkipBlock,
+        decoder_layers,
+        distill,
+        fit_layers,
+        greedy_linearize,
+        parse_layers,
+        plot_curve,
+        save_linearized,
+        swap_layer,
+        swapped,
+    )
+    from noln.linearity.report import fmt, sequence_length, short_name
+    from noln.linearity.score import check_tokens, hidden_size
+    from noln.loading import load_model
+    from noln.progress import counting_forwards, token_progress
+    from noln.report import json_safe
+    from noln.run import check_output_dir
+
     if fit not in ("lstsq", "distill"):
         raise NolnError(f"--fit '{fit}' is unknown: use lstsq or distill")
     if fit == "distill" and distill_steps < 1:

@@ -16,8 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from noln.errors import NolnError
 from noln.evaluate.faithfulness import BlockReport, evaluate_blocks
@@ -224,8 +228,6 @@ class ComparisonResult:
         return "\n".join(lines) + "\n"
 
     def table(self):
-        from rich.table import Table
-
         table = Table(title="noln comparison", show_lines=False)
         table.add_column("metric")
         for c in self.columns():
@@ -235,9 +237,6 @@ class ComparisonResult:
         return table
 
     def print(self, console=None, rare_tokens: int = 5) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
         console = console or Console()
         console.print(self.table())
         for line in self.token_counts():
@@ -257,10 +256,7 @@ class ComparisonResult:
     def plot(self, out_dir: str | Path) -> list[Path]:
         """PNGs per source: residual norm by layer (position 0 solid, the rest dashed, log
         scale) and, with a reference, the CE difference by position."""
-        import matplotlib
-
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import modeling_utils
 
 from noln.arch import context_length
 from noln.data import encode_batch, is_local, read_jsonl
@@ -102,8 +104,6 @@ def _read_jsonl(path: Path) -> list[Item]:
 
 
 def _read_hub(name: str, split: str) -> list[Item]:
-    import datasets
-
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, missing split: one fix for the user
@@ -167,8 +167,6 @@ def _row(ctx: list[int], ending: list[int], n_ctx: int) -> tuple[list[int], int]
 
 def _slices_by_mask(model: torch.nn.Module) -> bool:
     """Whether ``model`` takes a boolean ``logits_to_keep`` (transformers >= 5 models do)."""
-    from transformers import modeling_utils
-
     return (type(model).__module__.startswith("transformers.") and accepts(model, "logits_to_keep")
             and hasattr(modeling_utils, "slice_logits_to_keep"))
 

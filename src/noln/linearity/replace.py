@@ -22,14 +22,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from noln.arch import decoder_layers
 from noln.errors import NolnError
-from noln.evaluate.loss import model_device
+from noln.evaluate.loss import cross_entropy, model_device
 from noln.linearity.score import (
     RCOND,
     StreamingMoments,
@@ -40,6 +43,7 @@ from noln.linearity.score import (
     score_pairs,
     token_batches,
 )
+from noln.pretrained import load_tokenizer, read_json
 
 FORMAT = "noln-linearized"
 META_FILE = "linearized.json"
@@ -279,8 +283,6 @@ def greedy_linearize(model: nn.Module, fit_blocks: np.ndarray, eval_blocks: np.n
     last step. All but the last block are candidates: HF gives the last block's output only
     after the final norm, and scores skip that pair.
     """
-    from noln.evaluate.loss import cross_entropy
-
     layers, returns_tuple = decoder_layers(model)
     n_layers = len(layers)
     if not 1 <= max_blocks <= n_layers - 1:
@@ -324,10 +326,7 @@ def greedy_linearize(model: nn.Module, fit_blocks: np.ndarray, eval_blocks: np.n
 
 def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     """CE against the number of blocks replaced, one line per variant."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -359,8 +358,6 @@ def save_linearized(model: nn.Module, tokenizer, base: str, out: Path, extra: di
     """Write the maps and a reference to the base model so ``load_linearized(out)`` rebuilds
     ``model``. ``base_copy``: a subfolder of ``out`` already holding the base model's weights
     (``save_pretrained`` of the unmodified model), used instead of the reference."""
-    from safetensors.torch import save_file
-
     layers, _ = decoder_layers(model)
     kinds = replaced_layers(model)
     if not kinds:
@@ -392,9 +389,7 @@ def is_linearized(path: str | Path) -> bool:
 def load_linearized(path: str | Path, load_base, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a folder written by ``save_linearized``; ``load_base(name,
     dtype=)`` opens its base model (``noln.loading.load_model``: any model noln names)."""
-    from safetensors.torch import load_file
 
-    from noln.pretrained import load_tokenizer, read_json
 
     path = Path(path).expanduser()
     meta = read_json(path / META_FILE)

@@ -27,6 +27,7 @@ import torch
 
 from noln.errors import NolnError
 from noln.evaluate.loss import accepts, model_device
+from noln.linearity.geometry import TokenSample, anisotropy, twonn_dimension
 
 # Eigenvalues of the (diagonally scaled) Gram matrix below RCOND x the largest are treated as
 # zero: 1e-12 on eigenvalues is 1e-6 on singular values, well above float32 rounding of the
@@ -420,8 +421,6 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     ``without_first``: also score every layer with position 0 left out (same forward pass,
     second set of moments), in ``layers_without_first``.
     """
-    from noln.linearity.geometry import TokenSample, anisotropy, twonn_dimension
-
     blocks = np.asarray(blocks)
     n_layers, d = num_layers(model), hidden_size(model)
     check_tokens(blocks.size, d)

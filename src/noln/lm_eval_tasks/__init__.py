@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import datasets
+
+from noln.evaluate.hellaswag import load_hellaswag
+
 TASKS_DIR = Path(__file__).resolve().parent
 ENV = "NOLN_HELLASWAG"
 
@@ -23,9 +27,7 @@ def hellaswag_dataset(hellaswag: str | None = None, **_: object) -> dict:
     """The harness's ``custom_dataset`` hook: ``{"validation": Dataset}`` of query / choices /
     label rows (metadata and model arguments arrive as keyword arguments; only ``hellaswag`` is
     read)."""
-    import datasets
 
-    from noln.evaluate.hellaswag import load_hellaswag
 
     source = hellaswag or os.environ.get(ENV)
     if not source:

@@ -1,0 +1,150 @@
+"""The shape of the code: imports form no circle, the library never imports the CLI, imports sit
+at the top of modules, and the command line is generated from the config schema."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from noln.config import PretrainConfig, RemoveConfig, flag_of
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
+
+# imports a library module may make inside a function, and why: optional extras (pip extras
+# `interop` and `gguf`), capabilities a torch build may lack (torch.distributed, dynamo), and a
+# transformers API that only some versions have
+DEFERRED = {
+    "gguf": "optional extra",
+    "transformers.integrations.ggml": "needs the gguf extra",
+    "transformer_lens": "optional extra",
+    "nnsight": "optional extra",
+    "lm_eval": "optional extra",
+    "torch.distributed": "only under a launcher; not in every torch build",
+    "torch._dynamo": "only with --compile",
+    "transformers.utils.output_capturing": "transformers >= 5 only",
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = path
+    return mods
+
+
+def _imports(mods: dict[str, Path]):
+    """``(module, imported noln module or third-party name, lineno, inside a function)``."""
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        inner = {id(n) for f in ast.walk(tree)
+                 if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                 for n in ast.walk(f) if isinstance(n, ast.Import | ast.ImportFrom)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from noln.arch import install` -> noln.arch; `from noln import x` -> noln.x
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods
+                           else node.module for a in node.names]
+            else:
+                continue
+            for target in targets:
+                yield name, target, node.lineno, id(node) in inner
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, target, _, _ in _imports(mods):
+        if target in mods and target != name:
+            graph[name].add(target)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (depth-first search), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_circle():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_circle():
+    """The test above can fail: a constructed circle is found."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_imports_the_cli():
+    offenders = [(m, t) for m, t, _, _ in _imports(_modules())
+                 if t.startswith("noln.cli") and not m.startswith("noln.cli")]
+    assert not offenders, offenders
+
+
+def test_imports_sit_at_the_top_except_optional_extras_and_the_cli():
+    """Inside a function, a library module imports only what ``DEFERRED`` lists; the CLI
+    (``noln.cli``) imports the library when a command runs, so ``noln --help`` and a bad value
+    are answered before torch loads."""
+    offenders = [f"{m}:{line} imports {t}" for m, t, line, inner in _imports(_modules())
+                 if inner and not m.startswith("noln.cli")
+                 and not t.startswith(tuple(DEFERRED))]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_command_line_starts_without_torch():
+    code = "import sys, noln.cli; print(sorted(m for m in ('torch', 'transformers') if m in " \
+           "sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def _help(command: str) -> str:
+    return subprocess.run([sys.executable, "-m", "noln.cli", command, "--help"],
+                          capture_output=True, text=True, check=True,
+                          env={"COLUMNS": "250", "PATH": "", "TERM": "dumb"}).stdout
+
+
+@pytest.mark.parametrize("command, schema, positional", [
+    ("remove", RemoveConfig, {"model"}), ("pretrain", PretrainConfig, set())])
+def test_help_lists_every_setting_of_the_schema(command, schema, positional):
+    """The options are generated from the config: every setting with a flag is in --help with
+    its description; the others are reachable as KEY=VALUE, which --help explains."""
+    text = " ".join(_help(command).split())
+    for name, field in schema.model_fields.items():
+        flag = flag_of(name, schema)
+        if name in positional:
+            continue
+        if flag is None:
+            assert "KEY=VALUE" in text, name
+            continue
+        assert flag in text, f"{flag} missing from noln {command} --help"
+        if name != "progress":  # --quiet says 'no progress bar'
+            words = " ".join(str(field.description).split())[:40]
+            assert words in text, f"{flag}: its description is not the schema's"
