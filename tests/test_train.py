@@ -50,6 +50,22 @@ def test_taper_run_moves_each_site_to_its_fixed_scale_and_exports(tiny_model_dir
     assert_run_matches_its_exports(r, vocab=500)
 
 
+@pytest.mark.parametrize("shape, weights", [
+    ("linear", [0.25, 0.5, 0.75, 1.0]),
+    ("cosine", [0.1464466, 0.5, 0.8535534, 1.0])])  # 1/2 - cos(pi k/4)/2
+def test_taper_shapes_reach_the_fixed_scale_in_their_steps(shape, weights):
+    from noln.train import next_taper_weight
+
+    w, seen = 0.0, []
+    for _ in range(5):
+        w = next_taper_weight(w, 4, shape)
+        seen.append(w)
+    assert seen == pytest.approx([*weights, 1.0], abs=1e-6)
+    # from a float32 buffer (a resumed run), the same next step
+    assert next_taper_weight(float(torch.tensor(weights[1], dtype=torch.float32)), 4, shape) == \
+        pytest.approx(weights[2], abs=1e-6)
+
+
 def test_taper_that_cannot_end_in_the_run_fails_before_training(tiny_model_dir, text_jsonl,
                                                                  tmp_path):
     with pytest.raises(NolnError, match="--taper 40 does not fit.*give --taper 1[0-9] or less"):

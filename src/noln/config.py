@@ -208,6 +208,9 @@ class RemoveConfig(TrainConfig):
     taper: int = Field(0, ge=0, **describe_field(
         "steps over which each removed site's division moves from every token's own std to "
         "its fixed scale (0: at once, as the papers)"))
+    taper_shape: Literal["linear", "cosine"] = Field("linear", **describe_field(
+        "how a taper's weight of the fixed scale rises over its steps: linear, or cosine "
+        "(slow at both ends, as TaperNorm's gate)"))
     momentum: Fraction = Field(0.9, **describe_field("EMA momentum of the per-token std"))
     exclude_special: bool = Field(True, **describe_field(
         "position 0 and end-of-text tokens do not count in sigma's estimate"))
@@ -538,7 +541,8 @@ def make_config(**kwargs) -> RemoveConfig:
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
-                "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "momentum",
+                "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "taper_shape",
+                "momentum",
                 "exclude_special", "special_scale")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
                      "special_fade",

@@ -60,6 +60,22 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# a taper's weight of the fixed scale after a fraction p of its steps, and back (noln.fakenorm)
+TAPER_SHAPES = {
+    "linear": (lambda p: p, lambda w: w),
+    "cosine": (lambda p: 0.5 - 0.5 * math.cos(math.pi * p),
+               lambda w: math.acos(1 - 2 * w) / math.pi),
+}
+
+
+def next_taper_weight(weight: float, steps: int, shape: str = "linear") -> float:
+    """The taper weight one step after ``weight``, for a taper of ``steps`` steps: the step
+    count is recovered from the weight (the FakeNorm's buffer is the taper's only state)."""
+    to_weight, to_fraction = TAPER_SHAPES[shape]
+    done = round(to_fraction(min(max(weight, 0.0), 1.0)) * steps) + 1
+    return 1.0 if done >= steps else to_weight(done / steps)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay on 2-D weights only (matrices and embeddings), as nanoGPT and paper 1 do."""
     params = [p for p in model.parameters() if p.requires_grad]  # shared tensors counted once
@@ -254,13 +270,15 @@ class Trainer:
                       "probe_before": before, "probe_after": current[0]})
 
     def advance_tapers(self, step: int) -> None:
-        """Every tapering site (``taper``, noln.fakenorm) moves ``1 / taper`` of the way from
-        its tokens' own std to its fixed sigma, once per training step, including its removal
-        step; the weights live in the FakeNorms' buffers, so checkpoints carry them."""
+        """Every tapering site (``taper``, noln.fakenorm) moves one of its ``taper`` steps from
+        its tokens' own std to its fixed sigma (``taper_shape``: linear or cosine in the
+        step), once per training step, including its removal step; the weights live in the
+        FakeNorms' buffers, so checkpoints carry them."""
         for name, site in self.adapter.sites.items():
             norm = site.norm
             if norm.tapering:
-                norm.set_taper(min(1.0, norm.taper + 1.0 / self.removal.taper))
+                norm.set_taper(next_taper_weight(norm.taper, self.removal.taper,
+                                                 self.removal.taper_shape))
                 if not norm.tapering:
                     self.log({"event": "tapered", "step": step, "site": name})
 
