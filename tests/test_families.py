@@ -409,6 +409,9 @@ def test_a_run_started_with_old_site_names_resumes_to_the_same_model(tiny_model_
     assert r.summary["complete"] and r.adapter.sigmas() == full.adapter.sigmas()
     meta = json.loads((tmp_path / "run" / "model" / "noln.json").read_text())
     assert [e["site"] for e in meta["events"]] == full.adapter.site_names()
+    # the summary and the result speak roles too, the old run's removals among them
+    assert [e["site"] for e in r.summary["removals"]] == full.adapter.site_names()
+    assert [e["site"] for e in r.events] == full.adapter.site_names()
 
 
 # ----------------------------------------------------------------------------- layout registry

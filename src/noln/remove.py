@@ -30,7 +30,7 @@ from rich.markup import escape
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from noln.arch import NormAdapter, context_length, install
+from noln.arch import NormAdapter, canonical_site, context_length, install
 from noln.config import RemoveConfig, make_config, resume_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
 from noln.errors import NolnError
@@ -297,7 +297,9 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
     if not ranks.is_main_process:  # the main process measures, exports and writes the summary
         ranks.wait_for_everyone()
         return RemovalResult(net, adapter, run.read_log(), run.read_summary(), run.root)
-    log = run.read_log()
+    # a run begun before sites were named by role logged the old names: report roles
+    log = [{**e, "site": canonical_site(e["site"])} if "site" in e else e
+           for e in run.read_log()]
     events = [e for e in log if e.get("event") == "remove"]
     unfinished = None if cfg.keep_ln else unfinished_removal(adapter, trainer.schedule, run.root)
     if unfinished:
