@@ -1,6 +1,7 @@
 """The removal loop on a tiny model: full run, resume after SIGKILL, guard, bad input."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -146,6 +147,33 @@ def test_guard_restores_checkpoint_and_lowers_lr_after_a_nan(tiny_model_dir, tex
     steps = [e for e in r.log if "event" not in e]
     assert [e["step"] for e in steps] == list(range(30))
     assert steps[-1]["lr"] == pytest.approx(0.5 * train.lr_at(29, r_cfg(r), 30))
+
+
+def test_guard_catches_nan_gradients_under_a_finite_loss(tiny_model_dir, text_jsonl, tmp_path,
+                                                          monkeypatch):
+    """An activation past float range in the backward pass gives inf/nan gradients while the
+    loss is finite; clipping would step nan into every weight. The guard restores instead."""
+    from noln import train
+
+    real_loss = train.Trainer.loss
+
+    poisoned = []
+
+    def nan_gradients(self, x):
+        loss, ce = real_loss(self, x)
+        if self.state.step == 12 and not poisoned:  # once: the first try of step 12
+            poisoned.append(True)
+            weight = next(p for p in self.model.parameters() if p.requires_grad)
+            handle = weight.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
+        return loss, ce
+
+    monkeypatch.setattr(train.Trainer, "loss", nan_gradients)
+    r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              export_format="none", **FAST)
+    guard = [e for e in r.log if e.get("event") == "guard"]
+    assert len(guard) == 1 and guard[0]["step"] == 12 and guard[0]["restored_step"] == 10
+    assert math.isfinite(guard[0]["loss"]) and not math.isfinite(guard[0]["grad_norm"])
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
 
 
 def r_cfg(r):

@@ -388,8 +388,10 @@ class Trainer:
                 ce_mean = self.acc.reduce(ce_sum, reduction="mean")
                 ce_val, grad_norm = torch.stack([ce_mean, torch.as_tensor(
                     grad_norm, device=ce_mean.device, dtype=ce_mean.dtype)]).tolist()  # one sync
-                if self._exploded(ce_val):
-                    self._recover(step, ce_val)
+                # a finite loss can still come with inf/nan gradients (an activation past
+                # float range in the backward pass); clipping would turn them into nan weights
+                if self._exploded(ce_val) or not math.isfinite(grad_norm):
+                    self._recover(step, ce_val, grad_norm)
                     progress.reset(self.state.step)
                     continue
                 self.optimizer.step()
@@ -422,21 +424,23 @@ class Trainer:
         recent = self.state.losses[-10:]
         return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
 
-    def _recover(self, step: int, loss: float) -> None:
+    def _recover(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Back to the last good checkpoint with half the learning rate, or stop for good."""
         self.optimizer.zero_grad(set_to_none=True)
         path = latest_checkpoint(self.out)
         failures = self.state.failures + 1
+        what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
+            f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
         if failures > self.cfg.max_retries:
-            raise NolnError(f"training diverged {failures} times (last: loss {loss:.4g} at step "
-                            f"{step}); the last good checkpoint is kept at {path}: lower --lr or "
+            raise NolnError(f"training diverged {failures} times (last: {what} at step {step}); "
+                            f"the last good checkpoint is kept at {path}: lower --lr or "
                             "lengthen the schedule's gaps, then --resume")
         lr_scale = self.state.lr_scale * 0.5
         self.restore(load_checkpoint(path))
         self._truncate_log()
         self.state.failures, self.state.lr_scale = failures, lr_scale
-        self.log({"event": "guard", "step": step, "loss": loss, "restored_step": self.state.step,
-                  "lr_scale": lr_scale, "failures": failures})
+        self.log({"event": "guard", "step": step, "loss": loss, "grad_norm": grad_norm,
+                  "restored_step": self.state.step, "lr_scale": lr_scale, "failures": failures})
 
 
 class _Progress:
