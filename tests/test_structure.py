@@ -148,3 +148,14 @@ def test_help_lists_every_setting_of_the_schema(command, schema, positional):
         if name != "progress":  # --quiet says 'no progress bar'
             words = " ".join(str(field.description).split())[:40]
             assert words in text, f"{flag}: its description is not the schema's"
+
+
+def test_every_setting_has_one_resume_rule():
+    """A new setting says, in config.py beside its field, whether --resume may change it."""
+    from noln.config import RESUME_CHANGES_OBJECTIVE, RESUME_FIXED, RESUME_MAY_CHANGE
+
+    rules = (RESUME_FIXED, RESUME_MAY_CHANGE, RESUME_CHANGES_OBJECTIVE)
+    for name in RemoveConfig.model_fields:
+        if name == "out":  # a resumed run stays in its folder
+            continue
+        assert sum(name in rule for rule in rules) == 1, f"{name}: give it one --resume rule"
