@@ -573,16 +573,16 @@ def _lays_out_by_length(schedule: str) -> bool:
     return (spec.type or ("events" if spec.events is not None else "fixed")) == "fixed"
 
 
-def resume_config(run: Path, given: dict[str, Any]
+def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
                   ) -> tuple[RemoveConfig, dict[str, Any], list[str]]:
-    """The config of ``noln remove --resume RUN`` with command-line values ``given`` (None: not
-    given), the values that changed, and notes saying what was kept and what changed. A value
+    """The config of ``noln remove --resume RUN`` from the run's settings ``saved`` (its
+    ``config.yaml``) and the command-line values ``given`` (None: not given), the values that
+    changed, and notes saying what was kept and what changed. A value
     of ``RESUME_FIXED`` that differs from the run's is an error; ``RESUME_MAY_CHANGE`` values
     replace the run's; ``RESUME_CHANGES_OBJECTIVE`` values replace them with a warning. A new
     ``lr`` scales the run's ``min_lr`` with it unless ``min_lr`` is given too (the cosine keeps
     its shape)."""
     run = Path(run)
-    saved = read_config_file(run / "config.yaml")
     given = {k: v for k, v in given.items() if v is not None and k != "out"}
     for field in RESUME_FIXED:
         if field in given and not _same(field, saved.get(field), given[field]):

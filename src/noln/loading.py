@@ -11,7 +11,7 @@ import torch
 from noln.export import load_clean
 from noln.linearity.replace import is_linearized, load_linearized
 from noln.pretrained import load_pretrained, load_tokenizer, read_json
-from noln.run import load_run_model
+from noln.run import RunFolder, load_run_model
 
 
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
@@ -31,7 +31,7 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     elif meta.is_file() and read_json(meta).get("format") == "clean":
         model = load_clean(path, dtype=dtype)
         tok = load_tokenizer(path)
-    elif (path / "checkpoints").is_dir() or (path.is_file() and path.suffix == ".pt"):
+    elif RunFolder(path).checkpoints.is_dir() or (path.is_file() and path.suffix == ".pt"):
         model, tok = load_run_model(path, dtype=dtype)
     else:
         model = load_pretrained(name, dtype=dtype, check_family=False)

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from noln.arch import NormAdapter, canonical_site, context_length, install
-from noln.config import RemoveConfig, make_config, resume_config
+from noln.config import RemoveConfig, make_config, read_config_file, resume_config
 from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
 from noln.errors import NolnError
 from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
@@ -161,8 +161,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if not run.config.is_file():
             raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
                             "--resume")
-        cfg, changed, notes = resume_config(run.root, {"model": model, "data": data,
-                                                       **overrides})
+        cfg, changed, notes = resume_config(run.root, read_config_file(run.config),
+                                            {"model": model, "data": data, **overrides})
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
