@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from noln.cli import main
 
@@ -433,10 +434,18 @@ def test_non_causal_models_are_refused(capsys, tmp_path):
 # ----------------------------------------------------------------------------- 8. smaller
 
 
-def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path):
+@pytest.mark.parametrize("where", ["--out", "--config"])
+def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where):
+    """The hint names the run's folder, wherever it was given (a --config file's `out` too)."""
     out = tmp_path / "run"
     args = ["remove", tiny_model_dir, "--data", text_jsonl, "--out", out, *RUN_ARGS]
     args[args.index("--steps") + 1] = "400"
+    if where == "--config":
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": str(text_jsonl),
+                                          "out": str(out)}))
+        args = ["remove", "--config", config, *RUN_ARGS]
+        args[args.index("--steps") + 1] = "400"
     # a shell's background jobs inherit SIGINT ignored (nohup, `&`): give the child the default
     # handler, as a terminal would, so Python turns the signal into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "noln.cli", *map(str, args)],

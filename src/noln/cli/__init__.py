@@ -103,6 +103,7 @@ def remove(
             raise NolnError(f"--out {out} differs from --resume {resume}: a resumed run stays "
                             "in its folder; drop --out")
         model, data = overrides.pop("model", None), overrides.pop("data", None)
+        _RUN_FOLDER["remove"] = Path(resume)
         remove_layernorm, remove_with_control, sets = _removal(eval)
         if control:
             remove_with_control(model, data, resume, resume=True, eval_sets=sets,
@@ -118,6 +119,7 @@ def remove(
         raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
     overrides.setdefault("out", Path("runs") / Path(str(overrides["model"])).name)
     cfg = make_config(**overrides)  # every value checked now, before anything loads
+    _RUN_FOLDER["remove"] = Path(cfg.out)
     remove_layernorm, remove_with_control, sets = _removal(eval)
     if control:
         model, data, out = overrides.pop("model"), overrides.pop("data", None), \
@@ -265,6 +267,11 @@ def fill_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+# the folder of the run a command is training, once the command has resolved it (from --out,
+# --resume, a --config file's `out` or the default runs/MODEL), for the Ctrl-C hint
+_RUN_FOLDER: dict[str, Path] = {}
+
+
 def _interrupt_hint(argv: list[str]) -> str:
     """What to do after Ctrl-C: a training command names the way to continue it."""
     command = next((a for a in argv if not a.startswith("-")), "")
@@ -273,7 +280,7 @@ def _interrupt_hint(argv: list[str]) -> str:
         return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), None)
 
     if command == "remove":
-        run = value("--resume") or value("--out")
+        run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
         return ("interrupted: the run keeps its last checkpoint; continue it with `noln remove "
                 f"--resume {run or 'OUT'}`" + (" --control" if "--control" in argv else ""))
     if command == "pretrain":
