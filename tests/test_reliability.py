@@ -462,6 +462,26 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where):
     assert not (out / ".noln.lock").exists()
 
 
+def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monkeypatch):
+    """torch's zip writer turns a KeyboardInterrupt inside it into a RuntimeError; a Ctrl-C
+    during a save is held until the checkpoint is whole, then raised as itself."""
+    from noln import checkpoint
+
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-save
+        time.sleep(0.05)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted_save)
+    path = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "step": 7}, path)
+    assert checkpoint.load_checkpoint(path)["step"] == 7  # whole, in place
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_noln_debug_shows_the_whole_chain(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

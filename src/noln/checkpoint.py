@@ -2,6 +2,8 @@
 
 Each save writes ``last.pt.tmp``, flushes it to disk, keeps the previous checkpoint as
 ``prev.pt`` and renames the new file over ``last.pt`` (``os.replace`` is atomic on POSIX).
+A Ctrl-C during a save waits for the save to end: torch's zip writer would turn the interrupt
+into a RuntimeError, and the user would get an internal error instead of how to resume.
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +44,36 @@ def plain(obj):
     return obj
 
 
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt
+    when the block ends. Only the main thread receives signals; elsewhere, and where SIGINT is
+    ignored or handled by someone else, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(plain(obj), f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name("prev.pt"))
-    os.replace(tmp, path)
+    with ctrl_c_after():
+        with open(tmp, "wb") as f:
+            torch.save(plain(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_name("prev.pt"))
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
