@@ -70,7 +70,7 @@ def remove(
 ) -> None:
     """Fine-tune MODEL on --data while removing every norm; export and evaluate it.
 
-    Every setting has a flag or is given as KEY=VALUE (see the README's settings table).
+    Every setting has a flag or is given as KEY=VALUE (the README: "Settings").
     With --resume RUN, the run keeps its model, data, ctx, batch size, seed and schedule;
     --lr, --steps/--tokens, --checkpoint-every, --format and the precision/memory options may
     change (a new --lr also resets the guard's lowered one)."""
