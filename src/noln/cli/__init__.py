@@ -16,14 +16,12 @@ from rich.markup import escape
 from noln.cli.attribute import attribute_cmd
 from noln.cli.evaluate import compare_cmd, eval_cmd
 from noln.cli.linearity import linearity_cmd, linearize_cmd
-from noln.cli.schema import settings_given, with_settings
+from noln.cli.schema import command_line_settings, with_settings
 from noln.config import (
     PretrainConfig,
     RemoveConfig,
     deep_merge,
-    flag_of,
     make_config,
-    parse_settings,
     read_config_file,
 )
 from noln.errors import NolnError
@@ -79,13 +77,7 @@ def remove(
             RemoveConfig.model_fields and not Path(model).exists():
         settings.insert(0, model)  # `noln remove --resume RUN lr=1e-4`: no model, a setting
         model = None
-    given = settings_given(RemoveConfig, flags)
-    typed = parse_settings(settings, RemoveConfig)
-    both = sorted(set(given) & set(typed))
-    if both:
-        raise NolnError(f"'{both[0]}' is given as {flag_of(both[0])} and as {both[0]}=...: give "
-                        "it once")
-    overrides = {**typed, **given}
+    overrides = command_line_settings(RemoveConfig, flags, settings)
     if model is not None:
         overrides["model"] = model
     if hellaswag is not None and not control:
@@ -212,13 +204,7 @@ def pretrain(
     """Pretrain a small model with its norms from scratch (own BPE tokenizer)."""
     from noln.pretrain import pretrain as run_pretrain
 
-    given = settings_given(PretrainConfig, flags)
-    typed = parse_settings(list(settings or []), PretrainConfig)
-    both = sorted(set(given) & set(typed))
-    if both:
-        raise NolnError(f"'{both[0]}' is given as {flag_of(both[0], PretrainConfig)} and as "
-                        f"{both[0]}=...: give it once")
-    given = {**typed, **given}
+    given = command_line_settings(PretrainConfig, flags, list(settings or []))
     if "data" not in given or "out" not in given:
         raise NolnError("noln pretrain needs --data SOURCE and --out FOLDER (the model is "
                         "written to OUT/model)")

@@ -19,7 +19,8 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from noln.config import flag_of, option_type
+from noln.config import flag_of, option_type, parse_settings
+from noln.errors import NolnError
 
 _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
            (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
@@ -61,6 +62,19 @@ def settings_given(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, An
     if "progress" in given:  # the flag is --quiet: given means no progress bar
         given["progress"] = not given["progress"]
     return given
+
+
+def command_line_settings(cls: type[BaseModel], flags: dict[str, Any],
+                          settings: list[str]) -> dict[str, Any]:
+    """The settings a command line gives: its flags and its ``KEY=VALUE`` arguments, which may
+    not both give one setting."""
+    given = settings_given(cls, flags)
+    typed = parse_settings(settings, cls)
+    both = sorted(set(given) & set(typed))
+    if both:
+        raise NolnError(f"'{both[0]}' is given as {flag_of(both[0], cls)} and as {both[0]}=...: "
+                        "give it once")
+    return {**typed, **given}
 
 
 def with_settings(command: Callable, cls: type[BaseModel], skip: Iterable[str] = ()
