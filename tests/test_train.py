@@ -37,10 +37,15 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
 def test_taper_run_moves_each_site_to_its_fixed_scale_and_exports(tiny_model_dir, text_jsonl,
                                                                     tmp_path):
     """With --taper N, each removed site reaches its fixed scale N steps after its removal
-    (a 'tapered' event), and the finished run exports like any other."""
+    (a 'tapered' event), and the finished run exports like any other; with the site loss on,
+    each step logs it: zero before the first removal, positive after."""
     r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
-                              schedule="fixed", export_format="both", taper=4,
+                              schedule="fixed", export_format="both", taper=4, site_aux=0.1,
                               fixed={"finish_by": 0.6}, **FAST)
+    first = min(e["step"] for e in r.events)
+    steps = [e for e in r.log if "event" not in e]
+    assert all(e["site_aux"] == 0.0 for e in steps if e["step"] < first)
+    assert all(e["site_aux"] > 0.0 for e in steps if e["step"] >= first)
     removed = {e["site"]: e["step"] for e in r.log if e.get("event") == "remove"}
     tapered = {e["site"]: e["step"] for e in r.log if e.get("event") == "tapered"}
     assert set(removed) == set(tapered) == set(r.adapter.site_names())
@@ -386,3 +391,60 @@ def test_compiled_run_matches_eager(tiny_model_dir, text_jsonl, tmp_path):
     b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_site_aux_adds_each_removed_sites_log_scale_error(tiny_model_dir, tmp_path):
+    """``site_aux`` adds w * sum over removed sites of mean_t log(s_t / sigma)^2, s_t measured
+    here by a hook on each site's input, independently of the FakeNorm; live sites add
+    nothing, and a special token is measured against its own scale while it has one."""
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.pretrained import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir).eval()  # eval: no EMA updates between passes
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
+    x = torch.from_numpy(blocks[:4])
+
+    def losses(w):
+        cfg = make_config(model=str(tiny_model_dir), out=tmp_path, site_aux=w, aux_weight=0.0,
+                          progress=False, batch_size=4)
+        return Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter).loss(x)[0].item()
+
+    assert losses(0.5) == pytest.approx(losses(0.0), abs=1e-6)  # nothing removed yet
+    inputs = {}
+    names = ["blocks.0.mlp_in", "blocks.1.attn_in_v"]
+    # GPT-2's fused QKV never calls the V site on its own: hook the layer norm it splits
+    readers = [adapter.site(names[0]).norm, model.transformer.h[1].ln_1]
+    hooks = [m.register_forward_pre_hook(
+        lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().double()))
+        for n, m in zip(names, readers)]
+    for name, sigma in zip(names, (0.7, 2.5)):
+        adapter.site(name).norm.freeze(sigma)
+    base = losses(0.0)
+    expected = 0.0
+    for name, sigma in zip(names, (0.7, 2.5)):
+        xc = inputs[name] - inputs[name].mean(-1, keepdim=True)
+        std = (xc.pow(2).mean(-1) + adapter.site(name).norm.eps).sqrt()
+        expected += (std / sigma).log().pow(2).mean().item()
+    assert expected > 0.01
+    assert losses(0.3) == pytest.approx(base + 0.3 * expected, rel=1e-4)
+
+    [h.remove() for h in hooks]
+
+    # with special scales, position 0 is measured against its own scale (the adapter marks
+    # special tokens from input_ids: position 0 here, end-of-text is outside these ids)
+    norm = adapter.site(names[0]).norm
+    norm.enable_special_scale()
+    norm.sigma_special.fill_(40.0)
+    with adapter.measuring(capture_std=[norm]):
+        model(input_ids=x)
+        error = norm.scale_error().double()
+    xc = inputs[names[0]] - inputs[names[0]].mean(-1, keepdim=True)
+    std = (xc.pow(2).mean(-1) + norm.eps).sqrt()
+    target = torch.full_like(std, 0.7)
+    target[:, 0] = 40.0
+    torch.testing.assert_close(error, (std / target).log(), rtol=1e-4, atol=1e-5)

@@ -224,6 +224,10 @@ class RemoveConfig(TrainConfig):
     aux_weight: float = Field(0.1, ge=0, **describe_field(
         "weight of paper 2's loss pulling every token's residual std at the final norm to the "
         "typical token's"))
+    site_aux: float = Field(0.0, ge=0, **describe_field(
+        "weight of a loss pulling each token's input std at every removed site to the site's "
+        "fixed scale: sum over removed sites of the token mean of log(s_t / sigma)^2 (for "
+        "SwiGLU models, where an outlier grows block after block)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
         "weight of KL to the original model (the rest is CE)"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
@@ -549,8 +553,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning
-RESUME_CHANGES_OBJECTIVE = ("aux_weight", "cos_reg", "distill", "weight_decay", "betas",
-                            "grad_clip")
+RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "cos_reg", "distill", "weight_decay",
+                            "betas", "grad_clip")
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:

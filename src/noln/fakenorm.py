@@ -224,6 +224,17 @@ class FakeNorm(nn.Module):
             divisor = std.pow(1.0 - self.taper) * divisor.pow(self.taper)
         return divisor
 
+    def scale_error(self) -> torch.Tensor:
+        """``log(s_t / d_t)`` per token of the last captured forward (``capture_std``): how far
+        each token's input std is from the fixed scale the site divides it by once every
+        taper and fade is done: ``sigma``, or a special token's own scale while it has one.
+        Zero everywhere means the frozen site computes exactly the real norm (``site_aux``)."""
+        target = self.sigma
+        if self.special and self.special_mask is not None:
+            mask = self._expand(self.special_mask, self.input_std)
+            target = torch.where(mask, self.special_divisor, self.sigma)
+        return self.input_std.log() - target.detach().log()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.capture_std and not self._per_token_special() and not self.tapering:
             fast = self._fast_forward(x)

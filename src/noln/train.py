@@ -2,8 +2,8 @@
 
 Plain PyTorch on ``accelerate`` (device placement, DDP) or FSDP2 (``noln.sharding``), bf16
 autocast where the device has native bf16 (``noln.precision``), read in order:
-removals due -> tapers -> special scales' fade -> micro-batches (CE + aux std loss) -> clip -> guard
-(a blown-up loss restores the last checkpoint before the optimiser can step on it) -> AdamW
+removals due -> tapers -> special scales' fade -> micro-batches (CE + aux std losses) -> clip ->
+guard (a blown-up loss restores the last checkpoint before the optimiser can step on it) -> AdamW
 step -> log -> checkpoint. Everything a resumed run needs (weights, optimiser, sigmas, schedule
 position, loss history, RNG, data position = the step) is in the checkpoint, so a killed run
 resumes to the same final weights as an uninterrupted one.
@@ -178,6 +178,7 @@ class Trainer:
             compile_blocks(model)
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
+        self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
         self.run = RunFolder(self.out)
         self.log_path = self.run.log
 
@@ -212,12 +213,16 @@ class Trainer:
         aux_on = aux_weight > 0
         exclude = self.cfg.exclude_special if isinstance(self.cfg, RemoveConfig) else True
         final = self.adapter.final_norm
-        with self.adapter.measuring(std_mask=keep if exclude else None,
-                                    capture_std=[final] if aux_on else []):
+        site_aux = self.removal.site_aux if self.removal is not None else 0.0
+        removed = [n for n in self.adapter.norms() if n.frozen] if site_aux > 0 else []
+        capture = list({id(n): n for n in ([final] if aux_on else []) + removed}.values())
+        with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
                                  output_hidden_states=self.cfg.cos_reg > 0)
             input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
+            # each removed site's distance from its fixed scale, before measuring() resets it
+            scale_errors = [n.scale_error() for n in removed]
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
@@ -232,6 +237,12 @@ class Trainer:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s_star = batch_mean(input_std.detach(), keep.to(input_std.dtype))  # global micro
             loss = loss + aux_weight * (input_std - s_star).pow(2).mean()
+        if scale_errors:
+            # a removed site is exact where every token's std equals its fixed scale; summed
+            # over sites, so each site's pull does not shrink as more sites are removed
+            term = site_aux * sum(e.pow(2).mean() for e in scale_errors)
+            self.site_aux_term += term.detach()
+            loss = loss + term
         if self.cfg.cos_reg > 0:
             loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
         return loss, ce.detach()
@@ -375,6 +386,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 ce_sum = torch.zeros((), device=self.acc.device)
+                self.site_aux_term = torch.zeros((), device=self.acc.device)
                 batches = list(self.micro_batches(step))
                 for i, x in enumerate(batches):
                     sync = i == len(batches) - 1
@@ -400,9 +412,14 @@ class Trainer:
                 self.state.losses.append(ce_val)
                 self.state.wall_time += dt
                 self.state.step += 1
-                self.log({"step": step, "loss": ce_val, "lr": lr, "grad_norm": grad_norm,
+                record = {"step": step, "loss": ce_val, "lr": lr, "grad_norm": grad_norm,
                           "tokens": self.state.step * tokens_per_step,
-                          "frozen": len(self.adapter.frozen_sites()), "dt": dt})
+                          "frozen": len(self.adapter.frozen_sites()), "dt": dt}
+                if self.removal is not None and self.removal.site_aux > 0:
+                    # this process's share, summed over micro-batches: how far the removed
+                    # sites' inputs are from their fixed scales, in the loss's units
+                    record["site_aux"] = self.site_aux_term.item() / len(batches)
+                self.log(record)
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
                                 self.schedule.next_label(self.state.step))
                 if self.state.step % self.cfg.checkpoint_every == 0 or \

@@ -88,6 +88,9 @@ class SplitLayerNorm(SplitNorm):
             if self.training and not self.v.frozen:
                 self.v._update_sigma(std.detach())
         u = self.qk(resid_pre)
+        if self.v.capture_std:  # the V site never runs on its own here: measure for it
+            xf = resid_pre.float()
+            self.v.input_std = (xf.var(dim=-1, unbiased=False) + self.v.eps).sqrt()
         self.v_ratio = ((self.qk.frozen_divisor(resid_pre) if self.qk.frozen else std)
                         / (self.v.frozen_divisor(resid_pre) if self.v.frozen else std))
         return u
