@@ -423,3 +423,27 @@ def test_nonexistent_model_path(tmp_path):
     assert isinstance(r.exception, NolnError) and "does not exist" in str(r.exception)
     r = run("eval", str(tmp_path / "no-model"))
     assert isinstance(r.exception, NolnError) and "nothing to evaluate" in str(r.exception)
+
+
+def test_scoring_runs_gpt2s_tanh_gelu_as_one_fused_kernel(tiny_model_dir):
+    """``fuse_activations`` swaps GPT-2's six-op gelu_new for torch's fused tanh GELU in every
+    block, the logits stay equal to float rounding, and the models eval scores with are the
+    fused ones; a model without such modules is left alone."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from noln.evaluate.inputs import load_models
+    from noln.loading import fuse_activations, load_model
+
+    model, _ = load_model(tiny_model_dir)
+    n_layer = model.config.n_layer
+    x = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        before = model(x).logits
+        assert fuse_activations(model) == n_layer
+        after = model(x).logits
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert (before - after).abs().max().item() > 0  # a different kernel ...
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # ... the same function
+    assert fuse_activations(model) == 0
+    (scored, _), = load_models({"m": str(tiny_model_dir)}, torch.device("cpu")).values()
+    assert sum(isinstance(m, GELUTanh) for m in scored.modules()) == n_layer

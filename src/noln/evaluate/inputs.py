@@ -12,7 +12,7 @@ from noln.config import check_numbers
 from noln.data import is_local
 from noln.errors import NolnError
 from noln.evaluate.hellaswag import model_context
-from noln.loading import load_model
+from noln.loading import fuse_activations, load_model
 from noln.run import check_output_dir, check_output_file
 
 
@@ -54,10 +54,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]:
-    """``{key: (model, tokenizer)}`` on ``device``."""
+    """``{key: (model, tokenizer)}`` on ``device``, for scoring (``fuse_activations``)."""
     loaded = {}
     for key, name in names.items():
         model, tok = load_model(name)
+        fuse_activations(model)
         loaded[key] = (model.to(device), tok)
     return loaded
 

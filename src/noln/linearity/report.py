@@ -17,7 +17,7 @@ from noln.data import load_blocks
 from noln.errors import NolnError
 from noln.evaluate.hellaswag import model_context
 from noln.linearity.score import LinearityProfile, check_tokens, hidden_size, linearity_profile
-from noln.loading import load_model
+from noln.loading import fuse_activations, load_model
 from noln.progress import token_progress
 
 matplotlib.use("Agg")  # files only, never a window
@@ -159,6 +159,7 @@ def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list
                 without_first: bool = False) -> tuple[LinearityProfile, dict]:
     """Load ``name``, tokenise ``data`` with its tokenizer and profile it."""
     model, tok = load_model(name)
+    fuse_activations(model)
     ctx = sequence_length(model, ctx)
     check_tokens(tokens, hidden_size(model))  # before tokenising and running anything
     blocks = load_blocks(data, tok, ctx, max_tokens=tokens)
