@@ -294,3 +294,43 @@ def test_taper_blends_each_tokens_std_into_the_fixed_scale(cls):
     fresh.load_state_dict(norm.state_dict())
     assert fresh.tapering and fresh.taper == 0.25
     torch.testing.assert_close(fresh(x), norm(x))
+
+
+@pytest.mark.parametrize("cls", [FakeLayerNorm, FakeRMSNorm])
+def test_outlier_clip_caps_each_tokens_size_at_k_times_the_fixed_scale(cls):
+    """With the outlier clip K a frozen site divides token t by max(sigma, s_t / K): typical
+    tokens see the fixed scale, a token at 10x enters the next layer at K times a typical
+    one's normalised size; the clip is a buffer, pending until it is off, and off it is the
+    plain fixed scale."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16))
+    bias = nn.Parameter(torch.randn(16)) if cls is FakeLayerNorm else None
+    norm = cls(weight, bias, eps=1e-5).train()
+    x = torch.randn(2, 6, 16) * torch.tensor([1.0, 10.0, 1.0, 3.0, 0.5, 40.0])[None, :, None]
+    norm(x)
+    norm.freeze()
+    plain = norm(x).detach()
+    sigma = float(norm.sigma)
+    xc = x - x.mean(-1, keepdim=True) if cls is FakeLayerNorm else x
+    s_t = (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    norm.set_clip(4.0)
+    assert norm.clipping and norm.pending
+    want = xc / torch.maximum(torch.tensor(sigma), s_t / 4.0) * weight
+    want = want + bias if bias is not None else want
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
+    clipped = s_t.squeeze(-1) > 4.0 * sigma
+    assert clipped.any() and (~clipped).any()
+    torch.testing.assert_close(norm(x)[~clipped], plain[~clipped])
+    # a clipped token's normalised size is K, whatever its own std
+    y = norm(x).detach() - (bias if bias is not None else 0)
+    size = ((y / weight).pow(2).mean(-1) + 0).sqrt()
+    torch.testing.assert_close(size[clipped], torch.full_like(size[clipped], 4.0), rtol=1e-4,
+                               atol=1e-4)
+    fresh = cls(nn.Parameter(weight.detach().clone()), None if bias is None else
+                nn.Parameter(bias.detach().clone()), eps=1e-5)
+    fresh.load_state_dict(norm.state_dict())
+    assert fresh.clipping and fresh.clip == 4.0
+    torch.testing.assert_close(fresh(x), norm(x))
+    norm.set_clip(0.0)
+    assert not norm.clipping and not norm.pending
+    torch.testing.assert_close(norm(x), plain)

@@ -218,3 +218,26 @@ def test_run_that_ends_with_the_fade_unfinished_says_so(tokenizer, text_jsonl, t
     # resumed with more steps, it finishes and exports
     r2 = noln.remove_layernorm(resume=tmp_path / "run", steps=40, progress=False)
     assert r2.summary["complete"] and r2.summary["exports"]
+
+
+def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):
+    """With --outlier-clip K, each site is clipped from its removal (the run differs from an
+    unclipped one), K rises over the special fade once every site is frozen, and the run ends
+    with every clip off: a plain fixed-scale model whose exports give its logits."""
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = dict(schedule="fixed", export_format="both", special_fade=(0.5, 0.9),
+                fixed={"finish_by": 0.4}, **FAST)
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              outlier_clip=1.0, **args)
+    assert r.summary["complete"] and r.adapter.export_state() == "all"
+    assert all(n.clip == 0.0 and not n.pending for n in r.adapter.norms())
+    faded = [e for e in r.log if e.get("event") == "special_faded"]
+    assert len(faded) == 1 and faded[0]["step"] > max(e["step"] for e in r.events)
+    assert_run_matches_its_exports(r, vocab=len(tokenizer))
+    plain = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "plain",
+                                  **args)
+    assert [e["site"] for e in plain.events] == [e["site"] for e in r.events]
+    assert plain.summary["ce_after"]["heldout"]["mean"] != \
+        pytest.approx(r.summary["ce_after"]["heldout"]["mean"], abs=1e-4)

@@ -217,10 +217,15 @@ class RemoveConfig(TrainConfig):
     special_scale: bool = Field(False, **describe_field(
         "position 0 and end-of-text tokens keep a frozen scale of their own, faded into the "
         "shared one at the end of the run (real LLMs' massive activations)"))
+    outlier_clip: float = Field(0.0, ge=0, **describe_field(
+        "a frozen site divides a token whose std is above K x its scale by std / K: no token "
+        "enters the next layer above K times the typical size (massive activations on "
+        "ordinary tokens); lifted over special_fade once every site is frozen; 0: off"))
     special_fade: tuple[Annotated[float, Field(ge=0, le=1)],
                         Annotated[float, Field(ge=0, le=1)]] = Field((0.6, 0.9), **describe_field(
                             "fractions of the run between which special tokens' scales fade "
-                            "into the shared one (once every site is frozen)"))
+                            "into the shared one and the outlier clip lifts (once every site "
+                            "is frozen)"))
     aux_weight: float = Field(0.1, ge=0, **describe_field(
         "weight of paper 2's loss pulling every token's residual std at the final norm to the "
         "typical token's"))
@@ -243,6 +248,10 @@ class RemoveConfig(TrainConfig):
         if not self.special_fade[0] < self.special_fade[1]:
             raise ValueError(f"special_fade {list(self.special_fade)} must rise: give two "
                              "fractions of the run, start < end (e.g. [0.6, 0.9])")
+        if 0 < self.outlier_clip < 1:
+            raise ValueError(f"--outlier-clip {self.outlier_clip:g} is below 1: it would divide "
+                             "typical tokens by more than the fixed scale; give K >= 1 (e.g. 4)"
+                             " or 0 (off)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")
@@ -546,8 +555,7 @@ def make_config(**kwargs) -> RemoveConfig:
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
                 "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "taper_shape",
-                "momentum",
-                "exclude_special", "special_scale")
+                "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
                      "special_fade",
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",

@@ -37,6 +37,18 @@ the fine-tuning can shrink the outliers while they are still partly normalised. 
 geometric: a token at ``k`` times the typical std reaches the next layer at ``k ** w`` times
 its normalised size. ``sigma`` stays the EMA frozen at the removal step; at ``w = 1`` the site
 is the plain fixed scale. Gradients flow through ``s_t ** (1 - w)`` as through a live norm.
+
+**Outlier clip.** Real LLMs put massive activations on ordinary tokens too, which no fixed set
+of special tokens catches (SmolLM2-135M: a lone space at ~200x the typical std from layer 12
+on, ~1% of tokens at 3-29x in layers 3-9; docs/BENCHMARKS.md). With ``outlier_clip`` K > 0 a
+frozen site divides token t by
+
+    max(d_t, s_t / K),
+
+``d_t`` its divisor above: a token enters the next layer at most K times the size a typical
+one does, so no token can feed a SwiGLU MLP an outlier that grows block after block. ``K``
+rises as ``K / (1 - fade)`` over the special fade (``noln.train``) and the clip is off at
+``fade = 1``: the plain fixed scale again.
 """
 
 from __future__ import annotations
@@ -105,9 +117,12 @@ class FakeNorm(nn.Module):
         # weight of the fixed scale in a frozen site's divisor (module docstring: taper);
         # 1 unless the site was frozen with a taper
         self.register_buffer("taper_weight", torch.ones((), dtype=torch.float32))
+        # K of the outlier clip (module docstring); 0: off
+        self.register_buffer("outlier_clip", torch.zeros((), dtype=torch.float32))
         self.special = False  # mirrors special_on, read without a device sync
         self.fade = 0.0  # mirrors special_fade
         self.taper = 1.0  # mirrors taper_weight
+        self.clip = 0.0  # mirrors outlier_clip
         self.special_mask: torch.Tensor | None = None  # [batch, seq], set by the adapter's hook
         self.frozen = False
         # Set by the trainer for one forward pass: which tokens count in the sigma estimate
@@ -132,6 +147,15 @@ class FakeNorm(nn.Module):
     def set_taper(self, weight: float) -> None:
         self.taper_weight.fill_(weight)
         self.taper = float(weight)
+
+    def set_clip(self, k: float) -> None:
+        self.outlier_clip.fill_(k)
+        self.clip = float(k)
+
+    @property
+    def clipping(self) -> bool:
+        """Frozen, with tokens above ``clip`` times the fixed scale divided by their own std."""
+        return self.frozen and self.clip > 0
 
     @property
     def tapering(self) -> bool:
@@ -162,11 +186,12 @@ class FakeNorm(nn.Module):
     def pending(self) -> bool:
         """Frozen, but not yet one fixed scale for every token (a taper or a special scale
         still running): no plain model class can express the site."""
-        return self.frozen and (self.tapering or self.special_pending)
+        return self.frozen and (self.tapering or self.special_pending or self.clip > 0)
 
     # buffers added after the first releases: checkpoints from before them lack these, and
     # their defaults (special scales off, no taper) are what those runs trained with
-    OPTIONAL_BUFFERS = ("special_on", "sigma_special", "special_fade", "taper_weight")
+    OPTIONAL_BUFFERS = ("special_on", "sigma_special", "special_fade", "taper_weight",
+                        "outlier_clip")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -179,6 +204,7 @@ class FakeNorm(nn.Module):
         self.special = bool(self.special_on)
         self.fade = float(self.special_fade)
         self.taper = float(self.taper_weight)
+        self.clip = float(self.outlier_clip)
 
     def _centered(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(dim=-1, keepdim=True) if self.center else x
@@ -213,15 +239,19 @@ class FakeNorm(nn.Module):
 
     def frozen_divisor(self, x: torch.Tensor) -> torch.Tensor:
         """What a frozen site divides ``x`` by: ``sigma``, or per token (``[..., 1]``) while
-        special tokens still have a scale of their own or a taper runs (module docstring)."""
+        special tokens still have a scale of their own, a taper runs or the outlier clip is on
+        (module docstring)."""
         divisor = self.sigma
         if self._per_token_special():
             mask = self._expand(self.special_mask, x[..., 0]).unsqueeze(-1)  # [B, T(, H), 1]
             divisor = torch.where(mask, self.special_divisor, self.sigma)
-        if self.taper < 1.0:
+        if self.taper < 1.0 or self.clip > 0:
             xc = self._centered(x.float())
             std = (xc.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt()
-            divisor = std.pow(1.0 - self.taper) * divisor.pow(self.taper)
+            if self.taper < 1.0:
+                divisor = std.pow(1.0 - self.taper) * divisor.pow(self.taper)
+            if self.clip > 0:
+                divisor = torch.maximum(divisor, std / self.clip)
         return divisor
 
     def scale_error(self) -> torch.Tensor:
@@ -236,7 +266,8 @@ class FakeNorm(nn.Module):
         return self.input_std.log() - target.detach().log()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.capture_std and not self._per_token_special() and not self.tapering:
+        if not self.capture_std and not self._per_token_special() and not self.tapering \
+                and not self.clipping:
             fast = self._fast_forward(x)
             if fast is not None:
                 return fast
@@ -271,6 +302,8 @@ class FakeNorm(nn.Module):
         state = f"frozen, sigma={self.sigma.item():.4g}" if self.frozen else "live"
         if self.tapering:
             state += f", taper {self.taper:.2f}"
+        if self.clipping:
+            state += f", outlier clip {self.clip:.3g}"
         if self.special:
             state += (f", special tokens sigma={self.sigma_special.item():.4g} "
                       f"fade={self.special_fade.item():.2f}")

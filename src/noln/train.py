@@ -276,6 +276,8 @@ class Trainer:
             sigma = self.adapter.freeze(site)
             if self.removal is not None and self.removal.taper:
                 self.adapter.site(site).norm.freeze(taper=True)
+            if self.removal is not None and self.removal.outlier_clip:
+                self.adapter.site(site).norm.set_clip(self.removal.outlier_clip)
             current[:] = [self.probe_loss()]
             self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
                       "probe_before": before, "probe_after": current[0]})
@@ -294,19 +296,24 @@ class Trainer:
                     self.log({"event": "tapered", "step": step, "site": name})
 
     def fade_special(self, step: int) -> None:
-        """Special tokens' own scales (``special_scale``) move to the shared sigma, one equal
-        step of the fade per training step from ``special_fade[0]`` of the run to
-        ``special_fade[1]``, and never before every site is frozen. The fade lives in the
-        FakeNorms' buffers, so checkpoints carry it."""
-        norms = [n for n in self.adapter.norms() if n.special]
-        if not norms or self.removal is None or not norms[0].special_pending:
+        """Special tokens' own scales (``special_scale``) move to the shared sigma, and the
+        outlier clip's K rises as ``K / (1 - fade)`` until it is off (``outlier_clip``), one
+        equal step of the fade per training step from ``special_fade[0]`` of the run to
+        ``special_fade[1]``, and never before every site is frozen and done tapering. The fade
+        lives in the FakeNorms' buffers (``special_fade``, ``outlier_clip``), so checkpoints
+        carry it."""
+        fading = [n for n in self.adapter.norms() if n.special_pending or n.clip > 0]
+        if not fading or self.removal is None:
             return
         start, end = (round(f * self.total_steps) for f in self.removal.special_fade)
         if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites) or \
                 any(n.tapering for n in self.adapter.norms()):
             return
-        fade = min(1.0, norms[0].fade + 1.0 / max(1, end - start))
-        self.adapter.set_special_fade(fade)
+        fade = min(1.0, fading[0].fade + 1.0 / max(1, end - start))
+        for norm in fading:
+            norm.set_special_fade(fade)  # the fade's position, also for clip-only sites
+            if norm.clip > 0:
+                norm.set_clip(0.0 if fade >= 1.0 else self.removal.outlier_clip / (1 - fade))
         if fade >= 1.0:
             self.log({"event": "special_faded", "step": step})
 
