@@ -435,9 +435,11 @@ def test_non_causal_models_are_refused(capsys, tmp_path):
 # ----------------------------------------------------------------------------- 8. smaller
 
 
-@pytest.mark.parametrize("where", ["--out", "--config"])
-def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where):
-    """The hint names the run's folder, wherever it was given (a --config file's `out` too)."""
+@pytest.mark.parametrize("where, sig", [("--out", signal.SIGINT), ("--config", signal.SIGINT),
+                                        ("--out", signal.SIGTERM)])
+def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where, sig):
+    """The hint names the run's folder, wherever it was given (a --config file's `out` too);
+    SIGTERM (`kill`, a cluster's scheduler) stops a run as Ctrl-C does."""
     out = tmp_path / "run"
     args = ["remove", tiny_model_dir, "--data", text_jsonl, "--out", out, *RUN_ARGS]
     args[args.index("--steps") + 1] = "400"
@@ -456,7 +458,7 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where):
     while time.time() < deadline and not (out / "log.jsonl").exists():
         time.sleep(0.1)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert f"noln remove --resume {out}" in stderr and "Traceback" not in stderr
@@ -481,6 +483,30 @@ def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monke
         checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "step": 7}, path)
     assert checkpoint.load_checkpoint(path)["step"] == 7  # whole, in place
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monkeypatch):
+    """Under the CLI, SIGTERM is Ctrl-C: held during a save, raised after it."""
+    from noln import checkpoint
+    from noln.errors import raise_interrupt
+
+    real_save = torch.save
+
+    def terminated_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", terminated_save)
+    before = signal.signal(signal.SIGTERM, raise_interrupt)  # as noln.cli.main installs it
+    try:
+        path = tmp_path / "checkpoints" / "last.pt"
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "step": 7}, path)
+        assert checkpoint.load_checkpoint(path)["step"] == 7
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_noln_debug_shows_the_whole_chain(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noln.errors import NolnError
+from noln.errors import NolnError, raise_interrupt
 
 
 class UnsafeCheckpoint(NolnError):
@@ -46,19 +46,22 @@ def plain(obj):
 
 @contextmanager
 def ctrl_c_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt
-    when the block ends. Only the main thread receives signals; elsewhere, and where SIGINT is
-    ignored or handled by someone else, the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    """Hold a Ctrl-C (SIGINT), or a SIGTERM handled as one, that arrives inside the block and
+    raise it as KeyboardInterrupt when the block ends. Only the main thread receives signals;
+    elsewhere, and for a signal ignored or handled by someone else, the block runs as it is."""
+    interrupting = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_interrupt}
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    saved = {sig: h for sig, h in interrupting.items() if signal.getsignal(sig) is h}
+    for sig in saved:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     if held:
         raise KeyboardInterrupt
 

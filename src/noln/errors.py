@@ -1,5 +1,12 @@
-"""One exception type for every problem a user can fix; the CLI prints its message on one line."""
+"""One exception type for every problem a user can fix; the CLI prints its message on one line.
+And one way to stop: SIGTERM raised as Ctrl-C."""
 
 
 class NolnError(Exception):
     """A user-facing error: the message names the problem and the fix."""
+
+
+def raise_interrupt(signum: int, frame) -> None:
+    """SIGTERM as Ctrl-C (``noln.cli`` installs it): a scheduler's or ``kill``'s stop ends a
+    run the way Ctrl-C does, between steps or after a checkpoint save, with the resume hint."""
+    raise KeyboardInterrupt

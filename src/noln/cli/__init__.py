@@ -4,7 +4,9 @@ linearize, attribute. Every user-fixable problem is one red line and exit code 2
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +26,7 @@ from noln.config import (
     make_config,
     read_config_file,
 )
-from noln.errors import NolnError
+from noln.errors import NolnError, raise_interrupt
 from noln.trust import set_trust_remote_code
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
@@ -296,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--trust-remote-code", *(a for a in argv if a != "--trust-remote-code")]
     debug = os.environ.get("NOLN_DEBUG", "") not in ("", "0")
     err = Console(stderr=True)
+    if threading.current_thread() is threading.main_thread():
+        # `kill` and cluster schedulers stop a run with SIGTERM; a shell's background job
+        # ignores SIGINT: both end the run as Ctrl-C does, with the command that resumes it
+        signal.signal(signal.SIGTERM, raise_interrupt)
 
     def fail(message: str, code: int, e: BaseException | None = None) -> None:
         if debug and e is not None:
