@@ -219,3 +219,23 @@ def test_an_old_gap_key_over_a_preset_keyed_by_role_is_the_users():
     assert cfg.fixed.gaps["mlp_in"] == 2 and cfg.fixed.gaps["ln_2"] == 4  # both, merged
     s = build_schedule("fixed", SITES, KINDS, 100, cfg.fixed, AdaptiveConfig())
     assert [t for t, _ in s.events] == [20, 24, 28, 30, 32, 35, 38]
+
+
+def test_adaptive_max_rise_stops_slow_drift_that_diverged_lets_through():
+    """Each removal costs 0.2 nats and never recovers: below `diverged`, so the deadline forces
+    them all; with max_rise 0.5 the schedule stops once the loss is 0.5 above its level before
+    the first removal, says why, and keeps that through a checkpoint."""
+    drift = lambda t, n: 5.0 + 0.2 * n  # noqa: E731
+    base = dict(tolerance=0.0, window=2, min_gap=2, max_gap=10, finish_by=0.5)
+    free = AdaptiveSchedule(SITES, AdaptiveConfig(**base), start=0, total_steps=60)
+    assert len(_drive(free, drift, 60)) == len(SITES)
+    capped = AdaptiveSchedule(SITES, AdaptiveConfig(**base, max_rise=0.5), start=0,
+                              total_steps=60)
+    fired = _drive(capped, drift, 60)
+    assert len(fired) == 3  # levels before them 5.0, 5.2, 5.4; 5.6 is over 5.0 + 0.5
+    assert capped.stall["max_rise"] == 0.5 and capped.stall["reference"] == 5.0
+    assert capped.stall["level"] == pytest.approx(5.6)
+    again = AdaptiveSchedule(SITES, AdaptiveConfig(**base, max_rise=0.5), start=0,
+                             total_steps=60)
+    again.load_state_dict(capped.state_dict())
+    assert again.baseline == 5.0 and again.remaining() == capped.remaining()

@@ -342,9 +342,10 @@ def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
         why = ""
         if getattr(schedule, "stall", None):
             st = schedule.stall
+            rule = "adaptive.max_rise above its level before the first" if "max_rise" in st \
+                else "adaptive.diverged above its level before the last"
             why = (f"; from step {st['step']} the schedule waited: the probe loss stood at "
-                   f"{st['level']:.3f}, more than adaptive.diverged above its level before the "
-                   f"last removal ({st['reference']:.3f})")
+                   f"{st['level']:.3f}, more than {rule} removal ({st['reference']:.3f})")
         return (f"removal unfinished: {len(live)} of {len(adapter.sites)} sites still live "
                 f"(next {live[0]}){why}; {resume}, or a lower --lr")
     tapering = [n for n in adapter.site_names() if adapter.site(n).norm.tapering]

@@ -65,7 +65,8 @@ class AdaptiveSchedule(Schedule):
     schedule waits for the model to recover (``stall`` records the last such wait), and a run
     that ends waiting keeps its sites live and says so rather than freezing into a broken
     model (SmolLM2-135M at 20K tokens: the deadline froze one site a step while the held-out
-    loss rose from 5.3 to 12.7)."""
+    loss rose from 5.3 to 12.7). ``max_rise`` does the same against the level before the first
+    removal, so removals that each cost less than ``diverged`` cannot add up to a broken model."""
 
     def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
         self.order, self.cfg, self.start = [canonical_site(s) for s in order], cfg, start
@@ -73,6 +74,7 @@ class AdaptiveSchedule(Schedule):
         self.next_idx = 0
         self.last_step = -1
         self.reference: float | None = None
+        self.baseline: float | None = None  # the level before the first removal
         self.stall: dict | None = None  # the last forced removal declined: step, level, reference
 
     def _level(self, losses: Sequence[float], probe: Callable[[], float] | None) -> float:
@@ -95,10 +97,19 @@ class AdaptiveSchedule(Schedule):
                 if since < min_gap or \
                         self._level(losses, probe) > self.reference + self.cfg.tolerance:
                     return []
-            elif (level := self._level(losses, probe)) > self.reference + self.cfg.diverged:
-                self.stall = {"step": step, "level": level, "reference": self.reference}
-                return []  # due by the clock, but the model has not recovered: wait
+            else:
+                level = self._level(losses, probe)
+                budget = self.cfg.max_rise
+                if level > self.reference + self.cfg.diverged:
+                    self.stall = {"step": step, "level": level, "reference": self.reference}
+                    return []  # due by the clock, but the model has not recovered: wait
+                if budget is not None and level > self.baseline + budget:
+                    self.stall = {"step": step, "level": level, "reference": self.baseline,
+                                  "max_rise": budget}
+                    return []  # the removals so far cost more than the run's budget: wait
         self.reference = self._level(losses, probe)
+        if self.baseline is None:
+            self.baseline = self.reference
         self.last_step = step
         self.next_idx += 1
         return [self.order[self.next_idx - 1]]
@@ -115,12 +126,14 @@ class AdaptiveSchedule(Schedule):
 
     def state_dict(self) -> dict:
         return {"next_idx": self.next_idx, "last_step": self.last_step, "reference": self.reference,
-                "stall": self.stall}
+                "baseline": self.baseline, "stall": self.stall}
 
     def load_state_dict(self, state: dict) -> None:
         # no site names in the state: a run from before the role names resumes as it was
         self.next_idx, self.last_step = state["next_idx"], state["last_step"]
         self.reference, self.stall = state["reference"], state.get("stall")
+        # runs from before max_rise have no baseline: their first removal's is unknown
+        self.baseline = state.get("baseline", self.reference)
 
 
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
