@@ -300,7 +300,7 @@ def main() -> None:
              f"Command: `{shlex.join(['python', 'bench/peers.py', *sys.argv[1:]])}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores "
              f"({platform.processor() or 'cpu'}), torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, shared with other jobs; load average (1 / 5 / "
+             f"{torch.get_num_threads()} threads; load average (1 / 5 / "
              f"15 min) before each run is listed. Whole commands (load, tokenise, forward, score), "
              "wall time, runs alternating peer / noln; ratio of the best times.", "",
              "| job | peer | peer time (s, each run) | noln time (s, each run) | noln faster by "
