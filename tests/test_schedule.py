@@ -239,3 +239,14 @@ def test_adaptive_max_rise_stops_slow_drift_that_diverged_lets_through():
                              total_steps=60)
     again.load_state_dict(capped.state_dict())
     assert again.baseline == 5.0 and again.remaining() == capped.remaining()
+
+
+def test_adaptive_max_rise_also_holds_removals_that_are_due():
+    """A model that recovers to its last reference each time but drifts above its start (the
+    reference ratchets by `tolerance` per removal) is held by max_rise too, without a stall:
+    the schedule is waiting, not forcing."""
+    cfg = AdaptiveConfig(signal="train", tolerance=0.2, window=1, min_gap=1, max_gap=100,
+                         finish_by=1.0, max_rise=0.3)
+    sched = AdaptiveSchedule(SITES, cfg, start=0, total_steps=200)
+    fired = _drive(sched, lambda t, n: 5.0 + 0.14 * n, 40)  # within tolerance: always due
+    assert len(fired) == 3 and sched.stall is None  # 5.0, 5.14, 5.28; 5.42 is over 5.3

@@ -44,7 +44,8 @@ class AdaptiveConfig(BaseModel):
     # this many nats above its level before the previous removal: the schedule waits for the
     # model to recover, and a run that ends still waiting stops with the sites left and why
     diverged: float = Field(0.5, gt=0)
-    # the same, against the level before the first removal: a budget for slow drift, where
+    # no removal at all (due or forced) while the loss is more than this many nats above its
+    # level before the first removal: a budget for slow drift, where
     # each removal costs less than `diverged` but they add up (SmolLM2 with the outlier clip:
     # 5.3 -> 7.2 in 0.1-0.4 steps); None: no budget
     max_rise: float | None = Field(None, gt=0)

@@ -355,9 +355,10 @@ def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
                 f"(e.g. {tapering[0]} at {w:.0%} of its fixed scale; --taper); {resume}")
     fading = [n for n in adapter.norms() if n.special_pending or n.clip > 0]
     if fading:
-        what = "special tokens' scales" if fading[0].special_pending else "the outlier clip"
-        return (f"removal unfinished: every site is frozen but {what} {fading[0].fade:.0%} "
-                f"faded into the shared sigma (special_fade); {resume}")
+        what = "special tokens' scales are {:.0%} faded into the shared sigma" \
+            if fading[0].special_pending else "the outlier clip is {:.0%} lifted"
+        return (f"removal unfinished: every site is frozen but "
+                f"{what.format(fading[0].fade)} (special_fade); {resume}")
     return None
 
 

@@ -23,6 +23,10 @@ from noln.errors import NolnError
 class Schedule:
     order: list[str]
 
+    def _over_budget(self, level: float) -> bool:
+        """More than ``max_rise`` above the level before the first removal."""
+        return self.cfg.max_rise is not None and level > self.baseline + self.cfg.max_rise
+
     def due(self, step: int, losses: Sequence[float],
             probe: Callable[[], float] | None = None) -> list[str]:
         """Sites to freeze before training step ``step``. ``losses``: every past step's training
@@ -65,8 +69,9 @@ class AdaptiveSchedule(Schedule):
     schedule waits for the model to recover (``stall`` records the last such wait), and a run
     that ends waiting keeps its sites live and says so rather than freezing into a broken
     model (SmolLM2-135M at 20K tokens: the deadline froze one site a step while the held-out
-    loss rose from 5.3 to 12.7). ``max_rise`` does the same against the level before the first
-    removal, so removals that each cost less than ``diverged`` cannot add up to a broken model."""
+    loss rose from 5.3 to 12.7). ``max_rise`` holds every removal, due or forced, while the loss is
+    that far above its level before the first removal, so removals that each cost less than
+    ``diverged`` cannot add up to a broken model."""
 
     def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
         self.order, self.cfg, self.start = [canonical_site(s) for s in order], cfg, start
@@ -94,18 +99,19 @@ class AdaptiveSchedule(Schedule):
             if since < max_gap:
                 min_gap = max(self.cfg.min_gap,
                               self.cfg.window if self.cfg.signal == "train" else 1)
-                if since < min_gap or \
-                        self._level(losses, probe) > self.reference + self.cfg.tolerance:
+                if since < min_gap:
+                    return []
+                level = self._level(losses, probe)
+                if level > self.reference + self.cfg.tolerance or self._over_budget(level):
                     return []
             else:
                 level = self._level(losses, probe)
-                budget = self.cfg.max_rise
                 if level > self.reference + self.cfg.diverged:
                     self.stall = {"step": step, "level": level, "reference": self.reference}
                     return []  # due by the clock, but the model has not recovered: wait
-                if budget is not None and level > self.baseline + budget:
+                if self._over_budget(level):
                     self.stall = {"step": step, "level": level, "reference": self.baseline,
-                                  "max_rise": budget}
+                                  "max_rise": self.cfg.max_rise}
                     return []  # the removals so far cost more than the run's budget: wait
         self.reference = self._level(losses, probe)
         if self.baseline is None:
