@@ -95,6 +95,7 @@ class AdaptiveSchedule(Schedule):
         since = step - self.last_step
         remaining = len(self.order) - self.next_idx
         max_gap = min(self.cfg.max_gap, max(1, (self.deadline - step) // remaining))
+        level = None
         if self.next_idx > 0:
             if since < max_gap:
                 min_gap = max(self.cfg.min_gap,
@@ -113,7 +114,7 @@ class AdaptiveSchedule(Schedule):
                     self.stall = {"step": step, "level": level, "reference": self.baseline,
                                   "max_rise": self.cfg.max_rise}
                     return []  # the removals so far cost more than the run's budget: wait
-        self.reference = self._level(losses, probe)
+        self.reference = level if level is not None else self._level(losses, probe)
         if self.baseline is None:
             self.baseline = self.reference
         self.last_step = step

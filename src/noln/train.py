@@ -405,8 +405,9 @@ class Trainer:
                 if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor
                     grad_norm = grad_norm.full_tensor()
                 ce_mean = self.acc.reduce(ce_sum, reduction="mean")
-                ce_val, grad_norm = torch.stack([ce_mean, torch.as_tensor(
-                    grad_norm, device=ce_mean.device, dtype=ce_mean.dtype)]).tolist()  # one sync
+                ce_val, grad_norm, site_aux = torch.stack([ce_mean, torch.as_tensor(
+                    grad_norm, device=ce_mean.device, dtype=ce_mean.dtype),
+                    self.site_aux_term.to(ce_mean.dtype)]).tolist()  # one sync
                 # a finite loss can still come with inf/nan gradients (an activation past
                 # float range in the backward pass); clipping would turn them into nan weights
                 if self._exploded(ce_val) or not math.isfinite(grad_norm):
@@ -425,7 +426,7 @@ class Trainer:
                 if self.removal is not None and self.removal.site_aux > 0:
                     # this process's share, summed over micro-batches: how far the removed
                     # sites' inputs are from their fixed scales, in the loss's units
-                    record["site_aux"] = self.site_aux_term.item() / len(batches)
+                    record["site_aux"] = site_aux / len(batches)
                 self.log(record)
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
                                 self.schedule.next_label(self.state.step))

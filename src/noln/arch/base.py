@@ -89,8 +89,10 @@ class SplitLayerNorm(SplitNorm):
                 self.v._update_sigma(std.detach())
         u = self.qk(resid_pre)
         if self.v.capture_std:  # the V site never runs on its own here: measure for it
-            xf = resid_pre.float()
-            self.v.input_std = (xf.var(dim=-1, unbiased=False) + self.v.eps).sqrt()
+            if std is None:  # both paths frozen: not measured above
+                xf = resid_pre.float()
+                std = (xf.var(dim=-1, unbiased=False, keepdim=True) + self.v.eps).sqrt()
+            self.v.input_std = std.squeeze(-1)
         self.v_ratio = ((self.qk.frozen_divisor(resid_pre) if self.qk.frozen else std)
                         / (self.v.frozen_divisor(resid_pre) if self.v.frozen else std))
         return u
