@@ -448,3 +448,53 @@ def test_site_aux_adds_each_removed_sites_log_scale_error(tiny_model_dir, tmp_pa
     target = torch.full_like(std, 0.7)
     target[:, 0] = 40.0
     torch.testing.assert_close(error, (std / target).log(), rtol=1e-4, atol=1e-5)
+
+
+def test_site_aux_live_pulls_every_live_site_to_its_running_scale(tiny_model_dir, tmp_path):
+    """With ``site_aux_live`` the site loss covers live sites too: w * sum over every site of
+    mean_t log(s_t / sigma)^2, sigma the running estimate, s_t measured by hooks on the
+    norms' inputs (the V site reads the Q/K site's input: one LayerNorm while both live);
+    without it a model with nothing removed adds nothing."""
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.pretrained import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir).eval()  # eval: the running scales stay put
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
+    x = torch.from_numpy(blocks[:4])
+    sigmas = {name: 0.5 + 0.25 * i for i, name in enumerate(adapter.sites)}
+    for name, sigma in sigmas.items():
+        adapter.site(name).norm.sigma.fill_(sigma)
+
+    def losses(w, live):
+        cfg = make_config(model=str(tiny_model_dir), out=tmp_path, site_aux=w, aux_weight=0.0,
+                          site_aux_live=live, progress=False, batch_size=4)
+        trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter)
+        model.eval()  # the trainer sets training mode; the scales must not move here
+        return trainer.loss(x)[0].item()
+
+    base = losses(0.0, True)
+    assert losses(0.5, False) == pytest.approx(base, abs=1e-6)
+    inputs = {}
+
+    def reader(name):
+        site = adapter.site(name)
+        return adapter.site(name.replace("attn_in_v", "attn_in_qk")).norm \
+            if site.kind == "attn_in_v" else site.norm
+
+    hooks = [reader(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().double())) for n in sigmas]
+    value = losses(0.3, True)
+    [h.remove() for h in hooks]
+    assert set(inputs) == set(sigmas)  # every site measured, the V sites included
+    expected = 0.0
+    for name, sigma in sigmas.items():
+        xc = inputs[name] - inputs[name].mean(-1, keepdim=True)
+        std = (xc.pow(2).mean(-1) + adapter.site(name).norm.eps).sqrt()
+        expected += (std / sigma).log().pow(2).mean().item()
+    assert expected > 0.1
+    assert value == pytest.approx(base + 0.3 * expected, rel=1e-4)

@@ -239,6 +239,10 @@ class RemoveConfig(TrainConfig):
         "weight of a loss pulling each token's input std at every removed site to the site's "
         "fixed scale: sum over removed sites of the token mean of log(s_t / sigma)^2 (for "
         "SwiGLU models, where an outlier grows block after block)"))
+    site_aux_live: bool = Field(False, **describe_field(
+        "the site loss also pulls every live site's tokens to its running scale, from step 0: "
+        "outliers shrink while the real norms still carry them, before any removal "
+        "(start the schedule late, e.g. adaptive.start=150)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
         "weight of KL to the original model (the rest is CE)"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
@@ -567,8 +571,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning
-RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "cos_reg", "distill", "weight_decay",
-                            "betas", "grad_clip")
+RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_live", "cos_reg", "distill",
+                            "weight_decay", "betas", "grad_clip")
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:

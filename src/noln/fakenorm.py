@@ -254,11 +254,16 @@ class FakeNorm(nn.Module):
                 divisor = torch.maximum(divisor, std / self.clip)
         return divisor
 
+    def per_token_std(self, x: torch.Tensor) -> torch.Tensor:
+        """``s_t``, each token's std as this norm measures it (``[batch, seq]``)."""
+        return (self._centered(x.float()).pow(2).mean(dim=-1) + self.eps).sqrt()
+
     def scale_error(self) -> torch.Tensor:
         """``log(s_t / d_t)`` per token of the last captured forward (``capture_std``): how far
         each token's input std is from the fixed scale the site divides it by once every
         taper and fade is done: ``sigma``, or a special token's own scale while it has one.
-        Zero everywhere means the frozen site computes exactly the real norm (``site_aux``)."""
+        Zero everywhere means the frozen site computes exactly the real norm (``site_aux``).
+        On a live site ``sigma`` is the running estimate it would freeze (``site_aux_live``)."""
         target = self.sigma
         if self.special and self.special_mask is not None:
             mask = self._expand(self.special_mask, self.input_std)

@@ -214,7 +214,11 @@ class Trainer:
         exclude = self.cfg.exclude_special if isinstance(self.cfg, RemoveConfig) else True
         final = self.adapter.final_norm
         site_aux = self.removal.site_aux if self.removal is not None else 0.0
-        removed = [n for n in self.adapter.norms() if n.frozen] if site_aux > 0 else []
+        # the sites whose tokens the site loss pulls: the removed ones, or with site_aux_live
+        # every site (a live one towards its running scale: outliers shrink under real norms)
+        live_too = site_aux > 0 and self.removal.site_aux_live
+        removed = [n for n in self.adapter.norms() if n.frozen or live_too] \
+            if site_aux > 0 else []
         capture = list({id(n): n for n in ([final] if aux_on else []) + removed}.values())
         with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
             with self.autocast():

@@ -54,6 +54,9 @@ class SplitNorm(nn.Module):
                 self.v.sigma.copy_(self.qk.sigma)
                 self.v.sigma_special.copy_(self.qk.sigma_special)
                 self.v.n_updates.copy_(self.qk.n_updates)
+            if self.v.capture_std:  # the same input: the site loss reads it for both sites
+                self.v.input_std = self.qk.input_std if self.qk.capture_std else \
+                    self.v.per_token_std(resid_pre)
             return normed
         return self.split(resid_pre)
 
