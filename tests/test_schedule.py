@@ -250,3 +250,20 @@ def test_adaptive_max_rise_also_holds_removals_that_are_due():
     sched = AdaptiveSchedule(SITES, cfg, start=0, total_steps=200)
     fired = _drive(sched, lambda t, n: 5.0 + 0.14 * n, 40)  # within tolerance: always due
     assert len(fired) == 3 and sched.stall is None  # 5.0, 5.14, 5.28; 5.42 is over 5.3
+
+
+def test_adaptive_start_is_its_own_setting(tmp_path):
+    """``adaptive.start`` sets the first step an adaptive schedule may remove at, in the config
+    or a schedule file; ``fixed.start`` (where older configs put it) is the fallback, then 7%."""
+    def start(adaptive=None, file=None, **fixed):
+        spec = "adaptive"
+        if file is not None:
+            spec = str(tmp_path / "s.yaml")
+            (tmp_path / "s.yaml").write_text(file)
+        return build_schedule(spec, SITES, KINDS, 1000, FixedConfig(**fixed),
+                              AdaptiveConfig(**(adaptive or {}))).start
+
+    assert start() == 70
+    assert start(start=30) == 30
+    assert start(adaptive={"start": 150}, start=30) == 150
+    assert start(file="type: adaptive\nstart: 200\n", adaptive={"start": 150}) == 200

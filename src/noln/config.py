@@ -33,6 +33,7 @@ class AdaptiveConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     signal: Literal["probe", "train"] = "probe"
+    start: int | None = Field(None, ge=0)  # no removal before this step; None: 7% of the run
     # nats above the pre-removal loss that count as "recovered" (negative: must improve on it)
     tolerance: float = 0.01
     window: int = Field(4, ge=1)  # steps averaged for signal=train

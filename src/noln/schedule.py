@@ -220,7 +220,8 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
     if spec == "adaptive":
         adaptive = adaptive.model_copy(update={k: v for k, v in file_spec.items()
                                                if k in AdaptiveConfig.model_fields})
-        start = file_spec.get("start", fixed.start)
+        # fixed.start too: configs from before adaptive.start set the adaptive start there
+        start = adaptive.start if adaptive.start is not None else fixed.start
         start = start if start is not None else max(1, round(0.07 * total_steps))
         return AdaptiveSchedule(order, adaptive, start, total_steps)
     raise NolnError(f"unknown schedule type '{spec}': use fixed, adaptive or a YAML file")
