@@ -4,6 +4,11 @@ the split input_layernorm, bfloat16 bit for bit, frozen sites as fixed scales on
 models. The family contract (sites, freezing, exports, resume) is tests/test_families.py."""
 
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -236,6 +241,14 @@ def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_
     faded = [e for e in r.log if e.get("event") == "special_faded"]
     assert len(faded) == 1 and faded[0]["step"] > max(e["step"] for e in r.events)
     assert_run_matches_its_exports(r, vocab=len(tokenizer))
+    # the Must-show check a user runs on a finished run: a fresh process, no noln, eps >= 1e10
+    script = Path(__file__).parents[1] / "bench" / "export_check.py"
+    done = subprocess.run([sys.executable, str(script), str(r.out), "--device", "cpu",
+                           "--json", str(tmp_path / "check.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["plain class"] == "LlamaForCausalLM" and not check["noln imported in that process"]
+    assert check["smallest norm eps"] >= 1e10 and check["|CE difference|"] < 1e-4
     plain = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "plain",
                                   **args)
     assert [e["site"] for e in plain.events] == [e["site"] for e in r.events]

@@ -1,0 +1,116 @@
+"""Check a finished removal run's exports the way a user would meet them (issue 12's Must show).
+
+1. The ``hf`` export loads in a fresh Python process that never imports noln, as the plain
+   transformers class (``LlamaForCausalLM`` for a Llama), with every norm's eps >= 1e10 (the
+   eps trick), and gives the run's held-out CE (``summary.json``) within ``--tol`` (1e-3).
+2. The ``clean`` export (``noln.load_clean``) and the TransformerLens model of the ``hf``
+   export (``noln.to_transformer_lens``) give the same logits as that plain model.
+
+    python bench/export_check.py runs/smol --json runs/smol/export_check.json
+
+Exit status 0 when every check holds, 1 otherwise; a table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Runs in the fresh process: transformers and torch only.
+CHILD = r"""
+import sys, numpy as np, torch
+from transformers import AutoModelForCausalLM
+folder, blocks_path, out_path, device = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+eps = [float(getattr(m, "variance_epsilon", getattr(m, "eps", 0.0)))
+       for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
+x = torch.from_numpy(np.load(blocks_path)).to(device)
+total, count, first = 0.0, 0, None
+with torch.no_grad():
+    for i in range(0, len(x), 8):
+        logits = model(input_ids=x[i:i + 8]).logits.float()
+        if first is None:
+            first = logits[:2].cpu().numpy()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                               x[i:i + 8, 1:].flatten(), reduction="sum")
+        total, count = total + ce.item(), count + x[i:i + 8, 1:].numel()
+np.savez(out_path, first=first, ce=total / count, eps=np.array(eps),
+         cls=type(model).__name__, noln="noln" in sys.modules)
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a finished noln remove run folder")
+    ap.add_argument("--tol", type=float, default=1e-3, help="largest CE difference allowed")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import noln
+    from noln.config import RemoveConfig
+    from noln.errors import NolnError
+    from noln.loading import load_model
+    from noln.remove import evaluation_sets, prepare_data
+    from noln.run import RunFolder
+
+    run = RunFolder(args.run)
+    summary = run.read_summary()
+    if not summary or not summary.get("complete") or "hf" not in summary.get("exports", {}):
+        raise NolnError(f"'{args.run}' is not a finished removal with an hf export")
+    cfg = RemoveConfig.from_yaml(run.config)
+    hf, clean_dir = Path(summary["exports"]["hf"]), summary["exports"].get("clean")
+    _, tokenizer = load_model(hf)
+    # the held-out blocks the run's summary measured, rebuilt as the run built them
+    _, heldout = prepare_data(cfg, tokenizer, summary["ctx"], summary["steps"])
+    blocks = evaluation_sets(cfg, heldout, tokenizer, summary["ctx"], None)["heldout"]
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/blocks.npy", np.asarray(blocks, np.int64))
+        subprocess.run([sys.executable, "-c", CHILD, str(hf), f"{tmp}/blocks.npy",
+                        f"{tmp}/out.npz", args.device], check=True)
+        child = dict(np.load(f"{tmp}/out.npz"))
+    reference = torch.from_numpy(child["first"])
+    x = torch.from_numpy(np.asarray(blocks[:2], np.int64)).to(args.device)
+    run_ce = summary["ce_after"]["heldout"]["mean"]
+    rows = {
+        "plain class": str(child["cls"]),
+        "noln imported in that process": bool(child["noln"]),
+        "norms": int(child["eps"].size),
+        "smallest norm eps": float(child["eps"].min()) if child["eps"].size else None,
+        "held-out tokens": int(np.asarray(blocks)[:, 1:].size),
+        "CE of the run (summary.json)": run_ce,
+        "CE of the plain model": float(child["ce"]),
+    }
+    rows["|CE difference|"] = abs(rows["CE of the plain model"] - run_ce)
+    with torch.no_grad():
+        if clean_dir is not None:
+            clean = noln.load_clean(clean_dir).to(args.device).eval()
+            rows["max |logit difference|, clean export"] = \
+                (clean(input_ids=x).logits.float().cpu() - reference).abs().max().item()
+        tl = noln.to_transformer_lens(hf, device=args.device)
+        rows["max |logit difference|, TransformerLens"] = \
+            (tl(x).float().cpu() - reference).abs().max().item()
+    spread = reference.abs().max().item()
+    ok = (not rows["noln imported in that process"] and rows["norms"] > 0
+          and rows["smallest norm eps"] >= 1e10 and rows["|CE difference|"] <= args.tol
+          and all(v <= 1e-3 * max(1.0, spread) for k, v in rows.items()
+                  if k.startswith("max |logit")))
+    rows["largest |logit| (scale of the differences)"] = spread
+    rows["all checks hold"] = ok
+    print(f"| {args.run} | |\n| --- | ---: |")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
