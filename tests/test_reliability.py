@@ -313,6 +313,14 @@ def test_remove_numbers_are_checked_before_anything_loads(capsys, tmp_path, flag
     assert not out.exists()
 
 
+def test_site_aux_live_without_the_site_loss_is_refused(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, err = run_main(capsys, "remove", "no/such-model", "--data", "builtin", "--out", out,
+                         "--site-aux-live")
+    one_error_line(code, err, "--site-aux-live", "--site-aux W")
+    assert not out.exists()
+
+
 def test_bad_numbers_of_the_other_commands(capsys, tmp_path):
     cases = [
         (["eval", "m", "--data", "builtin", "--batch-size", "0"], "--batch-size 0"),

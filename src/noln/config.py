@@ -263,6 +263,9 @@ class RemoveConfig(TrainConfig):
             raise ValueError(f"--outlier-clip {self.outlier_clip:g} is below 1: it would divide "
                              "typical tokens by more than the fixed scale; give K >= 1 (e.g. 4)"
                              " or 0 (off)")
+        if self.site_aux_live and not self.site_aux:
+            raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
+                             "(e.g. 0.1)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")

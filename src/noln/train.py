@@ -217,16 +217,16 @@ class Trainer:
         # the sites whose tokens the site loss pulls: the removed ones, or with site_aux_live
         # every site (a live one towards its running scale: outliers shrink under real norms)
         live_too = site_aux > 0 and self.removal.site_aux_live
-        removed = [n for n in self.adapter.norms() if n.frozen or live_too] \
+        pulled = [n for n in self.adapter.norms() if n.frozen or live_too] \
             if site_aux > 0 else []
-        capture = list({id(n): n for n in ([final] if aux_on else []) + removed}.values())
+        capture = list({id(n): n for n in ([final] if aux_on else []) + pulled}.values())
         with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
                                  output_hidden_states=self.cfg.cos_reg > 0)
             input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
-            # each removed site's distance from its fixed scale, before measuring() resets it
-            scale_errors = [n.scale_error() for n in removed]
+            # each pulled site's distance from its scale, before measuring() resets it
+            scale_errors = [n.scale_error() for n in pulled]
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
