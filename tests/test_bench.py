@@ -1,0 +1,27 @@
+"""The bench scripts a closing note quotes: their arithmetic on inputs made here."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_summary_splits_a_log_into_phases_of_removals():
+    run_summary = _module("run_summary")
+    log = [{"step": s, "loss": 3.0 + s / 100, "grad_norm": 1.0, "site_aux": 0.1}
+           for s in range(20)]
+    log += [{"event": "remove", "step": s, "site": f"blocks.{i}.mlp_in", "probe_before": 5 + i}
+            for i, s in enumerate((5, 8, 11, 14, 17))]
+    rows = run_summary.phases(log, per_row=2)
+    assert [r["steps"] for r in rows] == ["0-4", "5-10", "11-16", "17-19"]
+    assert [len(r["sites"]) for r in rows] == [0, 2, 2, 1]
+    assert [len(r["train"]) for r in rows] == [5, 6, 6, 3]
+    assert run_summary.describe_sites(rows[1]["sites"]) == "2: blocks.0.mlp_in .. blocks.1.mlp_in"
+    assert run_summary.describe_sites([]) == "none"
