@@ -470,9 +470,10 @@ def test_site_aux_live_pulls_every_live_site_to_its_running_scale(tiny_model_dir
     for name, sigma in sigmas.items():
         adapter.site(name).norm.sigma.fill_(sigma)
 
-    def losses(w, live):
+    def losses(w, live, special="own"):
         cfg = make_config(model=str(tiny_model_dir), out=tmp_path, site_aux=w, aux_weight=0.0,
-                          site_aux_live=live, progress=False, batch_size=4)
+                          site_aux_live=live, site_aux_special=special, progress=False,
+                          batch_size=4)
         trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter)
         model.eval()  # the trainer sets training mode; the scales must not move here
         return trainer.loss(x)[0].item()
@@ -498,3 +499,18 @@ def test_site_aux_live_pulls_every_live_site_to_its_running_scale(tiny_model_dir
         expected += (std / sigma).log().pow(2).mean().item()
     assert expected > 0.1
     assert value == pytest.approx(base + 0.3 * expected, rel=1e-4)
+
+    # special scales on: position 0 is pulled to its own scale, or with "shared" to sigma
+    for name in sigmas:
+        adapter.site(name).norm.enable_special_scale()
+        adapter.site(name).norm.sigma_special.fill_(40.0)
+    assert losses(0.3, True, "shared") == pytest.approx(value, rel=1e-4)
+    own = 0.0
+    for name, sigma in sigmas.items():
+        xc = inputs[name] - inputs[name].mean(-1, keepdim=True)
+        std = (xc.pow(2).mean(-1) + adapter.site(name).norm.eps).sqrt()
+        target = torch.full_like(std, sigma)
+        target[:, 0] = 40.0
+        own += (std / target).log().pow(2).mean().item()
+    assert abs(own - expected) > 0.1
+    assert losses(0.3, True, "own") == pytest.approx(base + 0.3 * own, rel=1e-4)

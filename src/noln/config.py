@@ -244,6 +244,10 @@ class RemoveConfig(TrainConfig):
         "the site loss also pulls every live site's tokens to its running scale, from step 0: "
         "outliers shrink while the real norms still carry them, before any removal "
         "(start the schedule late, e.g. adaptive.start=150)"))
+    site_aux_special: Literal["own", "shared"] = Field("own", **describe_field(
+        "what the site loss pulls position 0 and end-of-text towards under --special-scale: "
+        "their own scale while they have one (own), or the shared one the fade ends at "
+        "(shared: with --site-aux-live they shrink under the live norms, before any removal)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
         "weight of KL to the original model (the rest is CE)"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
@@ -575,8 +579,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning
-RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_live", "cos_reg", "distill",
-                            "weight_decay", "betas", "grad_clip")
+RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_live", "site_aux_special",
+                            "cos_reg", "distill", "weight_decay", "betas", "grad_clip")
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:

@@ -258,14 +258,15 @@ class FakeNorm(nn.Module):
         """``s_t``, each token's std as this norm measures it (``[batch, seq]``)."""
         return (self._centered(x.float()).pow(2).mean(dim=-1) + self.eps).sqrt()
 
-    def scale_error(self) -> torch.Tensor:
+    def scale_error(self, special_own: bool = True) -> torch.Tensor:
         """``log(s_t / d_t)`` per token of the last captured forward (``capture_std``): how far
         each token's input std is from the fixed scale the site divides it by once every
-        taper and fade is done: ``sigma``, or a special token's own scale while it has one.
+        taper and fade is done: ``sigma``, or a special token's own scale while it has one
+        (with ``special_own``; else ``sigma`` for every token, the scale the fade ends at).
         Zero everywhere means the frozen site computes exactly the real norm (``site_aux``).
         On a live site ``sigma`` is the running estimate it would freeze (``site_aux_live``)."""
         target = self.sigma
-        if self.special and self.special_mask is not None:
+        if special_own and self.special and self.special_mask is not None:
             mask = self._expand(self.special_mask, self.input_std)
             target = torch.where(mask, self.special_divisor, self.sigma)
         return self.input_std.log() - target.detach().log()

@@ -226,7 +226,8 @@ class Trainer:
                                  output_hidden_states=self.cfg.cos_reg > 0)
             input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
             # each pulled site's distance from its scale, before measuring() resets it
-            scale_errors = [n.scale_error() for n in pulled]
+            own = self.removal.site_aux_special == "own" if pulled else True
+            scale_errors = [n.scale_error(special_own=own) for n in pulled]
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
