@@ -56,9 +56,10 @@ def main() -> int:
 
     import noln
     from noln.config import RemoveConfig
+    from noln.data import load_blocks
     from noln.errors import NolnError
     from noln.loading import load_model
-    from noln.remove import evaluation_sets, prepare_data
+    from noln.remove import prepare_data
     from noln.run import RunFolder
 
     run = RunFolder(args.run)
@@ -68,9 +69,12 @@ def main() -> int:
     cfg = RemoveConfig.from_yaml(run.config)
     hf, clean_dir = Path(summary["exports"]["hf"]), summary["exports"].get("clean")
     _, tokenizer = load_model(hf)
-    # the held-out blocks the run's summary measured, rebuilt as the run built them
-    _, heldout = prepare_data(cfg, tokenizer, summary["ctx"], summary["steps"])
-    blocks = evaluation_sets(cfg, heldout, tokenizer, summary["ctx"], None)["heldout"]
+    # the held-out blocks the run's summary measured, rebuilt as the run built them (a slice
+    # of --data needs the training text tokenised; --eval-data does not)
+    if cfg.eval_data:
+        blocks = load_blocks(cfg.eval_data, tokenizer, summary["ctx"], max_tokens=cfg.eval_tokens)
+    else:
+        blocks = prepare_data(cfg, tokenizer, summary["ctx"], summary["steps"])[1]
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/blocks.npy", np.asarray(blocks, np.int64))
         subprocess.run([sys.executable, "-c", CHILD, str(hf), f"{tmp}/blocks.npy",
