@@ -235,8 +235,7 @@ def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_
     args = dict(schedule="fixed", export_format="both", special_fade=(0.5, 0.9),
                 fixed={"finish_by": 0.4}, **FAST)
     r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
-                              outlier_clip=1.0, eval_data=str(text_jsonl),
-                              **args)
+                              outlier_clip=1.0, eval_data=str(text_jsonl), **args)
     assert r.summary["complete"] and r.adapter.export_state() == "all"
     assert all(n.clip == 0.0 and not n.pending for n in r.adapter.norms())
     faded = [e for e in r.log if e.get("event") == "special_faded"]
