@@ -409,9 +409,9 @@ def test_site_aux_adds_each_removed_sites_log_scale_error(tiny_model_dir, tmp_pa
     blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
     x = torch.from_numpy(blocks[:4])
 
-    def losses(w):
+    def losses(w, power=2.0):
         cfg = make_config(model=str(tiny_model_dir), out=tmp_path, site_aux=w, aux_weight=0.0,
-                          progress=False, batch_size=4)
+                          site_aux_power=power, progress=False, batch_size=4)
         return Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter).loss(x)[0].item()
 
     assert losses(0.5) == pytest.approx(losses(0.0), abs=1e-6)  # nothing removed yet
@@ -425,13 +425,15 @@ def test_site_aux_adds_each_removed_sites_log_scale_error(tiny_model_dir, tmp_pa
     for name, sigma in zip(names, (0.7, 2.5)):
         adapter.site(name).norm.freeze(sigma)
     base = losses(0.0)
-    expected = 0.0
+    expected, quartic = 0.0, 0.0
     for name, sigma in zip(names, (0.7, 2.5)):
         xc = inputs[name] - inputs[name].mean(-1, keepdim=True)
         std = (xc.pow(2).mean(-1) + adapter.site(name).norm.eps).sqrt()
         expected += (std / sigma).log().pow(2).mean().item()
-    assert expected > 0.01
+        quartic += (std / sigma).log().abs().pow(4).mean().item()
+    assert expected > 0.01 and abs(quartic - expected) > 0.01
     assert losses(0.3) == pytest.approx(base + 0.3 * expected, rel=1e-4)
+    assert losses(0.3, power=4.0) == pytest.approx(base + 0.3 * quartic, rel=1e-4)
 
     [h.remove() for h in hooks]
 

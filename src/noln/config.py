@@ -240,6 +240,10 @@ class RemoveConfig(TrainConfig):
         "weight of a loss pulling each token's input std at every removed site to the site's "
         "fixed scale: sum over removed sites of the token mean of log(s_t / sigma)^2 (for "
         "SwiGLU models, where an outlier grows block after block)"))
+    site_aux_power: float = Field(2.0, ge=1, le=8, **describe_field(
+        "the site loss's power p: mean_t |log(s_t / sigma)|^p; above 2 it pulls the rare "
+        "outlier tokens harder than the many near their scale (4: a token at 14x pulls ~14x "
+        "harder than at p = 2, one at 1.5x ~3x less)"))
     site_aux_live: bool = Field(False, **describe_field(
         "the site loss also pulls every live site's tokens to its running scale, from step 0: "
         "outliers shrink while the real norms still carry them, before any removal "
@@ -579,8 +583,9 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning
-RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_live", "site_aux_special",
-                            "cos_reg", "distill", "weight_decay", "betas", "grad_clip")
+RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
+                            "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
+                            "grad_clip")
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:

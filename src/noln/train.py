@@ -244,8 +244,10 @@ class Trainer:
             loss = loss + aux_weight * (input_std - s_star).pow(2).mean()
         if scale_errors:
             # a removed site is exact where every token's std equals its fixed scale; summed
-            # over sites, so each site's pull does not shrink as more sites are removed
-            term = site_aux * sum(e.pow(2).mean() for e in scale_errors)
+            # over sites, so each site's pull does not shrink as more sites are removed. A
+            # power above 2 weighs the few outlier tokens over the many near their scale
+            power = self.removal.site_aux_power
+            term = site_aux * sum(e.abs().pow(power).mean() for e in scale_errors)
             self.site_aux_term += term.detach()
             loss = loss + term
         if self.cfg.cos_reg > 0:
