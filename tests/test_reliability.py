@@ -538,3 +538,17 @@ def test_checkpoints_hold_only_plain_state(finished_run):
     """What a run saves loads with weights_only=True (no numpy scalars, no objects)."""
     ckpt = torch.load(finished_run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 12 and "ce_before" in ckpt["extra"]
+
+
+def test_resume_reads_a_setting_added_after_the_run_as_its_default(tmp_path):
+    """A run's config.yaml from before a setting existed ran with that setting's default: giving
+    the default on --resume changes nothing, another value says what it was."""
+    from noln.config import make_config, resume_config
+
+    saved = make_config(model="gpt2", data="builtin", out=str(tmp_path)).model_dump(mode="json")
+    del saved["site_aux_power"]
+    _, changed, notes = resume_config(tmp_path, saved, {"site_aux_power": 2.0})
+    assert changed == {} and "nothing changed" in notes[0]
+    _, changed, notes = resume_config(tmp_path, saved, {"site_aux_power": 4.0})
+    assert changed == {"site_aux_power": 4.0}
+    assert "--site-aux-power 4.0 (was 2.0)" in notes[0] and notes[1].startswith("warning")

@@ -619,6 +619,11 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
     its shape)."""
     run = Path(run)
     given = {k: v for k, v in given.items() if v is not None and k != "out"}
+    # a setting added after the run started is absent from its config.yaml: it ran with the
+    # default of the day
+    saved = {**{k: f.get_default(call_default_factory=True)
+                for k, f in RemoveConfig.model_fields.items() if k in given and k not in saved},
+             **saved}
     for field in RESUME_FIXED:
         if field in given and not _same(field, saved.get(field), given[field]):
             raise NolnError(
