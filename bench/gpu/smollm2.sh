@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine, in the repository root (bench/gpu/README.md).
-#   setup: install the carried wheels, check noln imports and sees the GPU, then issue 15's
-#          GPU rows (training throughput, with and without --compile) into $OUT
+#   setup: install the carried wheels, check noln imports and sees the GPU; issue 12's bf16 vs
+#          fp32 removal on ref-gpt2-6L; issue 15's GPU rows (training throughput, with and
+#          without --compile); results into $OUT
 #   run:   join the GGUF, unpack the data, SmolLM2 removal with its control and the papers'
 #          table (HellaSwag, first 2,000 items), the export check; results into $OUT
 set -uo pipefail
