@@ -216,8 +216,7 @@ class Trainer:
         site_aux = self.removal.site_aux if self.removal is not None else 0.0
         # the sites whose tokens the site loss pulls: the removed ones, or with site_aux_live
         # every site (a live one towards its running scale: outliers shrink under real norms)
-        live_too = site_aux > 0 and self.removal.site_aux_live
-        pulled = [n for n in self.adapter.norms() if n.frozen or live_too] \
+        pulled = [n for n in self.adapter.norms() if n.frozen or self.removal.site_aux_live] \
             if site_aux > 0 else []
         capture = list({id(n): n for n in ([final] if aux_on else []) + pulled}.values())
         with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
@@ -226,8 +225,8 @@ class Trainer:
                                  output_hidden_states=self.cfg.cos_reg > 0)
             input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
             # each pulled site's distance from its scale, before measuring() resets it
-            own = self.removal.site_aux_special == "own" if pulled else True
-            scale_errors = [n.scale_error(special_own=own) for n in pulled]
+            scale_errors = [n.scale_error(special_own=self.removal.site_aux_special == "own")
+                            for n in pulled]
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
