@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+import noln
 from noln.cli import app, fill_optional_values
 
 
@@ -57,3 +59,45 @@ def test_bare_hellaswag_means_the_hub_split():
         ["eval", "m", "--hellaswag", "hf", "--data", "x"]
     assert fill_optional_values(["eval", "m", "--hellaswag", "f.jsonl"]) == \
         ["eval", "m", "--hellaswag", "f.jsonl"]
+
+
+RUN = ["--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--format", "hf", "--quiet"]
+
+
+def test_an_unfinished_removal_spends_no_control(tiny_model_dir, text_jsonl, tmp_path):
+    """The removal runs first; when it ends with sites still live, the control is not run,
+    no table is written and the user is told how to go on."""
+    schedule = tmp_path / "one_site.yaml"  # one site of five: the removal ends unfinished
+    schedule.write_text("events:\n  - {step: 2, site: blocks.0.mlp_in}\n")
+    out = tmp_path / "run"
+    result = noln.remove_with_control(str(tiny_model_dir), str(text_jsonl), out, steps=6,
+                                      schedule=str(schedule), batch_size=4, ctx=64,
+                                      export_format="hf", progress=False)
+    assert set(result) == {"no_ln"} and not result["no_ln"]["complete"]
+    assert (out / "summary.json").is_file()
+    assert not (out / "control").exists() and not (out / "table.md").exists()
+
+
+def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_dir, text_jsonl,
+                                                                    tmp_path):
+    """`noln remove --resume RUN --control` on a removal begun without --control: the removal
+    is not trained again; the control runs with the removal's settings, LN kept; the table."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--steps", "12", "--schedule", "fixed",
+                                 "--seed", "3", *RUN])
+    assert r.exit_code == 0, r.output
+    summary, log = (out / "summary.json").read_text(), (out / "log.jsonl").read_text()
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+    assert r.exit_code == 0, r.output
+    assert (out / "summary.json").read_text() == summary  # the removal was not run again
+    assert (out / "log.jsonl").read_text() == log
+    removal = yaml.safe_load((out / "config.yaml").read_text())
+    control = yaml.safe_load((out / "control" / "config.yaml").read_text())
+    assert control["keep_ln"] is True and control["out"] == str(out / "control")
+    assert {k: v for k, v in control.items() if k not in ("keep_ln", "out")} == \
+        {k: v for k, v in removal.items() if k not in ("keep_ln", "out")}
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["control"]["keep_ln"] and data["control"]["steps"] == 12
+    assert set(data["compare"]["models"]) == {"original", "finetuned_with_ln", "no_ln"}
+    assert "no LN" in (out / "table.md").read_text()

@@ -367,12 +367,17 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                         eval_sets: dict[str, str] | None = None,
                         hellaswag: str | None = None, hellaswag_limit: int | None = None,
                         overwrite: bool = False, **overrides) -> dict:
-    """The with-LN control (``out/control``) and the removal run (``out``) on the same data,
+    """The removal run (``out``), then the with-LN control (``out/control``) on the same data,
     steps and seed, then the papers' table from ``noln.evaluate.compare_models``: original /
     fine-tuned with LN / without LN on the held-out text, each of ``eval_sets`` and optionally
     HellaSwag, with faithfulness to the original. Written to ``out/table.md``,
     ``out/comparison.json`` (``table``: the CE numbers; ``compare``: everything) and
-    ``out/compare/`` (plots)."""
+    ``out/compare/`` (plots).
+
+    The removal goes first: if it ends unfinished (a stalled schedule, a fade still running),
+    the control's compute is not spent and ``{"no_ln": summary}`` is returned. The control's
+    settings are the removal run's own ``config.yaml`` with ``keep_ln``, so ``resume=True``
+    also adds a control to a run begun without one."""
     overrides.pop("keep_ln", None)  # each run sets its own
     # read before training: a missing or malformed HellaSwag is an error now, not after two runs
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
@@ -383,15 +388,26 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     with claim_run_folder(out, resume=resume, overwrite=overwrite,
                           main=_ranks().is_main_process) as claim:
         claim.started()  # from here on each run cleans up after itself
-        for name, run, keep in (("control", pair.control, True), ("no_ln", pair, False)):
+        for name, run, keep in (("no_ln", pair, False), ("control", pair.control, True)):
             runs[name] = run.root
-            if run.finished() and resume:
+            if resume and run.finished() and run.read_summary().get("complete", True):
                 results[name] = run.read_summary()
-                continue
-            resumable = resume and run.has_checkpoint()
-            r = remove_layernorm(model, data, run.root, resume=run.root if resumable else None,
-                                 eval_sets=eval_sets, keep_ln=keep, **overrides)
-            results[name] = r.summary
+            elif resume and run.has_checkpoint():
+                results[name] = remove_layernorm(model, data, resume=run.root,
+                                                 eval_sets=eval_sets, keep_ln=keep,
+                                                 **overrides).summary
+            elif keep:  # a new control: the removal's settings, as it ran them, with LN kept
+                cfg = RemoveConfig.from_yaml(pair.config, out=str(run.root), keep_ln=True)
+                results[name] = remove_layernorm(config=cfg, eval_sets=eval_sets).summary
+            else:
+                results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
+                                                 keep_ln=False, **overrides).summary
+            if not results[name].get("complete", True):
+                console.print("[yellow]the control was not run, as the removal is unfinished "
+                              f"(above): once it is done, `noln remove --resume {out} --control` "
+                              "runs the control and the table[/]", highlight=False,
+                              soft_wrap=True)
+                return {"no_ln": results[name]}
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)
         return {}
