@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 import noln
 from noln.cli import app, fill_optional_values
+from noln.errors import NolnError
 
 
 def _hellaswag_file(path):
@@ -101,3 +102,20 @@ def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_d
     assert data["control"]["keep_ln"] and data["control"]["steps"] == 12
     assert set(data["compare"]["models"]) == {"original", "finetuned_with_ln", "no_ln"}
     assert "no LN" in (out / "table.md").read_text()
+
+
+def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tmp_path):
+    """A pair begun when the control went first (its removal not begun): resumed, the removal
+    takes the control's settings without keep_ln; a folder that is no run is one line."""
+    out = tmp_path / "run"
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), out / "control", keep_ln=True,
+                          steps=12, schedule="fixed", batch_size=4, ctx=64,
+                          export_format="hf", progress=False)
+    result = noln.remove_with_control(out=out, resume=True)
+    assert result["no_ln"]["complete"] and not result["no_ln"]["keep_ln"]
+    assert result["no_ln"]["steps"] == result["control"]["steps"] == 12
+    assert (out / "table.md").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NolnError, match="not a noln run folder"):
+        noln.remove_with_control(out=empty, resume=True)

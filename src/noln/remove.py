@@ -396,8 +396,14 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 results[name] = remove_layernorm(model, data, resume=run.root,
                                                  eval_sets=eval_sets, keep_ln=keep,
                                                  **overrides).summary
-            elif keep:  # a new control: the removal's settings, as it ran them, with LN kept
-                cfg = RemoveConfig.from_yaml(pair.config, out=str(run.root), keep_ln=True)
+            elif keep or resume:  # not begun: the other run's settings, as it ran them
+                # (a removal not begun: a pair from before the removal went first)
+                other = pair if keep else pair.control
+                if not other.config.is_file():
+                    raise NolnError(f"'{out}' is not a noln run folder (no config.yaml): "
+                                    "check --resume")
+                cfg = RemoveConfig.from_yaml(other.config, **{**overrides, "out": str(run.root),
+                                                              "keep_ln": keep})
                 results[name] = remove_layernorm(config=cfg, eval_sets=eval_sets).summary
             else:
                 results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
