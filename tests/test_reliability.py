@@ -552,3 +552,14 @@ def test_resume_reads_a_setting_added_after_the_run_as_its_default(tmp_path):
     _, changed, notes = resume_config(tmp_path, saved, {"site_aux_power": 4.0})
     assert changed == {"site_aux_power": 4.0}
     assert "--site-aux-power 4.0 (was 2.0)" in notes[0] and notes[1].startswith("warning")
+
+
+def test_resume_may_change_probe_every_without_a_warning(tmp_path):
+    """``--probe-every`` changes when the schedule looks, not what the run optimises."""
+    from noln.config import make_config, resume_config
+
+    saved = make_config(model="gpt2", data="builtin", out=str(tmp_path)).model_dump(mode="json")
+    del saved["probe_every"]  # a run from before the setting
+    cfg, changed, notes = resume_config(tmp_path, saved, {"probe_every": 3})
+    assert changed == {"probe_every": 3} and cfg.probe_every == 3
+    assert "--probe-every 3 (was 1)" in notes[0] and len(notes) == 1

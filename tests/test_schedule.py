@@ -267,3 +267,32 @@ def test_adaptive_start_is_its_own_setting(tmp_path):
     assert start(start=30) == 30
     assert start(adaptive={"start": 150}, start=30) == 150
     assert start(file="type: adaptive\nstart: 200\n", adaptive={"start": 150}) == 200
+
+
+def test_probe_every_measures_the_probe_less_often():
+    """``probe_every=N``: between min_gap and max_gap the probe is measured only every N steps
+    after min_gap, so removals land on those steps; forced removals at max_gap still measure."""
+    def run(every):
+        cfg = AdaptiveConfig(tolerance=0.02, min_gap=2, max_gap=50, finish_by=1.0)
+        sched = AdaptiveSchedule(SITES, cfg, start=5, total_steps=1000, probe_every=every)
+        calls, fired = [], {}
+
+        def probe(t):  # each removal costs 0.5 nats, recovered at 0.1 a step
+            calls.append(t)
+            return 5.0 + max(0.0, 0.5 - 0.1 * (t - max(fired))) if fired else 5.0
+
+        for t in range(100):
+            for site in sched.due(t, [5.0], lambda t=t: probe(t)):
+                fired[t] = site
+        return fired, calls
+
+    every1, calls1 = run(1)
+    every3, calls3 = run(3)
+    assert list(every1) == list(range(5, 5 + 5 * len(SITES), 5))  # recovered 5 steps on
+    # measured at 2, 5, 8 ... steps after a removal: recovery seen at 5 steps, so same here
+    assert list(every3) == list(every1)
+    # after each removal: measured 2, 3, 4 and 5 steps on, against 2 and 5 steps on
+    assert len(calls1) == 1 + 4 * (len(SITES) - 1) and len(calls3) == 1 + 2 * (len(SITES) - 1)
+    assert all((t - max(s for s in every3 if s < t)) % 3 == 2 for t in calls3 if t > 5)
+    every4, _ = run(4)  # measured at 2, 6, 10 ...: recovery first seen 6 steps on
+    assert list(every4)[:3] == [5, 11, 17]

@@ -204,6 +204,9 @@ class RemoveConfig(TrainConfig):
     eval_tokens: int = Field(65_536, ge=1, **describe_field("held-out tokens for the CE table"))
     probe_blocks: int = Field(8, ge=1, **describe_field(
         "held-out sequences measuring each removal's cost (and recovery)"))
+    probe_every: int = Field(1, ge=1, **describe_field(
+        "the adaptive schedule, waiting for recovery, measures the probe every N steps after "
+        "min_gap (each is a forward pass of probe_blocks: a large share of a small step)"))
     # removal
     keep_ln: bool = Field(False, **describe_field("the control: fine-tune, remove nothing"))
     schedule: str = Field("adaptive", min_length=1, **describe_field(
@@ -579,7 +582,7 @@ RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ct
                 "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "taper_shape",
                 "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
-                     "special_fade",
+                     "special_fade", "probe_every",
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning

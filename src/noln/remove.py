@@ -238,7 +238,7 @@ def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     steps = cfg.resolved_steps(ctx)
     kinds = {name: site.kind for name, site in adapter.sites.items()}
     schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
-                              cfg.adaptive, keep_ln=cfg.keep_ln)
+                              cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
     check_taper(cfg, schedule, steps)
     if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
             cfg.export_format in ("hf", "clean", "both"):

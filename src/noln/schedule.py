@@ -73,8 +73,12 @@ class AdaptiveSchedule(Schedule):
     that far above its level before the first removal, so removals that each cost less than
     ``diverged`` cannot add up to a broken model."""
 
-    def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int):
+    def __init__(self, order: list[str], cfg: AdaptiveConfig, start: int, total_steps: int,
+                 probe_every: int = 1):
         self.order, self.cfg, self.start = [canonical_site(s) for s in order], cfg, start
+        # signal=probe: between min_gap and max_gap, the probe is measured every probe_every
+        # steps only (a removal can then come only on those steps)
+        self.probe_every = probe_every if cfg.signal == "probe" else 1
         self.deadline = max(start + 1, int(cfg.finish_by * total_steps))
         self.next_idx = 0
         self.last_step = -1
@@ -100,7 +104,7 @@ class AdaptiveSchedule(Schedule):
             if since < max_gap:
                 min_gap = max(self.cfg.min_gap,
                               self.cfg.window if self.cfg.signal == "train" else 1)
-                if since < min_gap:
+                if since < min_gap or (since - min_gap) % self.probe_every:
                     return []
                 level = self._level(losses, probe)
                 if level > self.reference + self.cfg.tolerance or self._over_budget(level):
@@ -178,7 +182,8 @@ def read_schedule_file(path: Path) -> dict:
 
 
 def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
-                   fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False) -> Schedule:
+                   fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False,
+                   probe_every: int = 1) -> Schedule:
     """Validate and build the schedule; every error is raised here, before training starts.
     ``site_names``: the model's sites in default order; ``kind_of``: each one's role. Names read
     from a schedule file may be old per-family ones (``canonical_site``)."""
@@ -223,5 +228,5 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
         # fixed.start too: configs from before adaptive.start set the adaptive start there
         start = adaptive.start if adaptive.start is not None else fixed.start
         start = start if start is not None else max(1, round(0.07 * total_steps))
-        return AdaptiveSchedule(order, adaptive, start, total_steps)
+        return AdaptiveSchedule(order, adaptive, start, total_steps, probe_every)
     raise NolnError(f"unknown schedule type '{spec}': use fixed, adaptive or a YAML file")
