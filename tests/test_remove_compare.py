@@ -71,11 +71,12 @@ def test_an_unfinished_removal_spends_no_control(tiny_model_dir, text_jsonl, tmp
     schedule = tmp_path / "one_site.yaml"  # one site of five: the removal ends unfinished
     schedule.write_text("events:\n  - {step: 2, site: blocks.0.mlp_in}\n")
     out = tmp_path / "run"
-    result = noln.remove_with_control(str(tiny_model_dir), str(text_jsonl), out, steps=6,
-                                      schedule=str(schedule), batch_size=4, ctx=64,
-                                      export_format="hf", progress=False)
-    assert set(result) == {"no_ln"} and not result["no_ln"]["complete"]
-    assert (out / "summary.json").is_file()
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--control", "--steps", "6", "--schedule",
+                                 str(schedule), *RUN])
+    assert r.exit_code != 0 and isinstance(r.exception, NolnError)  # `noln remove` exits 2
+    assert "removal unfinished" in str(r.exception) and "--resume" in str(r.exception)
+    assert not json.loads((out / "summary.json").read_text())["complete"]
     assert not (out / "control").exists() and not (out / "table.md").exists()
 
 

@@ -100,9 +100,9 @@ def remove(
         _RUN_FOLDER["remove"] = Path(resume)
         remove_layernorm, remove_with_control, sets = _removal(eval)
         if control:
-            remove_with_control(model, data, resume, resume=True, eval_sets=sets,
-                                hellaswag=hellaswag, hellaswag_limit=hellaswag_limit,
-                                **overrides)
+            _control_done(remove_with_control(model, data, resume, resume=True, eval_sets=sets,
+                                              hellaswag=hellaswag,
+                                              hellaswag_limit=hellaswag_limit, **overrides))
             return
         result = remove_layernorm(model, data, resume=resume, eval_sets=sets, **overrides)
         _print_summary(result.summary)
@@ -118,8 +118,9 @@ def remove(
     if control:
         model, data, out = overrides.pop("model"), overrides.pop("data", None), \
             overrides.pop("out")
-        remove_with_control(model, data, out, eval_sets=sets, hellaswag=hellaswag,
-                            hellaswag_limit=hellaswag_limit, overwrite=overwrite, **overrides)
+        _control_done(remove_with_control(model, data, out, eval_sets=sets, hellaswag=hellaswag,
+                                          hellaswag_limit=hellaswag_limit, overwrite=overwrite,
+                                          **overrides))
         return
     result = remove_layernorm(config=cfg, eval_sets=sets, overwrite=overwrite)
     _print_summary(result.summary)
@@ -135,6 +136,12 @@ def _removal(eval_specs: list[str] | None):
     from noln.remove import remove_layernorm, remove_with_control
 
     return remove_layernorm, remove_with_control, parse_sources(eval_specs or [])
+
+
+def _control_done(result: dict) -> None:
+    """A --control pair that stopped at its unfinished removal exits as `noln remove` does."""
+    if "no_ln" in result and "control" not in result:
+        _print_summary(result["no_ln"])
 
 
 def _print_summary(summary: dict) -> None:
