@@ -275,6 +275,9 @@ def test_taper_blends_each_tokens_std_into_the_fixed_scale(cls):
         return y + bias if bias is not None else y
 
     torch.testing.assert_close(norm(x), live, rtol=1e-5, atol=1e-5)
+    norm.set_clip(2.0)  # clipped too (the trainer skips the probe after such a removal)
+    torch.testing.assert_close(norm(x), live, rtol=1e-5, atol=1e-5)
+    norm.set_clip(0.0)
     norm.set_taper(0.5)
     torch.testing.assert_close(norm(x), xc / (s_t * sigma).sqrt() * weight +
                                (bias if bias is not None else 0), rtol=1e-5, atol=1e-5)

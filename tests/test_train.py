@@ -50,8 +50,9 @@ def test_taper_run_moves_each_site_to_its_fixed_scale_and_exports(tiny_model_dir
     tapered = {e["site"]: e["step"] for e in r.log if e.get("event") == "tapered"}
     assert set(removed) == set(tapered) == set(r.adapter.site_names())
     assert all(tapered[s] == removed[s] + 3 for s in removed), (removed, tapered)
-    assert all(e["probe_after"] == pytest.approx(e["probe_before"], abs=1e-5)
-               for e in r.events), "at its removal step a tapering site is still the live norm"
+    # at its removal step a tapering site is still the live norm (test_fakenorm), so the probe
+    # is not measured a second time: the value before is the value after
+    assert all(e["probe_after"] == e["probe_before"] for e in r.events)
     assert r.adapter.export_state() == "all" and r.summary["complete"]
     assert_run_matches_its_exports(r, vocab=500)
 

@@ -284,7 +284,9 @@ class Trainer:
                 self.adapter.site(site).norm.freeze(taper=True)
             if self.removal is not None and self.removal.outlier_clip:
                 self.adapter.site(site).norm.set_clip(self.removal.outlier_clip)
-            current[:] = [self.probe_loss()]
+            if not (self.removal is not None and self.removal.taper):
+                # (a taper starts at the live norm, clipped or not: nothing changed to measure)
+                current[:] = [self.probe_loss()]
             self.log({"event": "remove", "step": step, "site": site, "sigma": sigma,
                       "probe_before": before, "probe_after": current[0]})
 
