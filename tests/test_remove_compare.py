@@ -103,6 +103,17 @@ def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_d
     assert data["control"]["keep_ln"] and data["control"]["steps"] == 12
     assert set(data["compare"]["models"]) == {"original", "finetuned_with_ln", "no_ln"}
     assert "no LN" in (out / "table.md").read_text()
+    # a control killed before its first checkpoint: resumed, it starts again
+    (out / "control" / "summary.json").unlink()
+    for f in (out / "control" / "checkpoints").iterdir():
+        f.unlink()
+    (out / "control" / "checkpoints").rmdir()
+    (out / "table.md").unlink()
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+    assert r.exit_code == 0, r.output
+    assert "no checkpoint: starting it again" in r.output
+    assert json.loads((out / "control" / "summary.json").read_text())["steps"] == 12
+    assert (out / "table.md").is_file() and (out / "summary.json").read_text() == summary
 
 
 def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tmp_path):

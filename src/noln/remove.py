@@ -404,7 +404,15 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                                     "check --resume")
                 cfg = RemoveConfig.from_yaml(other.config, **{**overrides, "out": str(run.root),
                                                               "keep_ln": keep})
-                results[name] = remove_layernorm(config=cfg, eval_sets=eval_sets).summary
+                # a control killed before its first checkpoint cannot be resumed: it starts
+                # again (only noln's files in out/control are replaced; never the removal's,
+                # whose folder holds the control)
+                again = resume and keep and run.is_run()
+                if again:
+                    console.print(f"[yellow]{run.root} has no checkpoint: starting it again[/]",
+                                  highlight=False, soft_wrap=True)
+                results[name] = remove_layernorm(config=cfg, eval_sets=eval_sets,
+                                                 overwrite=again).summary
             else:
                 results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
                                                  keep_ln=False, **overrides).summary
