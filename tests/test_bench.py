@@ -25,3 +25,17 @@ def test_run_summary_splits_a_log_into_phases_of_removals():
     assert [len(r["train"]) for r in rows] == [5, 6, 6, 3]
     assert run_summary.describe_sites(rows[1]["sites"]) == "2: blocks.0.mlp_in .. blocks.1.mlp_in"
     assert run_summary.describe_sites([]) == "none"
+
+
+def test_committed_run_configs_read_under_todays_schema():
+    """The README sends users to these files (`noln remove --config FILE`): a schema change that
+    breaks one must fail here, not in a user's hour-long run."""
+    from noln.config import RemoveConfig
+
+    root = BENCH.parent
+    files = sorted((root / "docs" / "benchmarks").rglob("*.yaml")) + \
+        sorted((root / "bench" / "gpu").glob("*.yaml"))
+    assert len(files) >= 7, files
+    for path in files:
+        cfg = RemoveConfig.from_yaml(path)
+        assert cfg.model.endswith(".gguf") and cfg.tokens, path
