@@ -263,6 +263,30 @@ def test_config_file_and_a_runs_own_config_yaml_work(capsys, tiny_model_dir, tex
     assert summary["steps"] == 10 and summary["ctx"] == 64
 
 
+def test_steps_and_tokens_are_one_setting_the_last_layer_gives(capsys, tmp_path):
+    """The run's length is given once: a layer that names --steps or --tokens replaces the other
+    (a --config file's tokens under a command line's --steps: a --steps run), the saved config
+    shows which one set it, and one command line naming both is a one-line error."""
+    from noln.config import RemoveConfig, make_config, merge_layers, resume_config
+
+    cfg = make_config(model="gpt2", data="builtin", tokens=40_000)  # the preset gives steps
+    assert cfg.steps is None and cfg.resolved_steps(64) == 40_000 // (512 * 64) + 1
+    file = {"model": "gpt2", "data": "builtin", "tokens": 2_000_000, "steps": None}
+    cfg = make_config(**merge_layers(file, {"steps": 50}))
+    assert cfg.tokens is None and cfg.resolved_steps(1024) == 50
+    cfg = make_config(**merge_layers({**file, "tokens": None, "steps": 50}, {"tokens": 65_536}))
+    assert cfg.steps is None and cfg.resolved_steps(64) == 65_536 // (512 * 64)
+    # a run's config.yaml from before this rule holds both: its tokens set its length
+    old = {**file, "steps": 146, "batch_size": 512, "out": str(tmp_path)}
+    assert RemoveConfig(**old).resolved_steps(256) == 16  # 2M / (512 x 256), rounded up
+    cfg, changed, _ = resume_config(tmp_path, old, {"steps": 300})
+    assert changed == {"steps": 300} and cfg.tokens is None and cfg.resolved_steps(256) == 300
+    with pytest.raises(Exception, match="--steps 10 and --tokens 5000 both set the run's length"):
+        resume_config(tmp_path, old, {"steps": 10, "tokens": 5000})
+    code, err = run_main(capsys, "remove", "gpt2", "--steps", "10", "--tokens", "5000")
+    one_error_line(code, err, "--steps 10 and --tokens 5000 both set the run's length: give one")
+
+
 def test_resume_takes_a_new_lr_and_keeps_the_run(capsys, finished_run, tmp_path):
     from noln.config import RemoveConfig
     from noln.train import lr_at

@@ -154,7 +154,9 @@ class TrainConfig(BaseModel):
 
     out: Path = Field(Path("runs/noln"), **describe_field("run folder"))
     tokens: int | None = Field(None, ge=1, **describe_field("training tokens (sets the steps)"))
-    steps: int = Field(300, ge=1, **describe_field("optimiser steps (unless --tokens)"))
+    # steps and tokens are one setting, the run's length: a layer (preset, --config file,
+    # command line) that gives one clears the other (merge_layers); a saved config shows which
+    steps: int | None = Field(300, ge=1, **describe_field("optimiser steps (unless --tokens)"))
     batch_size: int = Field(32, ge=1, **describe_field(
         "sequences per optimiser step (all processes together)"))
     micro_batch_size: int | None = Field(None, ge=1, **describe_field(
@@ -186,8 +188,12 @@ class TrainConfig(BaseModel):
     progress: bool = Field(True, **describe_field("progress bar", flag="--quiet"))
 
     def resolved_steps(self, ctx: int) -> int:
+        """Optimiser steps: ``tokens`` rounded up to whole batches, else ``steps`` (a run
+        config from before ``merge_layers`` may hold both: its tokens set its length)."""
         if self.tokens is not None:
             return max(1, -(-self.tokens // (self.batch_size * ctx)))
+        if self.steps is None:
+            raise NolnError("the run has no length: give --steps N or --tokens N")
         return self.steps
 
 
@@ -493,6 +499,24 @@ def deep_merge(base: dict, over: dict) -> dict:
     return merged
 
 
+def merge_layers(lower: dict, upper: dict) -> dict:
+    """``upper``'s settings on top of ``lower``'s (``deep_merge``), where ``steps`` and
+    ``tokens`` are one setting, the run's length: a layer that gives one of them (not None)
+    clears the other, so ``--steps 500`` over a file's ``tokens: 2000000`` is a 500-step run."""
+    merged = deep_merge(lower, upper)
+    gives = {k for k in ("steps", "tokens") if upper.get(k) is not None}
+    if len(gives) == 1:
+        merged["tokens" if gives == {"steps"} else "steps"] = None
+    return merged
+
+
+def check_one_length(given: dict) -> None:
+    """One command line gives the run's length once: ``--steps`` or ``--tokens``."""
+    if given.get("steps") is not None and given.get("tokens") is not None:
+        raise NolnError(f"--steps {given['steps']} and --tokens {given['tokens']} both set the "
+                        "run's length: give one of them")
+
+
 def _value(raw: str) -> Any:
     """A command-line value: a number, true/false, null, a YAML list/mapping, else the text."""
     for kind in (int, float):
@@ -563,7 +587,7 @@ def make_config(**kwargs) -> RemoveConfig:
     if "model" not in kwargs:
         raise NolnError("no model given: pass a Hub id such as 'gpt2' or a local folder")
     preset = preset_for(str(kwargs["model"]))
-    merged = deep_merge(preset, kwargs)
+    merged = merge_layers(preset, kwargs)
     lr, min_lr = merged.get("lr"), merged.get("min_lr")
     if "min_lr" not in kwargs and isinstance(lr, float | int) and isinstance(min_lr, float) \
             and 0 < lr < min_lr:
@@ -572,6 +596,8 @@ def make_config(**kwargs) -> RemoveConfig:
         cfg = RemoveConfig(**merged)
     except ValidationError as e:
         raise NolnError(describe(e, flag_name, lambda loc: _example(loc, preset))) from None
+    if cfg.steps is None and cfg.tokens is None:
+        raise NolnError("the run has no length: give --steps N or --tokens N")
     if cfg.schedule not in ("fixed", "adaptive"):
         check_schedule_file(cfg.schedule)
     return cfg
@@ -622,6 +648,7 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
     its shape)."""
     run = Path(run)
     given = {k: v for k, v in given.items() if v is not None and k != "out"}
+    check_one_length(given)
     # a setting added after the run started is absent from its config.yaml: it ran with the
     # default of the day
     saved = {**{k: f.get_default(call_default_factory=True)
@@ -644,9 +671,7 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
         raise NolnError(f"--steps/--tokens cannot change on --resume of a run with the {schedule} "
                         "schedule: its removal steps are laid out over the run's length; resume "
                         "without them (an adaptive or explicit-events schedule may be extended)")
-    merged = {**saved, **changed, "out": str(run)}
-    if "steps" in changed and "tokens" not in changed:
-        merged["tokens"] = None  # --steps replaces the run's token budget
+    merged = {**merge_layers(saved, changed), "out": str(run)}  # --steps replaces a token budget
     if "lr" in changed and "min_lr" not in changed and saved.get("lr"):
         merged["min_lr"] = float(saved.get("min_lr", 0.0)) * float(changed["lr"]) / \
             float(saved["lr"])

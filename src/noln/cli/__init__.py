@@ -22,8 +22,9 @@ from noln.cli.schema import command_line_settings, with_settings
 from noln.config import (
     PretrainConfig,
     RemoveConfig,
-    deep_merge,
+    check_one_length,
     make_config,
+    merge_layers,
     read_config_file,
 )
 from noln.errors import NolnError, raise_interrupt
@@ -80,6 +81,7 @@ def remove(
         settings.insert(0, model)  # `noln remove --resume RUN lr=1e-4`: no model, a setting
         model = None
     overrides = command_line_settings(RemoveConfig, flags, settings)
+    check_one_length(overrides)
     if model is not None:
         overrides["model"] = model
     if hellaswag is not None and not control:
@@ -108,7 +110,7 @@ def remove(
         _print_summary(result.summary)
         return
     if config is not None:  # the file's values under the command line's
-        overrides = deep_merge(read_config_file(config), overrides)
+        overrides = merge_layers(read_config_file(config), overrides)
     if overrides.get("model") is None:
         raise NolnError("no model given: `noln remove gpt2 --data openwebtext --out runs/gpt2`")
     overrides.setdefault("out", Path("runs") / Path(str(overrides["model"])).name)
@@ -214,6 +216,7 @@ def pretrain(
     from noln.pretrain import pretrain as run_pretrain
 
     given = command_line_settings(PretrainConfig, flags, list(settings or []))
+    check_one_length(given)
     if "data" not in given or "out" not in given:
         raise NolnError("noln pretrain needs --data SOURCE and --out FOLDER (the model is "
                         "written to OUT/model)")
