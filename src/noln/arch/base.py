@@ -224,6 +224,11 @@ class NormAdapter:
                 if not k.startswith(paths) and not k.endswith(buffers)}
 
     @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (``layout.layers``), in order."""
+        return self.model.get_submodule(self.layout.layers)
+
+    @property
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers
 

@@ -75,10 +75,6 @@ class GPT2Adapter(NormAdapter):
     block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
     aliases = {"ln_2": MLP_IN, "ln_1_qk": ATTN_IN_QK, "ln_1_v": ATTN_IN_V, "ln_f": FINAL}
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.transformer.h
-
     @staticmethod
     def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
                           eot_id: int) -> nn.Module:
@@ -101,7 +97,7 @@ class GPT2Adapter(NormAdapter):
 
     def collect_sites(self) -> list[Site]:
         sites = [Site(FINAL, FINAL, None, self.model.transformer.ln_f)]
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.layers):
             sites += [Site(f"blocks.{i}.{role}", role, i, norm) for role, norm in (
                 (MLP_IN, block.ln_2), (ATTN_IN_QK, block.ln_1.qk), (ATTN_IN_V, block.ln_1.v))]
         return sites
@@ -116,7 +112,7 @@ class GPT2Adapter(NormAdapter):
         if state == "none":
             return sd
         d = self.model.config.n_embd
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.layers):
             p = f"transformer.h.{i}."
             ln1 = block.ln_1
             g, beta = ln1.weight.detach().double(), ln1.bias.detach().double()
@@ -142,7 +138,7 @@ class GPT2Adapter(NormAdapter):
         self.require_export_state(("all",))
         sd = {k: v for k, v in self.plain_state_dict().items() if ".ln_" not in k}
         d = self.model.config.n_embd
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.layers):
             p = f"transformer.h.{i}."
             ln1, ln2, attn = block.ln_1, block.ln_2, block.attn.c_attn
             g, beta = ln1.weight.detach().double(), ln1.bias.detach().double()

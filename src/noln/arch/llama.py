@@ -103,10 +103,6 @@ class LlamaAdapter(NormAdapter):
                "input_layernorm_v": ATTN_IN_V, "norm": FINAL}
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    @property
     def has_qk_norm(self) -> bool:
         return all(hasattr(layer.self_attn, "q_norm") for layer in self.layers)
 

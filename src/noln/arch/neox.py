@@ -86,10 +86,6 @@ class NeoXAdapter(NormAdapter):
     block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
     aliases = {"ln_post": MLP_IN, "ln_in_qk": ATTN_IN_QK, "ln_in_v": ATTN_IN_V, "ln_f": FINAL}
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.gpt_neox.layers
-
     @staticmethod
     def build_small_model(vocab_size: int, n_layer: int, d_model: int, n_head: int, ctx: int,
                           eot_id: int) -> nn.Module:
@@ -105,7 +101,7 @@ class NeoXAdapter(NormAdapter):
 
     def install(self) -> None:
         n_heads = self.model.config.num_attention_heads
-        for layer in self.blocks:
+        for layer in self.layers:
             if not isinstance(layer.input_layernorm, SplitLayerNorm):
                 layer.input_layernorm = SplitLayerNorm(layer.input_layernorm, self.momentum)
                 layer.attention.query_key_value = NeoXSplitQKV(
@@ -120,7 +116,7 @@ class NeoXAdapter(NormAdapter):
 
     def collect_sites(self) -> list[Site]:
         sites = [Site(FINAL, FINAL, None, self.model.gpt_neox.final_layer_norm)]
-        for i, layer in enumerate(self.blocks):
+        for i, layer in enumerate(self.layers):
             sites += [Site(f"blocks.{i}.{role}", role, i, norm) for role, norm in (
                 (MLP_IN, layer.post_attention_layernorm), (ATTN_IN_QK, layer.input_layernorm.qk),
                 (ATTN_IN_V, layer.input_layernorm.v))]
@@ -129,7 +125,7 @@ class NeoXAdapter(NormAdapter):
     # -- exports ---------------------------------------------------------------------------
     @property
     def _has_attention_bias(self) -> bool:
-        return self.blocks[0].attention.query_key_value.bias is not None
+        return self.layers[0].attention.query_key_value.bias is not None
 
     def hf_config_overrides(self) -> dict:
         if self.export_state() != "all":
@@ -145,7 +141,7 @@ class NeoXAdapter(NormAdapter):
             return sd
         cfg = self.model.config
         qk_rows, _ = qk_v_rows(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads)
-        for i, layer in enumerate(self.blocks):
+        for i, layer in enumerate(self.layers):
             p = f"gpt_neox.layers.{i}."
             ln_in = layer.input_layernorm
             g, beta = ln_in.weight.detach().double(), ln_in.bias.detach().double()
@@ -180,7 +176,7 @@ class NeoXAdapter(NormAdapter):
         cfg = self.model.config
         qk_rows, v_rows = qk_v_rows(cfg.num_attention_heads,
                                     cfg.hidden_size // cfg.num_attention_heads)
-        for i, layer in enumerate(self.blocks):
+        for i, layer in enumerate(self.layers):
             p = f"gpt_neox.layers.{i}."
             ln_in, ln_post = layer.input_layernorm, layer.post_attention_layernorm
             qkv = layer.attention.query_key_value
