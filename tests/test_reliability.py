@@ -285,6 +285,14 @@ def test_steps_and_tokens_are_one_setting_the_last_layer_gives(capsys, tmp_path)
         resume_config(tmp_path, old, {"steps": 10, "tokens": 5000})
     code, err = run_main(capsys, "remove", "gpt2", "--steps", "10", "--tokens", "5000")
     one_error_line(code, err, "--steps 10 and --tokens 5000 both set the run's length: give one")
+    # noln pretrain: the same rule, and its checkpoints every quarter of the run it will train
+    from noln.config import make_pretrain_config
+
+    cfg = make_pretrain_config(data="builtin", out=str(tmp_path), tokens=32 * 128 * 400)
+    assert cfg.steps is None and cfg.resolved_steps(cfg.ctx) == 400 and cfg.checkpoint_every == 100
+    code, err = run_main(capsys, "pretrain", "--data", "builtin", "--out", tmp_path / "p",
+                         "--steps", "10", "--tokens", "5000")
+    one_error_line(code, err, "--steps 10 and --tokens 5000 both set the run's length")
 
 
 def test_resume_takes_a_new_lr_and_keeps_the_run(capsys, finished_run, tmp_path):

@@ -354,7 +354,7 @@ class PretrainConfig(TrainConfig):
     d_model: int = Field(128, ge=1, **describe_field("residual stream width"))
     n_head: int = Field(4, ge=1, **describe_field("attention heads", flag="--heads"))
     vocab_size: int = Field(4096, ge=260, **describe_field("BPE vocabulary to train"))
-    steps: int = Field(600, ge=1, **describe_field("optimiser steps (unless --tokens)"))
+    steps: int | None = Field(600, ge=1, **describe_field("optimiser steps (unless --tokens)"))
     batch_size: int = Field(32, ge=1, **describe_field("sequences per optimiser step"))
     ctx: int = Field(128, ge=2, **describe_field("tokens per sequence (the model's context)"))
     lr: float = Field(1e-3, gt=0, **describe_field("peak learning rate"))
@@ -369,7 +369,7 @@ class PretrainConfig(TrainConfig):
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if self.checkpoint_every is None:
-            self.checkpoint_every = max(50, self.steps // 4)
+            self.checkpoint_every = max(50, self.resolved_steps(self.ctx) // 4)
         if self.d_model % self.n_head:
             raise ValueError(f"--d-model {self.d_model} is not divisible by --heads "
                              f"{self.n_head}")
@@ -559,7 +559,7 @@ def parse_settings(items: list[str], cls: type[BaseModel] = RemoveConfig) -> dic
 def make_pretrain_config(**kwargs) -> PretrainConfig:
     """A ``noln pretrain`` config from ``kwargs`` (None values are ignored), every value checked
     before anything is built."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = merge_layers({}, {k: v for k, v in kwargs.items() if v is not None})
     try:
         return PretrainConfig(**kwargs)
     except ValidationError as e:
