@@ -150,11 +150,6 @@ def encode_items(items: list[Item], tokenizer) -> list[Encoded]:
     return out
 
 
-def model_context(model: torch.nn.Module) -> int:
-    """The longest input the model takes (the arch layout registry's rule)."""
-    return context_length(model)
-
-
 def _row(ctx: list[int], ending: list[int], n_ctx: int) -> tuple[list[int], int]:
     """Context + ending, cut to the harness's last ``n_ctx + 1`` tokens (the final token is only
     a target, never an input), and the input position that predicts the ending's first token."""
@@ -355,7 +350,7 @@ def score_items(model: torch.nn.Module, tokenizer, items: list[Item],
     was_training = model.training
     model.eval()
     device = model_device(model)
-    n_ctx = model_context(model)
+    n_ctx = context_length(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     encoded = encode_items(items, tokenizer)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from noln.arch import context_length
 from noln.config import check_numbers
 from noln.data import is_local
 from noln.errors import NolnError
-from noln.evaluate.hellaswag import model_context
 from noln.loading import fuse_activations, load_model
 from noln.run import check_output_dir, check_output_file
 
@@ -64,7 +64,7 @@ def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]
 
 
 def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
-    shortest = min(model_context(m) for m in models)  # every model must read the chunk
+    shortest = min(context_length(m) for m in models)  # every model must read the chunk
     if ctx is None:
         return shortest
     if ctx < 2:

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from noln.arch import context_length
 from noln.data import load_blocks
 from noln.errors import NolnError
-from noln.evaluate.hellaswag import model_context
 from noln.linearity.score import LinearityProfile, check_tokens, hidden_size, linearity_profile
 from noln.loading import fuse_activations, load_model
 from noln.progress import token_progress
@@ -27,7 +27,7 @@ console = Console()
 def sequence_length(model, ctx: int | None = None, cap: int = 1024) -> int:
     """Tokens per sequence: ``ctx`` if given (checked), else the model's context, at most cap."""
     try:
-        limit = model_context(model)
+        limit = context_length(model)
     except NolnError:  # no context length in the config: assume cap
         limit = cap
     if ctx is None:
