@@ -318,6 +318,11 @@ def test_compare_models_table_json_markdown_plots(ref_tok, blocks, hs_items, tmp
     assert {p.name for p in files} >= {"comparison.md", "comparison.json",
                                        "residual_norms_val.png", "ce_diff_by_position_val.png"}
     assert all(p.stat().st_size > 0 for p in files)
+    # the names checked before the work (noln.outputs: never over the user's file) are these
+    from noln.evaluate.compare import report_files
+
+    assert {p.name for p in files} == set(report_files(["val"]))
+    assert result.save(tmp_path / "out") == files  # noln's own files: replaced on a re-run
 
 
 # ----------------------------------------------------------------------------- commands

@@ -23,7 +23,9 @@ import pytest
 import torch
 import yaml
 
+import noln
 from noln.cli import main
+from noln.errors import NolnError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
 RUN_ARGS = ["--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule",
@@ -445,6 +447,81 @@ def test_unwritable_outputs_fail_before_the_work(capsys, finished_run, tmp_path)
         code, err = run_main(capsys, *args)
         line = one_error_line(code, err)
         assert "a-file" in line and "no/such-model" not in line, line
+
+
+def test_reports_carry_noln_mark_and_a_foreign_file_is_never_replaced(tmp_path):
+    """Each report writer's file is known as noln's afterwards; a file without the mark (the
+    user's) is refused by the up-front check and by the writer itself, and left as it was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from noln.outputs import (
+        check_output_file,
+        save_figure,
+        write_csv,
+        write_json,
+        write_markdown,
+        written_by_noln,
+    )
+
+    header = ("model", "layer", "score")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    ours = [write_json({"a": 1}, tmp_path / "r.json"), write_markdown("# t\n", tmp_path / "t.md"),
+            write_csv(header, [("m", 0, 0.5)], tmp_path / "p.csv"),
+            *(save_figure(fig, tmp_path / f"f.{ext}") for ext in ("png", "pdf", "svg"))]
+    for path in ours:
+        assert written_by_noln(path, header if path.suffix == ".csv" else None), path
+        check_output_file(path, "--out", header if path.suffix == ".csv" else None)  # replaceable
+    assert json.loads((tmp_path / "r.json").read_text()) == {"noln": {"version": noln.__version__},
+                                                            "a": 1}
+    assert not written_by_noln(tmp_path / "p.csv", ("model", "layer"))  # another CSV's header
+    jpg = save_figure(fig, tmp_path / "f.jpg")  # a format without metadata: never replaced
+    plt.close(fig)
+    foreign = {"data.json": '{"rows": [1, 2]}', "notes.md": "# mine\n", "mine.csv": "a,b\n1,2\n",
+               "fig.png": "not a png", "f.jpg": None}
+    for name, text in foreign.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        before = path.read_bytes()
+        assert not written_by_noln(path, header if name.endswith(".csv") else None), name
+        with pytest.raises(NolnError, match="already exists and is not a noln report"):
+            check_output_file(path, "--json", header if name.endswith(".csv") else None)
+        with pytest.raises(NolnError, match="nothing was written over it"):
+            {".json": lambda p: write_json({}, p), ".md": lambda p: write_markdown("x", p),
+             ".csv": lambda p: write_csv(header, [], p),
+             ".png": lambda p: save_figure(fig, p), ".jpg": lambda p: save_figure(fig, p),
+             }[path.suffix](path)
+        assert path.read_bytes() == before, name
+    assert jpg.exists()
+
+
+def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_path):
+    """--json / --csv / --plot naming the user's own file: one line before any model loads (the
+    model here does not exist: the error is about the file), and the file is untouched."""
+    mine = {ext: tmp_path / f"mine.{ext}" for ext in ("json", "csv", "png")}
+    for path in mine.values():
+        path.write_text("the user's own file\n")
+    cases = [
+        ["eval", "no/such-model", "--data", "builtin", "--json", mine["json"]],
+        ["compare", "a", "b", "c", "--data", "builtin", "--json", mine["json"]],
+        ["linearity", "no/such-model", "--data", "builtin", "--json", mine["json"]],
+        ["linearity", "no/such-model", "--data", "builtin", "--csv", mine["csv"]],
+        ["linearity", "no/such-model", "--data", "builtin", "--plot", mine["png"]],
+        ["attribute", "no/such-model", "--text", "hi", "--json", mine["json"]],
+        ["attribute", "no/such-model", "--text", "hi", "--plot", mine["png"]],
+        ["eval", "no/such-model", "--data", "mine=builtin", "--out", tmp_path],  # a plot's name
+    ]
+    (tmp_path / "residual_norms_mine.png").write_text("the user's own file\n")
+    for args in cases:
+        code, err = run_main(capsys, *args)
+        line = one_error_line(code, err, "already exists and is not a noln report")
+        assert "no/such-model" not in line, line
+    assert all(p.read_text() == "the user's own file\n" for p in mine.values())
+    assert (tmp_path / "residual_norms_mine.png").read_text() == "the user's own file\n"
 
 
 def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from noln.errors import NolnError
+from noln.outputs import save_figure
 
 matplotlib.use("Agg")  # files only, never a window
 
@@ -191,9 +192,7 @@ def plot_attribution(results: list[Attribution], path: Path, top: int, title: st
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

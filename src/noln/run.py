@@ -10,8 +10,7 @@ adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, 
   run with ``overwrite`` (which deletes only the files noln writes, ``NOLN_OUTPUTS``); the folder
   is locked (``.noln.lock`` holds the writer's PID) for as long as the run writes to it, and a
   run that fails before training removes what it wrote and the folder if it made it.
-- ``check_output_file`` / ``check_output_dir``: an output path that cannot be written is an
-  error before any model loads, not after the work.
+(Report files written where the user says, ``--json`` and the like: ``noln.outputs``.)
 """
 
 from __future__ import annotations
@@ -302,36 +301,3 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool = False, main: 
             release_lock(out)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-
-
-# ----------------------------------------------------------------------------- output files
-
-
-def check_output_file(path: Path | None, flag: str) -> None:
-    """``path`` can be written (its folder exists or can be made, and is writable; the path is
-    not a folder): checked before the work, not after it."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise NolnError(f"{flag} '{path}' is a folder: give a file name")
-    parent = path.parent
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise NolnError(f"{flag} '{path}' cannot be written: '{existing}' is a file, not a "
-                        "folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise NolnError(f"{flag} '{path}' cannot be written: no write permission in "
-                        f"'{existing}'")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise NolnError(f"{flag} '{path}' cannot be written: the file is read-only")
-
-
-def check_output_dir(path: Path | None, flag: str) -> None:
-    """``path`` is, or can be made as, a writable folder."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NolnError(f"{flag} '{path}' is a file, not a folder: give a folder")
-    check_output_file(path / "x", flag)

@@ -173,7 +173,8 @@ def export(
 
     from noln.arch import install
     from noln.export import EXPORT_FORMATS, check_export_target, export_model
-    from noln.run import RunFolder, check_output_dir, load_run_model
+    from noln.outputs import check_output_dir
+    from noln.run import RunFolder, load_run_model
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -48,8 +47,8 @@ def attribute_cmd(
     )
     from noln.evaluate.inputs import resolve_device, short_names
     from noln.interop import hooked_transformer
+    from noln.outputs import check_output_file, write_json
     from noln.report import json_safe, rich_table
-    from noln.run import check_output_file
 
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
@@ -110,6 +109,5 @@ def attribute_cmd(
         doc = {"text": text, "tokens": pieces, "token_ids": ids, "position": pos,
                "target": target, "target_id": target_id, "bos": bos,
                "models": {r.model: {"path": names[r.model], **r.to_dict()} for r in results}}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(json_safe(doc), indent=1))
+        write_json(json_safe(doc), json_out, indent=1)
         console.print(f"wrote {json_out}")

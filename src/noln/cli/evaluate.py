@@ -85,7 +85,7 @@ def eval_cmd(
     """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
     HellaSwag acc / acc_norm, for each MODEL."""
     from noln.data import load_blocks, tokenizer_fingerprint
-    from noln.evaluate.compare import compare_models
+    from noln.evaluate.compare import compare_models, report_files
     from noln.evaluate.inputs import (
         check_options,
         chunk_length,
@@ -99,9 +99,9 @@ def eval_cmd(
         raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
-    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out)
     sources = parse_sources(data or [])
+    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
+                  json_out=json_out, out=out, out_files=report_files(sources))
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
                                     else [])])
@@ -151,7 +151,7 @@ def compare_cmd(
     """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
     HellaSwag, faithfulness to ORIGINAL, and the no-LN − with-LN difference."""
     from noln.data import load_blocks, tokenizer_fingerprint
-    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models, report_files
     from noln.evaluate.inputs import (
         check_options,
         chunk_length,
@@ -163,9 +163,9 @@ def compare_cmd(
     if not data and hellaswag is None:
         raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
                         "PATH)")
-    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out)
     sources = parse_sources(data or [])
+    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
+                  json_out=json_out, out=out, out_files=report_files(sources))
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
     loaded = load_models(names, resolve_device(device))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Annotated
@@ -51,21 +50,22 @@ def linearity_cmd(
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
     from noln.linearity.report import (
+        CSV_COLUMNS,
         parse_layer_list,
         plot_profiles,
         profile_table,
         run_profile,
         write_csv,
     )
+    from noln.outputs import check_output_file, write_json
     from noln.report import json_safe
-    from noln.run import check_output_file
 
     check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
                   ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
     if precision not in ("float64", "mixed"):
         raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
     check_output_file(json_out, "--json")
-    check_output_file(csv_out, "--csv")
+    check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
     check_output_file(plot, "--plot")
     layer_list = parse_layer_list(layers)
     profiles, metas = [], []
@@ -80,8 +80,7 @@ def linearity_cmd(
         if compare:
             doc["compare"] = [{**p.to_dict(), **m} for p, m in zip(profiles[1:], metas[1:],
                                                                    strict=True)]
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        write_json(json_safe(doc), json_out, allow_nan=False)
         console.print(f"wrote {json_out}")
     if csv_out is not None:
         write_csv(profiles, csv_out)
@@ -134,9 +133,9 @@ def linearize_cmd(
     from noln.linearity.report import fmt, sequence_length, short_name
     from noln.linearity.score import check_tokens, hidden_size
     from noln.loading import load_model
+    from noln.outputs import check_output_dir, write_json
     from noln.progress import counting_forwards, token_progress
     from noln.report import json_safe
-    from noln.run import check_output_dir
 
     if fit not in ("lstsq", "distill"):
         raise NolnError(f"--fit '{fit}' is unknown: use lstsq or distill")
@@ -210,7 +209,7 @@ def linearize_cmd(
             report = {"model": model, "data": data, "eval_data": eval_data or f"{data} (held back)",
                       "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
                       "distill_steps": distill_steps, "distill_lr": distill_lr, "steps": rows}
-            (out / "linearize.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            write_json(json_safe(report), out / "linearize.json")
             console.print(f"wrote {out / 'linearize.json'} and "
                           f"{plot_curve(rows, out / 'linearize_curve.png', short_name(model))}")
         else:
@@ -239,7 +238,7 @@ def linearize_cmd(
                       "eval_data": eval_data or f"{data} (held back)",
                       "fit_tokens": int(fit_blocks.size), "eval_tokens": int(eval_blocks.size),
                       "ce": {name: ce for name, ce in rows}}
-            (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
+            write_json(report, out / "linearize.json")
 
     for i, m in final.items():
         swap_layer(net, i, m)

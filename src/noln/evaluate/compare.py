@@ -26,6 +26,7 @@ from rich.table import Table
 from noln.errors import NolnError
 from noln.evaluate.faithfulness import BlockReport, evaluate_blocks
 from noln.evaluate.hellaswag import HellaSwagResult, Item, evaluate_hellaswag, load_hellaswag
+from noln.outputs import save_figure, write_json, write_markdown
 from noln.report import json_safe
 
 ORIGINAL, WITH_LN, NO_LN = "original", "finetuned_with_ln", "no_ln"
@@ -201,11 +202,10 @@ class ComparisonResult:
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(json_safe(self.to_dict()), indent=2, default=_json_default)
+        doc = json_safe(self.to_dict())
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-        return text
+            write_json(doc, Path(path), default=_json_default)
+        return json.dumps(doc, indent=2, default=_json_default)
 
     def to_markdown(self) -> str:
         cols = ["metric", *self.columns()]
@@ -266,10 +266,8 @@ class ComparisonResult:
             ax.set_title(title)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out_dir / filename
-            fig.savefig(path, dpi=120)
+            written.append(save_figure(fig, out_dir / filename))
             plt.close(fig)
-            written.append(path)
 
         for s in self.source_names():
             reports = {m: r.blocks[s] for m, r in self.models.items() if s in r.blocks}
@@ -305,7 +303,7 @@ class ComparisonResult:
         """``comparison.md``, ``comparison.json`` and the plots in ``out_dir``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "comparison.md").write_text(self.to_markdown())
+        write_markdown(self.to_markdown(), out_dir / "comparison.md")
         self.to_json(out_dir / "comparison.json")
         return [out_dir / "comparison.md", out_dir / "comparison.json", *self.plot(out_dir)]
 
@@ -326,6 +324,13 @@ def _json_default(obj: object) -> object:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def report_files(source_names) -> list[str]:
+    """The files ``ComparisonResult.save`` may write in its folder, for sources so named."""
+    return ["comparison.md", "comparison.json",
+            *(f"{kind}_{_slug(s)}.png" for s in source_names
+              for kind in ("residual_norms", "ce_diff_by_position"))]
 
 
 def _slug(name: str) -> str:

@@ -13,7 +13,7 @@ from noln.config import check_numbers
 from noln.data import is_local
 from noln.errors import NolnError
 from noln.loading import fuse_activations, load_model
-from noln.run import check_output_dir, check_output_file
+from noln.outputs import check_output_dir, check_output_file
 
 
 def parse_sources(specs: list[str]) -> dict[str, str]:
@@ -77,12 +77,16 @@ def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
 
 def check_options(*, tokens: int | None = None, ctx: int | None = None,
                   batch_size: int | None = None, hellaswag_limit: int | None = None,
-                  json_out: Path | None = None, out: Path | None = None) -> None:
-    """Numbers in range and outputs writable, before any model loads."""
+                  json_out: Path | None = None, out: Path | None = None,
+                  out_files: list[str] = ()) -> None:
+    """Numbers in range and outputs writable, before any model loads: ``out_files`` are the
+    names the command may write in ``out`` (none of them the user's own file)."""
     check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
     check_output_file(json_out, "--json")
     check_output_dir(out, "--out")
+    for name in out_files if out is not None else ():
+        check_output_file(Path(out) / name, "--out")
 
 

@@ -43,6 +43,7 @@ from noln.linearity.score import (
     score_pairs,
     token_batches,
 )
+from noln.outputs import save_figure
 from noln.pretrained import load_tokenizer, read_json
 
 FORMAT = "noln-linearized"
@@ -344,8 +345,7 @@ def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     ax.set_title(title or "Greedy replacement of the most linear blocks")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

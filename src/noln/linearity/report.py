@@ -3,7 +3,6 @@ a CSV and a plot (``noln linearity`` is this plus its options)."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -13,11 +12,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from noln import outputs
 from noln.arch import context_length
 from noln.data import load_blocks
 from noln.errors import NolnError
 from noln.linearity.score import LinearityProfile, check_tokens, hidden_size, linearity_profile
 from noln.loading import fuse_activations, load_model
+from noln.outputs import save_figure
 from noln.progress import token_progress
 
 matplotlib.use("Agg")  # files only, never a window
@@ -131,26 +132,26 @@ def plot_profiles(profiles: list[LinearityProfile], path: Path) -> Path:
     fig.suptitle(f"Layer linearity ({profiles[0].n_tokens:,} tokens; solid in-sample, dashed "
                  f"held-out; dotted: chance floor d/(n-1) = {floors})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
+# the CSV's header, which is also how noln knows a CSV as its own (noln.outputs)
+CSV_COLUMNS = ("model", "positions", "layer", "depth", "with_residual", "with_residual_heldout",
+               "without_residual", "without_residual_heldout", "n_tokens", "chance_floor",
+               "anisotropy", "anisotropy_power", "intrinsic_dim")
+
+
 def write_csv(profiles: list[LinearityProfile], path: Path) -> None:
-    cols = ["model", "positions", "layer", "depth", "with_residual", "with_residual_heldout",
-            "without_residual", "without_residual_heldout", "n_tokens", "chance_floor",
-            "anisotropy", "anisotropy_power", "intrinsic_dim"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for p in profiles:
-            for positions, scores in (("all", p.layers), ("without_first", p.layers_without_first)):
-                for s in scores:
-                    row = {**s.__dict__, "model": p.model, "positions": positions,
-                           "depth": depth(s.layer, p.n_layers)}
-                    w.writerow(["" if row.get(c) is None else row[c] for c in cols])
+    rows = []
+    for p in profiles:
+        for positions, scores in (("all", p.layers), ("without_first", p.layers_without_first)):
+            for s in scores:
+                row = {**s.__dict__, "model": p.model, "positions": positions,
+                       "depth": depth(s.layer, p.n_layers)}
+                rows.append(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+    outputs.write_csv(CSV_COLUMNS, rows, path)
 
 
 def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list[int] | None,

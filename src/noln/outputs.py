@@ -1,0 +1,135 @@
+"""Report files written where the user says (``--json``, ``--csv``, ``--plot``, the files of
+``noln eval/compare --out``): noln replaces only files it wrote itself.
+
+Every report carries noln's mark, so a later command can tell its own file from the user's:
+
+- JSON: a top-level ``"noln"`` entry (``{"version": ...}``);
+- markdown: a first line ``<!-- written by noln VERSION -->`` (invisible when rendered);
+- CSV: noln's own header row (the writer names it);
+- a figure: the creator in its metadata (PNG ``Software``, PDF / SVG / EPS ``Creator``);
+  formats without metadata (JPEG ...) carry none, so an existing one is never replaced.
+
+``check_output_file`` runs before any model loads: a path that cannot be written, or an
+existing file without the mark (the user's data, a notebook's figure, a report from a noln
+older than the marks), is a one-line error naming the flag. The writers check again just
+before they write, so nothing reaches a foreign file even where a name was not known up front.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from noln import __version__
+from noln.errors import NolnError
+
+CREATOR = f"noln {__version__}"
+_MD_MARK = "<!-- written by noln"
+# what a figure's metadata key is called per format, and the bytes it leaves in the file
+_FIGURE_KEY = {".png": "Software", ".pdf": "Creator", ".svg": "Creator", ".eps": "Creator",
+               ".ps": "Creator"}
+_FIGURE_MARK = {".png": b"tEXtSoftware\x00noln ", ".pdf": b"/Creator (noln ",
+                ".svg": b"<dc:title>noln ", ".eps": b"%%Creator: noln ",
+                ".ps": b"%%Creator: noln "}
+_MAX_READ = 256 * 2**20  # a report is small; a larger file is not one of noln's
+
+
+def written_by_noln(path: Path, csv_header: Sequence[str] | None = None) -> bool:
+    """Whether the file at ``path`` carries noln's mark (module docstring)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_READ:
+            return False
+        data = path.read_bytes()
+    except OSError:
+        return False
+    suffix = path.suffix.lower()
+    text = data.decode("utf-8", errors="replace")
+    if csv_header is not None:
+        return next(csv.reader(text.splitlines()[:1]), None) == list(csv_header)
+    if suffix in _FIGURE_MARK:
+        return _FIGURE_MARK[suffix] in data
+    if suffix == ".md":
+        return text.startswith(_MD_MARK)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("noln"), dict)
+
+
+def check_output_file(path: Path | None, flag: str,
+                      csv_header: Sequence[str] | None = None) -> None:
+    """``path`` can be written: its folder exists or can be made and is writable, it is not a
+    folder, and it does not exist or is a report noln wrote. Checked before the work."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise NolnError(f"{flag} '{path}' is a folder: give a file name")
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NolnError(f"{flag} '{path}' cannot be written: '{existing}' is a file, not a "
+                        "folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise NolnError(f"{flag} '{path}' cannot be written: no write permission in "
+                        f"'{existing}'")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise NolnError(f"{flag} '{path}' cannot be written: the file is read-only")
+    if path.exists() and not written_by_noln(path, csv_header):
+        raise NolnError(f"{flag} '{path}' already exists and is not a noln report (noln "
+                        "replaces only files that carry its mark): give a new file name, or "
+                        "move that file away")
+
+
+def check_output_dir(path: Path | None, flag: str) -> None:
+    """``path`` is, or can be made as, a writable folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NolnError(f"{flag} '{path}' is a file, not a folder: give a folder")
+    check_output_file(path / "x", flag)
+
+
+def _replaceable(path: Path, csv_header: Sequence[str] | None = None) -> Path:
+    """The last check, at the moment of writing (a name not known before the work)."""
+    path = Path(path)
+    if path.exists() and not written_by_noln(path, csv_header):
+        raise NolnError(f"'{path}' already exists and is not a noln report: nothing was "
+                        "written over it; move it away and run again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(doc: dict[str, Any], path: Path, indent: int = 2, **dumps: Any) -> Path:
+    """``doc`` as JSON with noln's mark first: ``{"noln": {"version": ...}, **doc}``."""
+    text = json.dumps({"noln": {"version": __version__}, **doc}, indent=indent, **dumps)
+    _replaceable(path).write_text(text + "\n")
+    return Path(path)
+
+
+def write_markdown(text: str, path: Path) -> Path:
+    _replaceable(path).write_text(f"{_MD_MARK} {__version__} -->\n{text}")
+    return Path(path)
+
+
+def write_csv(header: Sequence[str], rows: Iterable[Sequence[Any]], path: Path) -> Path:
+    with _replaceable(path, header).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return Path(path)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """``fig.savefig`` with noln as the figure's creator, where the format keeps metadata."""
+    path = Path(path)
+    key = _FIGURE_KEY.get(path.suffix.lower())
+    fig.savefig(_replaceable(path), dpi=dpi, metadata={key: CREATOR} if key else None)
+    return path
