@@ -516,12 +516,18 @@ def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_p
         ["eval", "no/such-model", "--data", "mine=builtin", "--out", tmp_path],  # a plot's name
     ]
     (tmp_path / "residual_norms_mine.png").write_text("the user's own file\n")
+    project = tmp_path / "project"  # a folder of the user's: linearize would put a model in it
+    project.mkdir()
+    (project / "tokenizer.json").write_text("the user's own file\n")
+    cases.append(["linearize", "no/such-model", "--out", project])
     for args in cases:
         code, err = run_main(capsys, *args)
-        line = one_error_line(code, err, "already exists and is not a noln report")
+        line = one_error_line(code, err)
+        assert "is not a noln report" in line or "is not a noln linearize output" in line, line
         assert "no/such-model" not in line, line
     assert all(p.read_text() == "the user's own file\n" for p in mine.values())
     assert (tmp_path / "residual_norms_mine.png").read_text() == "the user's own file\n"
+    assert (project / "tokenizer.json").read_text() == "the user's own file\n"
 
 
 def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,

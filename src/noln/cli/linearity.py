@@ -124,6 +124,7 @@ def linearize_cmd(
         distill,
         fit_layers,
         greedy_linearize,
+        is_linearized,
         parse_layers,
         plot_curve,
         save_linearized,
@@ -148,6 +149,11 @@ def linearize_cmd(
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
     check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not is_linearized(out):
+        # the model's files (tokenizer, maps, base/) would land among the user's own
+        raise NolnError(f"--out '{out}' holds files and is not a noln linearize output: give a "
+                        "new or empty folder (a previous `noln linearize --out` folder is "
+                        "written over)")
     net, tok = load_model(model)
     block_list, returns_tuple = decoder_layers(net)
     chosen = parse_layers(layers, len(block_list))
