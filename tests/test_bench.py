@@ -39,3 +39,17 @@ def test_committed_run_configs_read_under_todays_schema():
     for path in files:
         cfg = RemoveConfig.from_yaml(path)
         assert cfg.model.endswith(".gguf") and cfg.tokens, path
+
+
+def test_grad_share_names_the_parts_of_llama_and_gpt2():
+    part = _module("grad_share").part
+    assert part("model.embed_tokens.weight") == "embed"
+    assert part("model.layers.0.input_layernorm.weight") == "L0 norm"
+    assert part("model.layers.12.post_attention_layernorm.weight") == "L12 norm"
+    assert part("model.layers.3.self_attn.v_proj.weight") == "L3 attn"
+    assert part("model.layers.3.mlp.down_proj.weight") == "L3 mlp"
+    assert part("model.norm.weight") == "final"
+    assert part("transformer.h.2.ln_1.weight") == "L2 norm"
+    assert part("transformer.h.2.attn.c_attn.weight") == "L2 attn"
+    assert part("transformer.h.2.mlp.c_fc.bias") == "L2 mlp"
+    assert part("transformer.wpe.weight") == "embed" and part("lm_head.weight") == "head"
