@@ -601,11 +601,16 @@ def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monke
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", interrupted_save)
-    path = tmp_path / "checkpoints" / "last.pt"
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "step": 7}, path)
-    assert checkpoint.load_checkpoint(path)["step"] == 7  # whole, in place
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # as in a terminal: a suite started in the background (nohup, `&`) inherits SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        path = tmp_path / "checkpoints" / "last.pt"
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "step": 7}, path)
+        assert checkpoint.load_checkpoint(path)["step"] == 7  # whole, in place
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigterm_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monkeypatch):
