@@ -133,13 +133,14 @@ def hellaswag_job(args, model: str, work: Path) -> dict:
     n = args.hellaswag_items
     data = json.dumps({"hellaswag": str(HELLASWAG)})
     peer_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                f"pretrained={model},dtype=float32", "--include_path", str(TASKS_DIR),
+                f"pretrained={model},dtype={args.peer_dtype}", "--include_path", str(TASKS_DIR),
                 "--tasks", "noln_hellaswag", "--metadata", data,
                 "--batch_size", "32", "--limit", str(n), "--device", "cpu",
                 "--output_path", str(work / "lm_eval"), "--log_samples"]
     noln_json = work / "noln_hellaswag.json"
     noln_cmd = [sys.executable, "-m", "noln.cli", "eval", model, "--hellaswag", str(HELLASWAG),
-                "--hellaswag-limit", str(n), "--json", str(noln_json), "--quiet", "--device", "cpu"]
+                "--hellaswag-limit", str(n), "--json", str(noln_json), "--quiet", "--device", "cpu",
+                *args.noln_eval_args.split()]
     runs = alternate(peer_cmd, noln_cmd, args.repeats)
 
     samples = sorted((work / "lm_eval").rglob("samples_noln_hellaswag_*.jsonl"),
@@ -151,22 +152,29 @@ def hellaswag_job(args, model: str, work: Path) -> dict:
     results = sorted((work / "lm_eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     got = json.loads(results[-1].read_text())["results"]["noln_hellaswag"]
     mine = json.loads(noln_json.read_text())["models"]
+    precision = json.loads(noln_json.read_text()).get("precision", "fp32")
     mine = next(iter(mine.values()))["hellaswag"]
 
     import numpy as np
 
     from noln.evaluate.hellaswag import load_hellaswag, score_items
     from noln.loading import load_model
+    from noln.precision import autocast
 
     net, tok = load_model(model)
-    scores = score_items(net, tok, load_hellaswag(str(HELLASWAG), limit=n))
+    with autocast(precision, "cpu"):  # the log-likelihoods the noln command computed
+        scores = score_items(net, tok, load_hellaswag(str(HELLASWAG), limit=n))
     peer = np.array([[float(v) for v in peer_ll[i]] for i in range(n)])
     diff = float(np.abs(peer - scores.loglik).max())
     agree = (f"acc {100 * got['acc,none']:.2f}% / {100 * mine['acc']:.2f}%, acc_norm "
              f"{100 * got['acc_norm,none']:.2f}% / {100 * mine['acc_norm']:.2f}% (peer / noln); "
              f"same predictions on {int((peer.argmax(1) == scores.pred).sum())}/{n} items; "
              f"max |Δ log-likelihood| {diff:.1e}")
-    return {"job": f"HellaSwag, first {n:,} items", "peer": "lm-eval 0.4 (`--model hf`, batch 32)",
+    job = f"HellaSwag, first {n:,} items" + (f", noln in {precision}" if precision != "fp32"
+                                              else "")
+    peer_name = "lm-eval 0.4 (`--model hf`, batch 32" + (
+        f", dtype {args.peer_dtype})" if args.peer_dtype != "float32" else ")")
+    return {"job": job, "peer": peer_name,
             "peer_cmd": peer_cmd, "noln_cmd": noln_cmd, "runs": runs, "agreement": agree,
             "equal": (got["acc,none"] == mine["acc"] and got["acc_norm,none"] == mine["acc_norm"])}
 
@@ -181,6 +189,7 @@ def linearity_job(args, model: str, work: Path) -> dict:
     runs = alternate(peer_cmd, noln_cmd, args.repeats)
     peer = json.loads(peer_json.read_text())
     mine = json.loads(noln_json.read_text())
+    forward = mine.get("forward_precision", "fp32")
     diffs = {key: max(abs(a[key] - b[key]) for a, b in zip(peer["layers"], mine["layers"],
                                                            strict=True))
              for key in ("with_residual", "without_residual")}
@@ -189,7 +198,9 @@ def linearity_job(args, model: str, work: Path) -> dict:
     agree = (f"{len(mine['layers'])} layers, {mine['n_tokens']:,} tokens each side; max |Δ score| "
              f"{diffs['with_residual']:.1e} with residual, {diffs['without_residual']:.1e} "
              "without")
-    return {"job": f"linearity, {args.tokens:,} tokens of val.jsonl, ctx {args.ctx}", "peer": name,
+    job = f"linearity, {args.tokens:,} tokens of val.jsonl, ctx {args.ctx}" + (
+        f", noln's forward in {forward}" if forward != "fp32" else "")
+    return {"job": job, "peer": name,
             "peer_cmd": ["python", "bench/peers.py", "--peer-linearity", "MODEL", "val.jsonl",
                          str(args.tokens), str(args.ctx), "OUT"],
             "noln_cmd": noln_cmd, "runs": runs, "agreement": agree,
@@ -277,7 +288,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--noln-linearity-args", default="",
-                    help="extra options for noln linearity, e.g. '--precision mixed'")
+                    help="extra options for noln linearity, e.g. '--precision mixed "
+                    "--forward-precision auto'")
+    ap.add_argument("--noln-eval-args", default="",
+                    help="extra options for noln eval, e.g. '--precision auto'")
+    ap.add_argument("--peer-dtype", default="float32",
+                    help="lm-eval's dtype model argument (float32: the checkpoint's own)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "noln-peers")
     ap.add_argument("--out", type=Path, default=None, help="append the table to this Markdown")
     args = ap.parse_args()

@@ -325,6 +325,28 @@ def test_compare_models_table_json_markdown_plots(ref_tok, blocks, hs_items, tmp
     assert result.save(tmp_path / "out") == files  # noln's own files: replaced on a re-run
 
 
+def test_bf16_autocast_evaluation_is_recorded_and_close_to_fp32(ref_tok, blocks, hs_items,
+                                                                monkeypatch):
+    """--precision bf16 computes the forward passes under bf16 autocast (so the CE moves, a
+    little), says so in the JSON and the table's notes; auto follows the hardware."""
+    import noln.precision
+
+    models = {"m": tiny(len(ref_tok))}
+    args = dict(sources={"val": blocks}, hellaswag=hs_items[:6], progress=False)
+    exact = compare_models(models, ref_tok, **args)
+    bf16 = compare_models(models, ref_tok, precision="bf16", **args)
+    ce, ce_bf16 = (r.models["m"].blocks["val"].ce.mean for r in (exact, bf16))
+    assert ce != ce_bf16 and abs(ce - ce_bf16) < 0.01  # autocast took effect; the CE barely moved
+    assert (exact.precision, bf16.precision) == ("fp32", "bf16")
+    assert json.loads(bf16.to_json())["precision"] == "bf16"
+    assert "computed in bf16 autocast" in bf16.to_markdown()
+    assert "autocast" not in exact.to_markdown()
+    for native, expect in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(noln.precision, "native_bf16", lambda device=None, n=native: n)
+        assert compare_models(models, ref_tok, {}, hellaswag=hs_items[:1], progress=False,
+                              precision="auto").precision == expect
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -371,6 +393,12 @@ def test_eval_and_compare_commands(tiny_model_dir, text_jsonl, tmp_path):
     assert data["models"][NO_LN]["faithfulness"]["docs"]["kl"] == 0  # the same model
     assert data["models"][NO_LN]["faithfulness"]["docs"]["top1"] == 1
     assert (tmp_path / "cmp" / "comparison.md").exists()
+    r = run("eval", str(tiny_model_dir), "--data", str(text_jsonl), "--tokens", "1024",
+            "--device", "cpu", "--precision", "bf16")
+    assert r.exit_code == 0, r.output
+    assert "precision bf16 on cpu (as asked)" in r.output and "computed in bf16" in r.output
+    r = run("eval", str(tmp_path / "missing"), "--data", str(text_jsonl), "--precision", "fp16")
+    assert isinstance(r.exception, NolnError) and "unknown precision 'fp16'" in str(r.exception)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -293,6 +293,20 @@ def test_scores_without_position_zero(tmp_path):
         linearity_profile(model, blocks[:1])
 
 
+def test_a_bf16_forward_pass_moves_the_scores_little_and_is_recorded(tmp_path):
+    """forward='bf16' runs the model under bf16 autocast: the hidden states change (so the
+    scores do, by far less than 1e-2 here), the moments stay float64, the profile says so."""
+    _, model, _, blocks = tiny_model(tmp_path)
+    exact = linearity_profile(model, blocks, geometry=False, batch_size=3)
+    bf16 = linearity_profile(model, blocks, geometry=False, batch_size=3, forward="bf16")
+    assert (exact.forward, bf16.forward) == ("fp32", "bf16")
+    moved = [abs(a.without_residual - b.without_residual)
+             for a, b in zip(exact.layers, bf16.layers, strict=True)]
+    assert 0 < max(moved) < 1e-2
+    with pytest.raises(NolnError, match="unknown precision 'fp16'"):
+        linearity_profile(model, blocks, forward="fp16")
+
+
 def test_analysis_loads_families_noln_cannot_remove_norms_from(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -67,3 +67,19 @@ def resolve_precision(name: str, device: torch.device | str | None = None) -> st
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return name
+
+
+def autocast(precision: str, device: torch.device | str) -> torch.autocast:
+    """The context a resolved ``precision`` computes in on ``device``: bf16 autocast for
+    ``bf16`` (matmuls in bf16; softmax, norms and losses in fp32, as torch's autocast lists
+    them), nothing for ``fp32``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
+def describe(precision: str, asked: str, device: torch.device | str) -> str:
+    """One line saying what ``asked`` resolved to and why, e.g. "precision bf16 on cpu (native
+    bf16)"; every command that computes prints it."""
+    why = ("as asked" if asked != "auto" else
+           "native bf16" if precision == "bf16" else "no native bf16 on this device")
+    return f"precision {precision} on {torch.device(device).type} ({why})"

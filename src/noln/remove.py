@@ -39,6 +39,7 @@ from noln.evaluate.hellaswag import load_hellaswag
 from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
 from noln.export import export_model
+from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
 from noln.run import RunClaim, RunFolder, claim_run_folder
@@ -269,9 +270,8 @@ def train(r: Removal, resuming: bool, claim: RunClaim,
                       r.adapter, r.schedule, eot_id=separator_id(r.tokenizer),
                       extra_state=extra, teacher=r.teacher)
     if cfg.progress and trainer.acc.is_main_process:
-        why = {"auto": "native bf16" if trainer.bf16 else "no native bf16 on this device"}
-        console.print(f"precision {trainer.precision} on {trainer.acc.device.type} "
-                      f"({why.get(cfg.precision, 'as asked')})", highlight=False)
+        console.print(describe(trainer.precision, cfg.precision, trainer.acc.device),
+                      highlight=False)
     if cfg.fsdp and not trainer.sharded:
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")

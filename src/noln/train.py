@@ -39,7 +39,7 @@ from noln.config import RemoveConfig, TrainConfig
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
-from noln.precision import resolve_precision
+from noln.precision import autocast, resolve_precision
 from noln.run import RunFolder, latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
@@ -144,7 +144,6 @@ class Trainer:
         # auto: bf16 where the device multiplies bf16 natively (a GPU, a CPU with AMX or
         # AVX512-BF16), fp32 elsewhere (emulated bf16 on an AVX2 CPU is slower than fp32)
         self.precision = resolve_precision(cfg.precision, self.acc.device)
-        self.bf16 = self.precision == "bf16"
         world = self.acc.num_processes
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() != world:  # each would train the whole batch
@@ -183,7 +182,7 @@ class Trainer:
         self.log_path = self.run.log
 
     def autocast(self):
-        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.precision, self.acc.device)
 
     # -- data: the batch of a step is a pure function of (seed, step) -----------------------
     def _perm(self, epoch: int) -> np.ndarray:

@@ -15,6 +15,8 @@ import typer
 from noln.errors import NolnError
 
 if TYPE_CHECKING:  # annotations only: the command imports the library when it runs
+    import torch
+
     from noln.evaluate.compare import ComparisonResult
     from noln.evaluate.hellaswag import Item
 
@@ -42,12 +44,28 @@ OutOpt = Annotated[Path | None, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="fp32 | bf16 (autocast: matmuls in bf16, losses in fp32) | auto (bf16 "
+    "where the device multiplies bf16 natively: a GPU, a CPU with AMX / AVX512-BF16)")]
 
 
 def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
     from noln.evaluate.hellaswag import load_hellaswag
 
     return None if source is None else load_hellaswag(source, limit=limit)
+
+
+def _precision(asked: str, device: str, quiet: bool) -> tuple[torch.device, str]:
+    """The device and the resolved precision, checked before any model loads; said unless
+    --quiet."""
+    from noln.evaluate.inputs import resolve_device
+    from noln.precision import describe, resolve_precision
+
+    resolved_device = resolve_device(device)
+    precision = resolve_precision(asked, resolved_device)
+    if not quiet:
+        typer.echo(describe(precision, asked, resolved_device))
+    return resolved_device, precision
 
 
 def _finish(result: ComparisonResult, json_out: Path | None, out: Path | None) -> None:
@@ -80,6 +98,7 @@ def eval_cmd(
     json_out: JsonOpt = None,
     out: OutOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
@@ -91,7 +110,6 @@ def eval_cmd(
         chunk_length,
         load_models,
         parse_sources,
-        resolve_device,
         short_names,
     )
 
@@ -102,11 +120,12 @@ def eval_cmd(
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources))
+    device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
                                     else [])])
     reference = next((k for k, v in names.items() if v == reference), None)
-    loaded = load_models(names, resolve_device(device))
+    loaded = load_models(names, device)
     ctx = chunk_length([m for m, _ in loaded.values()], ctx)
 
     # models sharing a tokenizer share token blocks; faithfulness needs the same tokens
@@ -124,7 +143,7 @@ def eval_cmd(
         part = compare_models({k: loaded[k][0] for k in keys}, tok, blocks, hellaswag=items,
                               reference=reference, delta=None, batch_size=batch_size,
                               hellaswag_name=hellaswag, paths={k: names[k] for k in keys},
-                              source_specs=sources, progress=not quiet)
+                              source_specs=sources, progress=not quiet, precision=precision)
         result = part if result is None else result.merge(part)
     _finish(result, json_out, out)
 
@@ -146,6 +165,7 @@ def compare_cmd(
     out: OutOpt = None,
     json_out: JsonOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ) -> None:
     """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
@@ -157,7 +177,6 @@ def compare_cmd(
         chunk_length,
         load_models,
         parse_sources,
-        resolve_device,
     )
 
     if not data and hellaswag is None:
@@ -166,9 +185,10 @@ def compare_cmd(
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources))
+    device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
-    loaded = load_models(names, resolve_device(device))
+    loaded = load_models(names, device)
     tok = loaded[ORIGINAL][1]
     fingerprint = tokenizer_fingerprint(tok)
     for key, (_, other) in loaded.items():
@@ -181,5 +201,5 @@ def compare_cmd(
     result = compare_models({k: m for k, (m, _) in loaded.items()}, tok, blocks, hellaswag=items,
                             reference=ORIGINAL, delta=(NO_LN, WITH_LN), batch_size=batch_size,
                             hellaswag_name=hellaswag, paths=names, source_specs=sources,
-                            progress=not quiet)
+                            progress=not quiet, precision=precision)
     _finish(result, json_out, out)

@@ -43,6 +43,9 @@ def linearity_cmd(
                                            "batch, float64 sums: faster, ~1e-7, but up to ~1e-3 "
                                            "without residual on models with massive "
                                            "activations)")] = "float64",
+    forward_precision: Annotated[str, typer.Option(
+        help="the model's forward pass: fp32 | bf16 (autocast: matmuls in bf16, hidden states "
+        "float32) | auto (bf16 where the device multiplies bf16 natively)")] = "fp32",
     without_first: Annotated[bool, typer.Option(
         "--without-first/--all-positions-only", help="also score every block with position 0 "
         "left out (its massive activation in real LLMs pins the paper's score near 1)")] = True,
@@ -58,12 +61,16 @@ def linearity_cmd(
         write_csv,
     )
     from noln.outputs import check_output_file, write_json
+    from noln.precision import PRECISIONS
     from noln.report import json_safe
 
     check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
                   ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
     if precision not in ("float64", "mixed"):
         raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
+    if forward_precision not in PRECISIONS:
+        raise NolnError(f"--forward-precision '{forward_precision}' is unknown: use "
+                        f"{', '.join(PRECISIONS)}")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
     check_output_file(plot, "--plot")
@@ -71,7 +78,8 @@ def linearity_cmd(
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
         p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry and id_tokens > 2,
-                              id_tokens, batch_size, seed, precision, without_first)
+                              id_tokens, batch_size, seed, precision, without_first,
+                              forward_precision)
         console.print(profile_table(p))
         profiles.append(p)
         metas.append(meta)

@@ -26,7 +26,9 @@ from rich.table import Table
 from noln.errors import NolnError
 from noln.evaluate.faithfulness import BlockReport, evaluate_blocks
 from noln.evaluate.hellaswag import HellaSwagResult, Item, evaluate_hellaswag, load_hellaswag
+from noln.evaluate.loss import model_device
 from noln.outputs import save_figure, write_json, write_markdown
+from noln.precision import autocast, resolve_precision
 from noln.report import json_safe
 
 ORIGINAL, WITH_LN, NO_LN = "original", "finetuned_with_ln", "no_ln"
@@ -89,6 +91,7 @@ class ComparisonResult:
     delta: tuple[str, str] | None = None  # (a, b): the last column is a - b
     sources: dict[str, str] = field(default_factory=dict)  # name -> what it was loaded from
     hellaswag_source: str | None = None
+    precision: str = "fp32"  # what the forward passes computed in (bf16: autocast)
 
     # ------------------------------------------------------------------ the table
 
@@ -185,6 +188,9 @@ class ComparisonResult:
                          "(± is the 95% interval, 1.96 standard errors)")
         if self.reference:
             lines.append(f"reference for KL / JS / agreement / CE − ref: {display(self.reference)}")
+        if self.precision != "fp32":
+            lines.append(f"computed in {self.precision} autocast (matmuls in {self.precision}, "
+                         "losses in fp32)")
         return lines
 
     # ------------------------------------------------------------------ outputs
@@ -196,6 +202,7 @@ class ComparisonResult:
             "delta": {"of": self.delta[0], "minus": self.delta[1]} if self.delta else None,
             "sources": self.sources,
             "hellaswag_source": self.hellaswag_source,
+            "precision": self.precision,
             "models": {m: r.to_dict() for m, r in self.models.items()},
             "table": [{"metric": row.label, "values": row.values, "ci95": row.errors,
                        "delta": row.delta(*self.delta) if self.delta else None} for row in rows],
@@ -317,7 +324,8 @@ class ComparisonResult:
                                 reference=self.reference or other.reference,
                                 delta=self.delta or other.delta,
                                 sources={**self.sources, **other.sources},
-                                hellaswag_source=self.hellaswag_source or other.hellaswag_source)
+                                hellaswag_source=self.hellaswag_source or other.hellaswag_source,
+                                precision=self.precision)
 
 
 def _json_default(obj: object) -> object:
@@ -353,23 +361,28 @@ def compare_models(models: dict[str, torch.nn.Module], tokenizer,
                    top_k: int = 10,
                    paths: dict[str, str] | None = None,
                    source_specs: dict[str, str] | None = None,
-                   progress: bool = True) -> ComparisonResult:
+                   progress: bool = True, precision: str = "fp32") -> ComparisonResult:
     """Evaluate ``models`` (all sharing ``tokenizer``) on each ``[n, ctx]`` token-block set in
     ``sources`` and optionally on HellaSwag; with a ``reference`` (a key of ``models``), also
     their faithfulness to it. ``delta="auto"`` adds a no-LN − with-LN column when ``models`` has
     the keys ``no_ln`` and ``finetuned_with_ln``; pass ``(a, b)`` for any other pair, or None.
-    ``hellaswag_name`` labels HellaSwag items passed as a list (default: "items given")."""
+    ``hellaswag_name`` labels HellaSwag items passed as a list (default: "items given").
+    ``precision`` (``fp32``, ``bf16`` or ``auto``: bf16 where the models' device multiplies it
+    natively) is what the forward passes compute in; the result records the resolved one."""
     if not models:
         raise NolnError("no models to compare")
+    device = model_device(next(iter(models.values())))
+    precision = resolve_precision(precision, device)
     if delta == "auto":
         delta = (NO_LN, WITH_LN) if NO_LN in models and WITH_LN in models else None
     if delta is not None and any(m not in models for m in delta):
         raise NolnError(f"delta column {delta} names a model not in {list(models)}")
     reports = {m: ModelReport(path=(paths or {}).get(m)) for m in models}
     for s, blocks in sources.items():
-        per_model = evaluate_blocks(models, blocks, reference=reference, tokenizer=tokenizer,
-                                    batch_size=batch_size, top_k=top_k, progress=progress,
-                                    description=f"{s}")
+        with autocast(precision, device):
+            per_model = evaluate_blocks(models, blocks, reference=reference, tokenizer=tokenizer,
+                                        batch_size=batch_size, top_k=top_k, progress=progress,
+                                        description=f"{s}")
         for m, block_report in per_model.items():
             reports[m].blocks[s] = block_report
     hellaswag_source = None
@@ -379,9 +392,11 @@ def compare_models(models: dict[str, torch.nn.Module], tokenizer,
         hellaswag_source = hellaswag_name or ("items given" if isinstance(hellaswag, list)
                                               else str(hellaswag))
         for m, model in models.items():
-            reports[m].hellaswag = evaluate_hellaswag(model, tokenizer, items,
-                                                      batch_size=hellaswag_batch_size,
-                                                      progress=progress)
+            with autocast(precision, device):
+                reports[m].hellaswag = evaluate_hellaswag(model, tokenizer, items,
+                                                          batch_size=hellaswag_batch_size,
+                                                          progress=progress)
             reports[m].hellaswag.source = hellaswag_source
     return ComparisonResult(models=reports, reference=reference, delta=delta,
-                            sources=dict(source_specs or {}), hellaswag_source=hellaswag_source)
+                            sources=dict(source_specs or {}), hellaswag_source=hellaswag_source,
+                            precision=precision)

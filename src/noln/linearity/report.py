@@ -91,6 +91,8 @@ def profile_table(p: LinearityProfile) -> Table:
         caption += (f"; 'no pos 0': position 0 of every sequence left out (largest change of "
                     f"the with-residual score: {gap:.3f}"
                     + (": position 0 dominates the score" if gap > 0.01 else "") + ")")
+    if p.forward != "fp32":
+        caption += f"; the model's forward pass in {p.forward} autocast"
     t.caption = escape(caption)
     return t
 
@@ -156,8 +158,8 @@ def write_csv(profiles: list[LinearityProfile], path: Path) -> None:
 
 def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list[int] | None,
                 geometry: bool, id_tokens: int, batch_size: int, seed: int,
-                precision: str = "float64",
-                without_first: bool = False) -> tuple[LinearityProfile, dict]:
+                precision: str = "float64", without_first: bool = False,
+                forward: str = "fp32") -> tuple[LinearityProfile, dict]:
     """Load ``name``, tokenise ``data`` with its tokenizer and profile it."""
     model, tok = load_model(name)
     fuse_activations(model)
@@ -170,7 +172,8 @@ def run_profile(name: str, data: str, tokens: int, ctx: int | None, layers: list
             model, blocks, layers=layers, batch_size=batch_size, geometry=geometry,
             id_tokens=id_tokens, seed=seed, precision=precision, name=name,
             progress=lambda done, total: bar.update(done * blocks.shape[1]),
-            without_first=without_first)
-    return profile, {"data": data, "ctx": ctx, "precision": precision}
+            without_first=without_first, forward=forward)
+    return profile, {"data": data, "ctx": ctx, "precision": precision,
+                     "forward_precision": profile.forward}
 
 

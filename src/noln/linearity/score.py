@@ -28,6 +28,7 @@ import torch
 from noln.errors import NolnError
 from noln.evaluate.loss import accepts, model_device
 from noln.linearity.geometry import TokenSample, anisotropy, twonn_dimension
+from noln.precision import autocast, resolve_precision
 
 # Eigenvalues of the (diagonally scaled) Gram matrix below RCOND x the largest are treated as
 # zero: 1e-12 on eigenvalues is 1e-6 on singular values, well above float32 rounding of the
@@ -359,10 +360,13 @@ def halves(states: Sequence[torch.Tensor],
 @torch.inference_mode()
 def stream_hidden_states(model: torch.nn.Module, blocks: np.ndarray, consume: Callable,
                          batch_size: int = 8,
-                         progress: Callable[[int, int], None] | None = None) -> None:
+                         progress: Callable[[int, int], None] | None = None,
+                         forward: str = "fp32") -> None:
     """Run ``model`` over ``blocks`` and call ``consume(hidden_states, half)`` per half-batch.
 
-    Sequences alternate between halves 0 and 1 (even and odd block index).
+    Sequences alternate between halves 0 and 1 (even and odd block index). ``forward="bf16"``
+    runs the model under bf16 autocast (its matmuls in bf16; the residual stream, and so the
+    hidden states, stay float32); ``consume`` runs outside it, in its own precision.
     """
     was_training = model.training
     model.eval()
@@ -372,7 +376,8 @@ def stream_hidden_states(model: torch.nn.Module, blocks: np.ndarray, consume: Ca
     kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     try:
         for i, ids in token_batches(blocks, batch_size, model_device(model)):
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False, **kwargs)
+            with autocast(forward, ids.device):
+                out = model(input_ids=ids, output_hidden_states=True, use_cache=False, **kwargs)
             hs = getattr(out, "hidden_states", None)
             if hs is None or len(hs) != expected:
                 got = "none" if hs is None else len(hs)
@@ -404,6 +409,7 @@ class LinearityProfile:
     # activation (SmolLM2-135M: 150x the median norm) dominates the centred Frobenius norm and
     # pins the with-residual score near 1 whatever the other tokens do
     layers_without_first: list[LayerScore] = field(default_factory=list)
+    forward: str = "fp32"  # what the model's forward pass computed in (bf16: autocast)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -414,12 +420,14 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
                       geometry: bool = True, id_tokens: int = 2048, seed: int = 0,
                       rcond: float = RCOND, precision: str = "float64", name: str = "",
                       progress: Callable[[int, int], None] | None = None,
-                      without_first: bool = False) -> LinearityProfile:
+                      without_first: bool = False, forward: str = "fp32") -> LinearityProfile:
     """Linearity scores (and, with ``geometry``, anisotropy and intrinsic dimension) per layer.
 
     ``blocks`` is ``[n_sequences, ctx]`` token ids; every position of every sequence is a token.
     ``without_first``: also score every layer with position 0 left out (same forward pass,
-    second set of moments), in ``layers_without_first``.
+    second set of moments), in ``layers_without_first``. ``forward``: the model's forward pass
+    in ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 where the device has it natively);
+    ``precision`` is that of the moments.
     """
     blocks = np.asarray(blocks)
     n_layers, d = num_layers(model), hidden_size(model)
@@ -440,7 +448,8 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
         if sample is not None:
             sample.add(hs)
 
-    stream_hidden_states(model, blocks, consume, batch_size, progress)
+    forward = resolve_precision(forward, model_device(model))
+    stream_hidden_states(model, blocks, consume, batch_size, progress, forward)
     scores = score_pairs(moments, rcond)
     scores_rest = score_pairs(rest, rcond) if rest is not None else []
     geo: list[dict] = []
@@ -459,4 +468,4 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     n = sum(moments.n)
     return LinearityProfile(model=name, n_tokens=n, d_model=d, n_layers=n_layers,
                             chance_floor=d / (n - 1), layers=scores, hidden_states=geo,
-                            layers_without_first=scores_rest)
+                            layers_without_first=scores_rest, forward=forward)
