@@ -196,6 +196,27 @@ def test_shared_context_equals_brute_force_on_llama_gqa_rotary(ref_tok, hs_items
                                atol=1e-4, rtol=0)
 
 
+def test_under_bf16_autocast_the_packed_scorer_stays_on(monkeypatch):
+    """bf16 rounds the packed and the unpacked row differently (0.03 nats on an ending of the
+    reference model, against ~1e-6 in fp32): the packing check must judge by the dtype the
+    matmuls compute in, or every bf16 evaluation silently falls back to one row per ending."""
+    import warnings
+
+    from noln.loading import load_model
+    from noln.precision import autocast
+
+    model, tok = load_model(shared_path("models", "ref-gpt2-6L"))
+    items = load_hellaswag(shared_path("data", "hellaswag", "validation.jsonl"))[::997][:6]
+    exact = score_items(model, tok, items).loglik
+    calls = _count_unpacked(monkeypatch)
+    with autocast("bf16", "cpu"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back warning
+        bf16 = score_items(model, tok, items, share_context=True).loglik
+    assert calls == [1]  # only the check item went unpacked
+    gap = np.abs(bf16 - exact).max()
+    assert 1e-3 < gap < 0.25  # larger than fp32's tolerance, well inside bf16's
+
+
 class IgnoresMask(GPT2LMHeadModel):
     """A model that drops the attention mask and position ids: packing would be wrong."""
 

@@ -83,3 +83,12 @@ def describe(precision: str, asked: str, device: torch.device | str) -> str:
     why = ("as asked" if asked != "auto" else
            "native bf16" if precision == "bf16" else "no native bf16 on this device")
     return f"precision {precision} on {torch.device(device).type} ({why})"
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``tensor`` (a weight) computes in here: the autocast dtype when
+    autocast is on for its device type, else its own dtype."""
+    kind = tensor.device.type
+    if torch.is_autocast_enabled(kind) and tensor.dtype == torch.float32:
+        return torch.get_autocast_dtype(kind)
+    return tensor.dtype
