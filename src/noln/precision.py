@@ -5,7 +5,12 @@ everywhere else. Natively means: a CUDA GPU that supports bf16 (Ampere and later
 with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4
 and later), or an Arm CPU with the BF16 extension. On other CPUs (AVX2 only, e.g. AMD EPYC
 Zen 3) PyTorch emulates bf16 matmuls by converting to fp32, which is slower than fp32 itself
-(docs/BENCHMARKS.md, "CPU bf16"), so auto stays fp32 there.
+(docs/BENCHMARKS.md, "bf16 autocast"), so auto stays fp32 there.
+
+Training (``noln remove``, ``--precision``, default auto) and scoring (``noln eval`` and
+``compare`` with ``--precision``, ``noln linearity`` with ``--forward-precision``; default fp32
+so that a table means the same on every machine) resolve the name here and compute under
+:func:`autocast`.
 """
 from __future__ import annotations
 
