@@ -151,9 +151,9 @@ def hellaswag_job(args, model: str, work: Path) -> dict:
         peer_ll[s["doc_id"]] = [r[0] for r in s["filtered_resps"]]
     results = sorted((work / "lm_eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     got = json.loads(results[-1].read_text())["results"]["noln_hellaswag"]
-    mine = json.loads(noln_json.read_text())["models"]
-    precision = json.loads(noln_json.read_text()).get("precision", "fp32")
-    mine = next(iter(mine.values()))["hellaswag"]
+    report = json.loads(noln_json.read_text())
+    precision = report.get("precision", "fp32")
+    mine = next(iter(report["models"].values()))["hellaswag"]
 
     import numpy as np
 

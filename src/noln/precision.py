@@ -84,7 +84,8 @@ def autocast(precision: str, device: torch.device | str) -> torch.autocast:
 
 def describe(precision: str, asked: str, device: torch.device | str) -> str:
     """One line saying what ``asked`` resolved to and why, e.g. "precision bf16 on cpu (native
-    bf16)"; every command that computes prints it."""
+    bf16)"; ``noln remove``, ``eval`` and ``compare`` print it (linearity records it in its
+    JSON and table)."""
     why = ("as asked" if asked != "auto" else
            "native bf16" if precision == "bf16" else "no native bf16 on this device")
     return f"precision {precision} on {torch.device(device).type} ({why})"

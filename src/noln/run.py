@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +152,12 @@ def _describe_run(folder: Path) -> str:
     return f"{what} ({state})"
 
 
-def remove_noln_outputs(folder: Path) -> None:
-    """Delete what noln writes in a run folder (``NOLN_OUTPUTS``) and nothing else."""
-    for name in NOLN_OUTPUTS:
+def remove_noln_outputs(folder: Path, names: Iterable[str] = NOLN_OUTPUTS) -> None:
+    """Delete what noln writes in a run folder (``NOLN_OUTPUTS``, or those of ``names``) and
+    nothing else; never the lock, and a symlink only as a link."""
+    for name in names:
         path = folder / name
-        if name == LOCK:
+        if name == LOCK or name not in NOLN_OUTPUTS:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)  # a folder of noln's own layout (checkpoints, model, base ...)
@@ -287,14 +288,8 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool = False, main: 
         yield claim
     except BaseException:
         if before is not None and not claim.training and not resume:
-            # nothing trained: remove what this run wrote, and only that
-            for name in NOLN_OUTPUTS:
-                if name not in before and name != LOCK:
-                    path = out / name
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)  # written by this run (it was not there before)
-                    elif path.exists():
-                        path.unlink()
+            # nothing trained: remove what this run wrote (it was not there before), only that
+            remove_noln_outputs(out, [name for name in NOLN_OUTPUTS if name not in before])
         raise
     finally:
         if fresh:

@@ -429,6 +429,7 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     in ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 where the device has it natively);
     ``precision`` is that of the moments.
     """
+    forward = resolve_precision(forward, model_device(model))
     blocks = np.asarray(blocks)
     n_layers, d = num_layers(model), hidden_size(model)
     check_tokens(blocks.size, d)
@@ -448,7 +449,6 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
         if sample is not None:
             sample.add(hs)
 
-    forward = resolve_precision(forward, model_device(model))
     stream_hidden_states(model, blocks, consume, batch_size, progress, forward)
     scores = score_pairs(moments, rcond)
     scores_rest = score_pairs(rest, rcond) if rest is not None else []
