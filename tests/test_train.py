@@ -517,3 +517,35 @@ def test_site_aux_live_pulls_every_live_site_to_its_running_scale(tiny_model_dir
         own += (std / target).log().pow(2).mean().item()
     assert abs(own - expected) > 0.1
     assert losses(0.3, True, "own") == pytest.approx(base + 0.3 * own, rel=1e-4)
+
+
+def test_grad_clip_late_changes_the_clip_from_its_step(tiny_model_dir, text_jsonl, tmp_path,
+                                                       monkeypatch):
+    """``grad_clip_late=[N, C]``: steps before N clip the gradient norm at ``grad_clip``, steps
+    from N on at C; the logged gradient norm is the one before clipping either way."""
+    import accelerate
+
+    real_clip = accelerate.Accelerator.clip_grad_norm_
+    clips: list[float] = []
+
+    def recording(self, parameters, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording)
+    fast = {**FAST, "steps": 12}
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                          export_format="none", grad_clip=0.5, grad_clip_late=(7, 1e4), **fast)
+    assert clips == [0.5] * 7 + [1e4] * 5
+
+
+def test_grad_clip_late_is_checked_before_any_work():
+    from noln.config import RemoveConfig
+
+    cfg = RemoveConfig(model="gpt2", grad_clip=1.0, grad_clip_late=(200, 1e4))
+    assert [cfg.clip_at(s) for s in (0, 199, 200, 900)] == [1.0, 1.0, 1e4, 1e4]
+    assert RemoveConfig(model="gpt2").clip_at(10**6) == 1.0
+    with pytest.raises(ValueError, match="grad_clip_late"):
+        RemoveConfig(model="gpt2", grad_clip_late=(200, 0))
+    with pytest.raises(ValueError, match="grad_clip_late"):
+        RemoveConfig(model="gpt2", grad_clip_late=(-1, 10.0))

@@ -169,6 +169,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0, **describe_field("AdamW weight decay (2-D weights)"))
     betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), **describe_field("AdamW betas"))
     grad_clip: float = Field(1.0, gt=0, **describe_field("gradient norm clip"))
+    grad_clip_late: tuple[Annotated[int, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = \
+        Field(None, **describe_field(
+            "[step, clip]: from this step on, clip the gradient norm at clip instead of "
+            "grad_clip (SmolLM2: 1 while the sinks shrink and the MLP inputs go, where block "
+            "0's norm weights carry half the gradient, then 10000)"))
     cos_reg: float = Field(0.0, ge=0, **describe_field(
         "weight of the linearity paper's cosine regulariser between layers"))
     seed: int = Field(0, ge=0, **describe_field("seed of the data order and initialisation"))
@@ -186,6 +191,11 @@ class TrainConfig(BaseModel):
     max_retries: int = Field(3, ge=0, **describe_field(
         "restarts from the last checkpoint (at half the lr) before the run stops"))
     progress: bool = Field(True, **describe_field("progress bar", flag="--quiet"))
+
+    def clip_at(self, step: int) -> float:
+        """The gradient-norm clip at ``step``: ``grad_clip``, then ``grad_clip_late``'s."""
+        late = self.grad_clip_late
+        return late[1] if late is not None and step >= late[0] else self.grad_clip
 
     def resolved_steps(self, ctx: int) -> int:
         """Optimiser steps: ``tokens`` rounded up to whole batches, else ``steps`` (a run
@@ -614,7 +624,7 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
-                            "grad_clip")
+                            "grad_clip", "grad_clip_late")
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:

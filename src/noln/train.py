@@ -408,7 +408,7 @@ class Trainer:
                         loss, ce = self.loss(x)
                         self.acc.backward(loss / len(batches))
                     ce_sum += ce / len(batches)
-                grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+                grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.clip_at(step))
                 if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor
                     grad_norm = grad_norm.full_tensor()
                 ce_mean = self.acc.reduce(ce_sum, reduction="mean")
