@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench"
 
 
@@ -53,3 +55,31 @@ def test_grad_share_names_the_parts_of_llama_and_gpt2():
     assert part("transformer.h.2.attn.c_attn.weight") == "L2 attn"
     assert part("transformer.h.2.mlp.c_fc.bias") == "L2 mlp"
     assert part("transformer.wpe.weight") == "embed" and part("lm_head.weight") == "head"
+
+
+def test_hellaswag_flops_counts_what_each_scorer_feeds_the_model():
+    """The bound quoted in docs/BENCHMARKS.md: lm-eval's real tokens are every request's context
+    plus ending minus its last token, noln's logit rows are the ending tokens, and the FLOPs
+    follow from those counts and the model's shapes."""
+    from noln.evaluate.hellaswag import encode_items, load_hellaswag
+    from noln.pretrained import load_tokenizer
+    from tests.conftest import shared_path
+
+    flops = _module("hellaswag_flops")
+    folder = shared_path("models", "ref-gpt2-6L")
+    source = shared_path("data", "hellaswag", "validation.jsonl")
+    r = flops.count(str(folder), str(source), limit=40, lm_eval_batch=8)
+    encoded = encode_items(load_hellaswag(source, limit=40), load_tokenizer(folder))
+    ending_tokens = sum(len(x) for e in encoded for x in e.endings)
+    assert r["lm_eval"]["real_tokens"] == sum(len(e.ctx) + len(x) - 1
+                                              for e in encoded for x in e.endings)
+    assert r["noln"]["logit_rows"] == ending_tokens
+    assert r["noln"]["real_tokens"] == sum(len(e.ctx) + ending_tokens_i - 4 for e, ending_tokens_i
+                                           in ((e, sum(len(x) for x in e.endings))
+                                               for e in encoded))
+    assert r["lm_eval"]["body_tokens"] >= r["lm_eval"]["real_tokens"]
+    # 6 blocks of 12 d^2 weights (d 256): 2 FLOPs a multiply-add; the unembedding d x vocab
+    assert r["lm_eval"]["body"] == pytest.approx(r["lm_eval"]["body_tokens"] * 2 * 6 * 12
+                                                 * 256**2 / 1e9)
+    assert r["noln"]["unembedding"] == pytest.approx(ending_tokens * 2 * 256 * r["vocab"] / 1e9)
+    assert 1.5 < r["bound"] < 3.5
