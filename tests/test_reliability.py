@@ -686,3 +686,22 @@ def test_resume_may_change_probe_every_without_a_warning(tmp_path):
     cfg, changed, notes = resume_config(tmp_path, saved, {"probe_every": 3})
     assert changed == {"probe_every": 3} and cfg.probe_every == 3
     assert "--probe-every 3 (was 1)" in notes[0] and len(notes) == 1
+
+
+def test_resume_may_relax_the_adaptive_schedule_with_a_warning(tmp_path):
+    """A run held by its ``adaptive.max_rise`` budget can go on with another budget: the key
+    given replaces the run's, the other adaptive settings stay, and a warning says the run is
+    no longer one experiment. A fixed schedule's settings stay fixed."""
+    from noln.config import make_config, resume_config
+
+    saved = make_config(model="gpt2", data="builtin", out=str(tmp_path), schedule="adaptive",
+                        adaptive={"max_rise": 0.3, "min_gap": 2}).model_dump(mode="json")
+    cfg, changed, notes = resume_config(tmp_path, saved, {"adaptive": {"max_rise": None}})
+    assert cfg.adaptive.max_rise is None and cfg.adaptive.min_gap == 2
+    assert set(changed) == {"adaptive"} and "warning: setting 'adaptive'" in notes[1]
+    assert "removals still to come" in notes[1]
+    # the run's own value given again: nothing changes, no warning
+    cfg, changed, notes = resume_config(tmp_path, saved, {"adaptive": {"min_gap": 2}})
+    assert changed == {} and len(notes) == 1 and cfg.adaptive.max_rise == 0.3
+    with pytest.raises(NolnError, match="differs from the run's"):
+        resume_config(tmp_path, saved, {"fixed": {"finish_by": 0.5}})

@@ -296,3 +296,22 @@ def test_probe_every_measures_the_probe_less_often():
     assert all((t - max(s for s in every3 if s < t)) % 3 == 2 for t in calls3 if t > 5)
     every4, _ = run(4)  # measured at 2, 6, 10 ...: recovery first seen 6 steps on
     assert list(every4)[:3] == [5, 11, 17]
+
+
+def test_a_run_held_by_its_budget_says_how_to_relax_it(tmp_path):
+    """The message of a run that ended waiting on adaptive.max_rise names the budget it can be
+    resumed with (resume_config lets the adaptive settings change); one that waited on
+    adaptive.diverged does not."""
+    from types import SimpleNamespace
+
+    from noln.remove import unfinished_removal
+
+    adapter = SimpleNamespace(site_names=lambda: ["a", "b", "c"], frozen_sites=lambda: ["a"],
+                              sites=[1, 2, 3])
+    held = SimpleNamespace(stall={"step": 40, "level": 5.6, "reference": 5.3, "max_rise": 0.3})
+    msg = unfinished_removal(adapter, held, tmp_path)
+    assert "2 of 3 sites still live (next b)" in msg and "adaptive.max_rise" in msg
+    assert "adaptive.max_rise=0.6 or null" in msg and f"--resume {tmp_path}" in msg
+    waited = SimpleNamespace(stall={"step": 40, "level": 5.9, "reference": 5.3})
+    msg = unfinished_removal(adapter, waited, tmp_path)
+    assert "adaptive.diverged" in msg and "max_rise=" not in msg

@@ -152,9 +152,14 @@ def test_help_lists_every_setting_of_the_schema(command, schema, positional):
 
 def test_every_setting_has_one_resume_rule():
     """A new setting says, in config.py beside its field, whether --resume may change it."""
-    from noln.config import RESUME_CHANGES_OBJECTIVE, RESUME_FIXED, RESUME_MAY_CHANGE
+    from noln.config import (
+        RESUME_CHANGES_OBJECTIVE,
+        RESUME_CHANGES_SCHEDULE,
+        RESUME_FIXED,
+        RESUME_MAY_CHANGE,
+    )
 
-    rules = (RESUME_FIXED, RESUME_MAY_CHANGE, RESUME_CHANGES_OBJECTIVE)
+    rules = (RESUME_FIXED, RESUME_MAY_CHANGE, RESUME_CHANGES_OBJECTIVE, RESUME_CHANGES_SCHEDULE)
     for name in RemoveConfig.model_fields:
         if name == "out":  # a resumed run stays in its folder
             continue

@@ -615,7 +615,7 @@ def make_config(**kwargs) -> RemoveConfig:
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
-                "seed", "keep_ln", "schedule", "fixed", "adaptive", "taper", "taper_shape",
+                "seed", "keep_ln", "schedule", "fixed", "taper", "taper_shape",
                 "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
                      "special_fade", "probe_every",
@@ -625,6 +625,11 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
                             "grad_clip", "grad_clip_late")
+# may change, and the removals still to come follow them (those made stand): with a warning.
+# The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
+# run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out
+# over the run's length at its start, so it stays fixed
+RESUME_CHANGES_SCHEDULE = ("adaptive",)
 
 
 def _same(field: str, saved: Any, given: Any) -> bool:
@@ -671,11 +676,12 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
                 f"--resume keeps {', '.join(RESUME_FIXED[:8])} ... from the run; drop the flag, "
                 "or start a new run with another --out")
     unknown = sorted(set(given) - set(RESUME_FIXED) - set(RESUME_MAY_CHANGE)
-                     - set(RESUME_CHANGES_OBJECTIVE))
+                     - set(RESUME_CHANGES_OBJECTIVE) - set(RESUME_CHANGES_SCHEDULE))
     if unknown:
         raise NolnError(f"unknown setting '{unknown[0]}' for --resume")
-    changed = {k: v for k, v in given.items()
-               if k not in RESUME_FIXED and not _same(k, saved.get(k), v)}
+    changed = {k: v for k, v in given.items() if k not in RESUME_FIXED
+               and not _same(k, saved.get(k), deep_merge(saved[k], v)
+                             if isinstance(v, dict) and isinstance(saved.get(k), dict) else v)}
     schedule = str(saved.get("schedule", "adaptive"))
     if {"steps", "tokens"} & set(changed) and _lays_out_by_length(schedule):
         raise NolnError(f"--steps/--tokens cannot change on --resume of a run with the {schedule} "
@@ -695,4 +701,8 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
         if k in RESUME_CHANGES_OBJECTIVE:
             notes.append(f"warning: {flag_name((k,))} changes the loss the run optimises from "
                          "here on; the run is no longer one continuous experiment")
+        if k in RESUME_CHANGES_SCHEDULE:
+            notes.append(f"warning: {flag_name((k,))} changes the rule for the removals still to "
+                         "come (those made stand); the run is no longer one continuous "
+                         "experiment")
     return cfg, changed, notes

@@ -346,8 +346,10 @@ def unfinished_removal(adapter: NormAdapter, schedule, out: Path) -> str | None:
                 else "adaptive.diverged above its level before the last"
             why = (f"; from step {st['step']} the schedule waited: the probe loss stood at "
                    f"{st['level']:.3f}, more than {rule} removal ({st['reference']:.3f})")
+        budget = (f", or a larger budget (adaptive.max_rise={2 * st['max_rise']:g} or null)"
+                  if why and st.get("max_rise") else "")
         return (f"removal unfinished: {len(live)} of {len(adapter.sites)} sites still live "
-                f"(next {live[0]}){why}; {resume}, or a lower --lr")
+                f"(next {live[0]}){why}; {resume}, or a lower --lr{budget}")
     tapering = [n for n in adapter.site_names() if adapter.site(n).norm.tapering]
     if tapering:
         w = adapter.site(tapering[0]).norm.taper
