@@ -699,6 +699,7 @@ def test_resume_may_relax_the_adaptive_schedule_with_a_warning(tmp_path):
     cfg, changed, notes = resume_config(tmp_path, saved, {"adaptive": {"max_rise": None}})
     assert cfg.adaptive.max_rise is None and cfg.adaptive.min_gap == 2
     assert set(changed) == {"adaptive"} and "warning: setting 'adaptive'" in notes[1]
+    assert "setting 'adaptive' {'max_rise': None} (was {'max_rise': 0.3})" in notes[0]
     assert "removals still to come" in notes[1]
     # the run's own value given again: nothing changes, no warning
     cfg, changed, notes = resume_config(tmp_path, saved, {"adaptive": {"min_gap": 2}})

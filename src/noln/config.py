@@ -632,6 +632,13 @@ RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_au
 RESUME_CHANGES_SCHEDULE = ("adaptive",)
 
 
+def _was(saved: Any, given: Any) -> Any:
+    """The run's value of what ``given`` sets: for nested settings, only the keys given."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return {k: _was(saved.get(k), v) for k, v in given.items()}
+    return saved
+
+
 def _same(field: str, saved: Any, given: Any) -> bool:
     if field in ("model", "data", "eval_data") and isinstance(saved, str) and \
             isinstance(given, str) and Path(saved).exists() and Path(given).exists():
@@ -694,7 +701,7 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
     cfg = make_config(**merged)
     shown = {k: v for k, v in changed.items() if k != "progress"}
     notes = [f"resuming {run}: keeps {', '.join(RESUME_FIXED[:8])} and the schedule from the "
-             "run; " + ("takes " + ", ".join(f"{flag_name((k,))} {v} (was {saved.get(k)})"
+             "run; " + ("takes " + ", ".join(f"{flag_name((k,))} {v} (was {_was(saved.get(k), v)})"
                                              for k, v in shown.items()) + " from the command line"
                         if shown else "nothing changed on the command line")]
     for k in shown:
