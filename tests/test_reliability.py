@@ -533,6 +533,32 @@ def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_p
     assert (project / "tokenizer.json").read_text() == "the user's own file\n"
 
 
+def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
+    """Every command that reads text checks its local sources first: the model here does not
+    exist, so an error about the data file shows it was checked before the model was looked at
+    (a removal used to load and dequantise a GGUF before finding --data missing)."""
+    gone = str(tmp_path / "gone.jsonl")
+    here = str(tmp_path / "here.jsonl")
+    Path(here).write_text('{"text": "a b c"}\n')
+    cases = [
+        ["eval", "no/such-model", "--data", f"val={gone}"],
+        ["compare", "a", "b", "c", "--data", gone],
+        ["linearity", "no/such-model", "--data", gone],
+        ["linearize", "no/such-model", "--data", gone, "--out", tmp_path / "lin"],
+        ["linearize", "no/such-model", "--data", here, "--eval-data", gone,
+         "--out", tmp_path / "lin"],
+        ["remove", "no/such-model", "--data", gone, "--out", tmp_path / "run"],
+        ["remove", "no/such-model", "--data", here, "--eval-data", gone, "--out", tmp_path / "run"],
+        ["remove", "no/such-model", "--data", here, "--eval", f"wiki={gone}",
+         "--out", tmp_path / "run"],
+    ]
+    for args in cases:
+        code, err = run_main(capsys, *args)
+        line = one_error_line(code, err, "gone.jsonl", "does not exist")
+        assert "no/such-model" not in line, (args, line)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "lin").exists()
+
+
 def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,
                                                                 text_jsonl, tmp_path):
     out = tmp_path / "out"

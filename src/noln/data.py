@@ -132,14 +132,20 @@ def is_local(source: str) -> bool:
     return Path(source).exists() or source.endswith(LOCAL_SUFFIXES) or source.startswith(("/", "."))
 
 
+def check_source(source: str) -> None:
+    """A local source that does not exist is an error now, before a command loads any model (a
+    Hub dataset name is checked when it is read)."""
+    if source != BUILTIN and is_local(source) and not Path(source).exists():
+        raise NolnError(f"data file or folder '{source}' does not exist: check the path")
+
+
 def iter_documents(source: str, split: str = "train") -> Iterator[str]:
     """Documents of ``source`` in a fixed order."""
     if source == BUILTIN:
         yield from builtin_documents()
     elif is_local(source):
+        check_source(source)
         path = Path(source)
-        if not path.exists():
-            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
         for file in _local_files(path):
             yield from _file_documents(file)
     else:

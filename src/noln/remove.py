@@ -32,7 +32,15 @@ from transformers import AutoModelForCausalLM
 
 from noln.arch import NormAdapter, canonical_site, context_length, install
 from noln.config import RemoveConfig, make_config, read_config_file, resume_config
-from noln.data import BUILTIN, is_local, load_blocks, load_tokens, pack, separator_id
+from noln.data import (
+    BUILTIN,
+    check_source,
+    is_local,
+    load_blocks,
+    load_tokens,
+    pack,
+    separator_id,
+)
 from noln.errors import NolnError
 from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
 from noln.evaluate.hellaswag import load_hellaswag
@@ -226,6 +234,9 @@ def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     before training measured (a new run only). Every check that needs the model runs here,
     before training."""
     run = RunFolder(cfg.out)
+    for source in (cfg.data, cfg.eval_data, *(eval_sets or {}).values()):
+        if source is not None:
+            check_source(str(source))
     net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0:  # the original model, before any change

@@ -52,6 +52,7 @@ def linearity_cmd(
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
+    from noln.data import check_source
     from noln.linearity.report import (
         CSV_COLUMNS,
         parse_layer_list,
@@ -71,6 +72,7 @@ def linearity_cmd(
     if forward_precision not in PRECISIONS:
         raise NolnError(f"--forward-precision '{forward_precision}' is unknown: use "
                         f"{', '.join(PRECISIONS)}")
+    check_source(data)
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
     check_output_file(plot, "--plot")
@@ -124,7 +126,7 @@ def linearize_cmd(
                                             "weights in OUT/base instead of a reference")] = False,
 ) -> None:
     """Replace blocks by least-squares affine maps (optionally distilled) and report CE."""
-    from noln.data import load_blocks
+    from noln.data import check_source, load_blocks
     from noln.evaluate.loss import cross_entropy
     from noln.linearity.replace import (
         SkipBlock,
@@ -156,6 +158,9 @@ def linearize_cmd(
     if not (math.isfinite(distill_lr) and distill_lr > 0):
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
+    for source in (data, eval_data):
+        if source is not None:
+            check_source(source)
     check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not is_linearized(out):
         # the model's files (tokenizer, maps, base/) would land among the user's own

@@ -10,7 +10,7 @@ import torch
 
 from noln.arch import context_length
 from noln.config import check_numbers
-from noln.data import is_local
+from noln.data import check_source, is_local
 from noln.errors import NolnError
 from noln.loading import fuse_activations, load_model
 from noln.outputs import check_output_dir, check_output_file
@@ -28,6 +28,7 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
         if name in sources:
             raise NolnError(f"two --data sources are named '{name}': name them, as "
                             f"--data {name}2={source}")
+        check_source(source)
         sources[name] = source
     return sources
 
