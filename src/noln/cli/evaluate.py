@@ -119,7 +119,8 @@ def eval_cmd(
         raise NolnError("a model is named twice: give each model once")
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out, out_files=report_files(sources))
+                  json_out=json_out, out=out, out_files=report_files(sources),
+                  sources=sources)
     device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
@@ -184,7 +185,8 @@ def compare_cmd(
                         "PATH)")
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out, out_files=report_files(sources))
+                  json_out=json_out, out=out, out_files=report_files(sources),
+                  sources=sources)
     device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}

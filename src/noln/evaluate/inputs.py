@@ -28,7 +28,6 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
         if name in sources:
             raise NolnError(f"two --data sources are named '{name}': name them, as "
                             f"--data {name}2={source}")
-        check_source(source)
         sources[name] = source
     return sources
 
@@ -79,9 +78,12 @@ def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
 def check_options(*, tokens: int | None = None, ctx: int | None = None,
                   batch_size: int | None = None, hellaswag_limit: int | None = None,
                   json_out: Path | None = None, out: Path | None = None,
-                  out_files: list[str] = ()) -> None:
-    """Numbers in range and outputs writable, before any model loads: ``out_files`` are the
-    names the command may write in ``out`` (none of them the user's own file)."""
+                  out_files: list[str] = (), sources: dict[str, str] | None = None) -> None:
+    """Numbers in range, local ``sources`` present and outputs writable, before any model
+    loads: ``out_files`` are the names the command may write in ``out`` (none of them the
+    user's own file)."""
+    for source in (sources or {}).values():
+        check_source(source)
     check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
