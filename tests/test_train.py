@@ -209,33 +209,37 @@ def test_repeated_divergence_stops_and_keeps_the_checkpoint(tiny_model_dir, text
 def test_guard_catches_a_slow_rise_past_a_uniform_guess(tiny_model_dir, text_jsonl, tmp_path,
                                                        monkeypatch):
     """A loss that climbs 20% a step never exceeds 3x its last ten steps' mean, but once it is
-    1.5x a uniform guess's cross-entropy (ln V) the model is broken: the guard restores the
-    last checkpoint, as for a spike."""
+    above a uniform guess's cross-entropy (ln V) and 3x the run's first ten steps' mean, the
+    model is broken: the guard restores the last checkpoint, as for a spike."""
     from noln import train
 
     real_loss = train.Trainer.loss
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
-    broken = 1.5 * math.log(vocab)
-    first_bad: list[int] = []
+    first: list[float] = []
+    seen: dict[int, float] = {}  # the CE each step reported, before any restore
 
-    def rising_from_11(self, x):  # 7.2, 8.6, 10.4, ... nats from step 11
+    def rising_from_11(self, x):  # 1.2x a step from step 11
         loss, ce = real_loss(self, x)
-        if self.state.step >= 11 and self.state.failures == 0:
-            factor = 1.2 ** (self.state.step - 10) * 6.0 / float(ce.detach())
-            if 6.0 * 1.2 ** (self.state.step - 10) > broken and not first_bad:
-                first_bad.append(self.state.step)
-            return loss * factor, ce * factor
-        return loss, ce
+        if len(first) < 10:
+            first.append(float(ce.detach()))
+        if self.state.failures:
+            return loss, ce
+        factor = 1.0
+        if self.state.step >= 11:
+            factor = sum(first) / 10 * 1.2 ** (self.state.step - 10) / float(ce.detach())
+        seen[self.state.step] = float(ce.detach()) * factor
+        return loss * factor, ce * factor
 
     monkeypatch.setattr(train.Trainer, "loss", rising_from_11)
     r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               export_format="none", **FAST)
-    steps = {e["step"]: e["loss"] for e in r.log if "event" not in e}
+    broken = max(math.log(vocab), 3 * sum(first) / 10)
+    first_bad = min(s for s, v in seen.items() if v > broken)
     guard = [e for e in r.log if e.get("event") == "guard"]
-    assert len(guard) == 1 and guard[0]["step"] == first_bad[0]
-    assert guard[0]["loss"] > broken and guard[0]["restored_step"] == 10
+    assert len(guard) == 1 and guard[0]["step"] == first_bad == 17
+    assert guard[0]["loss"] > math.log(vocab) and guard[0]["restored_step"] == 15
     # the rise itself stayed under the spike rule: 3x the mean of the ten steps before
-    before = [steps[s] for s in range(first_bad[0] - 10, first_bad[0])]
+    before = [seen[s] for s in range(first_bad - 10, first_bad)]
     assert guard[0]["loss"] < 3 * sum(before) / len(before)
 
 

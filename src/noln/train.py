@@ -135,12 +135,12 @@ class Trainer:
         self.ctx = train_blocks.shape[1]
         self.total_steps = cfg.resolved_steps(self.ctx)
         self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
-        # a cross-entropy 1.5x a uniform guess's (ln V) means a broken model, however slowly it
-        # got there: a trailing mean follows a slow rise (SmolLM2 attempt 8, forced past its
-        # schedule's hold: 4 -> 44 nats in 60 steps, never 3x its last ten steps)
+        # a loss worse than a uniform guess (ln V) and guard_factor x the run's first steps'
+        # means a broken model, however slowly it got there: a trailing mean follows a slow rise
+        # (SmolLM2 attempt 8, forced past its schedule's hold: 4 -> 44 nats in 60 steps, never
+        # 3x its last ten steps); the start's level keeps a random model's CE from tripping it
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        self.broken_ce = 1.5 * math.log(vocab) if isinstance(vocab, int) and vocab > 1 \
-            else math.inf
+        self.uniform_ce = math.log(vocab) if isinstance(vocab, int) and vocab > 1 else math.inf
         # bf16 autocast is ours, not accelerate's: accelerate's would also wrap the model's
         # forward to copy every output (the whole logits tensor) to float32
         # no DDP buffer broadcast: every FakeNorm all-reduces its own sigma update (identical
@@ -459,7 +459,8 @@ class Trainer:
     def _exploded(self, loss: float) -> bool:
         if not math.isfinite(loss):
             return True
-        if loss > self.broken_ce:
+        start = self.state.losses[:10]
+        if start and loss > max(self.uniform_ce, self.cfg.guard_factor * sum(start) / len(start)):
             return True
         recent = self.state.losses[-10:]
         return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
