@@ -132,11 +132,12 @@ def is_local(source: str) -> bool:
     return Path(source).exists() or source.endswith(LOCAL_SUFFIXES) or source.startswith(("/", "."))
 
 
-def check_source(source: str) -> None:
+def check_source(*sources: str | Path | None) -> None:
     """A local source that does not exist is an error now, before a command loads any model (a
-    Hub dataset name is checked when it is read)."""
-    if source != BUILTIN and is_local(source) and not Path(source).exists():
-        raise NolnError(f"data file or folder '{source}' does not exist: check the path")
+    Hub dataset name is checked when it is read; None: not given)."""
+    for source in map(str, filter(None, sources)):
+        if source != BUILTIN and is_local(source) and not Path(source).exists():
+            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
 
 
 def iter_documents(source: str, split: str = "train") -> Iterator[str]:

@@ -234,9 +234,7 @@ def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     before training measured (a new run only). Every check that needs the model runs here,
     before training."""
     run = RunFolder(cfg.out)
-    for source in (cfg.data, cfg.eval_data, *(eval_sets or {}).values()):
-        if source is not None:
-            check_source(str(source))
+    check_source(cfg.data, cfg.eval_data, *(eval_sets or {}).values())
     net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0:  # the original model, before any change

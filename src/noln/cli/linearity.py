@@ -158,9 +158,7 @@ def linearize_cmd(
     if not (math.isfinite(distill_lr) and distill_lr > 0):
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
-    for source in (data, eval_data):
-        if source is not None:
-            check_source(source)
+    check_source(data, eval_data)
     check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not is_linearized(out):
         # the model's files (tokenizer, maps, base/) would land among the user's own

@@ -82,8 +82,7 @@ def check_options(*, tokens: int | None = None, ctx: int | None = None,
     """Numbers in range, local ``sources`` present and outputs writable, before any model
     loads: ``out_files`` are the names the command may write in ``out`` (none of them the
     user's own file)."""
-    for source in (sources or {}).values():
-        check_source(source)
+    check_source(*(sources or {}).values())
     check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
