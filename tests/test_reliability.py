@@ -170,6 +170,12 @@ def test_export_never_deletes_what_it_did_not_write(capsys, finished_run, tmp_pa
         assert code == 0, err
         assert json.loads((target / "noln.json").read_text())["format"] == fmt
     assert not [p for p in tmp_path.iterdir() if "noln-tmp" in p.name or "noln-old" in p.name]
+    # ... but not once the user has put a file of their own into it
+    (target / "notes.md").write_text("mine")
+    code, err = run_main(capsys, "export", finished_run, "--out", target)
+    one_error_line(code, err, "not write (notes.md)")
+    assert (target / "notes.md").read_text() == "mine"
+    assert (target / "model.safetensors").exists()
 
 
 def test_delete_calls_touch_only_noln_files():
@@ -306,11 +312,25 @@ def test_resume_takes_a_new_lr_and_keeps_the_run(capsys, finished_run, tmp_path)
     ckpts = run / "checkpoints"
     os.replace(ckpts / "prev.pt", ckpts / "last.pt")  # back to step 8, as if killed there
     (run / "summary.json").unlink()
+    log_before = (run / "log.jsonl").read_text().splitlines()
     code, err = run_main(capsys, "remove", "--resume", run, "--ctx", "32")
     one_error_line(code, err, "--ctx 32 differs from the run's 64")
-    code, err = run_main(capsys, "remove", "--resume", run, "--lr", "2e-4", "--quiet")
+    # the export it replaces at its end (one of noln's, as listed in its noln.json) now holds a
+    # file of the user's: refused up front, the run untouched
+    (run / "model").mkdir()
+    (run / "model" / "noln.json").write_text(json.dumps({"format": "hf", "files": ["noln.json"]}))
+    (run / "model" / "notes.md").write_text("mine")
+    code, err = run_main(capsys, "remove", "--resume", run, "--lr", "2e-4", "--format", "hf")
+    one_error_line(code, err, "not write (notes.md)")
+    assert (run / "log.jsonl").read_text().splitlines() == log_before
+    (run / "model" / "notes.md").unlink()
+    code, err = run_main(capsys, "remove", "--resume", run, "--lr", "2e-4", "--format", "hf",
+                         "--quiet")
     assert code == 0, err
     assert "takes --lr 0.0002 (was 0.001)" in err and "keeps model, data" in err
+    files = json.loads((run / "model" / "noln.json").read_text())["files"]  # replaced, listed
+    assert {"noln.json", "config.json", "model.safetensors"} <= set(files)
+    assert sorted(p.name for p in (run / "model").iterdir()) == files
     cfg = RemoveConfig.from_yaml(run / "config.yaml")
     assert cfg.lr == 2e-4 and cfg.min_lr == pytest.approx(3e-5 * 0.2)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

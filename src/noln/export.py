@@ -7,7 +7,8 @@
 - ``clean``: norms folded into the layers that read them; no norm module is left. Load it with
   ``noln.load_clean``.
 
-Both write ``noln.json`` beside the weights: format, family, every sigma, the removal events.
+Both write ``noln.json`` beside the weights: format, family, every sigma, the removal events, and
+the files the export holds (a file added later makes a new export into that folder refuse).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ EXPORT_FORMATS = ("hf", "clean")
 
 def check_export_target(out: Path, source: Path | None = None) -> None:
     """``out`` may take an export: new, empty, or a previous noln export (``noln.json`` with an
-    hf/clean format), which is replaced. Anything else is refused: an export never deletes what
-    noln did not write, and never the run it comes from."""
+    hf/clean format and, since noln lists them, no file beside those it wrote), which is
+    replaced. Anything else is refused: an export never deletes what noln did not write, and
+    never the run it comes from."""
     out = Path(out)
     if source is not None:
         src, dst = Path(source).resolve(), out.resolve()
@@ -61,13 +63,20 @@ def check_export_target(out: Path, source: Path | None = None) -> None:
         return
     meta = out / "noln.json"
     try:
-        fmt = json.loads(meta.read_text()).get("format") if meta.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        fmt = None
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        fmt, written = info.get("format"), set(info.get("files") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        fmt, written = None, set()
     if fmt not in EXPORT_FORMATS:
         raise NolnError(f"--out '{out}' is not empty and is not a noln export (no noln.json of "
                         "an hf or clean export): noln replaces only its own exports; choose a "
                         "new or empty folder")
+    if written:  # (an export from before noln listed its files: replaced as it was)
+        added = sorted(p.name for p in out.iterdir() if p.name not in written)
+        if added:
+            raise NolnError(f"--out '{out}' is a noln export that now also holds what noln did "
+                            f"not write ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"
+                            ": move it out first, or export to a new folder")
 
 
 def _write_dir(out: Path, write) -> None:
@@ -79,6 +88,10 @@ def _write_dir(out: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-tmp-", dir=out.parent))
     try:
         write(tmp)
+        # the export lists what it holds, so a later export replaces only these files
+        meta = json.loads((tmp / "noln.json").read_text())
+        meta["files"] = sorted(p.name for p in tmp.iterdir())
+        (tmp / "noln.json").write_text(json.dumps(meta, indent=1))
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-old-", dir=out.parent))

@@ -46,7 +46,7 @@ from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
 from noln.evaluate.hellaswag import load_hellaswag
 from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
-from noln.export import export_model
+from noln.export import check_export_target, export_model
 from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
@@ -228,6 +228,12 @@ class Removal:
     ce_before: dict | None = None  # None on resume: the checkpoint holds it
 
 
+def export_formats(cfg: RemoveConfig) -> list[str]:
+    """The formats a run exports at its end, from ``export_format``."""
+    formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
+    return [f for f in formats if f == "hf"] if cfg.keep_ln else formats  # a control: no fold
+
+
 def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
           ranks) -> Removal:
     """Model, FakeNorms, schedule and data; the run's config and base model written; the CE
@@ -235,12 +241,15 @@ def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
     before training."""
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *(eval_sets or {}).values())
+    formats = export_formats(cfg)
+    if resuming:  # the exports a resumed run replaces at its end: refused now, not then
+        for fmt in formats:
+            check_export_target(run.export(fmt, len(formats)))
     net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
-    n_exports = {"both": 2, "none": 0}.get(cfg.export_format, 1)
-    check_disk_space(run.root, net, 0 if resuming else n_exports)
+    check_disk_space(run.root, net, 0 if resuming else len(formats))
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
         adapter.enable_special_scale()
@@ -314,9 +323,7 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
     if unfinished:
         console.print(f"[yellow]{unfinished}[/]")
     ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
-    formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
-    if cfg.keep_ln:
-        formats = [f for f in formats if f == "hf"]  # a control has nothing to fold
+    formats = export_formats(cfg)
     exported = {}
     for fmt in formats:
         if adapter.export_state() == "mixed":
