@@ -342,6 +342,36 @@ def test_resume_takes_a_new_lr_and_keeps_the_run(capsys, finished_run, tmp_path)
         "lr": 1e-3, "min_lr": 3e-5}), 12))
 
 
+def test_resume_measures_the_eval_sets_the_run_began_with(capsys, tiny_model_dir, text_jsonl,
+                                                         tmp_path):
+    """--eval sets live in the run's config: a resumed run's CE table keeps them without being
+    told again, and --resume --eval adds one (measured after; its CE before is unknown)."""
+    run = tmp_path / "run"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         "--eval", f"other={text_jsonl}", *RUN_ARGS)
+    assert code == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval_sets"] == {"other": str(text_jsonl)}
+
+    def back_to_step_8():  # as if killed there
+        os.replace(run / "checkpoints" / "prev.pt", run / "checkpoints" / "last.pt")
+        (run / "summary.json").unlink()
+
+    back_to_step_8()
+    code, err = run_main(capsys, "remove", "--resume", run, "--quiet")
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["ce_before"]) == set(summary["ce_after"]) == {"heldout", "other"}
+    back_to_step_8()
+    code, err = run_main(capsys, "remove", "--resume", run, "--eval", f"more={text_jsonl}",
+                         "--quiet")
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["ce_after"]) == {"heldout", "other", "more"}
+    assert set(summary["ce_before"]) == {"heldout", "other"}
+    after = summary["ce_after"]
+    assert after["more"]["mean"] == pytest.approx(after["other"]["mean"])
+
+
 def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):
     code, err = run_main(capsys, "remove", "--resume", finished_run, "--steps", "20")
     one_error_line(code, err, "fixed schedule")

@@ -90,16 +90,21 @@ def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_d
                                  "--seed", "3", *RUN])
     assert r.exit_code == 0, r.output
     summary, log = (out / "summary.json").read_text(), (out / "log.jsonl").read_text()
-    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+    # ... with a text for the table that the removal, begun without it, did not measure
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control",
+                                 "--eval", f"again={text_jsonl}"])
     assert r.exit_code == 0, r.output
     assert (out / "summary.json").read_text() == summary  # the removal was not run again
     assert (out / "log.jsonl").read_text() == log
     removal = yaml.safe_load((out / "config.yaml").read_text())
     control = yaml.safe_load((out / "control" / "config.yaml").read_text())
     assert control["keep_ln"] is True and control["out"] == str(out / "control")
-    assert {k: v for k, v in control.items() if k not in ("keep_ln", "out")} == \
-        {k: v for k, v in removal.items() if k not in ("keep_ln", "out")}
+    assert removal["eval_sets"] == {} and control["eval_sets"] == {"again": str(text_jsonl)}
+    assert {k: v for k, v in control.items() if k not in ("keep_ln", "out", "eval_sets")} == \
+        {k: v for k, v in removal.items() if k not in ("keep_ln", "out", "eval_sets")}
     data = json.loads((out / "comparison.json").read_text())
+    assert set(data["compare"]["models"]["no_ln"]["ce"]) == {"heldout", "again"}
+    assert set(data["table"]) == {"heldout"}  # the runs' own CE: what each measured
     assert data["control"]["keep_ln"] and data["control"]["steps"] == 12
     assert set(data["compare"]["models"]) == {"original", "finetuned_with_ln", "no_ln"}
     assert "no LN" in (out / "table.md").read_text()

@@ -218,6 +218,9 @@ class RemoveConfig(TrainConfig):
     eval_data: str | None = Field(None, **describe_field(
         "held-out text (default: a slice of --data)"))
     eval_tokens: int = Field(65_536, ge=1, **describe_field("held-out tokens for the CE table"))
+    eval_sets: dict[str, str] = Field(default_factory=dict, **describe_field(
+        "more texts for the CE table, NAME: SOURCE (the command line's --eval NAME=SOURCE); "
+        "kept in the run, so --resume measures them too"))
     probe_blocks: int = Field(8, ge=1, **describe_field(
         "held-out sequences measuring each removal's cost (and recovery)"))
     probe_every: int = Field(1, ge=1, **describe_field(
@@ -618,7 +621,7 @@ RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ct
                 "seed", "keep_ln", "schedule", "fixed", "taper", "taper_shape",
                 "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
-                     "special_fade", "probe_every",
+                     "special_fade", "probe_every", "eval_sets",
                      "max_retries", "checkpoint_every", "progress", "export_format", "precision",
                      "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning

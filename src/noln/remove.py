@@ -122,11 +122,11 @@ def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
     return blocks[train_mask], blocks[np.sort(heldout)]
 
 
-def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer, ctx: int,
-                    eval_sets: dict[str, str] | None) -> dict[str, np.ndarray]:
-    """The token blocks a run's CE table reports: ``heldout`` and each ``{name: source}``."""
+def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer,
+                    ctx: int) -> dict[str, np.ndarray]:
+    """The token blocks a run's CE table reports: ``heldout`` and each of ``cfg.eval_sets``."""
     sets = {"heldout": heldout}
-    for name, source in (eval_sets or {}).items():
+    for name, source in cfg.eval_sets.items():
         sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
     return sets
 
@@ -158,7 +158,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     ``overrides`` are ``RemoveConfig`` fields (``tokens=``, ``schedule=``, ``keep_ln=`` ...).
     ``resume=DIR`` continues a killed run from its last checkpoint with the run's own config;
     ``overrides`` may change what ``noln.config.resume_config`` allows (lr, steps, guard ...).
-    ``eval_sets`` adds ``{name: source}`` texts to the before/after CE table. ``out`` must be
+    ``eval_sets`` adds ``{name: source}`` texts to the before/after CE table (the config's
+    ``eval_sets``; on resume, added to the run's). ``out`` must be
     new, empty, or (with ``overwrite``) a previous run, whose noln files are then replaced.
     """
     ranks = _ranks()
@@ -171,16 +172,21 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
                             "--resume")
         cfg, changed, notes = resume_config(run.root, read_config_file(run.config),
-                                            {"model": model, "data": data, **overrides})
+                                            {"model": model, "data": data,
+                                             "eval_sets": eval_sets or None, **overrides})
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
-        cfg, changed = config or make_config(model=model, data=data, out=out, **overrides), {}
+        sets = {"eval_sets": {**(config.eval_sets if config else {}), **eval_sets}} \
+            if eval_sets else {}
+        cfg = config.model_copy(update=sets) if config is not None else \
+            make_config(model=model, data=data, out=out, **sets, **overrides)
+        changed = {}
     with claim_run_folder(Path(cfg.out), resume=resume is not None, overwrite=overwrite,
                           main=ranks.is_main_process) as claim:
         resuming = resume is not None
         t_start = time.time()
-        removal = setup(cfg, resuming, eval_sets, ranks)
+        removal = setup(cfg, resuming, ranks)
         # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr, --resume)
         trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed)
         return finish(removal, trainer, state, ranks, t_start)
@@ -234,13 +240,12 @@ def export_formats(cfg: RemoveConfig) -> list[str]:
     return [f for f in formats if f == "hf"] if cfg.keep_ln else formats  # a control: no fold
 
 
-def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
-          ranks) -> Removal:
+def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     """Model, FakeNorms, schedule and data; the run's config and base model written; the CE
     before training measured (a new run only). Every check that needs the model runs here,
     before training."""
     run = RunFolder(cfg.out)
-    check_source(cfg.data, cfg.eval_data, *(eval_sets or {}).values())
+    check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
     formats = export_formats(cfg)
     if resuming:  # the exports a resumed run replaces at its end: refused now, not then
         for fmt in formats:
@@ -265,7 +270,7 @@ def setup(cfg: RemoveConfig, resuming: bool, eval_sets: dict[str, str] | None,
                       f"{len(adapter.sites)} sites; the export needs all of them[/]")
     train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
     check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
-    sets = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
+    sets = evaluation_sets(cfg, heldout, tokenizer, ctx)
     if ranks.is_main_process:  # on resume: the settings the command line changed
         cfg.to_yaml(run.config)
     if not resuming and ranks.is_main_process:
@@ -443,24 +448,27 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)
         return {}
-    table = {source: {"original": results["no_ln"]["ce_before"][source],
-                      "with LN (fine-tuned)": results["control"]["ce_after"][source],
+    # (a set added on --resume has no CE before; a set only the removal measured, no control)
+    table = {source: {"original": results["no_ln"]["ce_before"].get(source),
+                      "with LN (fine-tuned)": results["control"]["ce_after"].get(source),
                       "without LN": results["no_ln"]["ce_after"][source]}
              for source in results["no_ln"]["ce_after"]}
 
     # the same held-out blocks the runs measured, now through the shared evaluation code
     cfg = RemoveConfig.from_yaml(pair.config, out=str(out))
+    # (sets given now, to a pair whose removal had finished, are the table's too)
+    cfg = cfg.model_copy(update={"eval_sets": {**cfg.eval_sets, **(eval_sets or {})}})
     tokenizer = load_tokenizer(pair.base)
     ctx = results["no_ln"]["ctx"]
     _, heldout = prepare_data(cfg, tokenizer, ctx, results["no_ln"]["steps"])
-    sources = evaluation_sets(cfg, heldout, tokenizer, ctx, eval_sets)
+    sources = evaluation_sets(cfg, heldout, tokenizer, ctx)
     paths = {ORIGINAL: str(cfg.model), WITH_LN: str(runs["control"]), NO_LN: str(runs["no_ln"])}
     models = {k: m for k, (m, _) in load_models(paths, resolve_device("auto")).items()}
     result = compare_models(models, tokenizer, sources, hellaswag=items, reference=ORIGINAL,
                             hellaswag_name=hellaswag, hellaswag_limit=hellaswag_limit,
                             progress=cfg.progress, paths=paths,
                             source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
-                                          **(eval_sets or {})})
+                                          **cfg.eval_sets})
     result.print(console)
     result.save(pair.compare)
     pair.table.write_text(result.to_markdown())
