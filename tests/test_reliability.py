@@ -350,7 +350,8 @@ def test_resume_measures_the_eval_sets_the_run_began_with(capsys, tiny_model_dir
     code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
                          "--eval", f"other={text_jsonl}", *RUN_ARGS)
     assert code == 0, err
-    assert yaml.safe_load((run / "config.yaml").read_text())["eval_sets"] == {"other": str(text_jsonl)}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["eval_sets"] == {"other": str(text_jsonl)}
 
     def back_to_step_8():  # as if killed there
         os.replace(run / "checkpoints" / "prev.pt", run / "checkpoints" / "last.pt")
@@ -365,6 +366,7 @@ def test_resume_measures_the_eval_sets_the_run_began_with(capsys, tiny_model_dir
     code, err = run_main(capsys, "remove", "--resume", run, "--eval", f"more={text_jsonl}",
                          "--quiet")
     assert code == 0, err
+    assert "(was {})" in " ".join(err.split())  # the run had no set of that name
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["ce_after"]) == {"heldout", "other", "more"}
     assert set(summary["ce_before"]) == {"heldout", "other"}

@@ -638,7 +638,7 @@ RESUME_CHANGES_SCHEDULE = ("adaptive",)
 def _was(saved: Any, given: Any) -> Any:
     """The run's value of what ``given`` sets: for nested settings, only the keys given."""
     if isinstance(saved, dict) and isinstance(given, dict):
-        return {k: _was(saved.get(k), v) for k, v in given.items()}
+        return {k: _was(saved.get(k), v) for k, v in given.items() if k in saved}
     return saved
 
 
