@@ -172,6 +172,25 @@ def test_schedule_file_events_and_validation(tmp_path):
         _build(str(tmp_path / "missing.yaml"))
 
 
+def test_a_schedule_order_may_name_roles(tmp_path):
+    """``order: [mlp_in, attn_in_v, attn_in_qk, final]``: the phases reordered, each role's
+    sites block 0 first; roles and sites mix, and a site named twice is an error."""
+    f = tmp_path / "s.yaml"
+    f.write_text("type: adaptive\norder: [mlp_in, attn_in_v, attn_in_qk, final]\n")
+    assert _build(str(f)).order == ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_v",
+                                    "blocks.1.attn_in_v", "blocks.0.attn_in_qk",
+                                    "blocks.1.attn_in_qk", "final"]
+    f.write_text("type: fixed\norder: [blocks.1.attn_in_v, mlp_in, final]\n")
+    assert [site for _, site in _build(str(f)).events] == \
+        ["blocks.1.attn_in_v", "blocks.0.mlp_in", "blocks.1.mlp_in", "final"]
+    f.write_text("type: adaptive\norder: [mlp_in, blocks.0.mlp_in]\n")
+    with pytest.raises(NolnError, match="names site 'blocks.0.mlp_in' twice"):
+        _build(str(f))
+    f.write_text("type: adaptive\norder: [mlp_in, attn_out]\n")
+    with pytest.raises(NolnError, match="names site 'attn_out', which this model does not have"):
+        _build(str(f))
+
+
 def test_schedule_files_with_old_site_names_still_work(tmp_path):
     """A schedule file written before sites were named by role: its events and order name the
     old per-family sites, and they freeze the same sites under their role names."""

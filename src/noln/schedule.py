@@ -181,6 +181,21 @@ def read_schedule_file(path: Path) -> dict:
     return spec
 
 
+def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str]) -> list[str]:
+    """A schedule's ``order`` where a role (``mlp_in``, ``attn_in_v`` ...) stands for all its
+    sites, block 0 first: ``[mlp_in, attn_in_v, attn_in_qk, final]`` changes the order of the
+    phases without naming every site. A site named twice is an error."""
+    roles = set(kind_of.values()) - set(kind_of)  # (``final`` is a site and a role: a site)
+    out = [site for name in order
+           for site in ([s for s in site_names if kind_of[s] == name] if name in roles
+                        else [name])]
+    twice = sorted({s for s in out if out.count(s) > 1})
+    if twice:
+        raise NolnError(f"schedule order names site '{twice[0]}' twice (a role stands for all "
+                        "its sites): name each site or role once")
+    return out
+
+
 def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
                    fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False,
                    probe_every: int = 1) -> Schedule:
@@ -195,7 +210,7 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
         file_spec = read_schedule_file(Path(spec))
         spec = file_spec.get("type", "events" if "events" in file_spec else "fixed")
         if "order" in file_spec:
-            order = [str(s) for s in file_spec["order"]]
+            order = expand_roles([str(s) for s in file_spec["order"]], site_names, kind_of)
     unknown = [s for s in order if canonical_site(s) not in kind_of]
     order = [canonical_site(s) for s in order]
     if spec == "events":
