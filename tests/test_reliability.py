@@ -374,6 +374,43 @@ def test_resume_measures_the_eval_sets_the_run_began_with(capsys, tiny_model_dir
     assert after["more"]["mean"] == pytest.approx(after["other"]["mean"])
 
 
+def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_jsonl, tmp_path):
+    """checkpoint_keep=4 keeps steps 0, 4, 8, 12; `noln branch RUN --step 8` makes a new run of
+    RUN as it was then, which --resume continues with a new setting; RUN is only read."""
+    run, new = tmp_path / "run", tmp_path / "branch"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         *RUN_ARGS, "checkpoint_keep=6")
+    one_error_line(code, err, "checkpoint_keep 6 is not a multiple of --checkpoint-every 4")
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         *RUN_ARGS, "checkpoint_keep=4")
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["last.pt", "prev.pt", "step-0.pt", "step-12.pt", "step-4.pt", "step-8.pt"]
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    log = (run / "log.jsonl").read_text().splitlines()
+    code, err = run_main(capsys, "branch", run, "--step", "5", "--out", new)
+    one_error_line(code, err, "kept no checkpoint of step 5: it kept steps 0, 4, 8, 12")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.md").write_text("mine")
+    code, err = run_main(capsys, "branch", run, "--step", "8", "--out", tmp_path / "taken")
+    one_error_line(code, err, "exists and is not empty")
+    code, err = run_main(capsys, "branch", run, "--step", "8", "--out", new)
+    assert code == 0, err
+    def steps(folder):  # the log's step records
+        return [r for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines())
+                if "event" not in r]
+
+    assert [r["step"] for r in steps(new)] == list(range(8))
+    assert yaml.safe_load((new / "config.yaml").read_text())["out"] == str(new)
+    code, err = run_main(capsys, "remove", "--resume", new, "--lr", "2e-4", "--quiet")
+    assert code == 0, err
+    branched, original = steps(new), steps(run)
+    assert branched[:8] == original[:8] and [r["step"] for r in branched[8:]] == [8, 9, 10, 11]
+    assert branched[8]["lr"] != original[8]["lr"]  # the branch's own lr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "log.jsonl").read_text().splitlines() == log
+
+
 def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):
     code, err = run_main(capsys, "remove", "--resume", finished_run, "--steps", "20")
     one_error_line(code, err, "fixed schedule")

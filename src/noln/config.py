@@ -143,6 +143,16 @@ def describe_field(text: str, **extra: Any) -> dict:
     return {"description": text, **({"json_schema_extra": extra} if extra else {})}
 
 
+def _check_keep(cfg: TrainConfig) -> None:
+    """A kept checkpoint is one the run saves: ``checkpoint_keep`` a multiple of
+    ``checkpoint_every``."""
+    keep, every = cfg.checkpoint_keep, cfg.checkpoint_every
+    if keep is not None and every and keep % every:
+        raise ValueError(f"checkpoint_keep {keep} is not a multiple of --checkpoint-every "
+                         f"{every}: the run saves only every {every}th step; give "
+                         f"checkpoint_keep={every * max(1, round(keep / every))}")
+
+
 class TrainConfig(BaseModel):
     """What every training run has (``noln remove`` and ``noln pretrain``): output, budget and
     batch, optimiser (nanoGPT / paper 1), precision and memory, checkpoints and the guard.
@@ -186,6 +196,9 @@ class TrainConfig(BaseModel):
         "under a launcher: shard weights, gradients and AdamW state over the processes (FSDP2) "
         "instead of replicating them (DDP)"))
     checkpoint_every: int = Field(50, ge=1, **describe_field("steps between checkpoints"))
+    checkpoint_keep: int | None = Field(None, ge=1, **describe_field(
+        "also keep the checkpoint of every N-th step (checkpoints/step-N.pt, a hard link where "
+        "the disk allows) to branch the run from it: `noln branch RUN --step N --out NEW`"))
     guard_factor: float = Field(3.0, gt=1, **describe_field(
         "a loss above this many times its recent mean counts as exploding"))
     max_retries: int = Field(3, ge=0, **describe_field(
@@ -281,6 +294,7 @@ class RemoveConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _combinations(self) -> RemoveConfig:
+        _check_keep(self)
         micro = self.micro_batch_size
         if micro is not None and self.batch_size % micro:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of micro batch "
@@ -383,6 +397,7 @@ class PretrainConfig(TrainConfig):
             self.min_lr = self.lr / 10
         if self.checkpoint_every is None:
             self.checkpoint_every = max(50, self.resolved_steps(self.ctx) // 4)
+        _check_keep(self)
         if self.d_model % self.n_head:
             raise ValueError(f"--d-model {self.d_model} is not divisible by --heads "
                              f"{self.n_head}")
@@ -621,9 +636,9 @@ RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ct
                 "seed", "keep_ln", "schedule", "fixed", "taper", "taper_shape",
                 "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
-                     "special_fade", "probe_every", "eval_sets",
-                     "max_retries", "checkpoint_every", "progress", "export_format", "precision",
-                     "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
+                     "special_fade", "probe_every", "eval_sets", "max_retries",
+                     "checkpoint_every", "checkpoint_keep", "progress", "export_format",
+                     "precision", "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",

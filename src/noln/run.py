@@ -2,7 +2,8 @@
 
 One module owns every path in a run folder (``RunFolder``): ``config.yaml`` (the run's
 settings), ``base/`` (the model's config and tokenizer, to rebuild it on resume),
-``checkpoints/last.pt`` and ``prev.pt``, ``log.jsonl`` (one record per step or event),
+``checkpoints/last.pt`` and ``prev.pt`` (and ``step-N.pt``, kept with ``checkpoint_keep``),
+``log.jsonl`` (one record per step or event),
 ``summary.json``, ``loss.png``, ``model/`` and ``model-clean/`` (exports); a ``--control`` pair
 adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, ``compare/``.
 
@@ -65,6 +66,14 @@ class RunFolder:
         """``model/`` for the hf export (or the only one), ``model-{fmt}/`` beside it."""
         return self.root / ("model" if fmt == "hf" or n_formats == 1 else f"model-{fmt}")
 
+    def kept_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}.pt"
+
+    def kept_steps(self) -> list[int]:
+        """The steps whose checkpoints ``checkpoint_keep`` kept, in order."""
+        return sorted(int(p.stem.removeprefix("step-")) for p in self.checkpoints.glob("step-*.pt")
+                      if p.stem.removeprefix("step-").isdigit())
+
     def is_run(self) -> bool:
         return is_run_folder(self.root)
 
@@ -118,6 +127,45 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if prev.exists():
         return prev
     raise NolnError(f"no checkpoint in '{ckpt_dir}': nothing to resume; start a new run")
+
+
+def keep_checkpoint(checkpoint: Path, kept: Path) -> None:
+    """``kept`` becomes ``checkpoint`` as it is now: a hard link (checkpoints are never written
+    in place, only replaced by rename, so the link keeps this step's file), else a copy."""
+    kept.unlink(missing_ok=True)  # (a kept step-N.pt of this run, saved again after a resume)
+    try:
+        os.link(checkpoint, kept)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(checkpoint, kept)
+
+
+def branch_run(source: Path, step: int, out: Path) -> RunFolder:
+    """A new run folder ``out`` that goes on from ``source``'s kept checkpoint of ``step``: its
+    config (``out`` changed), ``base/``, its log up to that checkpoint, and the checkpoint as
+    ``last.pt``. ``noln remove --resume OUT`` then continues it, with any setting --resume may
+    change; ``source`` is only read."""
+    src, dst = RunFolder(source), RunFolder(out)
+    if not src.config.is_file():
+        raise NolnError(f"'{source}' is not a noln run folder (no config.yaml): give the run "
+                        "to branch from")
+    ckpt = src.kept_checkpoint(step)
+    if not ckpt.is_file():
+        kept = src.kept_steps()
+        raise NolnError(f"'{source}' kept no checkpoint of step {step}: " + (
+            f"it kept steps {', '.join(map(str, kept))}" if kept else
+            "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NolnError(f"--out '{out}' exists and is not empty: a branch goes in a new folder")
+    log_lines = int(load_checkpoint(ckpt)["state"]["log_lines"])  # the log as it was then
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src.base, dst.base)
+    config = yaml.safe_load(src.config.read_text())
+    dst.config.write_text(yaml.safe_dump({**config, "out": str(out)}, sort_keys=False))
+    lines = src.log.read_text().splitlines(keepends=True)[:log_lines] if src.log.exists() else []
+    dst.log.write_text("".join(lines))
+    dst.checkpoints.mkdir()
+    keep_checkpoint(ckpt, dst.last_checkpoint)
+    return dst
 
 
 def load_run_model(path: Path, dtype: torch.dtype = torch.float32):

@@ -40,7 +40,7 @@ from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
 from noln.precision import autocast, resolve_precision
-from noln.run import RunFolder, latest_checkpoint
+from noln.run import RunFolder, keep_checkpoint, latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -351,6 +351,9 @@ class Trainer:
             "extra": self.extra_state,
             "config": self.cfg.model_dump(mode="json"),
         }, self.run.last_checkpoint)
+        keep = self.cfg.checkpoint_keep
+        if keep and self.state.step % keep == 0:
+            keep_checkpoint(self.run.last_checkpoint, self.run.kept_checkpoint(self.state.step))
 
     def restore(self, ckpt: dict) -> None:
         if self.sharded:

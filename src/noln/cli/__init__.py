@@ -192,6 +192,23 @@ def export(
 
 
 @app.command()
+def branch(
+    run: Annotated[Path, typer.Argument(help="the run folder to branch from (only read)")],
+    step: Annotated[int, typer.Option(help="the step of a checkpoint it kept "
+                                      "(checkpoint_keep=N keeps every N-th)")],
+    out: Annotated[Path, typer.Option(help="the new run folder")],
+) -> None:
+    """A new run that goes on from a kept checkpoint of RUN, to try something else from there:
+    continue it with `noln remove --resume OUT` and any setting --resume may change."""
+    from noln.run import branch_run
+
+    new = branch_run(run, step, out)
+    console.print(f"{new.root}: RUN {run} as it was at step {step}; continue it with `noln "
+                  f"remove --resume {new.root}` (and any setting --resume may change)",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def sites(model: Annotated[str, typer.Argument(help="Hub id or local folder")]) -> None:
     """List a model's removal sites in the default removal order."""
     from noln.arch import install
