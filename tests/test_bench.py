@@ -32,15 +32,25 @@ def test_run_summary_splits_a_log_into_phases_of_removals():
 def test_committed_run_configs_read_under_todays_schema():
     """The README sends users to these files (`noln remove --config FILE`): a schema change that
     breaks one must fail here, not in a user's hour-long run."""
-    from noln.config import RemoveConfig
+    import yaml
+
+    from noln.config import RemoveConfig, check_schedule_file
 
     root = BENCH.parent
     files = sorted((root / "docs" / "benchmarks").rglob("*.yaml")) + \
         sorted((root / "bench" / "gpu").glob("*.yaml"))
     assert len(files) >= 7, files
+    schedules = 0
     for path in files:
+        if "type" in yaml.safe_load(path.read_text()):  # a schedule file a config names
+            check_schedule_file(path)
+            schedules += 1
+            continue
         cfg = RemoveConfig.from_yaml(path)
         assert cfg.model.endswith(".gguf") and cfg.tokens, path
+        if cfg.schedule not in ("fixed", "adaptive"):  # named from the repository's root
+            assert (root / cfg.schedule).is_file(), path
+    assert schedules >= 1
 
 
 def test_grad_share_names_the_parts_of_llama_and_gpt2():
