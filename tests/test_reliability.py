@@ -176,6 +176,14 @@ def test_export_never_deletes_what_it_did_not_write(capsys, finished_run, tmp_pa
     one_error_line(code, err, "not write (notes.md)")
     assert (target / "notes.md").read_text() == "mine"
     assert (target / "model.safetensors").exists()
+    # an export from before noln listed its files: only an export's own file names are replaced
+    meta = json.loads((target / "noln.json").read_text())
+    (target / "noln.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    code, err = run_main(capsys, "export", finished_run, "--out", target)
+    one_error_line(code, err, "not write (notes.md)")
+    (target / "notes.md").unlink()
+    code, err = run_main(capsys, "export", finished_run, "--out", target)
+    assert code == 0, err
 
 
 def test_delete_calls_touch_only_noln_files():

@@ -71,12 +71,25 @@ def check_export_target(out: Path, source: Path | None = None) -> None:
         raise NolnError(f"--out '{out}' is not empty and is not a noln export (no noln.json of "
                         "an hf or clean export): noln replaces only its own exports; choose a "
                         "new or empty folder")
-    if written:  # (an export from before noln listed its files: replaced as it was)
-        added = sorted(p.name for p in out.iterdir() if p.name not in written)
-        if added:
-            raise NolnError(f"--out '{out}' is a noln export that now also holds what noln did "
-                            f"not write ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"
-                            ": move it out first, or export to a new folder")
+    # an export from before noln listed its files: what an hf/clean export writes, no more
+    ours = (lambda name: name in written) if written else _export_file_name
+    added = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    if added:
+        raise NolnError(f"--out '{out}' is a noln export that now also holds what noln did "
+                        f"not write ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"
+                        ": move it out first, or export to a new folder")
+
+
+# the files an hf or clean export holds (model, config, tokenizer, noln.json), for an export
+# written before noln.json listed them
+_EXPORT_FILES = {"noln.json", "config.json", "generation_config.json", "model.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                 "tokenizer.model", "chat_template.jinja"}
+
+
+def _export_file_name(name: str) -> bool:
+    return name in _EXPORT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
 def _write_dir(out: Path, write) -> None:
