@@ -418,6 +418,30 @@ def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_js
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "log.jsonl").read_text().splitlines() == log
 
+    # a branch with a new schedule: what step 4 froze stands, the rest follow the new one
+    def removals(folder, after=0):
+        return [(r["step"], r["site"]) for r in map(json.loads, (folder / "log.jsonl")
+                .read_text().splitlines()) if r.get("event") == "remove" and r["step"] >= after]
+
+    frozen_at_4 = {site for step, site in removals(run) if step < 4}
+    live = [site for _, site in removals(run) if site not in frozen_at_4]
+    assert frozen_at_4 and len(live) >= 2
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("events:\n" + "".join(f"  - {{step: {5 + i}, site: {site}}}\n"
+                                          for i, site in enumerate([*frozen_at_4, *live[::-1]])))
+    code, err = run_main(capsys, "branch", run, "--step", "4", "--out", tmp_path / "bad",
+                         "--schedule", tmp_path / "nope.yaml")
+    one_error_line(code, err, "cannot read schedule file", "No such file")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    code, err = run_main(capsys, "branch", run, "--step", "4", "--out", tmp_path / "b2",
+                         "--schedule", plan)
+    assert code == 0, err
+    code, err = run_main(capsys, "remove", "--resume", tmp_path / "b2", "--quiet")
+    assert code == 0, err
+    n = len(frozen_at_4)  # the plan's events for sites already frozen are skipped
+    assert removals(tmp_path / "b2", after=4) == \
+        [(5 + n + i, site) for i, site in enumerate(live[::-1])]
+
 
 def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):
     code, err = run_main(capsys, "remove", "--resume", finished_run, "--steps", "20")

@@ -334,3 +334,28 @@ def test_a_run_held_by_its_budget_says_how_to_relax_it(tmp_path):
     waited = SimpleNamespace(stall={"step": 40, "level": 5.9, "reference": 5.3})
     msg = unfinished_removal(adapter, waited, tmp_path)
     assert "adaptive.diverged" in msg and "max_rise=" not in msg
+
+
+def test_a_new_order_continues_from_the_sites_a_checkpoint_froze():
+    """A branch with a new schedule (`noln branch --schedule`): the sites the checkpoint froze
+    stand, the next removal is the new order's first live site, and an unchanged order resumes
+    exactly as it was."""
+    cfg = AdaptiveConfig(signal="train", tolerance=1.0, window=1, min_gap=1, max_gap=50)
+    old = AdaptiveSchedule(SITES, cfg, start=0, total_steps=100)
+    _drive(old, lambda t, n: 3.0, 4)  # blocks.0/1.mlp_in and blocks.0.attn_in_qk frozen
+    frozen = SITES[:3]
+    assert old.remaining() == SITES[3:]
+    by_block = ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_v",
+                "blocks.0.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.attn_in_qk", "final"]
+    new = AdaptiveSchedule(by_block, cfg, start=0, total_steps=100)
+    new.load_state_dict(old.state_dict(), frozen)
+    assert new.remaining() == ["blocks.0.attn_in_v", "blocks.1.attn_in_v",
+                               "blocks.1.attn_in_qk", "final"]
+    assert new.due(4, [3.0] * 4) == ["blocks.0.attn_in_v"]  # min_gap after step 3's
+    same = AdaptiveSchedule(SITES, cfg, start=0, total_steps=100)
+    same.load_state_dict(old.state_dict(), frozen)
+    assert same.order == SITES and same.remaining() == old.remaining()
+    # from a fixed schedule's (empty) state: the adaptive one starts at its first live site
+    fresh = AdaptiveSchedule(by_block, cfg, start=0, total_steps=100)
+    fresh.load_state_dict({}, frozen)
+    assert fresh.due(5, [3.0] * 5) == ["blocks.0.attn_in_v"]

@@ -39,8 +39,9 @@ class Schedule:
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict, frozen: Sequence[str] | None = None) -> None:
+        """Continue from a checkpoint's ``state``; ``frozen``: the sites the checkpoint's model
+        has frozen (a branch with a new schedule continues from them, ``noln branch``)."""
 
 
 class FixedSchedule(Schedule):
@@ -49,10 +50,15 @@ class FixedSchedule(Schedule):
     def __init__(self, events: list[tuple[int, str]]):
         self.events = sorted((t, canonical_site(s)) for t, s in events)
         self.order = [s for _, s in self.events]
+        self.done: set[str] = set()
 
     def due(self, step: int, losses: Sequence[float],
             probe: Callable[[], float] | None = None) -> list[str]:
-        return [s for t, s in self.events if t == step]
+        return [s for t, s in self.events if t == step and s not in self.done]
+
+    def load_state_dict(self, state: dict, frozen: Sequence[str] | None = None) -> None:
+        # a branch's new events may name a site its checkpoint froze already: it stays as it is
+        self.done = set(frozen or ())
 
     def next_label(self, step: int) -> str:
         upcoming = [(t, s) for t, s in self.events if t > step]
@@ -100,7 +106,7 @@ class AdaptiveSchedule(Schedule):
         remaining = len(self.order) - self.next_idx
         max_gap = min(self.cfg.max_gap, max(1, (self.deadline - step) // remaining))
         level = None
-        if self.next_idx > 0:
+        if self.next_idx > 0 and self.reference is not None:
             if since < max_gap:
                 min_gap = max(self.cfg.min_gap,
                               self.cfg.window if self.cfg.signal == "train" else 1)
@@ -139,12 +145,19 @@ class AdaptiveSchedule(Schedule):
         return {"next_idx": self.next_idx, "last_step": self.last_step, "reference": self.reference,
                 "baseline": self.baseline, "stall": self.stall}
 
-    def load_state_dict(self, state: dict) -> None:
-        # no site names in the state: a run from before the role names resumes as it was
-        self.next_idx, self.last_step = state["next_idx"], state["last_step"]
-        self.reference, self.stall = state["reference"], state.get("stall")
+    def load_state_dict(self, state: dict, frozen: Sequence[str] | None = None) -> None:
+        # no site names in the state: a run from before the role names resumes as it was.
+        # A fixed schedule's state is empty: a branch from one starts this schedule afresh
+        self.next_idx, self.last_step = state.get("next_idx", 0), state.get("last_step", -1)
+        self.reference, self.stall = state.get("reference"), state.get("stall")
         # runs from before max_rise have no baseline: their first removal's is unknown
         self.baseline = state.get("baseline", self.reference)
+        done = [canonical_site(s) for s in frozen] if frozen is not None else None
+        if done is not None and set(done) != set(self.order[: self.next_idx]):
+            # a branch with a new order (``noln branch --schedule``): what the checkpoint froze
+            # stands, the rest follow this order from the next site
+            self.order = done + [s for s in self.order if s not in set(done)]
+            self.next_idx = len(done)
 
 
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,

@@ -362,7 +362,7 @@ class Trainer:
             self.acc.unwrap_model(self.model).load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
-        self.schedule.load_state_dict(ckpt["schedule"])
+        self.schedule.load_state_dict(ckpt["schedule"], self.adapter.frozen_sites())
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -197,12 +197,15 @@ def branch(
     step: Annotated[int, typer.Option(help="the step of a checkpoint it kept "
                                       "(checkpoint_keep=N keeps every N-th)")],
     out: Annotated[Path, typer.Option(help="the new run folder")],
+    schedule: Annotated[str | None, typer.Option(
+        help="a new schedule (fixed | adaptive | FILE.yaml) for the sites still live: those "
+             "the checkpoint froze stay frozen")] = None,
 ) -> None:
     """A new run that goes on from a kept checkpoint of RUN, to try something else from there:
     continue it with `noln remove --resume OUT` and any setting --resume may change."""
     from noln.run import branch_run
 
-    new = branch_run(run, step, out)
+    new = branch_run(run, step, out, schedule)
     console.print(f"{new.root}: RUN {run} as it was at step {step}; continue it with `noln "
                   f"remove --resume {new.root}` (and any setting --resume may change)",
                   highlight=False, soft_wrap=True)
