@@ -26,6 +26,8 @@ import yaml
 import noln
 from noln.cli import main
 from noln.errors import NolnError
+from noln.fakenorm import FakeNorm
+from noln.run import load_run_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
 RUN_ARGS = ["--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule",
@@ -429,18 +431,24 @@ def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_js
     plan = tmp_path / "plan.yaml"
     plan.write_text("events:\n" + "".join(f"  - {{step: {5 + i}, site: {site}}}\n"
                                           for i, site in enumerate([*frozen_at_4, *live[::-1]])))
-    code, err = run_main(capsys, "branch", run, "--step", "4", "--out", tmp_path / "bad",
-                         "--schedule", tmp_path / "nope.yaml")
-    one_error_line(code, err, "cannot read schedule file", "No such file")
-    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    for bad, needles in [(f"schedule={tmp_path / 'nope.yaml'}", ["cannot read schedule file"]),
+                         ("outlier_clip=-1", ["--outlier-clip -1 is invalid"]),
+                         ("lr=1", ["a branch sets only", "noln remove --resume"])]:
+        code, err = run_main(capsys, "branch", run, "--step", "4", "--out", tmp_path / "bad", bad)
+        one_error_line(code, err, *needles)
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
     code, err = run_main(capsys, "branch", run, "--step", "4", "--out", tmp_path / "b2",
-                         "--schedule", plan)
+                         f"schedule={plan}", "outlier_clip=1.5")
     assert code == 0, err
     code, err = run_main(capsys, "remove", "--resume", tmp_path / "b2", "--quiet")
-    assert code == 0, err
+    # the clip's lift (special_fade) starts once every site is frozen: one step of four is done
+    one_error_line(code, err, "removal unfinished", "the outlier clip is 25% lifted")
     n = len(frozen_at_4)  # the plan's events for sites already frozen are skipped
     assert removals(tmp_path / "b2", after=4) == \
         [(5 + n + i, site) for i, site in enumerate(live[::-1])]
+    model, _ = load_run_model(tmp_path / "b2")  # the new clip on every site, frozen before or not
+    clips = [float(m.outlier_clip) for m in model.modules() if isinstance(m, FakeNorm)]
+    assert clips == pytest.approx([1.5 / (1 - 0.25)] * len(clips))
 
 
 def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):

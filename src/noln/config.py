@@ -650,6 +650,24 @@ RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_au
 RESUME_CHANGES_SCHEDULE = ("adaptive",)
 
 
+# what `noln branch RUN --step S --out NEW KEY=VALUE` may set besides --resume's settings: how
+# the removals still to come are made (those the checkpoint made stand)
+BRANCH_MAY_CHANGE = ("schedule", "fixed", "taper", "taper_shape", "outlier_clip")
+
+
+def branch_config(saved: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The config of a branch: the run's ``saved`` settings with ``settings`` (of
+    ``BRANCH_MAY_CHANGE``) merged in, every value checked (a schedule file read) before
+    anything is written."""
+    other = sorted(set(settings) - set(BRANCH_MAY_CHANGE))
+    if other:
+        raise NolnError(f"a branch sets only {', '.join(BRANCH_MAY_CHANGE)}; give "
+                        f"'{other[0]}' to `noln remove --resume` of the branch")
+    merged = merge_layers(saved, settings)
+    make_config(**merged)
+    return merged
+
+
 def _was(saved: Any, given: Any) -> Any:
     """The run's value of what ``given`` sets: for nested settings, only the keys given."""
     if isinstance(saved, dict) and isinstance(given, dict):

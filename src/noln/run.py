@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from noln.arch import install
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
-from noln.config import check_schedule_file
+from noln.config import branch_config
 from noln.errors import NolnError
 from noln.pretrained import load_config, load_tokenizer
 
@@ -140,15 +140,14 @@ def keep_checkpoint(checkpoint: Path, kept: Path) -> None:
         shutil.copyfile(checkpoint, kept)
 
 
-def branch_run(source: Path, step: int, out: Path, schedule: str | None = None) -> RunFolder:
+def branch_run(source: Path, step: int, out: Path, settings: dict | None = None) -> RunFolder:
     """A new run folder ``out`` that goes on from ``source``'s kept checkpoint of ``step``: its
     config (``out`` changed), ``base/``, its log up to that checkpoint, and the checkpoint as
     ``last.pt``. ``noln remove --resume OUT`` then continues it, with any setting --resume may
-    change; ``source`` is only read. ``schedule`` (fixed, adaptive or a file) replaces the
-    run's for the removals still to come: the sites the checkpoint froze stay frozen, the
-    others follow it (an adaptive order from its next site, a fixed one's events by step)."""
-    if schedule is not None and schedule not in ("fixed", "adaptive"):
-        check_schedule_file(schedule)  # before anything is written
+    change; ``source`` is only read. ``settings`` (``config.BRANCH_MAY_CHANGE``: the
+    schedule, taper, outlier clip) replace the run's for the removals still to come: the sites
+    the checkpoint froze stay frozen, the others follow the new schedule (an adaptive order
+    from its next site, a fixed one's events by step)."""
     src, dst = RunFolder(source), RunFolder(out)
     if not src.config.is_file():
         raise NolnError(f"'{source}' is not a noln run folder (no config.yaml): give the run "
@@ -161,12 +160,10 @@ def branch_run(source: Path, step: int, out: Path, schedule: str | None = None) 
             "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NolnError(f"--out '{out}' exists and is not empty: a branch goes in a new folder")
+    config = branch_config(yaml.safe_load(src.config.read_text()), settings or {})
     log_lines = int(load_checkpoint(ckpt)["state"]["log_lines"])  # the log as it was then
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src.base, dst.base)
-    config = yaml.safe_load(src.config.read_text())
-    if schedule is not None:
-        config["schedule"] = schedule
     dst.config.write_text(yaml.safe_dump({**config, "out": str(out)}, sort_keys=False))
     lines = src.log.read_text().splitlines(keepends=True)[:log_lines] if src.log.exists() else []
     dst.log.write_text("".join(lines))

@@ -363,6 +363,10 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.schedule.load_state_dict(ckpt["schedule"], self.adapter.frozen_sites())
+        if self.removal is not None:  # a branch may set a new outlier clip (noln branch)
+            for norm in self.adapter.norms():
+                if norm.frozen and norm.fade == 0 and norm.clip != self.removal.outlier_clip:
+                    norm.set_clip(self.removal.outlier_clip)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

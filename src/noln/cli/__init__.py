@@ -197,17 +197,20 @@ def branch(
     step: Annotated[int, typer.Option(help="the step of a checkpoint it kept "
                                       "(checkpoint_keep=N keeps every N-th)")],
     out: Annotated[Path, typer.Option(help="the new run folder")],
-    schedule: Annotated[str | None, typer.Option(
-        help="a new schedule (fixed | adaptive | FILE.yaml) for the sites still live: those "
-             "the checkpoint froze stay frozen")] = None,
+    settings: Annotated[list[str] | None, typer.Argument(
+        help="KEY=VALUE: a new schedule, fixed.*, taper, taper_shape or outlier_clip for the "
+             "removals still to come (those the checkpoint made stand)")] = None,
 ) -> None:
     """A new run that goes on from a kept checkpoint of RUN, to try something else from there:
     continue it with `noln remove --resume OUT` and any setting --resume may change."""
+    from noln.config import parse_settings
     from noln.run import branch_run
 
-    new = branch_run(run, step, out, schedule)
-    console.print(f"{new.root}: RUN {run} as it was at step {step}; continue it with `noln "
-                  f"remove --resume {new.root}` (and any setting --resume may change)",
+    given = parse_settings(settings or [])
+    new = branch_run(run, step, out, given)
+    changed = "".join(f", {k} {v}" for k, v in given.items())
+    console.print(f"{new.root}: {run} as it was at step {step}{changed}; continue it with "
+                  f"`noln remove --resume {new.root}` (and any setting --resume may change)",
                   highlight=False, soft_wrap=True)
 
 

@@ -1,0 +1,113 @@
+"""What freezing norm sites costs right now, before any training: held-out CE of a run's
+checkpoint (or any model noln loads) with more sites frozen at their current scales.
+
+``--per-block`` freezes the given roles one block at a time (each alone, then put back) and
+prints each block's cost, with where it falls: by position, and the share of the rise carried
+by the worst 1% of tokens (near 1: a few tokens; near 0.01: spread over all). Without it, every
+site of the given roles is frozen at once, for each ``--clip`` K in turn (the outlier clip:
+tokens above K times a site's scale are divided by std / K, ``outlier_clip``). Frozen sites
+carry the checkpoint's special-token scales as they are.
+
+    python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-600.pt \\
+        --data ../shared/data/corpus/val.jsonl --roles attn_in_qk --per-block --clip 2
+    python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-300.pt \\
+        --data ../shared/data/corpus/val.jsonl --roles mlp_in,attn_in_qk,attn_in_v \\
+        --clip 1.2,1.5,2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noln.arch import install
+from noln.data import load_blocks, separator_id
+from noln.loading import load_model
+from noln.precision import autocast, describe, resolve_precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a run folder, a checkpoint file, or any model noln loads")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--roles", default="attn_in_qk,attn_in_v",
+                    help="comma-separated site roles to freeze (mlp_in, attn_in_qk, attn_in_v, "
+                         "final)")
+    ap.add_argument("--per-block", action="store_true",
+                    help="one block at a time (the roles' sites of that block together)")
+    ap.add_argument("--clip", default="0", help="outlier clip K (comma-separated: one row each "
+                    "without --per-block; the first with it); 0: off")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on a CPU with native bf16) | "
+                    "bf16 | fp32")
+    args = ap.parse_args()
+
+    model, tok = load_model(args.model)
+    adapter = install(model, eot_id=separator_id(tok))  # the FakeNorms as saved, or live ones
+    model.eval()
+    blocks = load_blocks(args.data, tok, args.ctx, max_tokens=args.blocks * args.ctx)
+    x = torch.from_numpy(np.asarray(blocks[: args.blocks], np.int64))
+    precision = resolve_precision(args.precision, "cpu")
+    roles = args.roles.split(",")
+    clips = [float(c) for c in args.clip.split(",")]
+
+    def token_ce() -> torch.Tensor:
+        with torch.no_grad(), autocast(precision, "cpu"):
+            logits = model(input_ids=x).logits.float()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(),
+                               reduction="none").view(x.shape[0], -1)
+
+    base = token_ce()
+    print(f"{args.model}: CE {base.mean():.4f} on {base.numel()} predictions, "
+          f"{len(adapter.frozen_sites())} of {len(adapter.sites)} sites frozen "
+          f"({describe(precision, args.precision, 'cpu')})")
+    live = [n for n, s in adapter.sites.items() if s.role in roles and not s.norm.frozen]
+    unmeasured = [n for n in live if int(adapter.site(n).norm.n_updates) == 0]
+    if unmeasured:
+        raise SystemExit(f"{unmeasured[0]} has no scale yet (no training step measured it): give "
+                         "a run's checkpoint, or use bench/freeze_cost.py for a fresh model")
+    if args.per_block:
+        groups: dict[str, list[str]] = {}
+        for name in live:
+            groups.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        pos = torch.arange(base.shape[1])
+        spans = [(0, 4), (4, 32), (32, base.shape[1])]
+        at = " / ".join(f"{a}-{b - 1}" for a, b in spans)
+        print(f"\n| block | sites | CE | cost | cost at positions {at} | share of the worst 1% |")
+        print("| --- | --- | ---: | ---: | --- | ---: |")
+        for block, names in groups.items():
+            norms = [adapter.site(n).norm for n in names]
+            for norm in norms:
+                norm.freeze()
+                norm.set_clip(clips[0])
+            ce = token_ce()
+            for norm in norms:  # back to live, as saved
+                norm.is_frozen.fill_(False)
+                norm.frozen = False
+                norm.set_clip(0.0)
+                norm.set_taper(1.0)
+            d = ce - base
+            where = " / ".join(f"{d[:, (pos >= a) & (pos < b)].mean():+.3f}" for a, b in spans)
+            worst = d.flatten().topk(max(1, d.numel() // 100)).values.sum() / d.sum()
+            roles_here = ", ".join(adapter.site(n).role for n in names)
+            print(f"| {block} | {roles_here} | {ce.mean():.4f} | {ce.mean() - base.mean():+.4f} | "
+                  f"{where} | {worst:.2f} |")
+        return
+    print(f"\nall {len(live)} live sites of {', '.join(roles)} frozen at once:")
+    print("| outlier clip K | CE | cost |")
+    print("| ---: | ---: | ---: |")
+    for clip in clips:
+        for name in live:
+            norm = adapter.site(name).norm
+            norm.freeze()
+            norm.set_clip(clip)
+        ce = token_ce().mean()
+        print(f"| {clip:g} | {ce:.4f} | {ce - base.mean():+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
