@@ -18,8 +18,11 @@ from transformers import AutoModelForCausalLM
 import noln
 from noln.arch import install
 from noln.arch.llama import LlamaAdapter, SplitRMSNorm
+from noln.config import make_config
+from noln.errors import NolnError
 from noln.export import load_clean
 from noln.fakenorm import FakeRMSNorm
+from noln.train import lifted_clip
 from tests.conftest import assert_run_matches_its_exports
 
 VOCAB = 101
@@ -223,6 +226,21 @@ def test_run_that_ends_with_the_fade_unfinished_says_so(tokenizer, text_jsonl, t
     # resumed with more steps, it finishes and exports
     r2 = noln.remove_layernorm(resume=tmp_path / "run", steps=40, progress=False)
     assert r2.summary["complete"] and r2.summary["exports"]
+
+
+def test_the_clip_lift_rises_from_k_to_off():
+    """--clip-lift: inverse K / (1 - f) (2.4 at half the lift for K 1.2), geometric
+    K ** (1 / (1 - f)) (1.44), both rising to off (0) at the lift's end."""
+    fades = [0.0, 0.25, 0.5, 0.75, 0.9, 0.99]
+    inverse = [lifted_clip(1.2, f) for f in fades]
+    geometric = [lifted_clip(1.2, f, "geometric") for f in fades]
+    assert inverse[:4] == pytest.approx([1.2, 1.6, 2.4, 4.8])
+    assert geometric[:4] == pytest.approx([1.2, 1.2 ** (4 / 3), 1.44, 1.2 ** 4])
+    assert all(a < b for a, b in zip(inverse, inverse[1:]))
+    assert all(a < b for a, b in zip(geometric, geometric[1:])) and geometric[-1] > 1e7
+    assert lifted_clip(1.2, 1.0) == lifted_clip(1.2, 1.0, "geometric") == 0.0
+    with pytest.raises(NolnError, match="stays 1 for --outlier-clip 1"):
+        make_config(model="gpt2", outlier_clip=1.0, clip_lift="geometric", steps=10)
 
 
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):

@@ -268,6 +268,10 @@ class RemoveConfig(TrainConfig):
                             "fractions of the run between which special tokens' scales fade "
                             "into the shared one and the outlier clip lifts (once every site "
                             "is frozen)"))
+    clip_lift: Literal["inverse", "geometric"] = Field("inverse", **describe_field(
+        "how the outlier clip's K rises over special_fade, f from 0 to 1: inverse, K / (1 - f); "
+        "geometric, K ** (1 / (1 - f)), slower while K is small, where most clipped tokens sit "
+        "(K 1.2 at half the fade: 1.44, against 2.4)"))
     aux_weight: float = Field(0.1, ge=0, **describe_field(
         "weight of paper 2's loss pulling every token's residual std at the final norm to the "
         "typical token's"))
@@ -307,6 +311,9 @@ class RemoveConfig(TrainConfig):
             raise ValueError(f"--outlier-clip {self.outlier_clip:g} is below 1: it would divide "
                              "typical tokens by more than the fixed scale; give K >= 1 (e.g. 4)"
                              " or 0 (off)")
+        if self.clip_lift == "geometric" and self.outlier_clip == 1:
+            raise ValueError("--clip-lift geometric raises K as K ** (1 / (1 - f)), which stays 1 "
+                             "for --outlier-clip 1: give a clip above 1, or --clip-lift inverse")
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
@@ -647,7 +654,7 @@ RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_au
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out
 # over the run's length at its start, so it stays fixed
-RESUME_CHANGES_SCHEDULE = ("adaptive",)
+RESUME_CHANGES_SCHEDULE = ("adaptive", "clip_lift")
 
 
 # what `noln branch RUN --step S --out NEW KEY=VALUE` may set besides --resume's settings: how

@@ -120,6 +120,16 @@ class TrainState:
     log_lines: int = 0
 
 
+def lifted_clip(k: float, fade: float, shape: str = "inverse") -> float:
+    """The outlier clip's K at ``fade`` f of the lift (0 at its start, 1: off, returned as 0):
+    ``inverse``, ``K / (1 - f)``; ``geometric``, ``K ** (1 / (1 - f))``, which stays near K
+    while f is small (SmolLM2 at K 1.2: all 90 sites at once cost 0.5 nats at K 1.2, 1.2 at
+    1.5, 5.6 at 2, docs/BENCHMARKS.md)."""
+    if fade >= 1.0:
+        return 0.0
+    return k ** (1 / (1 - fade)) if shape == "geometric" else k / (1 - fade)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_blocks: np.ndarray,
                  probe_blocks: np.ndarray, out: Path, adapter: NormAdapter,
@@ -310,7 +320,7 @@ class Trainer:
 
     def fade_special(self, step: int) -> None:
         """Special tokens' own scales (``special_scale``) move to the shared sigma, and the
-        outlier clip's K rises as ``K / (1 - fade)`` until it is off (``outlier_clip``), one
+        outlier clip's K rises until it is off (``outlier_clip``, ``lifted_clip``), one
         equal step of the fade per training step from ``special_fade[0]`` of the run to
         ``special_fade[1]``, and never before every site is frozen and done tapering. The fade
         lives in the FakeNorms' buffers (``special_fade``, ``outlier_clip``), so checkpoints
@@ -326,7 +336,8 @@ class Trainer:
         for norm in fading:
             norm.set_special_fade(fade)  # the fade's position, also for clip-only sites
             if norm.clip > 0:
-                norm.set_clip(0.0 if fade >= 1.0 else self.removal.outlier_clip / (1 - fade))
+                norm.set_clip(lifted_clip(self.removal.outlier_clip, fade,
+                                          self.removal.clip_lift))
         if fade >= 1.0:
             self.log({"event": "special_faded", "step": step})
 
