@@ -4,9 +4,11 @@ checkpoint (or any model noln loads) with more sites frozen at their current sca
 ``--per-block`` freezes the given roles one block at a time (each alone, then put back) and
 prints each block's cost, with where it falls: by position, and the share of the rise carried
 by the worst 1% of tokens (near 1: a few tokens; near 0.01: spread over all). Without it, every
-site of the given roles is frozen at once, for each ``--clip`` K in turn (the outlier clip:
-tokens above K times a site's scale are divided by std / K, ``outlier_clip``). Frozen sites
-carry the checkpoint's special-token scales as they are.
+site of the given roles is frozen at once (those frozen already keep their scale) and clipped
+at each ``--clip`` K in turn (the outlier clip: tokens above K times a site's scale are divided
+by std / K, ``outlier_clip``; 0: off). On a run whose sites are all frozen, that is what
+lifting its clip would cost now. Special tokens keep the checkpoint's own scales unless
+``--fade F`` moves them (1: the shared scale, as at the end of a run).
 
     python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-600.pt \\
         --data ../shared/data/corpus/val.jsonl --roles attn_in_qk --per-block --clip 2
@@ -42,6 +44,8 @@ def main() -> None:
                     help="one block at a time (the roles' sites of that block together)")
     ap.add_argument("--clip", default="0", help="outlier clip K (comma-separated: one row each "
                     "without --per-block; the first with it); 0: off")
+    ap.add_argument("--fade", type=float, default=None,
+                    help="set every site's special-token fade to F (0-1) before measuring")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on a CPU with native bf16) | "
                     "bf16 | fp32")
     args = ap.parse_args()
@@ -97,13 +101,19 @@ def main() -> None:
             print(f"| {block} | {roles_here} | {ce.mean():.4f} | {ce.mean() - base.mean():+.4f} | "
                   f"{where} | {worst:.2f} |")
         return
-    print(f"\nall {len(live)} live sites of {', '.join(roles)} frozen at once:")
+    chosen = [n for n, s in adapter.sites.items() if s.role in roles]
+    if args.fade is not None:
+        adapter.set_special_fade(args.fade)
+    fade = f", special fade {args.fade:g}" if args.fade is not None else ""
+    print(f"\nall {len(chosen)} sites of {', '.join(roles)} frozen ({len(live)} of them "
+          f"now){fade}:")
     print("| outlier clip K | CE | cost |")
     print("| ---: | ---: | ---: |")
     for clip in clips:
-        for name in live:
+        for name in chosen:
             norm = adapter.site(name).norm
-            norm.freeze()
+            if not norm.frozen:
+                norm.freeze()
             norm.set_clip(clip)
         ce = token_ce().mean()
         print(f"| {clip:g} | {ce:.4f} | {ce - base.mean():+.4f} |")
