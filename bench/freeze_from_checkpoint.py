@@ -85,15 +85,13 @@ def main() -> None:
         print("| --- | --- | ---: | ---: | --- | ---: |")
         for block, names in groups.items():
             norms = [adapter.site(n).norm for n in names]
+            saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
             for norm in norms:
                 norm.freeze()
                 norm.set_clip(clips[0])
             ce = token_ce()
-            for norm in norms:  # back to live, as saved
-                norm.is_frozen.fill_(False)
-                norm.frozen = False
-                norm.set_clip(0.0)
-                norm.set_taper(1.0)
+            for norm, state in zip(norms, saved):  # back to live, as saved
+                norm.load_state_dict(state)
             d = ce - base
             where = " / ".join(f"{d[:, (pos >= a) & (pos < b)].mean():+.3f}" for a, b in spans)
             worst = d.flatten().topk(max(1, d.numel() // 100)).values.sum() / d.sum()

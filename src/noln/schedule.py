@@ -154,9 +154,10 @@ class AdaptiveSchedule(Schedule):
         self.baseline = state.get("baseline", self.reference)
         done = [canonical_site(s) for s in frozen] if frozen is not None else None
         if done is not None and set(done) != set(self.order[: self.next_idx]):
+            stand = set(done)
             # a branch with a new order (``noln branch ... schedule=FILE``): what it froze
             # stands, the rest follow this order from the next site
-            self.order = done + [s for s in self.order if s not in set(done)]
+            self.order = done + [s for s in self.order if s not in stand]
             self.next_idx = len(done)
 
 
