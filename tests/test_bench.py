@@ -93,3 +93,38 @@ def test_hellaswag_flops_counts_what_each_scorer_feeds_the_model():
                                                  * 256**2 / 1e9)
     assert r["noln"]["unembedding"] == pytest.approx(ending_tokens * 2 * 256 * r["vocab"] / 1e9)
     assert 1.5 < r["bound"] < 3.5
+
+
+def test_site_ratios_measure_each_token_against_its_frozen_scale_in_forward_order():
+    """bench/site_ratios.py, the tool that found where SmolLM2's unclipped forward overflows:
+    its ratio at the first site is the embedding's RMS over the frozen scale, computed here
+    independently; its sites come in forward order; the clip it sets bounds what leaves."""
+    import torch
+
+    from noln.arch import install
+    from tests.test_llama import VOCAB, tiny
+
+    measure = _module("site_ratios").measure
+    model = tiny("llama")
+    adapter = install(model)
+    for name in adapter.sites:
+        adapter.site(name).norm.freeze(0.05)
+    x = torch.randint(0, VOCAB, (2, 12))
+    ratios = measure(model, adapter, x, clip=0.0)
+    assert list(ratios) == ["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in",
+                            "blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in",
+                            "final"]
+    emb = model.model.embed_tokens(x).float()
+    expected = (emb.pow(2).mean(-1) + model.config.rms_norm_eps).sqrt() / 0.05
+    torch.testing.assert_close(ratios["blocks.0.attn_in_qk"][0], expected)
+    assert all(finite for _, finite in ratios.values())
+    assert expected.min() > 1.5  # so a clip of 1.5 acts on every token at block 0
+    seen = {}
+    norm = adapter.site("blocks.0.attn_in_v").norm
+    hook = norm.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    ratios_clipped = measure(model, adapter, x, clip=1.5)
+    hook.remove()
+    torch.testing.assert_close(ratios_clipped["blocks.0.attn_in_v"][0], expected)  # the input
+    weight = model.model.layers[0].input_layernorm.weight
+    left = seen["out"] / weight  # what the site divides out: rms at most K
+    assert left.pow(2).mean(-1).sqrt().max() <= 1.5 + 1e-4
