@@ -7,7 +7,10 @@ by the worst 1% of tokens (near 1: a few tokens; near 0.01: spread over all). Wi
 site of the given roles is frozen at once (those frozen already keep their scale) and clipped
 at each ``--clip`` K in turn (the outlier clip: tokens above K times a site's scale are divided
 by std / K, ``outlier_clip``; 0: off). On a run whose sites are all frozen, that is what
-lifting its clip would cost now. Special tokens keep the checkpoint's own scales unless
+lifting its clip would cost now. ``--lift-blocks P,...`` instead lifts the clip block by
+block, as ``--clip-lift by_block`` would: for each P, every site of the roles frozen, the
+clip off on blocks 0..P-1 and at the first ``--clip`` K on the rest (P = layers + 1: off
+everywhere, the final norm included). Special tokens keep the checkpoint's own scales unless
 ``--fade F`` moves them (1: the shared scale, as at the end of a run).
 
     python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-600.pt \\
@@ -15,6 +18,9 @@ lifting its clip would cost now. Special tokens keep the checkpoint's own scales
     python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-300.pt \\
         --data ../shared/data/corpus/val.jsonl --roles mlp_in,attn_in_qk,attn_in_v \\
         --clip 1.2,1.5,2
+    python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-2000.pt \\
+        --data ../shared/data/corpus/val.jsonl --roles mlp_in,attn_in_qk,attn_in_v,final \\
+        --clip 1.2 --lift-blocks 0,5,7,10,31
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ def main() -> None:
                     help="one block at a time (the roles' sites of that block together)")
     ap.add_argument("--clip", default="0", help="outlier clip K (comma-separated: one row each "
                     "without --per-block; the first with it); 0: off")
+    ap.add_argument("--lift-blocks", default=None,
+                    help="comma-separated P: the clip off on blocks < P, the first --clip K on "
+                         "the rest (the final norm counts as block `layers`)")
     ap.add_argument("--fade", type=float, default=None,
                     help="set every site's special-token fade to F (0-1) before measuring")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on a CPU with native bf16) | "
@@ -105,6 +114,21 @@ def main() -> None:
     fade = f", special fade {args.fade:g}" if args.fade is not None else ""
     print(f"\nall {len(chosen)} sites of {', '.join(roles)} frozen ({len(live)} of them "
           f"now){fade}:")
+    if args.lift_blocks is not None:
+        for name in chosen:
+            if not adapter.site(name).norm.frozen:
+                adapter.site(name).norm.freeze()
+        print(f"| clip off on blocks (K {clips[0]:g} on the rest) | CE | cost |")
+        print("| --- | ---: | ---: |")
+        for p in (int(v) for v in args.lift_blocks.split(",")):
+            for name in chosen:
+                site = adapter.site(name)
+                block = adapter.n_layers if site.layer is None else site.layer
+                site.norm.set_clip(0.0 if block < p else clips[0])
+            ce = token_ce().mean()
+            span = "none" if p == 0 else f"0-{p - 1}"
+            print(f"| {span} | {ce:.4f} | {ce - base.mean():+.4f} |")
+        return
     print("| outlier clip K | CE | cost |")
     print("| ---: | ---: | ---: |")
     for clip in clips:

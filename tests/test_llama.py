@@ -230,7 +230,8 @@ def test_run_that_ends_with_the_fade_unfinished_says_so(tokenizer, text_jsonl, t
 
 def test_the_clip_lift_rises_from_k_to_off():
     """--clip-lift: inverse K / (1 - f) (2.4 at half the lift for K 1.2), geometric
-    K ** (1 / (1 - f)) (1.44), both rising to off (0) at the lift's end."""
+    K ** (1 / (1 - f)) (1.44), both rising to off (0) at the lift's end; by_block, one
+    block's sites after another's, each inverse over its share."""
     fades = [0.0, 0.25, 0.5, 0.75, 0.9, 0.99]
     inverse = [lifted_clip(1.2, f) for f in fades]
     geometric = [lifted_clip(1.2, f, "geometric") for f in fades]
@@ -239,8 +240,44 @@ def test_the_clip_lift_rises_from_k_to_off():
     assert all(a < b for a, b in zip(inverse, inverse[1:]))
     assert all(a < b for a, b in zip(geometric, geometric[1:])) and geometric[-1] > 1e7
     assert lifted_clip(1.2, 1.0) == lifted_clip(1.2, 1.0, "geometric") == 0.0
+    # by_block, 3 blocks (2 layers and the final norm): each in its own third of the lift
+    by_block = [lifted_clip(1.2, f, "by_block", b, 3)
+                for f in (0.0, 1 / 6, 1 / 3, 0.5, 5 / 6, 1.0) for b in range(3)]
+    assert by_block == pytest.approx([1.2, 1.2, 1.2, 2.4, 1.2, 1.2, 0.0, 1.2, 1.2,
+                                      0.0, 2.4, 1.2, 0.0, 0.0, 2.4, 0.0, 0.0, 0.0])
     with pytest.raises(NolnError, match="stays 1 for --outlier-clip 1"):
         make_config(model="gpt2", outlier_clip=1.0, clip_lift="geometric", steps=10)
+
+
+def test_by_block_clip_lift_lifts_one_block_after_another(tokenizer, text_jsonl, tmp_path):
+    """--clip-lift by_block: read back from every step's checkpoint, the lifted blocks are
+    always a prefix in forward order (block 0, block 1, the final norm), a block's K rises
+    while the next still clips at K, and the run ends with every clip off."""
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              outlier_clip=1.0, clip_lift="by_block", schedule="fixed",
+                              special_fade=(0.5, 0.9), fixed={"finish_by": 0.4},
+                              export_format="none",
+                              **{**FAST, "lr": 1e-4, "checkpoint_every": 1, "checkpoint_keep": 1})
+    assert r.summary["complete"] and all(n.clip == 0.0 for n in r.adapter.norms())
+    blocks = [["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in"],
+              ["blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in"], ["final"]]
+    seen = []
+    for path in sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"),
+                       key=lambda p: int(p.stem.removeprefix("step-"))):
+        r.model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        if not all(r.adapter.site(n).norm.frozen for names in blocks for n in names):
+            continue  # still removing: the lift waits for every site
+        clips = [{r.adapter.site(n).norm.clip for n in names} for names in blocks]
+        assert all(len(c) == 1 for c in clips)  # a block's sites lift together
+        seen.append([c.pop() for c in clips])
+    lifted = [[kk == 0.0 for kk in k] for k in seen]
+    assert all(flags == sorted(flags, reverse=True) for flags in lifted)  # a prefix, in order
+    assert seen[0] == [1.0, 1.0, 1.0] and seen[-1] == [0.0, 0.0, 0.0]
+    assert any(k[0] > 1.0 and k[1:] == [1.0, 1.0] for k in seen)  # block 0 rises alone
+    assert any(k[0] == 0.0 and k[1] > 1.0 and k[2] == 1.0 for k in seen)  # then block 1
 
 
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):

@@ -268,10 +268,12 @@ class RemoveConfig(TrainConfig):
                             "fractions of the run between which special tokens' scales fade "
                             "into the shared one and the outlier clip lifts (once every site "
                             "is frozen)"))
-    clip_lift: Literal["inverse", "geometric"] = Field("inverse", **describe_field(
+    clip_lift: Literal["inverse", "geometric", "by_block"] = Field("inverse", **describe_field(
         "how the outlier clip's K rises over special_fade, f from 0 to 1: inverse, K / (1 - f); "
         "geometric, K ** (1 / (1 - f)), slower while K is small, where most clipped tokens sit "
-        "(K 1.2 at half the fade: 1.44, against 2.4)"))
+        "(K 1.2 at half the fade: 1.44, against 2.4); by_block, one block after another in "
+        "forward order (the final norm last), each inverse over its own share of the fade "
+        "while the blocks after it still clip at K"))
     aux_weight: float = Field(0.1, ge=0, **describe_field(
         "weight of paper 2's loss pulling every token's residual std at the final norm to the "
         "typical token's"))

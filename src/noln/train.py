@@ -120,11 +120,18 @@ class TrainState:
     log_lines: int = 0
 
 
-def lifted_clip(k: float, fade: float, shape: str = "inverse") -> float:
+def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
+                blocks: int = 1) -> float:
     """The outlier clip's K at ``fade`` f of the lift (0 at its start, 1: off, returned as 0):
     ``inverse``, ``K / (1 - f)``; ``geometric``, ``K ** (1 / (1 - f))``, which stays near K
     while f is small (SmolLM2 at K 1.2: all 90 sites at once cost 0.5 nats at K 1.2, 1.2 at
-    1.5, 5.6 at 2, docs/BENCHMARKS.md)."""
+    1.5, 5.6 at 2, docs/BENCHMARKS.md). ``by_block``: the sites of ``block`` (of ``blocks``
+    in forward order, the final norm last) lift alone in their own ``1 / blocks`` of the fade,
+    ``K / (1 - g)`` with ``g = clamp(f * blocks - block, 0, 1)``: at K before it, off after
+    it. The sites downstream of a lifting block still clip, so an outlier it lets through
+    cannot grow further than the next block (SwiGLU squares it block after block)."""
+    if shape == "by_block":
+        fade, shape = min(1.0, max(0.0, fade * blocks - block)), "inverse"
     if fade >= 1.0:
         return 0.0
     return k ** (1 / (1 - fade)) if shape == "geometric" else k / (1 - fade)
@@ -333,11 +340,16 @@ class Trainer:
                 any(n.tapering for n in self.adapter.norms()):
             return
         fade = min(1.0, fading[0].fade + 1.0 / max(1, end - start))
-        for norm in fading:
+        blocks = self.adapter.n_layers + 1  # clip_lift by_block: the final norm lifts last
+        for site in self.adapter.sites.values():
+            norm = site.norm
+            if not (norm.special_pending or norm.clip > 0):
+                continue
             norm.set_special_fade(fade)  # the fade's position, also for clip-only sites
             if norm.clip > 0:
+                block = blocks - 1 if site.layer is None else site.layer
                 norm.set_clip(lifted_clip(self.removal.outlier_clip, fade,
-                                          self.removal.clip_lift))
+                                          self.removal.clip_lift, block, blocks))
         if fade >= 1.0:
             self.log({"event": "special_faded", "step": step})
 
