@@ -861,3 +861,37 @@ def test_resume_may_relax_the_adaptive_schedule_with_a_warning(tmp_path):
     assert changed == {} and len(notes) == 1 and cfg.adaptive.max_rise == 0.3
     with pytest.raises(NolnError, match="differs from the run's"):
         resume_config(tmp_path, saved, {"fixed": {"finish_by": 0.5}})
+
+
+def test_a_checkpoint_write_that_fails_names_the_full_disk_and_removes_its_partial_file(
+        tmp_path, monkeypatch):
+    """SmolLM2's 1.6 GB checkpoints filled a disk mid-run: torch's zip writer raised
+    "unexpected pos ..." and the user got an internal error with a partial last.pt.tmp left
+    behind. Now: one line saying the disk is full and which checkpoint is still good, and the
+    partial file (noln's own) removed; last.pt untouched."""
+    from collections import namedtuple
+
+    import noln.checkpoint as checkpoint
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"step": 1}, last)
+    good = last.read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 900")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 400_000, 400_000))
+    with pytest.raises(NolnError) as info:
+        checkpoint.save_atomic({"step": 2}, last)
+    message = str(info.value)
+    assert "\n" not in message and "the disk is full" in message
+    assert f"the last good checkpoint is kept at '{last}'" in message and "--resume" in message
+    assert not last.with_name("last.pt.tmp").exists() and last.read_bytes() == good
+    # on a disk with room, the same failure is not blamed on space
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**13, 0, 10**13))
+    with pytest.raises(NolnError) as info:
+        checkpoint.save_atomic({"step": 2}, last)
+    assert "disk is full" not in str(info.value) and "unexpected pos" in str(info.value)

@@ -8,9 +8,11 @@ into a RuntimeError, and the user would get an internal error instead of how to 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import signal
 import threading
 import warnings
@@ -67,13 +69,30 @@ def ctrl_c_after() -> Iterator[None]:
 
 
 def save_atomic(obj: dict, path: Path) -> None:
+    """Write ``obj`` to ``path`` as the module docstring says. A write that fails (a full disk:
+    torch's zip writer reports it as a RuntimeError) removes its own ``.tmp`` and is a one-line
+    error naming the free space and the checkpoint that is still good."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with ctrl_c_after():
-        with open(tmp, "wb") as f:
-            torch.save(plain(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(plain(obj), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            written = tmp.stat().st_size if tmp.exists() else 0
+            tmp.unlink(missing_ok=True)  # noln's own partial file
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the last good checkpoint is kept at '{path}'" if path.exists() else \
+                "no checkpoint of this run was kept yet"
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            full = getattr(e, "errno", None) == errno.ENOSPC or free < max(written, 2**30)
+            raise NolnError(
+                f"could not write checkpoint '{tmp}' after {written / 2**30:.2f} GiB "
+                f"({'the disk is full: ' if full else ''}{free / 2**30:.2f} GiB free there; "
+                f"{why}): free space (or keep fewer: checkpoint_keep=0 keeps none), then --resume; "
+                f"{kept}") from e
         if path.exists():
             os.replace(path, path.with_name("prev.pt"))
         os.replace(tmp, path)
