@@ -291,6 +291,30 @@ def test_full_disk_fails_before_training(tiny_model_dir, text_jsonl, tmp_path, m
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_the_disk_check_counts_the_checkpoints_a_run_will_keep(tiny_model_dir, text_jsonl,
+                                                               tmp_path, monkeypatch):
+    """checkpoint_keep=N keeps a file every N steps to the end (steps 0, 10, 20, 30 here):
+    SmolLM2 runs kept 28 of 1.6 GB and filled a disk mid-run. Room for the three rotating
+    checkpoints and the export, but not for the kept ones, is refused before training."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from noln.remove import check_disk_space
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n = sum(p.numel() for p in model.parameters())
+    usage = shutil.disk_usage(tmp_path)
+    free = n * 4 * (3 * 3 + 1) + (64 << 20) + 1000  # three checkpoints and one export fit
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=free))
+    check_disk_space(tmp_path, model, 1)
+    with pytest.raises(NolnError, match=r"\(3 checkpoints .*, 4 kept by checkpoint_keep, "
+                                        r"exports\): free disk space, keep fewer checkpoints"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              **{**FAST, "checkpoint_keep": 10})
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
 # Kill the run during its third checkpoint save (step 8): half-way through writing
 # last.pt.tmp, or between moving last.pt to prev.pt and renaming the new file over last.pt.
 _KILL_DURING_SAVE = """

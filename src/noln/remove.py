@@ -71,17 +71,21 @@ class RemovalResult:
         return [r for r in self.log if r.get("event") == "remove"]
 
 
-def check_disk_space(out: Path, model: nn.Module, export_formats: int) -> None:
+def check_disk_space(out: Path, model: nn.Module, export_formats: int, kept: int = 0) -> None:
     """A checkpoint holds the weights and AdamW's two moments (float32); at a save ``last.pt``,
-    ``prev.pt`` and the new ``last.pt.tmp`` coexist; each export is another copy of the
-    weights. Refuse to start a run the disk cannot hold to the end."""
+    ``prev.pt`` and the new ``last.pt.tmp`` coexist; ``checkpoint_keep`` keeps ``kept`` more
+    to the end (each its own file once ``last.pt`` moves on); each export is another copy of
+    the weights. Refuse to start a run the disk cannot hold to the end."""
     n_params = sum(p.numel() for p in model.parameters())
-    need = n_params * 4 * (3 * 3 + export_formats) + (64 << 20)
+    per_checkpoint = n_params * 4 * 3
+    need = per_checkpoint * (3 + kept) + n_params * 4 * export_formats + (64 << 20)
     free = shutil.disk_usage(out).free
     if free < need:
+        keeps = f", {kept} kept by checkpoint_keep" if kept else ""
         raise NolnError(f"output folder '{out}' has {free / 2**30:.2f} GiB free but the run needs "
                         f"about {need / 2**30:.2f} GiB (3 checkpoints of weights + optimizer "
-                        "state, exports): free disk space or choose another --out")
+                        f"state{keeps}, exports): free disk space"
+                        f"{', keep fewer checkpoints' if kept else ''} or choose another --out")
 
 
 def model_ctx(config, cfg: RemoveConfig) -> int:
@@ -254,12 +258,16 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     teacher = None
     if cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
-    check_disk_space(run.root, net, 0 if resuming else len(formats))
+    ctx = model_ctx(net.config, cfg)
+    steps = cfg.resolved_steps(ctx)
+    kept = 0
+    if cfg.checkpoint_keep:  # the multiples of N still to come (a resume: after the last kept)
+        kept = steps // cfg.checkpoint_keep - max(run.kept_steps(), default=-1) // \
+            cfg.checkpoint_keep
+    check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
         adapter.enable_special_scale()
-    ctx = model_ctx(net.config, cfg)
-    steps = cfg.resolved_steps(ctx)
     kinds = {name: site.kind for name, site in adapter.sites.items()}
     schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
