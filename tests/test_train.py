@@ -313,6 +313,23 @@ def test_the_disk_check_counts_the_checkpoints_a_run_will_keep(tiny_model_dir, t
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               **{**FAST, "checkpoint_keep": 10})
     assert not (tmp_path / "run" / "log.jsonl").exists()
+    # a resume counts only those still to come: after the last one kept, or (none kept: a
+    # branch) after the last step logged. This run kept 0, 10, 20 (and 30); with its kept
+    # files gone and 10 more steps, 2 are to come (30, 40), not the 5 of a count from 0
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
+    run = tmp_path / "kept"
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), run,
+                          **{**FAST, "checkpoint_keep": 10, "export_format": "none"})
+    for path in (run / "checkpoints").glob("step-*.pt"):
+        path.unlink()
+    room = n * 4 * 3 * 5 + (64 << 20) + 1000  # three rotating + two kept, no export
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=room))
+    resumed = noln.remove_layernorm(resume=run, steps=40)
+    assert resumed.summary["complete"]
+    short = n * 4 * 3 * 4 + (64 << 20) - 1000  # three rotating, not a fourth
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=short))
+    with pytest.raises(NolnError, match=r", 1 kept by checkpoint_keep"):
+        noln.remove_layernorm(resume=run, steps=50)  # 50 more: one (50) after the 40 kept
 
 
 # Kill the run during its third checkpoint save (step 8): half-way through writing
