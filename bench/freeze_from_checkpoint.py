@@ -122,9 +122,7 @@ def main() -> None:
         print("| --- | ---: | ---: |")
         for p in (int(v) for v in args.lift_blocks.split(",")):
             for name in chosen:
-                site = adapter.site(name)
-                block = adapter.n_layers if site.layer is None else site.layer
-                site.norm.set_clip(0.0 if block < p else clips[0])
+                adapter.site(name).norm.set_clip(0.0 if adapter.block_of(name) < p else clips[0])
             ce = token_ce().mean()
             span = "none" if p == 0 else f"0-{p - 1}"
             print(f"| {span} | {ce:.4f} | {ce - base.mean():+.4f} |")

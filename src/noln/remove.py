@@ -260,14 +260,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
-    kept = 0
-    if cfg.checkpoint_keep:  # the multiples of N still to come (a resume or a branch: after
-        # the last one kept, or the last step logged less the steps a checkpoint may lag)
-        done = max(run.kept_steps(), default=-1)
-        if resuming:
-            logged = [r["step"] for r in run.read_log() if "event" not in r]
-            done = max(done, max(logged, default=0) - cfg.checkpoint_every)
-        kept = steps // cfg.checkpoint_keep - done // cfg.checkpoint_keep
+    kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)

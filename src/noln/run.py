@@ -75,6 +75,18 @@ class RunFolder:
         return sorted(int(p.stem.removeprefix("step-")) for p in self.checkpoints.glob("step-*.pt")
                       if p.stem.removeprefix("step-").isdigit())
 
+    def kept_to_come(self, steps: int, keep: int, every: int, resuming: bool) -> int:
+        """How many more checkpoints ``checkpoint_keep`` (``keep``) will keep by step ``steps``:
+        the multiples of ``keep`` after the last one kept, or on a resume (a branch keeps
+        none yet) after the last step logged less the ``every`` steps a checkpoint may lag."""
+        if not keep:
+            return 0
+        done = max(self.kept_steps(), default=-1)
+        if resuming:
+            logged = [r["step"] for r in self.read_log() if "event" not in r]
+            done = max(done, max(logged, default=0) - every)
+        return steps // keep - done // keep
+
     def is_run(self) -> bool:
         return is_run_folder(self.root)
 

@@ -341,15 +341,14 @@ class Trainer:
             return
         fade = min(1.0, fading[0].fade + 1.0 / max(1, end - start))
         blocks = self.adapter.n_layers + 1  # clip_lift by_block: the final norm lifts last
-        for site in self.adapter.sites.values():
+        for name, site in self.adapter.sites.items():
             norm = site.norm
             if not (norm.special_pending or norm.clip > 0):
                 continue
             norm.set_special_fade(fade)  # the fade's position, also for clip-only sites
             if norm.clip > 0:
-                block = blocks - 1 if site.layer is None else site.layer
-                norm.set_clip(lifted_clip(self.removal.outlier_clip, fade,
-                                          self.removal.clip_lift, block, blocks))
+                norm.set_clip(lifted_clip(self.removal.outlier_clip, fade, self.removal.clip_lift,
+                                          self.adapter.block_of(name), blocks))
         if fade >= 1.0:
             self.log({"event": "special_faded", "step": step})
 

@@ -245,6 +245,12 @@ class NormAdapter:
         """``name`` with an old per-family kind (``ln_2``, ``blocks.3.ln_1_v``) as its role."""
         return canonical_name(name, self.aliases)
 
+    def block_of(self, name: str) -> int:
+        """The block a site sits in, in forward order; the final norm after the last block
+        (``n_layers``)."""
+        layer = self.site(name).layer
+        return self.n_layers if layer is None else layer
+
     def site(self, name: str) -> Site:
         canonical = self.canonical(name)
         if canonical not in self.sites:
