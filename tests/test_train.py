@@ -191,6 +191,7 @@ def r_cfg(r):
 def test_repeated_divergence_stops_and_keeps_the_checkpoint(tiny_model_dir, text_jsonl,
                                                             tmp_path, monkeypatch):
     from noln import train
+    from noln.config import RemoveConfig
 
     real_loss = train.Trainer.loss
 
@@ -200,10 +201,36 @@ def test_repeated_divergence_stops_and_keeps_the_checkpoint(tiny_model_dir, text
         return (loss * float("nan"), ce * float("nan")) if bad else (loss, ce)
 
     monkeypatch.setattr(train.Trainer, "loss", always_nan_after_6)
-    with pytest.raises(NolnError, match=r"diverged 4 times.*last good checkpoint is kept"):
+    with pytest.raises(NolnError, match=r"diverged 4 times.*last good checkpoint is kept") as e:
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               export_format="none", **FAST)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+    # every try failed on the batch of step 6, at four lrs: the lr is not the cause
+    msg = str(e.value)
+    assert "the last 4 at step 6" in msg and "a lower --lr will not help" in msg
+    lr = train.lr_at(6, RemoveConfig.from_yaml(tmp_path / "run" / "config.yaml"), 30)
+    assert f"at lr {lr:.3g} down to {lr / 8:.3g}" in msg
+    assert "lower --lr or" not in msg
+
+
+def test_divergence_at_different_steps_says_to_lower_the_lr(tiny_model_dir, text_jsonl,
+                                                            tmp_path, monkeypatch):
+    """Tries that fail at a later step each time (the lowered lr got further): the lr is the
+    advice, not the batch."""
+    from noln import train
+
+    real_loss = train.Trainer.loss
+
+    def nan_further_each_try(self, x):
+        loss, ce = real_loss(self, x)
+        bad = self.state.step >= 6 + self.state.failures
+        return (loss * float("nan"), ce * float("nan")) if bad else (loss, ce)
+
+    monkeypatch.setattr(train.Trainer, "loss", nan_further_each_try)
+    with pytest.raises(NolnError, match=r"diverged 4 times \(last: loss nan.* at step 9\).*"
+                                        r"lower --lr or"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              export_format="none", **FAST)
 
 
 def test_guard_catches_a_slow_rise_past_a_uniform_guess(tiny_model_dir, text_jsonl, tmp_path,
@@ -595,6 +622,70 @@ def test_site_aux_live_pulls_every_live_site_to_its_running_scale(tiny_model_dir
         own += (std / target).log().pow(2).mean().item()
     assert abs(own - expected) > 0.1
     assert losses(0.3, True, "own") == pytest.approx(base + 0.3 * own, rel=1e-4)
+
+
+def test_replay_keeps_the_sequences_whose_tokens_pass_the_margin(tiny_model_dir, tmp_path):
+    """``replay``: a sequence whose worst ordinary token (position 0 excluded) is above
+    ``replay_margin`` x a removed site's scale, measured here by a hook on the site's input,
+    is kept and put in place of the last sequence of later batches; one back under the
+    margin is dropped; the newest ``replay`` are kept; a checkpoint carries the list."""
+    import numpy as np
+
+    from noln.arch import install
+    from noln.checkpoint import load_checkpoint
+    from noln.config import make_config
+    from noln.pretrained import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir).eval()
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 64))
+    name = "blocks.0.mlp_in"
+    inputs = []
+    hook = adapter.site(name).norm.register_forward_pre_hook(
+        lambda m, a: inputs.append(a[0].detach().double()))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(blocks))
+    hook.remove()
+    xc = inputs[0] - inputs[0].mean(-1, keepdim=True)
+    std = (xc.pow(2).mean(-1) + adapter.site(name).norm.eps).sqrt()[:, 1:]  # not position 0
+    sigma = float(std.median())
+    worst = (std / sigma).log().abs().amax(-1)  # [8]: each sequence's worst token
+    margin = float(worst.sort().values[4:6].mean().exp())  # between the 5th and 6th sequence
+    expected = [i for i in range(8) if worst[i] > math.log(margin)]
+    assert len(expected) == 3
+    adapter.site(name).norm.freeze(sigma)
+
+    cfg = make_config(model=str(tiny_model_dir), out=tmp_path, replay=8, replay_margin=margin,
+                      aux_weight=0.0, progress=False, batch_size=4)
+    trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter)
+    model.eval()
+    trainer.outliers = []
+    with torch.no_grad():
+        for i in range(0, 8, 4):
+            trainer.loss(torch.from_numpy(blocks[i : i + 4]))
+    measured = torch.cat(trainer.outliers)
+    torch.testing.assert_close(measured.double(), worst, rtol=1e-3, atol=1e-4)  # float32
+    trainer.update_replay(0, torch.arange(8), measured)
+    assert trainer.state.replay == expected
+    for step in range(6):  # the step picks the replayed sequence; the others come in order
+        idx = trainer.batch_indices(step)
+        assert idx[-1] == expected[step % 3]
+        order = np.concatenate([trainer._perm(e) for e in range(3)])  # epochs in a row
+        assert list(idx[:-1]) == list(order[4 * step : 4 * step + 3])
+    trainer.save()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["replay"] == expected
+
+    # back under the margin: dropped; over the limit: the oldest go
+    trainer.update_replay(1, torch.tensor([expected[0]]), torch.tensor([0.0]))
+    assert trainer.state.replay == expected[1:]
+    trainer.removal = trainer.cfg = cfg.model_copy(update={"replay": 1})
+    new = next(i for i in range(8) if i not in expected)
+    trainer.update_replay(2, torch.tensor([new, expected[2]]), torch.tensor([9.0, 0.0]))
+    assert trainer.state.replay == [new]  # expected[2] back under, expected[1] the oldest
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["added"] for e in events] == [expected, [], [new]]
+    assert [e["dropped"] for e in events] == [[], [expected[0]], [expected[2], expected[1]]]
 
 
 def test_grad_clip_late_changes_the_clip_from_its_step(tiny_model_dir, text_jsonl, tmp_path,

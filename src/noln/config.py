@@ -293,6 +293,15 @@ class RemoveConfig(TrainConfig):
         "what the site loss pulls position 0 and end-of-text towards under --special-scale: "
         "their own scale while they have one (own), or the shared one the fade ends at "
         "(shared: with --site-aux-live they shrink under the live norms, before any removal)"))
+    replay: int = Field(0, ge=0, **describe_field(
+        "keep up to N training sequences in which an ordinary token entered a removed site "
+        "above replay_margin x its scale, and put one of them in place of each batch's last "
+        "sequence until none does: the rare contexts (URLs, HTML) whose outliers grow block "
+        "after block in a SwiGLU model come back until they are learnt, instead of once an "
+        "epoch; 0: off"))
+    replay_margin: float = Field(3.0, gt=1, **describe_field(
+        "the factor above a removed site's scale at which a token makes its sequence replayed "
+        "(--replay)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
         "weight of KL to the original model (the rest is CE)"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
@@ -651,7 +660,7 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
-                            "grad_clip", "grad_clip_late")
+                            "grad_clip", "grad_clip_late", "replay", "replay_margin")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out

@@ -118,6 +118,8 @@ class TrainState:
     failures: int = 0
     wall_time: float = 0.0
     log_lines: int = 0
+    # training sequences (indices) whose outliers come back (replay), oldest first
+    replay: list[int] = field(default_factory=list)
 
 
 def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
@@ -201,6 +203,8 @@ class Trainer:
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
         self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
+        self.outliers: list[torch.Tensor] = []  # replay: this step's [micro] worst log-ratios
+        self.failed: list[tuple[int, float]] = []  # (step, lr) of each guard restore
         self.run = RunFolder(self.out)
         self.log_path = self.run.log
 
@@ -215,17 +219,25 @@ class Trainer:
         return self._perms[epoch]
 
     def batch_indices(self, step: int) -> np.ndarray:
+        """The step's training sequences: the next ``batch_size`` of the epoch's permutation,
+        the last one replaced by a replayed sequence (``replay``, chosen by the step among those
+        kept: the checkpoint holds them, so a resumed run draws the same)."""
         n = len(self.train_blocks)
         pos = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
-        return np.array([self._perm(p // n)[p % n] for p in pos])
+        idx = np.array([self._perm(p // n)[p % n] for p in pos])
+        if self.state.replay:
+            idx[-1] = self.state.replay[step % len(self.state.replay)]
+        return idx
 
     def micro_batches(self, step: int):
+        """``(indices, tokens)`` of each of this process's micro-batches."""
         idx = self.batch_indices(step)
         rank, world = self.acc.process_index, self.acc.num_processes
         idx = idx[rank::world]  # each process its share of the global batch
         for i in range(0, len(idx), self.micro):
-            block = np.asarray(self.train_blocks[np.sort(idx[i : i + self.micro])], np.int64)
-            yield torch.from_numpy(block).to(self.acc.device)
+            chunk = np.sort(idx[i : i + self.micro])
+            block = np.asarray(self.train_blocks[chunk], np.int64)
+            yield torch.from_numpy(chunk), torch.from_numpy(block).to(self.acc.device)
 
     # -- loss ------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +252,11 @@ class Trainer:
         # every site (a live one towards its running scale: outliers shrink under real norms)
         pulled = [n for n in self.adapter.norms() if n.frozen or self.removal.site_aux_live] \
             if site_aux > 0 else []
-        capture = list({id(n): n for n in ([final] if aux_on else []) + pulled}.values())
+        # replay: how far each sequence's ordinary tokens are from every removed site's scale
+        watched = [n for n in self.adapter.norms() if n.frozen] \
+            if self.removal is not None and self.removal.replay else []
+        capture = list({id(n): n for n in ([final] if aux_on else []) + pulled + watched}
+                       .values())
         with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
@@ -249,6 +265,9 @@ class Trainer:
             # each pulled site's distance from its scale, before measuring() resets it
             scale_errors = [n.scale_error(special_own=self.removal.site_aux_special == "own")
                             for n in pulled]
+            if watched:  # each sequence's worst ordinary token over the removed sites
+                self.outliers.append(torch.stack([
+                    (n.scale_error().detach().abs() * keep).amax(-1) for n in watched]).amax(0))
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
@@ -436,8 +455,9 @@ class Trainer:
                     group["lr"] = lr
                 ce_sum = torch.zeros((), device=self.acc.device)
                 self.site_aux_term = torch.zeros((), device=self.acc.device)
+                self.outliers = []
                 batches = list(self.micro_batches(step))
-                for i, x in enumerate(batches):
+                for i, (_, x) in enumerate(batches):
                     sync = i == len(batches) - 1
                     with self._gradient_sync(sync):
                         loss, ce = self.loss(x)
@@ -458,6 +478,9 @@ class Trainer:
                     continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.outliers:
+                    self.update_replay(step, torch.cat([i for i, _ in batches]),
+                                       torch.cat(self.outliers))
                 dt = time.perf_counter() - t0
                 self.state.losses.append(ce_val)
                 self.state.wall_time += dt
@@ -465,6 +488,8 @@ class Trainer:
                 record = {"step": step, "loss": ce_val, "lr": lr, "grad_norm": grad_norm,
                           "tokens": self.state.step * tokens_per_step,
                           "frozen": len(self.adapter.frozen_sites()), "dt": dt}
+                if self.removal is not None and self.removal.replay:
+                    record["replay"] = len(self.state.replay)
                 if self.removal is not None and self.removal.site_aux > 0:
                     # this process's share, summed over micro-batches: how far the removed
                     # sites' inputs are from their fixed scales, in the loss's units
@@ -476,6 +501,28 @@ class Trainer:
                         self.state.step == self.total_steps:
                     self.save()
         return self.state
+
+    def update_replay(self, step: int, indices: torch.Tensor, worst: torch.Tensor) -> None:
+        """Keep the sequences of this step whose worst ordinary token is above
+        ``replay_margin`` x a removed site's scale (``worst``: log-ratios), the newest
+        ``replay`` of them; drop those that are back under it. Every process sees the whole
+        batch, so all keep the same list."""
+        indices = self.acc.gather(indices.to(self.acc.device)).tolist()
+        worst = self.acc.gather(worst).tolist()
+        keep, limit = self.state.replay, math.log(self.removal.replay_margin)
+        added, dropped = [], []
+        for i, w in zip(indices, worst):
+            if w > limit and i not in keep:
+                keep.append(i)
+                added.append(i)
+            elif w <= limit and i in keep:
+                keep.remove(i)
+                dropped.append(i)
+        dropped += keep[: max(0, len(keep) - self.removal.replay)]
+        del keep[: max(0, len(keep) - self.removal.replay)]
+        if added or dropped:
+            self.log({"event": "replay", "step": step, "added": added, "dropped": dropped,
+                      "worst": round(math.exp(max(worst)), 3)})
 
     def _gradient_sync(self, sync: bool):
         """Gradients cross processes once per step, at the last micro-batch."""
@@ -501,7 +548,24 @@ class Trainer:
         failures = self.state.failures + 1
         what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
             f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        self.failed.append((step, lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale))
         if failures > self.cfg.max_retries:
+            lrs = []  # the lrs of the last tries, those that all failed at this step
+            for failed_step, lr in reversed(self.failed):
+                if failed_step != step:
+                    break
+                lrs.insert(0, lr)
+            if len(lrs) > 1:
+                # the same batch broke the model at every lr the guard tried: data, not the lr
+                # (SmolLM2: one HTML token grown to 1e30 through the SwiGLU blocks)
+                seqs = ", ".join(str(i) for i in sorted(self.batch_indices(step)))
+                raise NolnError(
+                    f"training diverged {failures} times, the last {len(lrs)} at step {step} "
+                    f"(last: {what}), at lr {lrs[0]:.3g} down to {lrs[-1]:.3g}: that step's "
+                    f"batch (training sequences {seqs}) breaks the model at any lr, so a lower "
+                    f"--lr will not help; the last good checkpoint is kept at {path}: find the "
+                    "token that overflows in those sequences, or go on from an earlier "
+                    "checkpoint with a slower schedule")
             raise NolnError(f"training diverged {failures} times (last: {what} at step {step}); "
                             f"the last good checkpoint is kept at {path}: lower --lr or "
                             "lengthen the schedule's gaps, then --resume")
