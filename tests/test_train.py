@@ -205,6 +205,11 @@ def test_repeated_divergence_stops_and_keeps_the_checkpoint(tiny_model_dir, text
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               export_format="none", **FAST)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+    # each restore truncates the log to the checkpoint's lines: the earlier guards stay in it
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    guard = [e for e in log if e.get("event") == "guard"]
+    assert [(e["step"], e["failures"], e["lr_scale"]) for e in guard] == \
+        [(6, 1, 0.5), (6, 2, 0.25), (6, 3, 0.125)]
     # every try failed on the batch of step 6, at four lrs: the lr is not the cause
     msg = str(e.value)
     assert "the last 4 at step 6" in msg and "a lower --lr will not help" in msg

@@ -205,6 +205,7 @@ class Trainer:
         self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
         self.outliers: list[torch.Tensor] = []  # replay: this step's [micro] worst log-ratios
         self.failed: list[tuple[int, float]] = []  # (step, lr) of each guard restore
+        self.guard_events: list[dict] = []  # logged again after a restore truncates the log
         self.run = RunFolder(self.out)
         self.log_path = self.run.log
 
@@ -572,9 +573,15 @@ class Trainer:
         lr_scale = self.state.lr_scale * 0.5
         self.restore(load_checkpoint(path))
         self._truncate_log()
+        # the earlier restores to this checkpoint were logged after it: keep them in the log
+        for event in self.guard_events:
+            if event["restored_step"] == self.state.step:
+                self.log(event)
         self.state.failures, self.state.lr_scale = failures, lr_scale
-        self.log({"event": "guard", "step": step, "loss": loss, "grad_norm": grad_norm,
-                  "restored_step": self.state.step, "lr_scale": lr_scale, "failures": failures})
+        self.guard_events.append({"event": "guard", "step": step, "loss": loss,
+                                  "grad_norm": grad_norm, "restored_step": self.state.step,
+                                  "lr_scale": lr_scale, "failures": failures})
+        self.log(self.guard_events[-1])
 
 
 class _Progress:
