@@ -356,6 +356,80 @@ def test_resume_restores_frozen_sites_and_the_schedule_state(fam, tmp_path):
         [schedule.due(t, more[:t]) for t in range(7, 10)]
 
 
+# ------------------------------------------------------------------ the sink circuit (noln.sinks)
+
+# each family's MLP and the weight that writes its hidden neurons (the dim indexing them)
+MLP_WRITE = {"gpt2": ("transformer.h.{i}.mlp", "c_proj", 0),  # Conv1D: [in, out]
+             "neox": ("gpt_neox.layers.{i}.mlp", "dense_4h_to_h", 1),
+             "llama": ("model.layers.{i}.mlp", "down_proj", 1)}
+
+
+@families
+def test_sink_neurons_are_those_whose_ablation_moves_position_0_most(fam):
+    """``sink_neurons``' top k per block are the neurons whose removal (its write weight
+    zeroed, one at a time) changes the MLP's output at position 0 the most, on average."""
+    from noln.sinks import sink_neurons
+
+    model, x, k = tiny(fam), _ids(3, 12), 3
+    sinks = sink_neurons(model, x, k)
+    assert sorted(sinks) == [0, 1]
+    path, write, dim = MLP_WRITE[fam.family]
+    for block in (0, 1):
+        mlp = model.get_submodule(path.format(i=block))
+        inputs = []  # the MLP's input in the whole model's forward
+        hook = mlp.register_forward_pre_hook(lambda m, a, seen=inputs: seen.append(a[0].detach()))
+        with torch.no_grad():
+            model(x)
+            hook.remove()
+            base = mlp(inputs[0])[:, 0]
+            weight = mlp.get_submodule(write).weight
+            moved = []
+            for n in range(weight.shape[dim]):
+                kept = weight.clone()
+                weight.index_fill_(dim, torch.tensor([n]), 0.0)
+                moved.append((base - mlp(inputs[0])[:, 0]).norm(dim=-1).mean())
+                weight.copy_(kept)
+        expected = torch.stack(moved).topk(k).indices.sort().values.tolist()
+        assert sinks[block] == expected
+
+
+@families
+def test_pruned_neurons_are_zero_and_stay_zero_through_adamw(fam):
+    """``prune_neurons`` zeroes the neurons' activations (every input weight and bias) and
+    write weights, and their AdamW moments, so training steps after it leave them at zero;
+    it counts what it changed, and a second call changes nothing."""
+    from noln.sinks import prune_neurons
+
+    model, x = tiny(fam).train(), _ids(4, 12)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step():
+        optimizer.zero_grad()
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+
+    step()
+    step()  # moments are nonzero everywhere
+    neurons = {0: [1, 5], 1: [0, 7, 9]}
+    assert prune_neurons(model, neurons, optimizer) == 5
+    for _ in range(3):
+        step()
+    acts = {}
+    path, write, dim = MLP_WRITE[fam.family]
+    hooks = [model.get_submodule(path.format(i=b)).get_submodule(write).register_forward_pre_hook(
+        lambda m, a, b=b: acts.__setitem__(b, a[0].detach())) for b in neurons]
+    with torch.no_grad():
+        model(x)
+    [h.remove() for h in hooks]
+    for block, idx in neurons.items():
+        weight = model.get_submodule(path.format(i=block)).get_submodule(write).weight
+        assert (weight.index_select(dim, torch.tensor(idx)) == 0).all()
+        assert (acts[block][..., idx] == 0).all()
+        others = [n for n in range(acts[block].shape[-1]) if n not in idx]
+        assert (acts[block][..., others] != 0).float().mean() > 0.5  # only those are zero
+    assert prune_neurons(model, neurons, optimizer) == 0
+
+
 def test_export_names_an_old_logs_removals_by_role(tmp_path):
     """``noln export`` of a run started before the rename: its log's removal events name the
     old sites; the export's noln.json names them by role."""

@@ -693,6 +693,34 @@ def test_replay_keeps_the_sequences_whose_tokens_pass_the_margin(tiny_model_dir,
     assert [e["dropped"] for e in events] == [[], [expected[0]], [expected[2], expected[1]]]
 
 
+def test_prune_sinks_zeroes_the_originals_sink_neurons_for_the_whole_run(tiny_model_dir,
+                                                                         text_jsonl, tmp_path):
+    """``prune_sinks=N``: the N neurons per block that write most into position 0 in the
+    original model (on the run's probe blocks) are zero before the first step and still at
+    the end, and no other neuron is; the log says how many; a resume has nothing to prune."""
+    import numpy as np
+
+    from noln.config import RemoveConfig
+    from noln.pretrained import load_pretrained, load_tokenizer
+    from noln.remove import prepare_data
+    from noln.sinks import sink_neurons
+
+    r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              export_format="none", prune_sinks=3, **FAST)
+    events = [e for e in r.log if e.get("event") == "pruned_sinks"]
+    assert events == [{"event": "pruned_sinks", "step": 0, "neurons": 6}]
+    cfg = RemoveConfig.from_yaml(r.out / "config.yaml")
+    _, heldout = prepare_data(cfg, load_tokenizer(tiny_model_dir), 64, cfg.resolved_steps(64))
+    probe = torch.from_numpy(np.asarray(heldout[: cfg.probe_blocks], np.int64))
+    sinks = sink_neurons(load_pretrained(tiny_model_dir), probe, 3)
+    for block, layer in enumerate(r.model.transformer.h):
+        zero = (layer.mlp.c_proj.weight == 0).all(dim=1).nonzero().flatten().tolist()
+        assert zero == sinks[block]  # Conv1D [in, out]: neuron n writes row n
+    noln.remove_layernorm(resume=tmp_path / "run", steps=35)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("event") == "pruned_sinks"] == [0]
+
+
 def test_grad_clip_late_changes_the_clip_from_its_step(tiny_model_dir, text_jsonl, tmp_path,
                                                        monkeypatch):
     """``grad_clip_late=[N, C]``: steps before N clip the gradient norm at ``grad_clip``, steps

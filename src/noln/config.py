@@ -293,6 +293,11 @@ class RemoveConfig(TrainConfig):
         "what the site loss pulls position 0 and end-of-text towards under --special-scale: "
         "their own scale while they have one (own), or the shared one the fade ends at "
         "(shared: with --site-aux-live they shrink under the live norms, before any removal)"))
+    prune_sinks: int = Field(0, ge=0, **describe_field(
+        "zero the N MLP neurons of each block that write the most into position 0's residual "
+        "in the original model (its attention-sink circuit, noln.sinks) before training, and "
+        "keep them at zero: in a no-norm SwiGLU model the circuit fires on ordinary tokens "
+        "and grows them block after block; 0: off"))
     replay: int = Field(0, ge=0, **describe_field(
         "keep up to N training sequences in which an ordinary token entered a removed site "
         "above replay_margin x its scale, and put one of them in place of each batch's last "
@@ -660,7 +665,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
-                            "grad_clip", "grad_clip_late", "replay", "replay_margin")
+                            "grad_clip", "grad_clip_late", "replay", "replay_margin",
+                            "prune_sinks")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out

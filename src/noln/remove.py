@@ -53,6 +53,7 @@ from noln.report import json_safe, plot_loss
 from noln.run import RunClaim, RunFolder, claim_run_folder
 from noln.schedule import Schedule, build_schedule
 from noln.sharding import full_model_state_dict
+from noln.sinks import sink_neurons
 from noln.train import Trainer, TrainState
 
 console = Console(stderr=True)
@@ -236,6 +237,7 @@ class Removal:
     eval_sets: dict[str, np.ndarray]  # the CE table's token blocks, "heldout" first
     teacher: nn.Module | None = None  # the original model, for --distill
     ce_before: dict | None = None  # None on resume: the checkpoint holds it
+    sinks: dict[int, list[int]] | None = None  # prune_sinks: block -> neurons to zero
 
 
 def export_formats(cfg: RemoveConfig) -> list[str]:
@@ -284,8 +286,14 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     ranks.wait_for_everyone()
     ce_before = None if resuming else {k: cross_entropy(net, b).to_dict()
                                        for k, b in sets.items()}
+    sinks = None
+    if cfg.prune_sinks and not cfg.keep_ln:  # found in the original model, on the probe
+        original = teacher if teacher is not None else (
+            load_pretrained(cfg.model) if resuming else net)
+        sinks = sink_neurons(original, torch.from_numpy(
+            np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks)
     return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
-                   sets, teacher, ce_before)
+                   sets, teacher, ce_before, sinks)
 
 
 def train(r: Removal, resuming: bool, claim: RunClaim,
@@ -296,7 +304,7 @@ def train(r: Removal, resuming: bool, claim: RunClaim,
     extra = {} if r.ce_before is None else {"ce_before": r.ce_before}
     trainer = Trainer(cfg, r.model, r.train_blocks, r.heldout[: cfg.probe_blocks], r.run.root,
                       r.adapter, r.schedule, eot_id=separator_id(r.tokenizer),
-                      extra_state=extra, teacher=r.teacher)
+                      extra_state=extra, teacher=r.teacher, sink_neurons=r.sinks)
     if cfg.progress and trainer.acc.is_main_process:
         console.print(describe(trainer.precision, cfg.precision, trainer.acc.device),
                       highlight=False)

@@ -50,6 +50,7 @@ from noln.sharding import (
     shard,
     transformer_blocks,
 )
+from noln.sinks import prune_neurons
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -144,8 +145,10 @@ class Trainer:
                  probe_blocks: np.ndarray, out: Path, adapter: NormAdapter,
                  schedule: Schedule | None = None, eot_id: int | None = None,
                  accelerator: Accelerator | None = None, extra_state: dict | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None,
+                 sink_neurons: dict[int, list[int]] | None = None):
         self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
+        self.sink_neurons = sink_neurons  # zeroed before the first step (prune_sinks)
         # the removal's settings (schedule, objective): None while norms only train (pretraining,
         # a --keep-ln control)
         self.removal = cfg if isinstance(cfg, RemoveConfig) and not cfg.keep_ln else None
@@ -439,6 +442,12 @@ class Trainer:
                 self.state.lr_scale, self.state.failures = 1.0, 0
         else:
             self.log_path.unlink(missing_ok=True)
+        if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
+            changed = prune_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
+                                    self.optimizer)
+            if changed:
+                self.log({"event": "pruned_sinks", "step": self.state.step, "neurons": changed})
+        if not resume:
             self.save()  # step 0: the guard always has a good state to go back to
         progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
                              self.state.step)

@@ -113,6 +113,17 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class MlpNeurons:
+    """Where a decoder layer keeps its MLP's hidden neurons, as parameter paths from the layer,
+    each with the dim that indexes the neurons: ``make``, every parameter that computes a
+    neuron's activation (input weights, their biases), and ``write``, the weight that adds the
+    activation to the residual stream (its module's input is the activations)."""
+
+    make: tuple[tuple[str, int], ...]
+    write: tuple[str, int]
+
+
+@dataclass(frozen=True)
 class Site:
     name: str  # blocks.{layer}.{role}, or the role alone for the final norm
     kind: str  # the role: mlp_in, attn_in_qk, attn_in_v, q_norm, k_norm or final
@@ -138,6 +149,7 @@ class NormAdapter:
     model_types: ClassVar[tuple[str, ...]]
     layout: ClassVar[Layout]
     block_kinds: ClassVar[tuple[str, ...]]  # per-block roles, in removal order
+    mlp_neurons: ClassVar[MlpNeurons]  # the MLP's hidden neurons (noln.sinks)
     final_kind: ClassVar[str] = FINAL
     # the family's site kinds before sites were named by role (old runs, schedule files)
     aliases: ClassVar[dict[str, str]] = {}

@@ -33,6 +33,7 @@ from noln.arch.base import (
     FINAL,
     MLP_IN,
     Layout,
+    MlpNeurons,
     NormAdapter,
     Site,
     SplitLayerNorm,
@@ -72,6 +73,9 @@ class GPT2Adapter(NormAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
     layout = Layout("transformer.h", "transformer.ln_f")
+    # Conv1D weights are [in, out]
+    mlp_neurons = MlpNeurons(make=(("mlp.c_fc.weight", 1), ("mlp.c_fc.bias", 0)),
+                             write=("mlp.c_proj.weight", 0))
     block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
     aliases = {"ln_2": MLP_IN, "ln_1_qk": ATTN_IN_QK, "ln_1_v": ATTN_IN_V, "ln_f": FINAL}
 

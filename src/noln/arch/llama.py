@@ -52,6 +52,7 @@ from noln.arch.base import (
     MLP_IN,
     Q_NORM,
     Layout,
+    MlpNeurons,
     NormAdapter,
     Site,
     SplitNorm,
@@ -98,6 +99,9 @@ class LlamaAdapter(NormAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layout = Layout("model.layers", "model.norm")
+    # SwiGLU: down(silu(gate x) * up x)
+    mlp_neurons = MlpNeurons(make=(("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 0)),
+                             write=("mlp.down_proj.weight", 1))
     block_kinds = BLOCK_KINDS  # + q_norm, k_norm where the attention has them (Qwen3)
     aliases = {"post_attention_layernorm": MLP_IN, "input_layernorm_qk": ATTN_IN_QK,
                "input_layernorm_v": ATTN_IN_V, "norm": FINAL}

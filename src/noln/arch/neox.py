@@ -33,6 +33,7 @@ from noln.arch.base import (
     FINAL,
     MLP_IN,
     Layout,
+    MlpNeurons,
     NormAdapter,
     Site,
     SplitLayerNorm,
@@ -83,6 +84,8 @@ class NeoXAdapter(NormAdapter):
     family = "neox"
     model_types = ("gpt_neox",)
     layout = Layout("gpt_neox.layers", "gpt_neox.final_layer_norm")
+    mlp_neurons = MlpNeurons(make=(("mlp.dense_h_to_4h.weight", 0), ("mlp.dense_h_to_4h.bias", 0)),
+                             write=("mlp.dense_4h_to_h.weight", 1))
     block_kinds = (MLP_IN, ATTN_IN_QK, ATTN_IN_V)
     aliases = {"ln_post": MLP_IN, "ln_in_qk": ATTN_IN_QK, "ln_in_v": ATTN_IN_V, "ln_f": FINAL}
 
