@@ -11,7 +11,10 @@ lifting its clip would cost now. ``--lift-blocks P,...`` instead lifts the clip 
 block, as ``--clip-lift by_block`` would: for each P, every site of the roles frozen, the
 clip off on blocks 0..P-1 and at the first ``--clip`` K on the rest (P = layers + 1: off
 everywhere, the final norm included). Special tokens keep the checkpoint's own scales unless
-``--fade F`` moves them (1: the shared scale, as at the end of a run).
+``--fade F`` moves them (1: the shared scale, as at the end of a run). ``--prune-sinks N
+--original MODEL`` first zeroes the N MLP neurons per block that write most into position 0
+in the original model, on the first 8 blocks of ``--data`` (``noln.sinks``, as
+``--prune-sinks`` does in a run), and prints the CE after it.
 
     python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-600.pt \\
         --data ../shared/data/corpus/val.jsonl --roles attn_in_qk --per-block --clip 2
@@ -21,6 +24,9 @@ everywhere, the final norm included). Special tokens keep the checkpoint's own s
     python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-2000.pt \\
         --data ../shared/data/corpus/val.jsonl --roles mlp_in,attn_in_qk,attn_in_v,final \\
         --clip 1.2 --lift-blocks 0,5,7,10,31
+    python bench/freeze_from_checkpoint.py runs/smol/checkpoints/step-1750.pt \
+        --data ../shared/data/corpus/val.jsonl --roles mlp_in,attn_in_qk,attn_in_v,final \
+        --clip 0 --prune-sinks 16 --original ~/.cache/noln/models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from noln.arch import install
 from noln.data import load_blocks, separator_id
 from noln.loading import load_model
 from noln.precision import autocast, describe, resolve_precision
+from noln.sinks import prune_neurons, sink_neurons
 
 
 def main() -> None:
@@ -55,9 +62,16 @@ def main() -> None:
                          "the rest (the final norm counts as block `layers`)")
     ap.add_argument("--fade", type=float, default=None,
                     help="set every site's special-token fade to F (0-1) before measuring")
+    ap.add_argument("--prune-sinks", type=int, default=0,
+                    help="zero the N neurons per block that write most into position 0 in "
+                         "--original first")
+    ap.add_argument("--original", default=None, help="the original model (for --prune-sinks)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on a CPU with native bf16) | "
                     "bf16 | fp32")
     args = ap.parse_args()
+    if args.prune_sinks and not args.original:
+        raise SystemExit("--prune-sinks finds the neurons in the original model: give "
+                         "--original MODEL")
 
     model, tok = load_model(args.model)
     adapter = install(model, eot_id=separator_id(tok))  # the FakeNorms as saved, or live ones
@@ -78,6 +92,12 @@ def main() -> None:
     print(f"{args.model}: CE {base.mean():.4f} on {base.numel()} predictions, "
           f"{len(adapter.frozen_sites())} of {len(adapter.sites)} sites frozen "
           f"({describe(precision, args.precision, 'cpu')})")
+    if args.prune_sinks:
+        sinks = sink_neurons(load_model(args.original)[0], x[:8], args.prune_sinks)
+        changed = prune_neurons(model, sinks)
+        base = token_ce()
+        print(f"pruned {changed} neurons ({args.prune_sinks} per block, the sink circuit of "
+              f"{args.original}): CE {base.mean():.4f}")
     live = [n for n, s in adapter.sites.items() if s.role in roles and not s.norm.frozen]
     unmeasured = [n for n in live if int(adapter.site(n).norm.n_updates) == 0]
     if unmeasured:

@@ -128,3 +128,30 @@ def test_site_ratios_measure_each_token_against_its_frozen_scale_in_forward_orde
     weight = model.model.layers[0].input_layernorm.weight
     left = seen["out"] / weight  # what the site divides out: rms at most K
     assert left.pow(2).mean(-1).sqrt().max() <= 1.5 + 1e-4
+
+
+def test_freeze_from_checkpoint_prunes_the_sink_circuit_first(tiny_model_dir, text_jsonl,
+                                                              tmp_path):
+    """bench/freeze_from_checkpoint.py --prune-sinks N --original M zeroes N neurons per block
+    (the tiny GPT-2 has 2 blocks) and measures the CE after it; without --original it refuses
+    before loading anything."""
+    import subprocess
+    import sys
+
+    import noln
+
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", steps=6,
+                          batch_size=4, ctx=32, eval_tokens=256, export_format="none",
+                          progress=False)  # every site with a measured scale
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    script = ["bench/freeze_from_checkpoint.py", ckpt, "--data", str(text_jsonl),
+              "--blocks", "4", "--ctx", "32", "--roles", "mlp_in", "--clip", "0"]
+    out = subprocess.run([sys.executable, *script, "--prune-sinks", "3", "--original",
+                          str(tiny_model_dir)], capture_output=True, text=True, check=True).stdout
+    assert "pruned 6 neurons (3 per block" in out
+    before, after = (float(line.split("CE ")[1].split()[0].rstrip(":")) for line in
+                     out.splitlines() if line.startswith((ckpt, "pruned")))
+    assert before != after
+    refused = subprocess.run([sys.executable, *script, "--prune-sinks", "3"],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "give --original MODEL" in refused.stderr
