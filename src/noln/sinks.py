@@ -17,6 +17,11 @@ sequences. ``prune_neurons`` zeroes them: every weight and bias that makes a neu
 activation and the column that writes it (a plain weight edit, so every export keeps it), and
 their AdamW moments, so they stay at zero while the run trains (a zero activation gets no
 gradient, and a zero write column passes none back).
+
+On SmolLM2, 16 neurons per block (1% of the MLP) took the first break of the clip lift from
+block 8 to block 12, with blocks 0-11 norm-free at the original's held-out CE; past that, a
+token that reaches ~3x its scale runs away through ordinary neurons (docs/BENCHMARKS.md,
+attempt 19). Pruning the circuit is necessary there, not sufficient.
 """
 
 from __future__ import annotations
