@@ -207,8 +207,9 @@ class Trainer:
         self._perms: dict[int, np.ndarray] = {}
         self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
         self.outliers: list[torch.Tensor] = []  # replay: this step's [micro] worst log-ratios
-        self.failed: list[tuple[int, float]] = []  # (step, lr) of each guard restore
-        self.guard_events: list[dict] = []  # logged again after a restore truncates the log
+        # this process's guard restores: logged again after a restore truncates the log, and
+        # read to tell a batch that fails at every lr from an lr that is too high
+        self.guard_events: list[dict] = []
         self.run = RunFolder(self.out)
         self.log_path = self.run.log
 
@@ -558,13 +559,13 @@ class Trainer:
         failures = self.state.failures + 1
         what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
             f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
-        self.failed.append((step, lr_at(step, self.cfg, self.total_steps) * self.state.lr_scale))
         if failures > self.cfg.max_retries:
-            lrs = []  # the lrs of the last tries, those that all failed at this step
-            for failed_step, lr in reversed(self.failed):
-                if failed_step != step:
+            scales = [self.state.lr_scale]  # of the last tries, those that all failed here
+            for event in reversed(self.guard_events):
+                if event["step"] != step:
                     break
-                lrs.insert(0, lr)
+                scales.insert(0, 2 * event["lr_scale"])  # a restore halves the try's scale
+            lrs = [lr_at(step, self.cfg, self.total_steps) * scale for scale in scales]
             if len(lrs) > 1:
                 # the same batch broke the model at every lr the guard tried: data, not the lr
                 # (SmolLM2: one HTML token grown to 1e30 through the SwiGLU blocks)
