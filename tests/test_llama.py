@@ -247,6 +247,18 @@ def test_the_clip_lift_rises_from_k_to_off():
                                       0.0, 2.4, 1.2, 0.0, 0.0, 2.4, 0.0, 0.0, 0.0])
     with pytest.raises(NolnError, match="stays 1 for --outlier-clip 1"):
         make_config(model="gpt2", outlier_clip=1.0, clip_lift="geometric", steps=10)
+    # a ceiling C: K rises to C, stays there once a block's share is over, and every clip
+    # goes off only at the lift's end
+    ceiled = [lifted_clip(1.2, f, "by_block", b, 3, ceiling=2.0)
+              for f in (0.0, 1 / 6, 1 / 3, 5 / 6, 0.999, 1.0) for b in range(3)]
+    assert ceiled == pytest.approx([1.2, 1.2, 1.2, 2.0, 1.2, 1.2, 2.0, 1.2, 1.2,
+                                    2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0])
+    assert [lifted_clip(1.2, f, ceiling=2.0) for f in (0.25, 0.5, 0.99, 1.0)] == \
+        pytest.approx([1.6, 2.0, 2.0, 0.0])
+    with pytest.raises(NolnError, match="needs an outlier clip below it"):
+        make_config(model="gpt2", outlier_clip=2.0, clip_ceiling=2.0, steps=10)
+    with pytest.raises(NolnError, match="needs an outlier clip below it"):
+        make_config(model="gpt2", clip_ceiling=10.0, steps=10)
 
 
 def test_by_block_clip_lift_lifts_one_block_after_another(tokenizer, text_jsonl, tmp_path):
@@ -278,6 +290,57 @@ def test_by_block_clip_lift_lifts_one_block_after_another(tokenizer, text_jsonl,
     assert seen[0] == [1.0, 1.0, 1.0] and seen[-1] == [0.0, 0.0, 0.0]
     assert any(k[0] > 1.0 and k[1:] == [1.0, 1.0] for k in seen)  # block 0 rises alone
     assert any(k[0] == 0.0 and k[1] > 1.0 and k[2] == 1.0 for k in seen)  # then block 1
+
+
+def _clips_by_block(r, run: Path) -> list[tuple[int, list[float]]]:
+    """(step, [K of block 0, block 1, the final norm]) from every kept checkpoint of ``run``
+    with every site frozen (a tiny two-layer llama; a block's sites lift together)."""
+    blocks = [["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in"],
+              ["blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in"], ["final"]]
+    seen = []
+    for path in sorted((run / "checkpoints").glob("step-*.pt"),
+                       key=lambda p: int(p.stem.removeprefix("step-"))):
+        r.model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        if all(r.adapter.site(n).norm.frozen for names in blocks for n in names):
+            clips = [{r.adapter.site(n).norm.clip for n in names} for names in blocks]
+            assert all(len(c) == 1 for c in clips)
+            seen.append((int(path.stem.removeprefix("step-")), [c.pop() for c in clips]))
+    return seen
+
+
+def test_a_clip_ceiling_holds_lifted_blocks_until_the_lift_ends(tokenizer, text_jsonl, tmp_path):
+    """--clip-ceiling C: a by_block lift stops each block's K at C instead of off, so no token
+    passes C x its scale anywhere until the lift's end, when every clip goes off together; a
+    run resumed with a ceiling puts the blocks it had already lifted back under it."""
+    from noln.run import branch_run
+
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = dict(outlier_clip=1.0, clip_lift="by_block", schedule="fixed",
+                special_fade=(0.5, 0.9), fixed={"finish_by": 0.4}, export_format="none",
+                **{**FAST, "lr": 1e-4, "checkpoint_every": 1, "checkpoint_keep": 1})
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "ceiled",
+                              clip_ceiling=3.0, **args)
+    assert r.summary["complete"] and all(n.clip == 0.0 for n in r.adapter.norms())
+    seen = [k for _, k in _clips_by_block(r, tmp_path / "ceiled")]
+    assert seen[0] == [1.0, 1.0, 1.0] and seen[-1] == [0.0, 0.0, 0.0]
+    end = seen.index([0.0, 0.0, 0.0])  # off all at once, then stays off
+    assert all(0 < kk <= 3.0 for k in seen[:end] for kk in k) and \
+        all(k == [0.0, 0.0, 0.0] for k in seen[end:])
+    assert any(k[0] == 3.0 and 1.0 < k[1] < 3.0 for k in seen)  # block 0 held, block 1 rising
+    assert [3.0, 3.0, 3.0] in seen  # the final norm's share ended: all at C, then all off
+    # without a ceiling, branched where block 0 is off and block 1 lifts: resumed with one,
+    # block 0 goes back under it
+    plain = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "plain",
+                                  **args)
+    step = next(s for s, k in _clips_by_block(plain, tmp_path / "plain")
+                if k[0] == 0.0 and k[1] > 1.0)
+    branch_run(tmp_path / "plain", step, tmp_path / "branch")
+    resumed = noln.remove_layernorm(resume=tmp_path / "branch", clip_ceiling=3.0)
+    after = dict(_clips_by_block(resumed, tmp_path / "branch"))
+    assert after[step + 1][0] == 3.0 and 1.0 < after[step + 1][1] <= 3.0
+    assert after[max(after)] == [0.0, 0.0, 0.0]
 
 
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):

@@ -274,9 +274,15 @@ class RemoveConfig(TrainConfig):
         "(K 1.2 at half the fade: 1.44, against 2.4); by_block, one block after another in "
         "forward order (the final norm last), each inverse over its own share of the fade "
         "while the blocks after it still clip at K"))
+    clip_ceiling: float = Field(0.0, ge=0, **describe_field(
+        "the lifting clip's K stops at this value until the lift's end, when every clip goes "
+        "off at once: a token that runs away through the unclipped blocks stays finite, so "
+        "the site loss can pull it in instead of the run overflowing; 0: the lift runs to off"))
     aux_weight: float = Field(0.1, ge=0, **describe_field(
         "weight of paper 2's loss pulling every token's residual std at the final norm to the "
-        "typical token's"))
+        "typical token's, (s_t - s*)^2 on the raw std: it overflows once one token's residual "
+        "passes ~1e19 (SmolLM2 with its clip lifted), so set it to 0 there and let site_aux, "
+        "in log space, pull the final norm's tokens"))
     site_aux: float = Field(0.0, ge=0, **describe_field(
         "weight of a loss pulling each token's input std at every removed site to the site's "
         "fixed scale: sum over removed sites of the token mean of log(s_t / sigma)^2 (for "
@@ -330,6 +336,10 @@ class RemoveConfig(TrainConfig):
         if self.clip_lift == "geometric" and self.outlier_clip == 1:
             raise ValueError("--clip-lift geometric raises K as K ** (1 / (1 - f)), which stays 1 "
                              "for --outlier-clip 1: give a clip above 1, or --clip-lift inverse")
+        if self.clip_ceiling and (not self.outlier_clip or self.clip_ceiling <= self.outlier_clip):
+            raise ValueError(f"--clip-ceiling {self.clip_ceiling:g} needs an outlier clip below "
+                             f"it (--outlier-clip {self.outlier_clip:g}): give a ceiling above K "
+                             "(e.g. 10) or 0 (off)")
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
@@ -671,7 +681,7 @@ RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_au
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out
 # over the run's length at its start, so it stays fixed
-RESUME_CHANGES_SCHEDULE = ("adaptive", "clip_lift")
+RESUME_CHANGES_SCHEDULE = ("adaptive", "clip_lift", "clip_ceiling")
 
 
 # what `noln branch RUN --step S --out NEW KEY=VALUE` may set besides --resume's settings: how

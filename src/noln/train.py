@@ -124,7 +124,7 @@ class TrainState:
 
 
 def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
-                blocks: int = 1) -> float:
+                blocks: int = 1, ceiling: float = 0.0) -> float:
     """The outlier clip's K at ``fade`` f of the lift (0 at its start, 1: off, returned as 0):
     ``inverse``, ``K / (1 - f)``; ``geometric``, ``K ** (1 / (1 - f))``, which stays near K
     while f is small (SmolLM2 at K 1.2: all 90 sites at once cost 0.5 nats at K 1.2, 1.2 at
@@ -132,12 +132,22 @@ def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
     in forward order, the final norm last) lift alone in their own ``1 / blocks`` of the fade,
     ``K / (1 - g)`` with ``g = clamp(f * blocks - block, 0, 1)``: at K before it, off after
     it. The sites downstream of a lifting block still clip, so an outlier it lets through
-    cannot grow further than the next block (SwiGLU squares it block after block)."""
-    if shape == "by_block":
-        fade, shape = min(1.0, max(0.0, fade * blocks - block)), "inverse"
+    cannot grow further than the next block (SwiGLU squares it block after block).
+
+    ``ceiling`` C > 0: K stops at C until the whole lift ends (``fade`` 1), when every clip
+    goes off at once. A token past C x its scale is still divided back to C there, so one
+    that runs away through the unclipped blocks stays finite and the site loss can pull it in
+    (SmolLM2: a token at 3x into block 7 reached 1e11 by block 12, and no lr trained it)."""
     if fade >= 1.0:
         return 0.0
-    return k ** (1 / (1 - fade)) if shape == "geometric" else k / (1 - fade)
+    if shape == "by_block":
+        g = min(1.0, max(0.0, fade * blocks - block))
+        if g >= 1.0:
+            return ceiling
+        k = k / (1 - g)
+    else:
+        k = k ** (1 / (1 - fade)) if shape == "geometric" else k / (1 - fade)
+    return min(k, ceiling) if ceiling > 0 else k
 
 
 class Trainer:
@@ -372,7 +382,8 @@ class Trainer:
             norm.set_special_fade(fade)  # the fade's position, also for clip-only sites
             if norm.clip > 0:
                 norm.set_clip(lifted_clip(self.removal.outlier_clip, fade, self.removal.clip_lift,
-                                          self.adapter.block_of(name), blocks))
+                                          self.adapter.block_of(name), blocks,
+                                          self.removal.clip_ceiling))
         if fade >= 1.0:
             self.log({"event": "special_faded", "step": step})
 
@@ -413,6 +424,10 @@ class Trainer:
             for norm in self.adapter.norms():
                 if norm.frozen and norm.fade == 0 and norm.clip != self.removal.outlier_clip:
                     norm.set_clip(self.removal.outlier_clip)
+                # or a clip ceiling, which holds the sites lifted before it until the lift ends
+                elif norm.frozen and 0 < norm.fade < 1 and norm.clip == 0 and \
+                        self.removal.clip_ceiling:
+                    norm.set_clip(self.removal.clip_ceiling)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
