@@ -261,6 +261,22 @@ def test_the_clip_lift_rises_from_k_to_off():
         make_config(model="gpt2", clip_ceiling=10.0, steps=10)
 
 
+def _clips_by_block(r, run: Path) -> list[tuple[int, list[float]]]:
+    """(step, [K of block 0, block 1, the final norm]) from every kept checkpoint of ``run``
+    with every site frozen (a tiny two-layer llama; a block's sites lift together)."""
+    blocks = [["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in"],
+              ["blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in"], ["final"]]
+    seen = []
+    for path in sorted((run / "checkpoints").glob("step-*.pt"),
+                       key=lambda p: int(p.stem.removeprefix("step-"))):
+        r.model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        if all(r.adapter.site(n).norm.frozen for names in blocks for n in names):
+            clips = [{r.adapter.site(n).norm.clip for n in names} for names in blocks]
+            assert all(len(c) == 1 for c in clips)  # a block's sites lift together
+            seen.append((int(path.stem.removeprefix("step-")), [c.pop() for c in clips]))
+    return seen
+
+
 def test_by_block_clip_lift_lifts_one_block_after_another(tokenizer, text_jsonl, tmp_path):
     """--clip-lift by_block: read back from every step's checkpoint, the lifted blocks are
     always a prefix in forward order (block 0, block 1, the final norm), a block's K rises
@@ -274,38 +290,12 @@ def test_by_block_clip_lift_lifts_one_block_after_another(tokenizer, text_jsonl,
                               export_format="none",
                               **{**FAST, "lr": 1e-4, "checkpoint_every": 1, "checkpoint_keep": 1})
     assert r.summary["complete"] and all(n.clip == 0.0 for n in r.adapter.norms())
-    blocks = [["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in"],
-              ["blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in"], ["final"]]
-    seen = []
-    for path in sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"),
-                       key=lambda p: int(p.stem.removeprefix("step-"))):
-        r.model.load_state_dict(torch.load(path, weights_only=True)["model"])
-        if not all(r.adapter.site(n).norm.frozen for names in blocks for n in names):
-            continue  # still removing: the lift waits for every site
-        clips = [{r.adapter.site(n).norm.clip for n in names} for names in blocks]
-        assert all(len(c) == 1 for c in clips)  # a block's sites lift together
-        seen.append([c.pop() for c in clips])
+    seen = [k for _, k in _clips_by_block(r, tmp_path / "run")]  # once every site is frozen
     lifted = [[kk == 0.0 for kk in k] for k in seen]
     assert all(flags == sorted(flags, reverse=True) for flags in lifted)  # a prefix, in order
     assert seen[0] == [1.0, 1.0, 1.0] and seen[-1] == [0.0, 0.0, 0.0]
     assert any(k[0] > 1.0 and k[1:] == [1.0, 1.0] for k in seen)  # block 0 rises alone
     assert any(k[0] == 0.0 and k[1] > 1.0 and k[2] == 1.0 for k in seen)  # then block 1
-
-
-def _clips_by_block(r, run: Path) -> list[tuple[int, list[float]]]:
-    """(step, [K of block 0, block 1, the final norm]) from every kept checkpoint of ``run``
-    with every site frozen (a tiny two-layer llama; a block's sites lift together)."""
-    blocks = [["blocks.0.attn_in_qk", "blocks.0.attn_in_v", "blocks.0.mlp_in"],
-              ["blocks.1.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.mlp_in"], ["final"]]
-    seen = []
-    for path in sorted((run / "checkpoints").glob("step-*.pt"),
-                       key=lambda p: int(p.stem.removeprefix("step-"))):
-        r.model.load_state_dict(torch.load(path, weights_only=True)["model"])
-        if all(r.adapter.site(n).norm.frozen for names in blocks for n in names):
-            clips = [{r.adapter.site(n).norm.clip for n in names} for names in blocks]
-            assert all(len(c) == 1 for c in clips)
-            seen.append((int(path.stem.removeprefix("step-")), [c.pop() for c in clips]))
-    return seen
 
 
 def test_a_clip_ceiling_holds_lifted_blocks_until_the_lift_ends(tokenizer, text_jsonl, tmp_path):
