@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from noln.cli.evaluate import compare_cmd, eval_cmd
 from noln.errors import NolnError
+from noln.evaluate import cross_entropy
 from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
 from noln.evaluate.faithfulness import evaluate_blocks, faithfulness
 from noln.evaluate.hellaswag import (
@@ -344,6 +345,43 @@ def test_compare_models_table_json_markdown_plots(ref_tok, blocks, hs_items, tmp
 
     assert {p.name for p in files} == set(report_files(["val"]))
     assert result.save(tmp_path / "out") == files  # noln's own files: replaced on a re-run
+
+
+def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blocks, tmp_path):
+    """A model whose forward overflows on some chunks (one token's residual at inf after block
+    0, as a runaway fixed-scale model gives): the CE is nan, and the result counts those chunks and
+    scores the others exactly as on their own; the table says both, and only where a model
+    overflowed."""
+    model = tiny(len(ref_tok))
+    token = int(blocks[3, 10])
+    hit = np.array([(b == token).any() for b in blocks])
+    assert 0 < hit.sum() < len(blocks)
+    clean = cross_entropy(model, blocks[~hit])
+    seen = {}  # the input ids, for block 0's output hook: that token's residual to inf
+
+    def runaway(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
+        "ids", kwargs["input_ids"]), with_kwargs=True)
+    model.transformer.h[0].register_forward_hook(runaway)
+    ce = cross_entropy(model, blocks)
+    assert math.isnan(ce.mean) and ce.overflowed == hit.sum()
+    assert ce.finite_mean == pytest.approx(clean.mean, abs=1e-6)
+    assert f"{ce.overflowed} of {len(blocks)} chunks overflow" in str(ce)
+    result = compare_models({NO_LN: model, WITH_LN: tiny(len(ref_tok), seed=1)}, ref_tok,
+                            {"val": blocks}, progress=False)
+    md = result.to_markdown()
+    assert "chunks that overflow val" in md and f"{clean.mean:.4f}" in md
+    rows = {r["metric"]: r["values"] for r in json.loads(result.to_json(tmp_path / "r.json"))[
+        "table"]}
+    assert rows["chunks that overflow val"] == {NO_LN: hit.sum(), WITH_LN: 0}
+    fine = compare_models({WITH_LN: tiny(len(ref_tok), seed=1)}, ref_tok, {"val": blocks},
+                          progress=False)
+    assert "overflow" not in fine.to_markdown() and cross_entropy(tiny(len(ref_tok)),
+                                                                   blocks).overflowed == 0
 
 
 def test_bf16_autocast_evaluation_is_recorded_and_close_to_fp32(ref_tok, blocks, hs_items,

@@ -59,6 +59,15 @@ def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None
     return path
 
 
+def _ce_cell(result: dict) -> str:
+    """``mean ± ci95``; where chunks overflowed, how many and the mean over the rest."""
+    if result.get("overflowed"):
+        rest = result.get("finite_mean")
+        return (f"nan ({result['overflowed']}/{result['n_chunks']} chunks overflow; rest "
+                f"{rest:.4f})" if rest is not None else "nan (every chunk overflows)")
+    return f"{result['mean']:.4f} ± {result['ci95']:.4f}"
+
+
 def ce_rows(results: dict[str, dict[str, dict]], reference: str | None,
             control: str | None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``{source: {model: CEResult-dict}}``, with a delta column."""
@@ -71,7 +80,7 @@ def ce_rows(results: dict[str, dict[str, dict]], reference: str | None,
     rows = []
     for source, per_model in results.items():
         row = [f"{source} ({per_model[models[0]]['n_tokens']:,} tok)"]
-        row += [f"{per_model[m]['mean']:.4f} ± {per_model[m]['ci95']:.4f}" for m in models]
+        row += [_ce_cell(per_model[m]) for m in models]
         if delta:
             row += [f"{per_model[m]['mean'] - per_model[control]['mean']:+.4f}" for m in delta]
         rows.append(row)

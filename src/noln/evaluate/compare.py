@@ -120,6 +120,14 @@ class ComparisonResult:
         for s in sources:
             add(f"CE {s} (nats)", lambda r, s=s: (b.ce.mean, b.ce.ci95) if (b := block(s, r))
                 else (None, None))
+        for s in sources:  # a fixed-scale model can overflow on a rare chunk: how many, and
+            # the CE of the rest (rows only where some model overflowed)
+            if any((b := block(s, r)) and b.ce.overflowed for r in models.values()):
+                add(f"chunks that overflow {s}", lambda r, s=s: (b.ce.overflowed, None)
+                    if (b := block(s, r)) else (None, None), ",.0f")
+                add(f"CE {s}, chunks that do not overflow", lambda r, s=s: (
+                    b.ce.finite_mean if b.ce.overflowed else b.ce.mean, None)
+                    if (b := block(s, r)) else (None, None))
         for s in sources:
             add(f"median CE {s}", lambda r, s=s: (b.ce.median, None) if (b := block(s, r))
                 else (None, None))

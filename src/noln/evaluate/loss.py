@@ -3,6 +3,11 @@
 Each chunk of ``ctx`` tokens predicts its last ``ctx - 1`` tokens; the mean is over all predicted
 tokens, and the 95% interval comes from the spread of per-chunk means (chunks are the
 independent-ish units, tokens within one are not).
+
+A model with fixed scales for norms can overflow on a rare chunk (a SwiGLU MLP squares an
+oversized token block after block, to inf): the mean is then nan, as it must be, and the result
+says how many chunks overflowed and what the others give, so a nan is a measurement, not a
+dead end.
 """
 
 from __future__ import annotations
@@ -24,13 +29,24 @@ class CEResult:
     n_tokens: int  # predicted tokens
     n_chunks: int
     ctx: int
+    overflowed: int = 0  # chunks with an inf/nan loss (the model overflowed on them)
+    finite_mean: float | None = None  # the mean over the other chunks, where some overflowed
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def overflow_note(self) -> str:
+        """'' or how many chunks overflowed and the mean over the rest."""
+        if not self.overflowed:
+            return ""
+        rest = f"{self.finite_mean:.4f}" if self.finite_mean is not None else "none left"
+        return (f"{self.overflowed} of {self.n_chunks} chunks overflow (inf/nan); the rest: "
+                f"{rest}")
+
     def __str__(self) -> str:
+        note = f"; {self.overflow_note()}" if self.overflowed else ""
         return (f"{self.mean:.4f} ± {self.ci95:.4f} nats ({self.n_tokens:,} tokens in "
-                f"{self.n_chunks} chunks of {self.ctx})")
+                f"{self.n_chunks} chunks of {self.ctx}{note})")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -75,9 +91,14 @@ def summarize(losses: torch.Tensor) -> CEResult:
     per_chunk = losses.double().mean(dim=1)
     n = len(per_chunk)
     sem = per_chunk.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    finite = torch.isfinite(per_chunk)
+    overflowed = int((~finite).sum())
+    finite_mean = None
+    if overflowed and finite.any():
+        finite_mean = losses[finite].double().mean().item()
     return CEResult(mean=losses.double().mean().item(), ci95=1.96 * sem,
                     median=losses.median().item(), n_tokens=losses.numel(), n_chunks=n,
-                    ctx=losses.shape[1] + 1)
+                    ctx=losses.shape[1] + 1, overflowed=overflowed, finite_mean=finite_mean)
 
 
 def cross_entropy(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
