@@ -333,6 +333,66 @@ def test_a_clip_ceiling_holds_lifted_blocks_until_the_lift_ends(tokenizer, text_
     assert after[max(after)] == [0.0, 0.0, 0.0]
 
 
+def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
+        tokenizer, text_jsonl, tmp_path, monkeypatch):
+    """--skip-overflow: once every clip is off, a step whose batch holds a sequence the model
+    overflows on (here: a hook sends one token's residual to inf once the model is
+    norm-free) drops that sequence for the rest of the run and redoes the step; the run
+    finishes with no guard restore and lists what it dropped. Without it the guard gives
+    up on that batch."""
+    import noln.remove
+    from noln.config import RemoveConfig
+    from noln.pretrained import load_tokenizer
+    from noln.remove import prepare_data
+
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = dict(outlier_clip=1.0, schedule="fixed", special_fade=(0.4, 0.6),
+                fixed={"finish_by": 0.3}, export_format="none", aux_weight=0.0, max_retries=2,
+                **{**FAST, "lr": 1e-4})
+    # the training sequences, drawn as the run draws them (seed 0, epoch 0): a token of step
+    # 20's batch that few sequences hold
+    cfg = RemoveConfig(model=str(tmp_path / "base"), data=str(text_jsonl), out=tmp_path / "x",
+                       **args)
+    blocks, _ = prepare_data(cfg, load_tokenizer(tmp_path / "base"), 64, 24)
+    perm = np.random.default_rng([0, 0]).permutation(len(blocks))
+    holders = {t: sum(t in b for b in blocks) for t in set(blocks[perm[80]].tolist())}
+    token = min(holders, key=lambda t: (holders[t], t))
+    assert holders[token] < len(blocks) / 10
+
+    real_install = noln.remove.install
+
+    def install_with_a_runaway(net, *a, **kw):
+        adapter = real_install(net, *a, **kw)
+        seen = {}
+
+        def runaway(module, args, out):  # the token's residual to inf, once norm-free
+            if not all(n.frozen and not n.pending for n in adapter.norms()):
+                return out
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        net.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("ids", k["input_ids"]),
+                                      with_kwargs=True)
+        net.model.layers[0].register_forward_hook(runaway)
+        return adapter
+
+    monkeypatch.setattr(noln.remove, "install", install_with_a_runaway)
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              skip_overflow=True, **args)
+    skipped = [e for e in r.log if e.get("event") == "skipped"]
+    assert r.summary["complete"] and not r.summary["guard_events"] and skipped
+    assert all(e["step"] >= 14 for e in skipped)  # after the lift: round(0.6 * 24)
+    dropped = r.summary["skipped_sequences"]
+    assert dropped == [i for e in skipped for i in e["sequences"]]
+    assert all(token in blocks[i] for i in dropped)
+    with pytest.raises(NolnError, match="diverged.*norm-free, so --resume with --skip-overflow"):
+        noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "plain",
+                              **args)
+
+
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):
     """With --outlier-clip K, each site is clipped from its removal (the run differs from an
     unclipped one), K rises over the special fade once every site is frozen, and the run ends

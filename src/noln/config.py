@@ -304,6 +304,12 @@ class RemoveConfig(TrainConfig):
         "in the original model (its attention-sink circuit, noln.sinks) before training, and "
         "keep them at zero: in a no-norm SwiGLU model the circuit fires on ordinary tokens "
         "and grows them block after block; 0: off"))
+    skip_overflow: bool = Field(False, **describe_field(
+        "once the model is norm-free (every site frozen, no clip, no special scale left), a "
+        "step whose loss or gradient is inf/nan drops the training sequences the model "
+        "overflows on, one by one, for the rest of the run and redoes the step; they are "
+        "logged and counted in the summary. Without it the guard restores and lowers the lr, "
+        "which cannot help a sequence that overflows at any lr"))
     replay: int = Field(0, ge=0, **describe_field(
         "keep up to N training sequences in which an ordinary token entered a removed site "
         "above replay_margin x its scale, and put one of them in place of each batch's last "
@@ -676,7 +682,7 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
                             "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks")
+                            "prune_sinks", "skip_overflow")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out

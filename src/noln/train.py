@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import broadcast
+from accelerate.utils import broadcast, gather_object
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -121,6 +121,8 @@ class TrainState:
     log_lines: int = 0
     # training sequences (indices) whose outliers come back (replay), oldest first
     replay: list[int] = field(default_factory=list)
+    # training sequences the norm-free model overflows on, dropped (skip_overflow)
+    skipped: list[int] = field(default_factory=list)
 
 
 def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
@@ -235,12 +237,17 @@ class Trainer:
         return self._perms[epoch]
 
     def batch_indices(self, step: int) -> np.ndarray:
-        """The step's training sequences: the next ``batch_size`` of the epoch's permutation,
-        the last one replaced by a replayed sequence (``replay``, chosen by the step among those
-        kept: the checkpoint holds them, so a resumed run draws the same)."""
+        """The step's training sequences: the next ``batch_size`` of the epoch's permutation
+        (a dropped one, ``skip_overflow``, replaced by the next sequence kept), the last one
+        replaced by a replayed sequence (``replay``, chosen by the step among those kept: the
+        checkpoint holds both lists, so a resumed run draws the same)."""
         n = len(self.train_blocks)
         pos = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
         idx = np.array([self._perm(p // n)[p % n] for p in pos])
+        if self.state.skipped:  # each dropped sequence's place goes to the next one kept
+            dropped = set(self.state.skipped)
+            idx = np.array([next((i + k) % n for k in range(n) if (i + k) % n not in dropped)
+                            for i in idx])
         if self.state.replay:
             idx[-1] = self.state.replay[step % len(self.state.replay)]
         return idx
@@ -500,6 +507,8 @@ class Trainer:
                 # a finite loss can still come with inf/nan gradients (an activation past
                 # float range in the backward pass); clipping would turn them into nan weights
                 if self._exploded(ce_val) or not math.isfinite(grad_norm):
+                    if self.skip_overflowing(step, batches):
+                        continue  # the same step again, without them
                     self._recover(step, ce_val, grad_norm)
                     progress.reset(self.state.step)
                     continue
@@ -568,6 +577,43 @@ class Trainer:
         recent = self.state.losses[-10:]
         return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
 
+    def norm_free(self) -> bool:
+        """Every site frozen to one fixed scale for every token: the model the run exports."""
+        return len(self.adapter.frozen_sites()) == len(self.adapter.sites) and \
+            not any(n.pending for n in self.adapter.norms())
+
+    def skip_overflowing(self, step: int, batches: list) -> bool:
+        """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
+        model, find the sequences of its batch that overflow on their own (loss or gradient
+        not finite), drop them for the rest of the run and from the replay list, and say
+        whether there were any (False: the guard's business, as before the model was
+        norm-free)."""
+        if self.removal is None or not self.removal.skip_overflow or not self.norm_free():
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = []
+        for indices, x in batches:
+            for i, seq in zip(indices.tolist(), x):
+                self.outliers, self.site_aux_term = [], torch.zeros((), device=self.acc.device)
+                with self._gradient_sync(False):
+                    loss, _ = self.loss(seq[None])
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        self.acc.backward(loss)
+                        finite = all(bool(torch.isfinite(p.grad).all())
+                                     for p in self.model.parameters() if p.grad is not None)
+                self.optimizer.zero_grad(set_to_none=True)
+                if not finite:
+                    bad.append(i)
+        bad = sorted(set(gather_object(bad)))
+        if not bad:
+            return False
+        self.state.skipped += bad
+        self.state.replay = [i for i in self.state.replay if i not in bad]
+        self.log({"event": "skipped", "step": step, "sequences": bad,
+                  "total": len(self.state.skipped)})
+        return True
+
     def _recover(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Back to the last good checkpoint with half the learning rate, or stop for good."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -590,9 +636,11 @@ class Trainer:
                     f"training diverged {failures} times, the last {len(lrs)} at step {step} "
                     f"(last: {what}), at lr {lrs[0]:.3g} down to {lrs[-1]:.3g}: that step's "
                     f"batch (training sequences {seqs}) breaks the model at any lr, so a lower "
-                    f"--lr will not help; the last good checkpoint is kept at {path}: find the "
-                    "token that overflows in those sequences, or go on from an earlier "
-                    "checkpoint with a slower schedule")
+                    f"--lr will not help; the last good checkpoint is kept at {path}: "
+                    + ("the model is norm-free, so --resume with --skip-overflow to drop the "
+                       "sequences it overflows on" if self.norm_free() else
+                       "find the token that overflows in those sequences, or go on from an "
+                       "earlier checkpoint with a slower schedule"))
             raise NolnError(f"training diverged {failures} times (last: {what} at step {step}); "
                             f"the last good checkpoint is kept at {path}: lower --lr or "
                             "lengthen the schedule's gaps, then --resume")
