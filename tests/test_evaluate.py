@@ -21,6 +21,7 @@ from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
 from noln.evaluate.faithfulness import evaluate_blocks, faithfulness
 from noln.evaluate.hellaswag import (
     Item,
+    Scores,
     encode_items,
     load_hellaswag,
     score_items,
@@ -382,6 +383,25 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
                           progress=False)
     assert "overflow" not in fine.to_markdown() and cross_entropy(tiny(len(ref_tok)),
                                                                    blocks).overflowed == 0
+
+
+def test_hellaswag_never_picks_an_ending_the_model_overflows_on():
+    """An ending with a nan log-likelihood (the model overflowed) is never the prediction (a
+    plain argmax picks the first nan); an item where all four overflow gets none and counts
+    wrong; the result counts the items with any."""
+    nan = float("nan")
+    scores = Scores(loglik=np.array([[-5.0, nan, -4.0, -9.0],   # 2, not the nan
+                                     [nan, -3.0, -2.0, -8.0],   # 2 by acc; by acc_norm 1
+                                     [nan, nan, nan, nan],      # none
+                                     [-1.0, -2.0, -3.0, -4.0]]),
+                    n_tokens=np.ones((4, 4), int),
+                    n_bytes=np.array([[1, 1, 1, 1], [1, 4, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]),
+                    labels=np.array([2, 1, 0, 0]))
+    assert scores.pred.tolist() == [2, 2, -1, 0]
+    assert scores.pred_norm.tolist() == [2, 1, -1, 0]
+    result = summarize(scores)
+    assert result.overflowed == 3 and result.acc == 0.5 and result.acc_norm == 0.75
+    assert "3 overflow" in str(result)
 
 
 def test_bf16_autocast_evaluation_is_recorded_and_close_to_fp32(ref_tok, blocks, hs_items,

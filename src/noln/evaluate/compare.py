@@ -136,6 +136,9 @@ class ComparisonResult:
         add("HellaSwag acc_norm (%)",
             lambda r: (r.hellaswag.acc_norm, 1.96 * r.hellaswag.acc_norm_stderr)
             if r.hellaswag else (None, None), ".2f", 100)
+        if any(r.hellaswag and r.hellaswag.overflowed for r in models.values()):
+            add("HellaSwag items that overflow", lambda r: (r.hellaswag.overflowed, None)
+                if r.hellaswag else (None, None), ",.0f")
 
         def faith(s: str, r: ModelReport):
             b = block(s, r)

@@ -190,11 +190,24 @@ class Scores:
 
     @property
     def pred(self) -> np.ndarray:
-        return self.loglik.argmax(axis=1)
+        return _choice(self.loglik)
 
     @property
     def pred_norm(self) -> np.ndarray:
-        return (self.loglik / self.n_bytes).argmax(axis=1)
+        return _choice(self.loglik / self.n_bytes)
+
+    @property
+    def overflowed(self) -> int:
+        """Items with an ending whose log-likelihood is not finite (the model overflowed)."""
+        return int((~np.isfinite(self.loglik)).any(axis=1).sum())
+
+
+def _choice(scores: np.ndarray) -> np.ndarray:
+    """The best ending per item. An ending the model overflows on (nan: a norm-free model's
+    forward past float range) is never its choice, and an item where every ending overflows
+    gets none (-1, counted wrong); a plain argmax would pick the first nan."""
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    return np.where(np.isneginf(scores).all(axis=1), -1, scores.argmax(axis=1))
 
 
 def batches(lengths: list[int], costs: list[int], batch_size: int | None,
@@ -420,15 +433,18 @@ class HellaSwagResult:
     acc_norm_stderr: float
     n: int
     source: str = ""
+    overflowed: int = 0  # items with an ending the model overflowed on (never its choice)
 
     def to_dict(self) -> dict:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "acc_stderr": self.acc_stderr,
-                "acc_norm_stderr": self.acc_norm_stderr, "n": self.n, "source": self.source}
+                "acc_norm_stderr": self.acc_norm_stderr, "n": self.n, "source": self.source,
+                "overflowed": self.overflowed}
 
     def __str__(self) -> str:
+        note = f"; {self.overflowed:,} overflow" if self.overflowed else ""
         return (f"acc {100 * self.acc:.2f}% ± {196 * self.acc_stderr:.2f}, acc_norm "
                 f"{100 * self.acc_norm:.2f}% ± {196 * self.acc_norm_stderr:.2f} "
-                f"(95% intervals, {self.n:,} items)")
+                f"(95% intervals, {self.n:,} items{note})")
 
 
 def _mean_stderr(x: np.ndarray) -> tuple[float, float]:
@@ -441,7 +457,7 @@ def summarize(scores: Scores, source: str = "") -> HellaSwagResult:
     acc, acc_se = _mean_stderr((scores.pred == scores.labels).astype(np.float64))
     norm, norm_se = _mean_stderr((scores.pred_norm == scores.labels).astype(np.float64))
     return HellaSwagResult(acc=acc, acc_norm=norm, acc_stderr=acc_se, acc_norm_stderr=norm_se,
-                           n=len(scores.labels), source=source)
+                           n=len(scores.labels), source=source, overflowed=scores.overflowed)
 
 
 def evaluate_hellaswag(model: torch.nn.Module, tokenizer,
