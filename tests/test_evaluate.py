@@ -404,6 +404,30 @@ def test_hellaswag_never_picks_an_ending_the_model_overflows_on():
     assert "3 overflow" in str(result)
 
 
+def test_hellaswag_padding_cannot_poison_a_row(ref_tok, hs_items):
+    """A model that overflows on its eos token (a norm-free model can: SmolLM2's <|im_end|>
+    alone at position 0 did) scores HellaSwag in batches exactly as item by item, with no
+    item overflowing: padding holds the row's own first token, never eos, so no inf reaches
+    the real positions through the attention's 0-weighted sum."""
+    model = tiny(len(ref_tok), n_positions=96)
+    eos = ref_tok.eos_token_id
+    assert all(eos not in ref_tok.encode(it.ctx + "".join(it.endings)) for it in hs_items)
+    seen = {}
+
+    def runaway(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.masked_fill((seen["ids"] == eos)[..., None], torch.inf)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
+        "ids", kwargs["input_ids"]), with_kwargs=True)
+    model.transformer.h[0].register_forward_hook(runaway)
+    batched = score_items(model, ref_tok, hs_items, batch_size=5)
+    alone = score_items(model, ref_tok, hs_items, batch_size=1)
+    assert batched.overflowed == 0
+    np.testing.assert_allclose(batched.loglik, alone.loglik, atol=1e-4, rtol=0)
+
+
 def test_bf16_autocast_evaluation_is_recorded_and_close_to_fp32(ref_tok, blocks, hs_items,
                                                                 monkeypatch):
     """--precision bf16 computes the forward passes under bf16 autocast (so the CE moves, a

@@ -283,14 +283,19 @@ def _packed_mask(rows: list[_Packed], width: int, dtype: torch.dtype) -> torch.T
     return mask[:, None]
 
 
-def _score_packed(model: torch.nn.Module, packed: list[_Packed], device: torch.device,
-                  pad: int) -> np.ndarray:
-    """Summed log-probs ``[len(packed), 4]`` of a batch of packed items, one forward pass."""
+def _score_packed(model: torch.nn.Module, packed: list[_Packed],
+                  device: torch.device) -> np.ndarray:
+    """Summed log-probs ``[len(packed), 4]`` of a batch of packed items, one forward pass.
+    A padding position sees only itself at position 0, and holds its row's first token: it
+    computes what the row's first position does. A padding token of its own (eos) at position
+    0 can overflow in a norm-free model (SmolLM2's ``<|im_end|>`` did), and the real positions
+    then get 0 x inf = nan from it in the attention's weighted sum, masked or not."""
     width = max(len(p.ids) for p in packed)
-    ids = torch.full((len(packed), width), pad, dtype=torch.long)
+    ids = torch.zeros((len(packed), width), dtype=torch.long)
     pos = torch.zeros((len(packed), width), dtype=torch.long)
     keep = torch.zeros((len(packed), width), dtype=torch.bool)
     for r, p in enumerate(packed):
+        ids[r] = p.ids[0]
         ids[r, : len(p.ids)] = torch.tensor(p.ids)
         pos[r, : len(p.ids)] = torch.tensor(p.position)
         keep[r, [i for i, _, _ in p.scored]] = True
@@ -312,13 +317,15 @@ def _score_packed(model: torch.nn.Module, packed: list[_Packed], device: torch.d
 
 
 def _score_rows(model: torch.nn.Module, rows: list[list[tuple[list[int], int]]],
-                encoded: list[Encoded], device: torch.device, pad: int) -> np.ndarray:
-    """Summed log-probs ``[len(rows), 4]``: each (context + ending) its own padded row."""
+                encoded: list[Encoded], device: torch.device) -> np.ndarray:
+    """Summed log-probs ``[len(rows), 4]``: each (context + ending) its own row, padded on the
+    right with its own first token (``_score_packed``: no padding token of its own)."""
     flat = [(whole, start, len(end)) for r, e in zip(rows, encoded, strict=True)
             for (whole, start), end in zip(r, e.endings, strict=True)]
     width = max(len(whole) for whole, _, _ in flat)
-    full = torch.full((len(flat), width), pad, dtype=torch.long)
+    full = torch.zeros((len(flat), width), dtype=torch.long)
     for r, (whole, _, _) in enumerate(flat):
+        full[r] = whole[0]
         full[r, : len(whole)] = torch.tensor(whole)
     ids = full[:, :-1]
     mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -367,7 +374,6 @@ def score_items(model: torch.nn.Module, tokenizer, items: list[Item],
     device = model_device(model)
     n_ctx = context_length(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     encoded = encode_items(items, tokenizer)
     rows = [[_row(e.ctx, end, n_ctx) for end in e.endings] for e in encoded]
     n = len(items)
@@ -379,8 +385,8 @@ def score_items(model: torch.nn.Module, tokenizer, items: list[Item],
     packed = {i: _pack(encoded[i]) for i in range(n) if share and fits[i]}
     if packed:
         first = next(iter(packed))
-        check = _score_packed(model, [packed[first]], device, pad)
-        plain = _score_rows(model, [rows[first]], [encoded[first]], device, pad)
+        check = _score_packed(model, [packed[first]], device)
+        plain = _score_rows(model, [rows[first]], [encoded[first]], device)
         tol = PACK_CHECK_TOL.get(compute_dtype(next(model.parameters())), 0.1)
         if np.abs(check - plain).max() > tol:
             warnings.warn(f"{type(model).__name__} scores a packed HellaSwag item "
@@ -410,10 +416,10 @@ def score_items(model: torch.nn.Module, tokenizer, items: list[Item],
     with token_progress("HellaSwag", sum(weight.values()), enabled=progress) as bar:
         for kind, batch in groups:
             if kind == "packed":
-                loglik[batch] = _score_packed(model, [packed[i] for i in batch], device, pad)
+                loglik[batch] = _score_packed(model, [packed[i] for i in batch], device)
             else:
                 loglik[batch] = _score_rows(model, [rows[i] for i in batch],
-                                            [encoded[i] for i in batch], device, pad)
+                                            [encoded[i] for i in batch], device)
             bar.advance(sum(weight[i] for i in batch))
 
     model.train(was_training)
