@@ -2,7 +2,9 @@
 
 1. The ``hf`` export loads in a fresh Python process that never imports noln, as the plain
    transformers class (``LlamaForCausalLM`` for a Llama), with every norm's eps >= 1e10 (the
-   eps trick), and gives the run's held-out CE (``summary.json``) within ``--tol`` (1e-3).
+   eps trick), and gives the run's held-out CE (``summary.json``) within ``--tol`` (1e-3):
+   where the run's model overflowed on some chunks, on the others, found by loading the run's
+   model (and the table gives the plain class's CE on those chunks too).
 2. The ``clean`` export (``noln.load_clean``) and the TransformerLens model of the ``hf``
    export (``noln.to_transformer_lens``) give the same logits as that plain model.
 
@@ -23,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Runs in the fresh process: transformers and torch only.
+# Runs in the fresh process: transformers and torch only. The first two chunks' logits are
+# those of the first two whose loss is finite.
 CHILD = r"""
 import sys, numpy as np, torch
 from transformers import AutoModelForCausalLM
@@ -59,6 +62,7 @@ def main() -> int:
     from noln.config import RemoveConfig
     from noln.data import load_blocks
     from noln.errors import NolnError
+    from noln.evaluate.loss import token_losses
     from noln.loading import load_model
     from noln.remove import prepare_data
     from noln.run import RunFolder
@@ -85,24 +89,34 @@ def main() -> int:
     reference = torch.from_numpy(child["first"])
     x = torch.from_numpy(np.asarray(blocks, np.int64)[child["first_rows"]]).to(args.device)
     # a norm-free model may overflow on a rare chunk: the run's summary counts them and
-    # gives the mean over the rest (noln.evaluate.loss), which the plain model must match
+    # gives the mean over the rest (noln.evaluate.loss), which the plain model must match on
+    # the same chunks. Which ones: the run's model, fixed scales and all, loaded by noln. (On
+    # them the plain class need not overflow: its eps-trick norm squares the residual, gets
+    # inf, and divides by it, giving 0 where the fixed scale gives inf.)
     run = summary["ce_after"]["heldout"]
     overflowed = int(run.get("overflowed", 0))
     run_ce = run["finite_mean"] if overflowed else run["mean"]
     per_chunk = child["per_chunk"]
     finite = np.isfinite(per_chunk)
+    if overflowed:
+        own, _ = load_model(args.run)
+        finite = np.isfinite(token_losses(own.to(args.device), blocks).double().mean(1).numpy())
     rows = {
         "plain class": str(child["cls"]),
         "noln imported in that process": bool(child["noln"]),
         "norms": int(child["eps"].size),
         "smallest norm eps": float(child["eps"].min()) if child["eps"].size else None,
         "held-out tokens": int(np.asarray(blocks)[:, 1:].size),
-        "chunks that overflow: run / plain model": f"{overflowed} / {int((~finite).sum())}",
+        "chunks that overflow: run (summary.json) / run's model here":
+            f"{overflowed} / {int((~finite).sum())}",
         "CE of the run (summary.json" + (", chunks that do not overflow)" if overflowed
                                          else ")"): run_ce,
-        "CE of the plain model": float(per_chunk[finite].mean()),
+        "CE of the plain model" + (" on those chunks" if overflowed else ""):
+            float(per_chunk[finite].mean()),
     }
-    rows["|CE difference|"] = abs(rows["CE of the plain model"] - run_ce)
+    if overflowed:
+        rows["CE of the plain model on the others"] = float(per_chunk[~finite].mean())
+    rows["|CE difference|"] = abs(float(per_chunk[finite].mean()) - run_ce)
     with torch.no_grad():
         if clean_dir is not None:
             clean = noln.load_clean(clean_dir).to(args.device).eval()
