@@ -129,3 +129,21 @@ def assert_run_matches_its_exports(result, vocab: int) -> None:
         torch.testing.assert_close(clean(x).logits, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loaded(x).logits, ref)
 
+
+
+def overflow_on(model, block, token: int, when=lambda: True) -> None:
+    """Hooks that send ``token``'s residual to inf after ``block`` (a module of ``model``)
+    while ``when()`` holds: a model that overflows on one token, as a runaway norm-free
+    SwiGLU model does on a rare one."""
+    seen = {}
+
+    def runaway(module, args, out):
+        if not when():
+            return out
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
+        "ids", kwargs["input_ids"]), with_kwargs=True)
+    block.register_forward_hook(runaway)

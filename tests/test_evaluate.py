@@ -30,7 +30,7 @@ from noln.evaluate.hellaswag import (
 from noln.evaluate.inputs import parse_sources
 from noln.evaluate.loss import token_losses
 
-from .conftest import shared_path
+from .conftest import overflow_on, shared_path
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -358,16 +358,7 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
     hit = np.array([(b == token).any() for b in blocks])
     assert 0 < hit.sum() < len(blocks)
     clean = cross_entropy(model, blocks[~hit])
-    seen = {}  # the input ids, for block 0's output hook: that token's residual to inf
-
-    def runaway(module, args, out):
-        hidden = out[0] if isinstance(out, tuple) else out
-        hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
-        "ids", kwargs["input_ids"]), with_kwargs=True)
-    model.transformer.h[0].register_forward_hook(runaway)
+    overflow_on(model, model.transformer.h[0], token)
     ce = cross_entropy(model, blocks)
     assert math.isnan(ce.mean) and ce.overflowed == hit.sum()
     assert ce.finite_mean == pytest.approx(clean.mean, abs=1e-6)
@@ -412,16 +403,7 @@ def test_hellaswag_padding_cannot_poison_a_row(ref_tok, hs_items):
     model = tiny(len(ref_tok), n_positions=96)
     eos = ref_tok.eos_token_id
     assert all(eos not in ref_tok.encode(it.ctx + "".join(it.endings)) for it in hs_items)
-    seen = {}
-
-    def runaway(module, args, out):
-        hidden = out[0] if isinstance(out, tuple) else out
-        hidden = hidden.masked_fill((seen["ids"] == eos)[..., None], torch.inf)
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
-        "ids", kwargs["input_ids"]), with_kwargs=True)
-    model.transformer.h[0].register_forward_hook(runaway)
+    overflow_on(model, model.transformer.h[0], eos)
     batched = score_items(model, ref_tok, hs_items, batch_size=5)
     alone = score_items(model, ref_tok, hs_items, batch_size=1)
     assert batched.overflowed == 0

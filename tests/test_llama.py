@@ -23,7 +23,7 @@ from noln.errors import NolnError
 from noln.export import load_clean
 from noln.fakenorm import FakeRMSNorm
 from noln.train import lifted_clip
-from tests.conftest import assert_run_matches_its_exports
+from tests.conftest import assert_run_matches_its_exports, overflow_on
 
 VOCAB = 101
 
@@ -363,20 +363,10 @@ def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
 
     real_install = noln.remove.install
 
-    def install_with_a_runaway(net, *a, **kw):
+    def install_with_a_runaway(net, *a, **kw):  # the token to inf, once norm-free
         adapter = real_install(net, *a, **kw)
-        seen = {}
-
-        def runaway(module, args, out):  # the token's residual to inf, once norm-free
-            if not all(n.frozen and not n.pending for n in adapter.norms()):
-                return out
-            hidden = out[0] if isinstance(out, tuple) else out
-            hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
-            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-        net.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("ids", k["input_ids"]),
-                                      with_kwargs=True)
-        net.model.layers[0].register_forward_hook(runaway)
+        overflow_on(net, net.model.layers[0], token,
+                    when=lambda: all(n.frozen and not n.pending for n in adapter.norms()))
         return adapter
 
     monkeypatch.setattr(noln.remove, "install", install_with_a_runaway)
