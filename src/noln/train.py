@@ -577,18 +577,14 @@ class Trainer:
         recent = self.state.losses[-10:]
         return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
 
-    def norm_free(self) -> bool:
-        """Every site frozen to one fixed scale for every token: the model the run exports."""
-        return len(self.adapter.frozen_sites()) == len(self.adapter.sites) and \
-            not any(n.pending for n in self.adapter.norms())
-
     def skip_overflowing(self, step: int, batches: list) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
         model, find the sequences of its batch that overflow on their own (loss or gradient
         not finite), drop them for the rest of the run and from the replay list, and say
         whether there were any (False: the guard's business, as before the model was
         norm-free)."""
-        if self.removal is None or not self.removal.skip_overflow or not self.norm_free():
+        if self.removal is None or not self.removal.skip_overflow or \
+                self.adapter.export_state() != "all":
             return False
         self.optimizer.zero_grad(set_to_none=True)
         bad = []
@@ -638,7 +634,7 @@ class Trainer:
                     f"batch (training sequences {seqs}) breaks the model at any lr, so a lower "
                     f"--lr will not help; the last good checkpoint is kept at {path}: "
                     + ("the model is norm-free, so --resume with --skip-overflow to drop the "
-                       "sequences it overflows on" if self.norm_free() else
+                       "sequences it overflows on" if self.adapter.export_state() == "all" else
                        "find the token that overflows in those sequences, or go on from an "
                        "earlier checkpoint with a slower schedule"))
             raise NolnError(f"training diverged {failures} times (last: {what} at step {step}); "
