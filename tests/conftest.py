@@ -131,17 +131,20 @@ def assert_run_matches_its_exports(result, vocab: int) -> None:
 
 
 
-def overflow_on(model, block, token: int, when=lambda: True) -> None:
+def overflow_on(model, block, token: int, when=lambda: True, factor: float = torch.inf) -> None:
     """Hooks that send ``token``'s residual to inf after ``block`` (a module of ``model``)
     while ``when()`` holds: a model that overflows on one token, as a runaway norm-free
-    SwiGLU model does on a rare one."""
+    SwiGLU model does on a rare one. A finite ``factor`` multiplies it instead: the blocks
+    after it grow it further (a SwiGLU MLP squares it), as a runaway token's do."""
     seen = {}
 
     def runaway(module, args, out):
         if not when():
             return out
         hidden = out[0] if isinstance(out, tuple) else out
-        hidden = hidden.masked_fill((seen["ids"] == token)[..., None], torch.inf)
+        hit = (seen["ids"] == token)[..., None]
+        hidden = hidden.masked_fill(hit, torch.inf) if factor == torch.inf else \
+            torch.where(hit, hidden * factor, hidden)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(

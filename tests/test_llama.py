@@ -333,6 +333,55 @@ def test_a_clip_ceiling_holds_lifted_blocks_until_the_lift_ends(tokenizer, text_
     assert after[max(after)] == [0.0, 0.0, 0.0]
 
 
+def rare_token_of_a_late_batch(base: Path, text_jsonl: Path, args: dict) -> tuple[int, list]:
+    """A token of step 20's batch that few training sequences hold, and the sequences, drawn
+    as a run of ``args`` draws them (seed 0, epoch 0)."""
+    from noln.config import RemoveConfig
+    from noln.pretrained import load_tokenizer
+    from noln.remove import prepare_data
+
+    cfg = RemoveConfig(model=str(base), data=str(text_jsonl), out=base.parent / "x", **args)
+    blocks, _ = prepare_data(cfg, load_tokenizer(base), 64, 24)
+    perm = np.random.default_rng([0, 0]).permutation(len(blocks))
+    holders = {t: sum(t in b for b in blocks) for t in set(blocks[perm[80]].tolist())}
+    token = min(holders, key=lambda t: (holders[t], t))
+    assert holders[token] < len(blocks) / 10
+    return token, blocks
+
+
+def runaway_once_norm_free(monkeypatch, token: int, factor: float = torch.inf,
+                           times: int | None = None) -> None:
+    """Runs install a hook on block 0 that sends ``token`` away (``overflow_on``) once the
+    model is norm-free: every site frozen, its clip lifted (a clip set after that, by
+    --overflow-clip, does not stop it); ``times``: for that many forwards holding the token,
+    then never again."""
+    import noln.remove
+
+    def install_with_a_runaway(net, *a, **kwargs):
+        adapter = install(net, *a, **kwargs)
+        hits = []
+
+        def active() -> bool:
+            return all(n.frozen and n.fade >= 1 for n in adapter.norms()) and \
+                (times is None or len(hits) <= times)
+
+        def count(module, args, kwargs):
+            if active() and (kwargs["input_ids"] == token).any():
+                hits.append(1)
+
+        net.register_forward_pre_hook(count, with_kwargs=True)
+        overflow_on(net, net.model.layers[0], token, factor=factor,
+                    when=lambda: active() and (times is None or len(hits) <= times))
+        return adapter
+
+    monkeypatch.setattr(noln.remove, "install", install_with_a_runaway)
+
+
+OVERFLOW_ARGS = dict(outlier_clip=1.0, schedule="fixed", special_fade=(0.4, 0.6),
+                     fixed={"finish_by": 0.3}, export_format="none", aux_weight=0.0,
+                     max_retries=2, **{**FAST, "lr": 1e-4})
+
+
 def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
         tokenizer, text_jsonl, tmp_path, monkeypatch):
     """--skip-overflow: once every clip is off, a step whose batch holds a sequence the model
@@ -340,38 +389,13 @@ def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
     norm-free) drops that sequence for the rest of the run and redoes the step; the run
     finishes with no guard restore and lists what it dropped. Without it the guard gives
     up on that batch."""
-    import noln.remove
-    from noln.config import RemoveConfig
-    from noln.pretrained import load_tokenizer
-    from noln.remove import prepare_data
-
     model = tiny("llama", vocab=len(tokenizer), init=0.02)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    args = dict(outlier_clip=1.0, schedule="fixed", special_fade=(0.4, 0.6),
-                fixed={"finish_by": 0.3}, export_format="none", aux_weight=0.0, max_retries=2,
-                **{**FAST, "lr": 1e-4})
-    # the training sequences, drawn as the run draws them (seed 0, epoch 0): a token of step
-    # 20's batch that few sequences hold
-    cfg = RemoveConfig(model=str(tmp_path / "base"), data=str(text_jsonl), out=tmp_path / "x",
-                       **args)
-    blocks, _ = prepare_data(cfg, load_tokenizer(tmp_path / "base"), 64, 24)
-    perm = np.random.default_rng([0, 0]).permutation(len(blocks))
-    holders = {t: sum(t in b for b in blocks) for t in set(blocks[perm[80]].tolist())}
-    token = min(holders, key=lambda t: (holders[t], t))
-    assert holders[token] < len(blocks) / 10
-
-    real_install = noln.remove.install
-
-    def install_with_a_runaway(net, *a, **kw):  # the token to inf, once norm-free
-        adapter = real_install(net, *a, **kw)
-        overflow_on(net, net.model.layers[0], token,
-                    when=lambda: adapter.export_state() == "all")
-        return adapter
-
-    monkeypatch.setattr(noln.remove, "install", install_with_a_runaway)
+    token, blocks = rare_token_of_a_late_batch(tmp_path / "base", text_jsonl, OVERFLOW_ARGS)
+    runaway_once_norm_free(monkeypatch, token)
     r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
-                              skip_overflow=True, **args)
+                              skip_overflow=True, **OVERFLOW_ARGS)
     skipped = [e for e in r.log if e.get("event") == "skipped"]
     assert r.summary["complete"] and not r.summary["guard_events"] and skipped
     assert all(e["step"] >= 14 for e in skipped)  # after the lift: round(0.6 * 24)
@@ -380,7 +404,48 @@ def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
     assert all(token in blocks[i] for i in dropped)
     with pytest.raises(NolnError, match="diverged.*norm-free, so --resume with --skip-overflow"):
         noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "plain",
-                              **args)
+                              **OVERFLOW_ARGS)
+
+
+def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_clip(
+        tokenizer, text_jsonl, tmp_path, monkeypatch):
+    """--overflow-clip K: a sequence the norm-free model overflows on (here one token's
+    residual x1e15 after block 0, which block 1's SwiGLU MLP squares past float range, so
+    the site loss's std is inf) trains with every site clipped at K, where it is finite,
+    instead of being dropped, and comes back each step (--replay). Once the runaway is gone
+    (the hook stops after 5 of its forwards), a clipped forward keeps every ordinary token
+    below K and the sequence trains unclipped again. Without the clip the same sequences are
+    dropped."""
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = {**OVERFLOW_ARGS, "site_aux": 1.0, "skip_overflow": True, "replay": 4}
+    token, blocks = rare_token_of_a_late_batch(tmp_path / "base", text_jsonl, args)
+    runs = {}
+    for clip in (0.0, 10.0):
+        runaway_once_norm_free(monkeypatch, token, factor=1e15, times=5)
+        runs[clip] = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl),
+                                           tmp_path / f"run{clip:g}", overflow_clip=clip,
+                                           **args)
+    dropped = runs[0.0].summary["skipped_sequences"]
+    assert dropped and all(token in blocks[i] for i in dropped)
+    r = runs[10.0]
+    assert r.summary["complete"] and not r.summary["guard_events"]
+    assert not r.summary["skipped_sequences"]  # trained clipped, none dropped
+    clipped = [i for e in r.log if e.get("event") == "clipped" for i in e["sequences"]]
+    assert set(clipped) == set(dropped)  # the very sequences the plain skip dropped
+    unclipped = [e for e in r.log if e.get("event") == "unclipped"]
+    assert unclipped and all(e["reach"] < 10 for e in unclipped)
+    assert sorted(i for e in unclipped for i in e["sequences"]) == \
+        sorted(r.summary["unclipped_sequences"])
+    assert not set(r.summary["clipped_sequences"]) & set(r.summary["unclipped_sequences"])
+    with pytest.raises(NolnError, match="--overflow-clip 10 clips.*give --skip-overflow"):
+        make_config(model="m", data="d", steps=10, overflow_clip=10.0)
+    with pytest.raises(NolnError, match="--overflow-clip 1 would clip typical tokens"):
+        make_config(model="m", data="d", steps=10, skip_overflow=True, overflow_clip=1.0)
+    with pytest.raises(NolnError, match="--overflow-clip runs .* --fsdp"):
+        make_config(model="m", data="d", steps=10, skip_overflow=True, overflow_clip=10.0,
+                    fsdp=True)
 
 
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):

@@ -310,6 +310,12 @@ class RemoveConfig(TrainConfig):
         "overflows on, one by one, for the rest of the run and redoes the step; they are "
         "logged and counted in the summary. Without it the guard restores and lowers the lr, "
         "which cannot help a sequence that overflows at any lr"))
+    overflow_clip: float = Field(0.0, ge=0, **describe_field(
+        "with --skip-overflow: a sequence the norm-free model overflows on is trained with an "
+        "outlier clip at K on every site (tokens above K x a site's scale divided by their own "
+        "std) instead of dropped, so the site loss can pull its runaway tokens in; it trains "
+        "unclipped again once a clipped forward no longer reaches K anywhere (the clip did "
+        "nothing), and is dropped only if it overflows even clipped; 0: drop them"))
     replay: int = Field(0, ge=0, **describe_field(
         "keep up to N training sequences in which an ordinary token entered a removed site "
         "above replay_margin x its scale, and put one of them in place of each batch's last "
@@ -346,6 +352,16 @@ class RemoveConfig(TrainConfig):
             raise ValueError(f"--clip-ceiling {self.clip_ceiling:g} needs an outlier clip below "
                              f"it (--outlier-clip {self.outlier_clip:g}): give a ceiling above K "
                              "(e.g. 10) or 0 (off)")
+        if self.overflow_clip and not self.skip_overflow:
+            raise ValueError(f"--overflow-clip {self.overflow_clip:g} clips the sequences "
+                             "--skip-overflow finds: give --skip-overflow too, or 0 (off)")
+        if self.overflow_clip and self.fsdp:
+            raise ValueError("--overflow-clip runs a clipped sequence's forward on its own "
+                             "process only, which --fsdp's shared forwards cannot: use one "
+                             "of them")
+        if 0 < self.overflow_clip <= 1:
+            raise ValueError(f"--overflow-clip {self.overflow_clip:g} would clip typical tokens "
+                             "too: give K above 1 (e.g. 10) or 0 (off)")
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
@@ -682,7 +698,7 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
                             "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks", "skip_overflow")
+                            "prune_sinks", "skip_overflow", "overflow_clip")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out

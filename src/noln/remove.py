@@ -357,6 +357,10 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [e for e in log if e.get("event") == "guard"], "exports": exported,
         "skipped_sequences": state.skipped,
+        # overflow_clip: those clipped at the end, and those the clip was no longer needed for
+        "clipped_sequences": state.clipped,
+        "unclipped_sequences": [i for e in log if e.get("event") == "unclipped"
+                                for i in e["sequences"]],
         "precision": trainer.precision, "world_size": trainer.acc.num_processes,
         "sharded": trainer.sharded, "pid": os.getpid(),
         "complete": unfinished is None, "unfinished": unfinished,

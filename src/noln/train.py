@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +123,8 @@ class TrainState:
     replay: list[int] = field(default_factory=list)
     # training sequences the norm-free model overflows on, dropped (skip_overflow)
     skipped: list[int] = field(default_factory=list)
+    # those it overflows on that train under the outlier clip instead (overflow_clip)
+    clipped: list[int] = field(default_factory=list)
 
 
 def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
@@ -263,7 +265,10 @@ class Trainer:
             yield torch.from_numpy(chunk), torch.from_numpy(block).to(self.acc.device)
 
     # -- loss ------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, x: torch.Tensor, reach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of the token block ``x`` and its CE. ``reach``: also note in
+        ``self.reach`` each sequence's largest input std over every frozen site's scale,
+        ordinary tokens (``overflow_clip``: the clip did nothing to them below K)."""
         keep = ~special_token_mask(x, self.eot_id)  # ordinary tokens: their residual std is
         # the one to estimate; position 0's and end-of-text's are outliers
         aux_weight = self.removal.aux_weight if self.removal is not None else 0.0
@@ -278,8 +283,9 @@ class Trainer:
         # replay: how far each sequence's ordinary tokens are from every removed site's scale
         watched = [n for n in self.adapter.norms() if n.frozen] \
             if self.removal is not None and self.removal.replay else []
-        capture = list({id(n): n for n in ([final] if aux_on else []) + pulled + watched}
-                       .values())
+        frozen = [n for n in self.adapter.norms() if n.frozen] if reach else []
+        capture = list({id(n): n for n in ([final] if aux_on else []) + pulled + watched
+                        + frozen}.values())
         with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
@@ -291,6 +297,11 @@ class Trainer:
             if watched:  # each sequence's worst ordinary token over the removed sites
                 self.outliers.append(torch.stack([
                     (n.scale_error().detach().abs() * keep).amax(-1) for n in watched]).amax(0))
+            if frozen:  # ordinary tokens: a special one far from the shared scale is the
+                # same in every sequence, and the model does not overflow on it unclipped
+                per_token = [n.input_std.detach().reshape(*keep.shape, -1).amax(-1) / n.sigma
+                             for n in frozen]  # (per-head norms: the largest head)
+                self.reach.append(torch.stack([(r * keep).amax(-1) for r in per_token]).amax(0))
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
@@ -489,14 +500,24 @@ class Trainer:
                     group["lr"] = lr
                 ce_sum = torch.zeros((), device=self.acc.device)
                 self.site_aux_term = torch.zeros((), device=self.acc.device)
-                self.outliers = []
+                self.outliers, self.reach = [], []
                 batches = list(self.micro_batches(step))
-                for i, (_, x) in enumerate(batches):
-                    sync = i == len(batches) - 1
-                    with self._gradient_sync(sync):
-                        loss, ce = self.loss(x)
-                        self.acc.backward(loss / len(batches))
-                    ce_sum += ce / len(batches)
+                rows, clipped_rows = [], []  # the sequences of each loss, as self.outliers
+                for i, (indices, x) in enumerate(batches):
+                    parts = self.clip_parts(indices, x)
+                    for j, (part, xp, k) in enumerate(parts):
+                        sync = i == len(batches) - 1 and j == len(parts) - 1
+                        share = len(part) / len(indices)  # of the micro-batch's mean
+                        site_aux_before = self.site_aux_term
+                        with self._gradient_sync(sync), self.clipped(k):
+                            loss, ce = self.loss(xp, reach=k > 0)
+                            self.acc.backward(loss * share / len(batches))
+                        ce_sum += ce * share / len(batches)
+                        self.site_aux_term = site_aux_before + \
+                            (self.site_aux_term - site_aux_before) * share
+                        rows.append(part)
+                        if k > 0:
+                            clipped_rows.append(part)
                 grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.clip_at(step))
                 if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor
                     grad_norm = grad_norm.full_tensor()
@@ -515,8 +536,9 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.outliers:
-                    self.update_replay(step, torch.cat([i for i, _ in batches]),
-                                       torch.cat(self.outliers))
+                    self.update_replay(step, torch.cat(rows), torch.cat(self.outliers))
+                if clipped_rows:
+                    self.update_clipped(step, torch.cat(clipped_rows), torch.cat(self.reach))
                 dt = time.perf_counter() - t0
                 self.state.losses.append(ce_val)
                 self.state.wall_time += dt
@@ -560,6 +582,41 @@ class Trainer:
             self.log({"event": "replay", "step": step, "added": added, "dropped": dropped,
                       "worst": round(math.exp(max(worst)), 3)})
 
+    def clip_parts(self, indices: torch.Tensor, x: torch.Tensor) -> list:
+        """``(indices, tokens, K)`` of a micro-batch: its sequences that train under the
+        outlier clip (``overflow_clip``, K) apart from the others (K 0)."""
+        if not self.state.clipped:
+            return [(indices, x, 0.0)]
+        clip = torch.tensor([int(i) in self.state.clipped for i in indices])
+        return [(indices[m], x[m.to(x.device)], k)
+                for m, k in ((~clip, 0.0), (clip, self.removal.overflow_clip)) if m.any()]
+
+    @contextmanager
+    def clipped(self, k: float):
+        """Every frozen site clips at ``k`` inside the block (0: as it is), then is as it was."""
+        norms = [n for n in self.adapter.norms() if n.frozen] if k > 0 else []
+        before = [n.clip for n in norms]
+        for norm in norms:
+            norm.set_clip(k)
+        try:
+            yield
+        finally:
+            for norm, clip in zip(norms, before):
+                norm.set_clip(clip)
+
+    def update_clipped(self, step: int, indices: torch.Tensor, reach: torch.Tensor) -> None:
+        """The clipped sequences of this step whose tokens all stayed below K times every
+        site's scale (``reach``): the clip did nothing to them, so they train unclipped
+        from the next step."""
+        pairs = gather_object(list(zip(indices.tolist(), reach.tolist())))  # uneven shares
+        indices, reach = [i for i, _ in pairs], [r for _, r in pairs]
+        done = {i: r for i, r in zip(indices, reach)
+                if r < self.removal.overflow_clip and i in self.state.clipped}
+        if done:
+            self.state.clipped = [i for i in self.state.clipped if i not in done]
+            self.log({"event": "unclipped", "step": step, "sequences": sorted(done),
+                      "reach": round(max(done.values()), 3), "clipped": len(self.state.clipped)})
+
     def _gradient_sync(self, sync: bool):
         """Gradients cross processes once per step, at the last micro-batch."""
         if self.sharded:
@@ -580,35 +637,53 @@ class Trainer:
     def skip_overflowing(self, step: int, batches: list) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
         model, find the sequences of its batch that overflow on their own (loss or gradient
-        not finite), drop them for the rest of the run and from the replay list, and say
-        whether there were any (False: the guard's business, as before the model was
-        norm-free)."""
+        not finite). With ``overflow_clip`` K, one that does not overflow under the clip at K
+        trains clipped from now on; the others are dropped for the rest of the run (and from
+        the replay and clipped lists). Says whether there were any (False: the guard's
+        business, as before the model was norm-free)."""
         if self.removal is None or not self.removal.skip_overflow or \
                 self.adapter.export_state() != "all":
             return False
         self.optimizer.zero_grad(set_to_none=True)
-        bad = []
+        k = self.removal.overflow_clip
+        bad, rescued = [], []
         for indices, x in batches:
             for i, seq in zip(indices.tolist(), x):
-                self.outliers, self.site_aux_term = [], torch.zeros((), device=self.acc.device)
-                with self._gradient_sync(False):
-                    loss, _ = self.loss(seq[None])
-                    finite = bool(torch.isfinite(loss))
-                    if finite:
-                        self.acc.backward(loss)
-                        finite = all(bool(torch.isfinite(p.grad).all())
-                                     for p in self.model.parameters() if p.grad is not None)
-                self.optimizer.zero_grad(set_to_none=True)
-                if not finite:
-                    bad.append(i)
-        bad = sorted(set(gather_object(bad)))
-        if not bad:
+                clipped = i in self.state.clipped
+                if self._overflows(seq, k if clipped else 0.0):
+                    if clipped or not k or self._overflows(seq, k):
+                        bad.append(i)
+                    else:
+                        rescued.append(i)
+        bad, rescued = (sorted(set(gather_object(found))) for found in (bad, rescued))
+        if not bad and not rescued:
             return False
-        self.state.skipped += bad
-        self.state.replay = [i for i in self.state.replay if i not in bad]
-        self.log({"event": "skipped", "step": step, "sequences": bad,
-                  "total": len(self.state.skipped)})
+        if rescued:
+            self.state.clipped += rescued
+            self.log({"event": "clipped", "step": step, "sequences": rescued, "clip": k,
+                      "clipped": len(self.state.clipped)})
+        if bad:
+            self.state.skipped += bad
+            self.state.replay = [i for i in self.state.replay if i not in bad]
+            self.state.clipped = [i for i in self.state.clipped if i not in bad]
+            self.log({"event": "skipped", "step": step, "sequences": bad,
+                      "total": len(self.state.skipped)})
         return True
+
+    def _overflows(self, seq: torch.Tensor, clip: float) -> bool:
+        """Whether one sequence's loss or gradient is inf/nan, every frozen site clipped at
+        ``clip`` (0: as the model is). Leaves no gradient behind."""
+        self.outliers, self.reach = [], []
+        self.site_aux_term = torch.zeros((), device=self.acc.device)
+        with self._gradient_sync(False), self.clipped(clip):
+            loss, _ = self.loss(seq[None])
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                self.acc.backward(loss)
+                finite = all(bool(torch.isfinite(p.grad).all())
+                             for p in self.model.parameters() if p.grad is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        return not finite
 
     def _recover(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Back to the last good checkpoint with half the learning rate, or stop for good."""
