@@ -415,7 +415,7 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     instead of being dropped, and comes back each step (--replay). Once the runaway is gone
     (the hook stops after 5 of its forwards), a clipped forward keeps every ordinary token
     below K and the sequence trains unclipped again. Without the clip the same sequences are
-    dropped."""
+    dropped, and a run that dropped them, resumed with the clip, takes them back clipped."""
     model = tiny("llama", vocab=len(tokenizer), init=0.02)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
@@ -439,6 +439,13 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     assert sorted(i for e in unclipped for i in e["sequences"]) == \
         sorted(r.summary["unclipped_sequences"])
     assert not set(r.summary["clipped_sequences"]) & set(r.summary["unclipped_sequences"])
+    # the plain run, resumed with the clip (a branch of it would be too): what it dropped
+    # comes back, to train clipped
+    resumed = noln.remove_layernorm(resume=tmp_path / "run0", overflow_clip=10.0)
+    retried = [e for e in resumed.log if e.get("event") == "clipped" and e.get("retried")]
+    assert [(e["step"], e["sequences"]) for e in retried] == [(24, dropped)]
+    assert not resumed.summary["skipped_sequences"]
+    assert resumed.summary["clipped_sequences"] == dropped
     with pytest.raises(NolnError, match="--overflow-clip 10 clips.*give --skip-overflow"):
         make_config(model="m", data="d", steps=10, overflow_clip=10.0)
     with pytest.raises(NolnError, match="--overflow-clip 1 would clip typical tokens"):

@@ -193,7 +193,9 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         t_start = time.time()
         removal = setup(cfg, resuming, ranks)
         # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr, --resume)
-        trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed)
+        # a clip given now gives the sequences dropped before it a try under the clip
+        trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed,
+                               retry_skipped="overflow_clip" in changed and cfg.overflow_clip > 0)
         return finish(removal, trainer, state, ranks, t_start)
 
 
@@ -296,8 +298,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
                    sets, teacher, ce_before, sinks)
 
 
-def train(r: Removal, resuming: bool, claim: RunClaim,
-          reset_guard: bool = False) -> tuple[Trainer, TrainState]:
+def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False,
+          retry_skipped: bool = False) -> tuple[Trainer, TrainState]:
     """The loop (``noln.train``), from step 0 or the run's last checkpoint, to the end; the
     folder's claim learns when training starts (before it, a failed run cleans up)."""
     cfg = r.cfg
@@ -312,7 +314,7 @@ def train(r: Removal, resuming: bool, claim: RunClaim,
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
     claim.started()
-    state = trainer.fit(resume=resuming, reset_guard=reset_guard)
+    state = trainer.fit(resume=resuming, reset_guard=reset_guard, retry_skipped=retry_skipped)
     return trainer, state
 
 

@@ -466,15 +466,24 @@ class Trainer:
         self.log_path.write_text("".join(lines))
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, resume: bool = False, reset_guard: bool = False) -> TrainState:
+    def fit(self, resume: bool = False, reset_guard: bool = False,
+            retry_skipped: bool = False) -> TrainState:
         """Train to the end (from the last checkpoint with ``resume``). ``reset_guard``: the
-        resumed run has a new learning rate, which replaces the one the guard lowered."""
+        resumed run has a new learning rate, which replaces the one the guard lowered.
+        ``retry_skipped``: the resumed run has a new ``overflow_clip``, so the sequences it
+        dropped (``skip_overflow``) come back, clipped."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore(load_checkpoint(latest_checkpoint(self.out)))
             self._truncate_log()
             if reset_guard:
                 self.state.lr_scale, self.state.failures = 1.0, 0
+            if retry_skipped and self.state.skipped:
+                retried, self.state.skipped = self.state.skipped, []
+                self.state.clipped += retried
+                self.log({"event": "clipped", "step": self.state.step, "sequences": retried,
+                          "clip": self.removal.overflow_clip,
+                          "clipped": len(self.state.clipped), "retried": True})
         else:
             self.log_path.unlink(missing_ok=True)
         if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
