@@ -386,7 +386,9 @@ def test_resume_measures_the_eval_sets_the_run_began_with(capsys, tiny_model_dir
 
 def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_jsonl, tmp_path):
     """checkpoint_keep=4 keeps steps 0, 4, 8, 12; `noln branch RUN --step 8` makes a new run of
-    RUN as it was then, which --resume continues with a new setting; RUN is only read."""
+    RUN as it was then, which --resume continues with a new setting; RUN is only read. The
+    step of a run's last checkpoint can be branched too, kept or not (to train a finished
+    run further)."""
     run, new = tmp_path / "run", tmp_path / "branch"
     code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
                          *RUN_ARGS, "checkpoint_keep=6")
@@ -399,7 +401,8 @@ def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_js
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     log = (run / "log.jsonl").read_text().splitlines()
     code, err = run_main(capsys, "branch", run, "--step", "5", "--out", new)
-    one_error_line(code, err, "kept no checkpoint of step 5: it kept steps 0, 4, 8, 12")
+    one_error_line(code, err, "kept no checkpoint of step 5: it kept steps 0, 4, 8, 12, and "
+                   "its last checkpoint is of step 12")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.md").write_text("mine")
     code, err = run_main(capsys, "branch", run, "--step", "8", "--out", tmp_path / "taken")
@@ -418,6 +421,20 @@ def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_js
     assert branched[:8] == original[:8] and [r["step"] for r in branched[8:]] == [8, 9, 10, 11]
     assert branched[8]["lr"] != original[8]["lr"]  # the branch's own lr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    # a run that kept no step: its last checkpoint (the end of the run) can be branched
+    plain, end = tmp_path / "plain", tmp_path / "end"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", plain,
+                         *RUN_ARGS)
+    assert code == 0, err
+    code, err = run_main(capsys, "branch", plain, "--step", "8", "--out", end)
+    one_error_line(code, err, "kept no checkpoint of step 8: it kept none (start a run with "
+                   "checkpoint_keep=N to keep every N-th step's), and its last checkpoint is of "
+                   "step 12")
+    code, err = run_main(capsys, "branch", plain, "--step", "12", "--out", end)
+    assert code == 0, err
+    assert [r["step"] for r in steps(end)] == list(range(12))
+    assert (end / "checkpoints" / "last.pt").read_bytes() == \
+        (plain / "checkpoints" / "last.pt").read_bytes()
     assert (run / "log.jsonl").read_text().splitlines() == log
 
     # a branch with a new schedule: what step 4 froze stands, the rest follow the new one

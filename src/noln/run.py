@@ -164,15 +164,21 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
     if not src.config.is_file():
         raise NolnError(f"'{source}' is not a noln run folder (no config.yaml): give the run "
                         "to branch from")
-    ckpt = src.kept_checkpoint(step)
-    if not ckpt.is_file():
-        kept = src.kept_steps()
-        raise NolnError(f"'{source}' kept no checkpoint of step {step}: " + (
-            f"it kept steps {', '.join(map(str, kept))}" if kept else
-            "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NolnError(f"--out '{out}' exists and is not empty: a branch goes in a new folder")
     config = branch_config(yaml.safe_load(src.config.read_text()), settings or {})
+    ckpt = src.kept_checkpoint(step)
+    # or the run's last checkpoint, where it is of that step (a finished run's end)
+    last = load_checkpoint(src.last_checkpoint)["state"] if not ckpt.is_file() and \
+        src.last_checkpoint.is_file() else None
+    if last is not None and int(last["step"]) == step:
+        ckpt = src.last_checkpoint
+    elif not ckpt.is_file():
+        kept = src.kept_steps()
+        raise NolnError(f"'{source}' kept no checkpoint of step {step}: " + (
+            f"it kept steps {', '.join(map(str, kept))}" if kept else
+            "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)")
+            + (f", and its last checkpoint is of step {last['step']}" if last else ""))
     log_lines = int(load_checkpoint(ckpt)["state"]["log_lines"])  # the log as it was then
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src.base, dst.base)

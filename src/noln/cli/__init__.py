@@ -195,7 +195,8 @@ def export(
 def branch(
     run: Annotated[Path, typer.Argument(help="the run folder to branch from (only read)")],
     step: Annotated[int, typer.Option(help="the step of a checkpoint it kept "
-                                      "(checkpoint_keep=N keeps every N-th)")],
+                                      "(checkpoint_keep=N keeps every N-th), or of its last "
+                                      "one (a finished run's end)")],
     out: Annotated[Path, typer.Option(help="the new run folder")],
     settings: Annotated[list[str] | None, typer.Argument(
         help="KEY=VALUE: a new schedule, fixed.*, taper, taper_shape or outlier_clip for the "
