@@ -444,6 +444,7 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     resumed = noln.remove_layernorm(resume=tmp_path / "run0", overflow_clip=10.0)
     retried = [e for e in resumed.log if e.get("event") == "clipped" and e.get("retried")]
     assert [(e["step"], e["sequences"]) for e in retried] == [(24, dropped)]
+    assert retried[0]["replay"] == min(4, len(dropped))  # and replayed, as outliers
     assert not resumed.summary["skipped_sequences"]
     assert resumed.summary["clipped_sequences"] == dropped
     with pytest.raises(NolnError, match="--overflow-clip 10 clips.*give --skip-overflow"):

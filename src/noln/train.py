@@ -481,9 +481,13 @@ class Trainer:
             if retry_skipped and self.state.skipped:
                 retried, self.state.skipped = self.state.skipped, []
                 self.state.clipped += retried
+                if self.removal.replay:  # outliers all: as update_replay would keep them, or
+                    # they come back only with the next epoch
+                    keep = self.state.replay + [i for i in retried if i not in self.state.replay]
+                    self.state.replay = keep[-self.removal.replay:]
                 self.log({"event": "clipped", "step": self.state.step, "sequences": retried,
-                          "clip": self.removal.overflow_clip,
-                          "clipped": len(self.state.clipped), "retried": True})
+                          "clip": self.removal.overflow_clip, "clipped": len(self.state.clipped),
+                          "replay": len(self.state.replay), "retried": True})
         else:
             self.log_path.unlink(missing_ok=True)
         if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
