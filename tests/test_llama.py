@@ -447,6 +447,10 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     assert retried[0]["replay"] == min(4, len(dropped))  # and replayed, as outliers
     assert not resumed.summary["skipped_sequences"]
     assert resumed.summary["clipped_sequences"] == dropped
+    # saved at once: a guard restore to the last checkpoint keeps them clipped
+    from noln.checkpoint import load_checkpoint
+    saved = load_checkpoint(tmp_path / "run0" / "checkpoints" / "last.pt")["state"]
+    assert saved["clipped"] == dropped and not saved["skipped"]
     with pytest.raises(NolnError, match="--overflow-clip 10 clips.*give --skip-overflow"):
         make_config(model="m", data="d", steps=10, overflow_clip=10.0)
     with pytest.raises(NolnError, match="--overflow-clip 1 would clip typical tokens"):

@@ -478,7 +478,8 @@ class Trainer:
             self._truncate_log()
             if reset_guard:
                 self.state.lr_scale, self.state.failures = 1.0, 0
-            if retry_skipped and self.state.skipped:
+            retry_skipped = retry_skipped and bool(self.state.skipped)
+            if retry_skipped:
                 retried, self.state.skipped = self.state.skipped, []
                 self.state.clipped += retried
                 if self.removal.replay:  # outliers all: as update_replay would keep them, or
@@ -488,6 +489,8 @@ class Trainer:
                 self.log({"event": "clipped", "step": self.state.step, "sequences": retried,
                           "clip": self.removal.overflow_clip, "clipped": len(self.state.clipped),
                           "replay": len(self.state.replay), "retried": True})
+            if reset_guard or retry_skipped:  # a guard restore goes back to the run as changed
+                self.save()
         else:
             self.log_path.unlink(missing_ok=True)
         if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
