@@ -7,6 +7,7 @@ models. The family contract (sites, freezing, exports, resume) is tests/test_fam
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -458,6 +459,79 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     with pytest.raises(NolnError, match="--overflow-clip runs .* --fsdp"):
         make_config(model="m", data="d", steps=10, skip_overflow=True, overflow_clip=10.0,
                     fsdp=True)
+
+
+def test_scale_noise_draws_outliers_on_ordinary_tokens_by_the_step():
+    """The draw of --scale-noise P,F: about P of the ordinary tokens, none of the others,
+    factors log-uniform in [1, F] (their logs uniform: mean log(F) / 2), one block in range;
+    the same seed draws the same."""
+    from noln.train import draw_scale_noise
+
+    keep = torch.ones(64, 256, dtype=torch.bool)
+    keep[:, 0] = False  # position 0, as special_token_mask marks it
+    index, factor = draw_scale_noise(keep, 0.1, 4.0, 30, torch.Generator().manual_seed(3))
+    hit = factor != 1
+    assert 0 <= index < 30 and not hit[:, 0].any()
+    assert hit.float().mean().item() == pytest.approx(0.1 * 255 / 256, abs=0.01)
+    assert factor.min() >= 1 and factor.max() <= 4
+    assert factor[hit].log().mean().item() == pytest.approx(np.log(4) / 2, abs=0.03)
+    again = draw_scale_noise(keep, 0.1, 4.0, 30, torch.Generator().manual_seed(3))
+    assert again[0] == index and torch.equal(again[1], factor)
+
+
+def test_scale_noise_redoes_a_step_its_outliers_overflow(tokenizer, text_jsonl, tmp_path,
+                                                          monkeypatch):
+    """--scale-noise: the run trains with the made outliers (its losses differ from the run
+    without them, and two runs with them are equal: drawn by the step). A step that overflows
+    under them (here a hook sends a token to inf whenever noise is on, from step 16) is
+    logged (`noise_overflow`) and redone without them: the run finishes with no guard
+    restore and no sequence dropped."""
+    import noln.train
+
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = {**OVERFLOW_ARGS, "site_aux": 1.0, "skip_overflow": True}
+    runs = {name: noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl),
+                                        tmp_path / name, **args, **extra)
+            for name, extra in (("plain", {}), ("noise", {"scale_noise": (0.2, 4.0)}),
+                                ("again", {"scale_noise": (0.2, 4.0)}))}
+
+    def losses(r):
+        return [e["loss"] for e in r.log if "loss" in e and "event" not in e]
+
+    assert losses(runs["noise"]) == losses(runs["again"]) != losses(runs["plain"])
+
+    noisy, real = {}, noln.train.Trainer.scale_noise
+
+    @contextmanager
+    def watched(self, keep):
+        noisy["on"] = bool(self.noise_blocks) and self.noise_off_step != self.state.step and \
+            self.state.step >= 16
+        with real(self, keep):
+            yield
+        noisy["on"] = False
+
+    monkeypatch.setattr(noln.train.Trainer, "scale_noise", watched)
+
+    def install_overflowing_under_noise(net, *a, **kwargs):
+        adapter = install(net, *a, **kwargs)
+        overflow_on(net, net.model.layers[0], int(tokenizer.encode(" the")[0]),
+                    when=lambda: noisy.get("on", False))
+        return adapter
+
+    monkeypatch.setattr(noln.remove, "install", install_overflowing_under_noise)
+    r = noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "over",
+                              **args, scale_noise=(0.2, 4.0))
+    redone = [e["step"] for e in r.log if e.get("event") == "noise_overflow"]
+    assert redone and min(redone) >= 16
+    steps = [e["step"] for e in r.log if "loss" in e and "event" not in e]
+    assert steps == list(range(24))  # each redone step logged once, after its redo
+    assert r.summary["complete"] and not r.summary["guard_events"]
+    assert not r.summary["skipped_sequences"]
+    with pytest.raises(NolnError, match="--scale-noise scales .*--grad-checkpointing"):
+        make_config(model="m", data="d", steps=10, scale_noise=(0.1, 4.0),
+                    grad_checkpointing=True)
 
 
 def test_outlier_clip_run_lifts_the_clip_and_exports(tokenizer, text_jsonl, tmp_path):

@@ -316,6 +316,13 @@ class RemoveConfig(TrainConfig):
         "std) instead of dropped, so the site loss can pull its runaway tokens in; it trains "
         "unclipped again once a clipped forward no longer reaches K anywhere (the clip did "
         "nothing), and is dropped only if it overflows even clipped; 0: drop them"))
+    scale_noise: tuple[Annotated[float, Field(gt=0, le=0.5)],
+                       Annotated[float, Field(gt=1, le=100)]] | None = Field(None, **describe_field(
+        "P,F: in each training forward a fraction P of the ordinary tokens enter one random "
+        "block with their residual multiplied by a factor drawn log-uniformly from [1, F]: "
+        "the outliers a norm-free SwiGLU model squares block after block, made on purpose on "
+        "ordinary text, so the site loss and CE teach the blocks after them to shrink them "
+        "back (a step that overflows under it is redone without it); None: off"))
     replay: int = Field(0, ge=0, **describe_field(
         "keep up to N training sequences in which an ordinary token entered a removed site "
         "above replay_margin x its scale, and put one of them in place of each batch's last "
@@ -355,6 +362,10 @@ class RemoveConfig(TrainConfig):
         if self.overflow_clip and not self.skip_overflow:
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} clips the sequences "
                              "--skip-overflow finds: give --skip-overflow too, or 0 (off)")
+        if self.scale_noise and self.grad_checkpointing:
+            raise ValueError("--scale-noise scales a block's input in the forward only, so a "
+                             "recomputed forward (--grad-checkpointing) would differ: use one "
+                             "of them")
         if self.overflow_clip and self.fsdp:
             raise ValueError("--overflow-clip runs a clipped sequence's forward on its own "
                              "process only, which --fsdp's shared forwards cannot: use one "
@@ -698,7 +709,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
                             "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks", "skip_overflow", "overflow_clip")
+                            "prune_sinks", "skip_overflow", "overflow_clip",
+                            "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a
 # run (adaptive.max_rise) can be relaxed on --resume; a fixed schedule's steps are laid out

@@ -127,6 +127,17 @@ class TrainState:
     clipped: list[int] = field(default_factory=list)
 
 
+def draw_scale_noise(keep: torch.Tensor, p: float, f: float, blocks: int,
+                     rng: torch.Generator) -> tuple[int, torch.Tensor]:
+    """``scale_noise``'s draw for one forward: a block index in ``[0, blocks)`` and a
+    ``[batch, seq]`` factor, 1 except for a fraction ``p`` of the tokens ``keep`` marks,
+    where it is ``exp(u log f)``, u uniform in [0, 1): log-uniform in [1, f]."""
+    index = int(torch.randint(blocks, (), generator=rng))
+    hit = (torch.rand(keep.shape, generator=rng) < p).to(keep.device) & keep
+    factor = torch.exp(torch.rand(keep.shape, generator=rng) * math.log(f)).to(keep.device)
+    return index, torch.where(hit, factor, 1.0)
+
+
 def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
                 blocks: int = 1, ceiling: float = 0.0) -> float:
     """The outlier clip's K at ``fade`` f of the lift (0 at its start, 1: off, returned as 0):
@@ -218,6 +229,10 @@ class Trainer:
                 shard(self.teacher, self.acc.device, mesh)
         if cfg.compile:
             compile_blocks(model)
+        # scale_noise: the blocks whose inputs it scales, and the step it is off for (redone)
+        self.noise_blocks = transformer_blocks(model) \
+            if self.removal is not None and self.removal.scale_noise else []
+        self.noise_rng, self.noise_off_step = torch.Generator(), -1
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
         self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
@@ -286,7 +301,8 @@ class Trainer:
         frozen = [n for n in self.adapter.norms() if n.frozen] if reach else []
         capture = list({id(n): n for n in ([final] if aux_on else []) + pulled + watched
                         + frozen}.values())
-        with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture):
+        with self.adapter.measuring(std_mask=keep if exclude else None, capture_std=capture), \
+                self.scale_noise(keep):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
                                  output_hidden_states=self.cfg.cos_reg > 0)
@@ -327,6 +343,31 @@ class Trainer:
         if self.cfg.cos_reg > 0:
             loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
         return loss, ce.detach()
+
+    @contextmanager
+    def scale_noise(self, keep: torch.Tensor):
+        """``scale_noise`` (P, F): inside the block, one random transformer block's input has a
+        fraction P of the ordinary tokens (``keep``) multiplied by factors log-uniform in
+        [1, F], drawn from ``noise_rng`` (seeded by the step, so a resumed run draws the
+        same). Off where the config has none, and for a step redone after it overflowed."""
+        if not self.noise_blocks or self.noise_off_step == self.state.step:
+            yield
+            return
+        index, factor = draw_scale_noise(keep, *self.removal.scale_noise,
+                                         len(self.noise_blocks), self.noise_rng)
+        block, factor = self.noise_blocks[index], factor[..., None]
+
+        def scale(module, args, kwargs):  # a decoder layer's hidden_states, given either way
+            if args:
+                return (args[0] * factor.to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * factor.to(
+                kwargs["hidden_states"].dtype)}
+
+        handle = block.register_forward_pre_hook(scale, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def probe_loss(self) -> float:
@@ -508,6 +549,7 @@ class Trainer:
         with progress:
             while self.state.step < self.total_steps:
                 step, t0 = self.state.step, time.perf_counter()
+                self.noise_rng.manual_seed(self.cfg.seed * 1_000_003 + step)
                 self.remove_due(step)
                 self.advance_tapers(step)
                 self.fade_special(step)
@@ -544,6 +586,13 @@ class Trainer:
                 # a finite loss can still come with inf/nan gradients (an activation past
                 # float range in the backward pass); clipping would turn them into nan weights
                 if self._exploded(ce_val) or not math.isfinite(grad_norm):
+                    if self.noise_blocks and self.noise_off_step != step:
+                        # the made outliers overflowed: nothing to learn from an inf; the
+                        # step again without them
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.noise_off_step = step
+                        self.log({"event": "noise_overflow", "step": step, "loss": ce_val})
+                        continue
                     if self.skip_overflowing(step, batches):
                         continue  # the same step again, without them
                     self._recover(step, ce_val, grad_norm)
