@@ -568,7 +568,7 @@ class Trainer:
                         share = len(part) / len(indices)  # of the micro-batch's mean
                         site_aux_before = self.site_aux_term
                         with self._gradient_sync(sync), self.clipped(k):
-                            loss, ce = self.loss(xp, reach=k > 0)
+                            loss, ce = self.loss(xp, reach=True) if k > 0 else self.loss(xp)
                             self.acc.backward(loss * share / len(batches))
                         ce_sum += ce * share / len(batches)
                         self.site_aux_term = site_aux_before + \
