@@ -179,7 +179,8 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
             f"it kept steps {', '.join(map(str, kept))}" if kept else
             "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)")
             + (f", and its last checkpoint is of step {last['step']}" if last else ""))
-    log_lines = int(load_checkpoint(ckpt)["state"]["log_lines"])  # the log as it was then
+    state = last if ckpt == src.last_checkpoint else load_checkpoint(ckpt)["state"]
+    log_lines = int(state["log_lines"])  # the log as it was then
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src.base, dst.base)
     dst.config.write_text(yaml.safe_dump({**config, "out": str(out)}, sort_keys=False))
