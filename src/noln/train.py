@@ -127,6 +127,15 @@ class TrainState:
     clipped: list[int] = field(default_factory=list)
 
 
+def worst_ordinary(norms: list, keep: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """``[batch]``: each sequence's largest ``log(s_t / sigma)`` (``absolute``: its size, a
+    token below its scale too) over ``norms``' last captured forward and the ordinary tokens
+    ``keep`` marks (0 for the others); a per-head norm counts its largest head."""
+    errors = [n.scale_error().detach().reshape(*keep.shape, -1) for n in norms]
+    return torch.stack([((e.abs() if absolute else e).amax(-1) * keep).amax(-1)
+                        for e in errors]).amax(0)
+
+
 def draw_scale_noise(keep: torch.Tensor, p: float, f: float, blocks: int,
                      rng: torch.Generator) -> tuple[int, torch.Tensor]:
     """``scale_noise``'s draw for one forward: a block index in ``[0, blocks)`` and a
@@ -311,13 +320,10 @@ class Trainer:
             scale_errors = [n.scale_error(special_own=self.removal.site_aux_special == "own")
                             for n in pulled]
             if watched:  # each sequence's worst ordinary token over the removed sites
-                self.outliers.append(torch.stack([
-                    (n.scale_error().detach().abs() * keep).amax(-1) for n in watched]).amax(0))
+                self.outliers.append(worst_ordinary(watched, keep, absolute=True))
             if frozen:  # ordinary tokens: a special one far from the shared scale is the
                 # same in every sequence, and the model does not overflow on it unclipped
-                per_token = [n.input_std.detach().reshape(*keep.shape, -1).amax(-1) / n.sigma
-                             for n in frozen]  # (per-head norms: the largest head)
-                self.reach.append(torch.stack([(r * keep).amax(-1) for r in per_token]).amax(0))
+                self.reach.append(worst_ordinary(frozen, keep).exp())
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         loss = ce
@@ -360,8 +366,8 @@ class Trainer:
         def scale(module, args, kwargs):  # a decoder layer's hidden_states, given either way
             if args:
                 return (args[0] * factor.to(args[0].dtype), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * factor.to(
-                kwargs["hidden_states"].dtype)}
+            hidden = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": hidden * factor.to(hidden.dtype)}
 
         handle = block.register_forward_pre_hook(scale, with_kwargs=True)
         try:
@@ -745,8 +751,8 @@ class Trainer:
             finite = bool(torch.isfinite(loss))
             if finite:
                 self.acc.backward(loss)
-                finite = all(bool(torch.isfinite(p.grad).all())
-                             for p in self.model.parameters() if p.grad is not None)
+                finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in
+                                           self.model.parameters() if p.grad is not None]).all())
         self.optimizer.zero_grad(set_to_none=True)
         return not finite
 
