@@ -912,3 +912,48 @@ def test_a_checkpoint_write_that_fails_names_the_full_disk_and_removes_its_parti
     with pytest.raises(NolnError) as info:
         checkpoint.save_atomic({"step": 2}, last)
     assert "disk is full" not in str(info.value) and "unexpected pos" in str(info.value)
+
+
+@pytest.mark.parametrize("stages, needle", [
+    ("[{step: 4, set: {ctx: 32}}]", "stages: at step 4: 'ctx' is fixed for the whole run"),
+    ("[{step: 8, set: {lr: 1.0e-4}}, {step: 4, set: {lr: 2.0e-4}}]",
+     "stages at steps [8, 4]: give each step once, in rising order"),
+    ("[{step: 4, set: {stages: []}}]", "'stages' is fixed for the whole run"),
+    ("[{step: 0, set: {lr: 0.1}}]", "'stages.0.step' = 0 is invalid: must be >= 1"),
+    ("[{step: 4, set: {lr: -1}}]", "stages: at step 4: --lr -1 is invalid: must be > 0"),
+    ("[{step: 4, set: {bogus: 1}}]", "stages: at step 4: unknown setting 'bogus'"),
+    ("[{step: 4, set: {steps: 20}}]", "cannot change on --resume of a run with the fixed"),
+    ("[{step: 4, set: {overflow_clip: 2}}]", "--overflow-clip 2 clips the sequences"),
+])
+def test_a_bad_stage_is_one_line_before_anything_loads(capsys, tmp_path, stages, needle):
+    """Each stage is checked as --resume would check it, every value and every combination,
+    before the model loads or the run folder exists."""
+    out = tmp_path / "run"
+    code, err = run_main(capsys, "remove", tmp_path / "no-model", "--data", "builtin",
+                         "--out", out, *RUN_ARGS, f"stages={stages}")
+    one_error_line(code, err, needle)
+    assert not out.exists()
+
+
+def test_resume_adds_stages_to_come_and_refuses_one_the_run_has_passed(capsys, finished_run,
+                                                                       tmp_path):
+    """--resume may give the run stages: those after its checkpoint are made when it gets
+    there; one before it was never made, and the run says how to make it now."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpts = run / "checkpoints"
+    os.replace(ckpts / "prev.pt", ckpts / "last.pt")  # back to step 8, as if killed there
+    (run / "summary.json").unlink()
+    config = (run / "config.yaml").read_text()
+    code, err = run_main(capsys, "remove", "--resume", run, "stages=[{step: 4, set: {lr: 1.0e-4}}]")
+    one_error_line(code, err, "checkpoint is at step 8, after its stage at step 4, which it "
+                   "never made: give that stage's settings to --resume")
+    assert (run / "config.yaml").read_text() == config  # refused before anything is written
+    code, err = run_main(capsys, "remove", "--resume", run,
+                         "stages=[{step: 10, set: {lr: 1.0e-4}}, {step: 40, set: {lr: 1.0e-5}}]")
+    assert code == 0, err
+    assert "note: the stage at step 40 is at or past the run's end (12 steps)" in err
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "event" not in e] == list(range(12))
+    assert [e["step"] for e in log if e.get("event") == "stage"] == [10]
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 1e-4

@@ -136,3 +136,30 @@ def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tm
     empty.mkdir()
     with pytest.raises(NolnError, match="not a noln run folder"):
         noln.remove_with_control(out=empty, resume=True)
+
+
+def test_a_staged_removal_and_its_control_make_the_same_stages(tiny_model_dir, text_jsonl,
+                                                               tmp_path):
+    """A removal whose config lowers its lr at step 6 (``stages``): its control starts from
+    the settings the removal started with, not those it ended with, and makes the same stage
+    at the same step, so both runs see the same learning rates throughout."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, [
+        "remove", str(tiny_model_dir), "--data", str(text_jsonl), "--out", str(out),
+        "--control", "--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3",
+        "--schedule", "fixed", "--format", "none", "--quiet",
+        "stages=[{step: 6, set: {lr: 2.0e-4, warmup_steps: 0}}]"])
+    assert r.exit_code == 0, r.output
+    assert "step 6, the config's stage: lr 0.0002, warmup_steps 0" in r.output
+    lrs = {}
+    for name, run in (("no_ln", out), ("control", out / "control")):
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        lrs[name] = [e["lr"] for e in log if "event" not in e]
+        assert [e for e in log if e.get("event") == "stage"] == \
+            [{"event": "stage", "step": 6, "set": {"lr": 2e-4, "warmup_steps": 0}}]
+        first = yaml.safe_load((run / "config.first.yaml").read_text())
+        last = yaml.safe_load((run / "config.yaml").read_text())
+        assert (first["lr"], last["lr"], last["keep_ln"]) == (1e-3, 2e-4, name == "control")
+    assert lrs["no_ln"] == lrs["control"] and len(lrs["no_ln"]) == 12
+    assert lrs["no_ln"][6] < 0.3 * lrs["no_ln"][5]
+    assert (out / "table.md").is_file()

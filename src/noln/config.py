@@ -220,6 +220,18 @@ class TrainConfig(BaseModel):
         return self.steps
 
 
+class Stage(BaseModel):
+    """A change a run makes to itself at a step, as stopping there and ``noln remove --resume
+    RUN KEY=VALUE ...`` would: a recipe's phases (a lift that ends at once, a loss switched
+    off) in one config, so the whole run is one command and its control follows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=1, **describe_field("the training step at which the change applies"))
+    set: dict[str, Any] = Field(min_length=1, **describe_field(
+        "settings --resume may change (lr, aux_weight, special_fade, skip_overflow ...)"))
+
+
 class RemoveConfig(TrainConfig):
     """A removal run (``noln remove``): the training settings, plus the model, its data, the
     schedule, the objective and the export."""
@@ -336,6 +348,9 @@ class RemoveConfig(TrainConfig):
         "weight of KL to the original model (the rest is CE)"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
         "export: hf | clean | both | none", flag="--format"))
+    stages: list[Stage] = Field(default_factory=list, **describe_field(
+        "changes the run makes to itself at given steps, each as a --resume with those "
+        "settings there: [{step: 2000, set: {skip_overflow: true}}, ...] (steps rising)"))
 
     @model_validator(mode="after")
     def _combinations(self) -> RemoveConfig:
@@ -376,6 +391,9 @@ class RemoveConfig(TrainConfig):
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
+        steps = [stage.step for stage in self.stages]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"stages at steps {steps}: give each step once, in rising order")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")
@@ -694,7 +712,61 @@ def make_config(**kwargs) -> RemoveConfig:
         raise NolnError("the run has no length: give --steps N or --tokens N")
     if cfg.schedule not in ("fixed", "adaptive"):
         check_schedule_file(cfg.schedule)
+    staged_configs(cfg)
     return cfg
+
+
+def staged_configs(cfg: RemoveConfig) -> list[RemoveConfig]:
+    """The run's config after each of its ``stages``, every change checked as ``--resume``
+    checks it (``resume_config``), so a bad stage is refused before anything loads."""
+    configs, saved = [], {**cfg.model_dump(mode="json"), "stages": []}
+    for stage in cfg.stages:
+        where = f"stages: at step {stage.step}:"
+        fixed = sorted(({"stages", "out"} | set(RESUME_FIXED)) & set(stage.set))
+        if fixed:
+            raise NolnError(f"{where} '{fixed[0]}' is fixed for the whole run; a stage sets what "
+                            "--resume may change (lr, aux_weight, special_fade, skip_overflow ...)")
+        unknown = sorted(set(stage.set) - set(RemoveConfig.model_fields))
+        if unknown:
+            raise NolnError(f"{where} unknown setting '{unknown[0]}'")
+        try:
+            staged, _, _ = resume_config(Path(cfg.out or "."), saved, stage.set)
+        except NolnError as e:
+            raise NolnError(f"{where} {e}") from None
+        configs.append(staged)
+        saved = staged.model_dump(mode="json")
+    return configs
+
+
+def config_at_stage(first: dict[str, Any], stage: int) -> dict[str, Any]:
+    """The settings of a run that started with ``first`` once it has made the stages of its
+    config up to the one at step ``stage`` (0: none)."""
+    cfg = make_config(**first)
+    made = [c for s, c in zip(cfg.stages, staged_configs(cfg)) if s.step <= stage]
+    return {**made[-1].model_dump(mode="json"), "stages": first.get("stages", [])} if made \
+        else first
+
+
+def stage_due(stages: list[Stage], step: int, applied: int) -> Stage | None:
+    """The stage the run makes at ``step`` (None: none), unless it is at or before the last
+    stage already ``applied`` (its step; 0: none yet)."""
+    return next((s for s in stages if s.step == step and s.step > applied), None)
+
+
+def check_stages_reached(stages: list[Stage], step: int, applied: int) -> None:
+    """A run resumed at ``step`` that has made its stages up to ``applied`` cannot make one
+    between them (given on --resume after the run passed it)."""
+    missed = [s.step for s in stages if applied < s.step < step]
+    if missed:
+        raise NolnError(f"the run's checkpoint is at step {step}, after its stage at step "
+                        f"{missed[0]}, which it never made: give that stage's settings to "
+                        "--resume, or a later step")
+
+
+def next_stage_step(stages: list[Stage], step: int, applied: int) -> int | None:
+    """Where the run must stop to make its next stage: the first one not yet ``applied``
+    at or after ``step``."""
+    return next((s.step for s in stages if s.step >= step and s.step > applied), None)
 
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
@@ -704,7 +776,8 @@ RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ct
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
                      "special_fade", "probe_every", "eval_sets", "max_retries",
                      "checkpoint_every", "checkpoint_keep", "progress", "export_format",
-                     "precision", "compile", "grad_checkpointing", "fsdp", "micro_batch_size")
+                     "precision", "compile", "grad_checkpointing", "fsdp", "micro_batch_size",
+                     "stages")
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",

@@ -31,7 +31,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from noln.arch import NormAdapter, canonical_site, context_length, install
-from noln.config import RemoveConfig, make_config, read_config_file, resume_config
+from noln.checkpoint import load_checkpoint
+from noln.config import (
+    RemoveConfig,
+    Stage,
+    check_stages_reached,
+    make_config,
+    read_config_file,
+    resume_config,
+    stage_due,
+)
 from noln.data import (
     BUILTIN,
     check_source,
@@ -179,6 +188,9 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         cfg, changed, notes = resume_config(run.root, read_config_file(run.config),
                                             {"model": model, "data": data,
                                              "eval_sets": eval_sets or None, **overrides})
+        if cfg.stages:  # before anything is written: a stage the run has already passed
+            state = load_checkpoint(run.latest_checkpoint())["state"]
+            check_stages_reached(cfg.stages, int(state["step"]), int(state.get("stage", 0)))
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
@@ -187,16 +199,28 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         cfg = config.model_copy(update=sets) if config is not None else \
             make_config(model=model, data=data, out=out, **sets, **overrides)
         changed = {}
-    with claim_run_folder(Path(cfg.out), resume=resume is not None, overwrite=overwrite,
-                          main=ranks.is_main_process) as claim:
-        resuming = resume is not None
-        t_start = time.time()
-        removal = setup(cfg, resuming, ranks)
-        # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr, --resume)
-        # a clip given now gives the sequences dropped before it a try under the clip
-        trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed,
-                               retry_skipped="overflow_clip" in changed and cfg.overflow_clip > 0)
-        return finish(removal, trainer, state, ranks, t_start)
+    resuming, stage, t_start = resume is not None, None, time.time()
+    while True:  # once, or once per stage of the config (each a resume with its settings)
+        with claim_run_folder(Path(cfg.out), resume=resuming, overwrite=overwrite,
+                              main=ranks.is_main_process) as claim:
+            removal = setup(cfg, resuming, ranks)
+            # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr,
+            # --resume); a clip given now gives the sequences dropped before it a try, clipped
+            trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed,
+                                   retry_skipped="overflow_clip" in changed and
+                                   cfg.overflow_clip > 0, stage=stage)
+            stage = stage_due(cfg.stages, state.step, state.stage)
+            if stage is None or state.step >= trainer.total_steps:
+                return finish(removal, trainer, state, ranks, t_start)
+        del removal, trainer  # the model of this stretch, before the next one loads
+        run = RunFolder(cfg.out)
+        if ranks.is_main_process and not run.first_config.exists():
+            shutil.copyfile(run.config, run.first_config)  # the control starts from it
+        cfg, changed, _ = resume_config(run.root, read_config_file(run.config), stage.set)
+        if ranks.is_main_process:
+            console.print(f"step {stage.step}, the config's stage: " + ", ".join(
+                f"{k} {v}" for k, v in stage.set.items()), highlight=False, soft_wrap=True)
+        resuming = True
 
 
 def _ranks():
@@ -277,6 +301,10 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
             cfg.export_format in ("hf", "clean", "both"):
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
                       f"{len(adapter.sites)} sites; the export needs all of them[/]")
+    late = [stage.step for stage in cfg.stages if stage.step >= steps]
+    if late and ranks.is_main_process:
+        console.print(f"[yellow]note: the stage at step {late[0]} is at or past the run's end "
+                      f"({steps:,} steps): it is never made[/]", highlight=False)
     train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
     check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
     sets = evaluation_sets(cfg, heldout, tokenizer, ctx)
@@ -299,7 +327,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
 
 
 def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False,
-          retry_skipped: bool = False) -> tuple[Trainer, TrainState]:
+          retry_skipped: bool = False, stage: Stage | None = None
+          ) -> tuple[Trainer, TrainState]:
     """The loop (``noln.train``), from step 0 or the run's last checkpoint, to the end; the
     folder's claim learns when training starts (before it, a failed run cleans up)."""
     cfg = r.cfg
@@ -314,7 +343,8 @@ def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False
         console.print("[yellow]note: --fsdp shards over the processes of a launcher (accelerate "
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
     claim.started()
-    state = trainer.fit(resume=resuming, reset_guard=reset_guard, retry_skipped=retry_skipped)
+    state = trainer.fit(resume=resuming, reset_guard=reset_guard, retry_skipped=retry_skipped,
+                        stage=stage)
     return trainer, state
 
 
@@ -419,8 +449,9 @@ def remove_with_control(model: str | None = None, data: str | None = None,
 
     The removal goes first: if it ends unfinished (a stalled schedule, a fade still running),
     the control's compute is not spent and ``{"no_ln": summary}`` is returned. The control's
-    settings are the removal run's own ``config.yaml`` with ``keep_ln``, so ``resume=True``
-    also adds a control to a run begun without one."""
+    settings are the removal run's own ``config.yaml`` with ``keep_ln`` (a staged removal's
+    first settings, ``config.first.yaml``, and the control makes the same stages), so
+    ``resume=True`` also adds a control to a run begun without one."""
     overrides.pop("keep_ln", None)  # each run sets its own
     # read before training: a missing or malformed HellaSwag is an error now, not after two runs
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
@@ -445,8 +476,11 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 if not other.config.is_file():
                     raise NolnError(f"'{out}' is not a noln run folder (no config.yaml): "
                                     "check --resume")
-                cfg = RemoveConfig.from_yaml(other.config, **{**overrides, "out": str(run.root),
-                                                              "keep_ln": keep})
+                # (a staged removal: the settings it started with; the control makes the
+                # same stages at the same steps)
+                first = other.first_config if other.first_config.is_file() else other.config
+                cfg = RemoveConfig.from_yaml(first, **{**overrides, "out": str(run.root),
+                                                       "keep_ln": keep})
                 # a control killed before its first checkpoint cannot be resumed: it starts
                 # again (only noln's files in out/control are replaced; never the removal's,
                 # whose folder holds the control)

@@ -2,7 +2,9 @@
 
 One module owns every path in a run folder (``RunFolder``): ``config.yaml`` (the run's
 settings), ``base/`` (the model's config and tokenizer, to rebuild it on resume),
-``checkpoints/last.pt`` and ``prev.pt`` (and ``step-N.pt``, kept with ``checkpoint_keep``),
+``config.first.yaml`` (the settings it started with, kept once a stage of its config has
+changed them), ``checkpoints/last.pt`` and ``prev.pt`` (and ``step-N.pt``, kept with
+``checkpoint_keep``),
 ``log.jsonl`` (one record per step or event),
 ``summary.json``, ``loss.png``, ``model/`` and ``model-clean/`` (exports); a ``--control`` pair
 adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, ``compare/``.
@@ -31,15 +33,15 @@ from transformers import AutoModelForCausalLM
 
 from noln.arch import install
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
-from noln.config import branch_config
+from noln.config import branch_config, config_at_stage
 from noln.errors import NolnError
 from noln.pretrained import load_config, load_tokenizer
 
 LOCK = ".noln.lock"
 # everything noln writes in a run folder (remove, --control, pretrain); nothing else is deleted
-NOLN_OUTPUTS = ("config.yaml", "base", "checkpoints", "log.jsonl", "summary.json", "loss.png",
-                "model", "model-clean", "control", "table.md", "comparison.json", "compare",
-                LOCK)
+NOLN_OUTPUTS = ("config.yaml", "config.first.yaml", "base", "checkpoints", "log.jsonl",
+                "summary.json", "loss.png", "model", "model-clean", "control", "table.md",
+                "comparison.json", "compare", LOCK)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class RunFolder:
         object.__setattr__(self, "root", Path(self.root))
 
     config = property(lambda self: self.root / "config.yaml")
+    first_config = property(lambda self: self.root / "config.first.yaml")
     base = property(lambda self: self.root / "base")
     checkpoints = property(lambda self: self.root / "checkpoints")
     last_checkpoint = property(lambda self: self.checkpoints / "last.pt")
@@ -166,7 +169,6 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
                         "to branch from")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NolnError(f"--out '{out}' exists and is not empty: a branch goes in a new folder")
-    config = branch_config(yaml.safe_load(src.config.read_text()), settings or {})
     ckpt = src.kept_checkpoint(step)
     # or the run's last checkpoint, where it is of that step (a finished run's end)
     last = load_checkpoint(src.last_checkpoint)["state"] if not ckpt.is_file() and \
@@ -180,10 +182,17 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
             "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)")
             + (f", and its last checkpoint is of step {last['step']}" if last else ""))
     state = last if ckpt == src.last_checkpoint else load_checkpoint(ckpt)["state"]
+    # a staged run's settings as they were at that step: its first ones with the stages made
+    first = yaml.safe_load(src.first_config.read_text()) if src.first_config.is_file() else None
+    saved = yaml.safe_load(src.config.read_text()) if first is None else \
+        config_at_stage(first, int(state.get("stage", 0)))
+    config = branch_config(saved, settings or {})
     log_lines = int(state["log_lines"])  # the log as it was then
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src.base, dst.base)
     dst.config.write_text(yaml.safe_dump({**config, "out": str(out)}, sort_keys=False))
+    if first is not None:  # its control starts from the lineage's first settings
+        dst.first_config.write_text(yaml.safe_dump({**first, "out": str(out)}, sort_keys=False))
     lines = src.log.read_text().splitlines(keepends=True)[:log_lines] if src.log.exists() else []
     dst.log.write_text("".join(lines))
     dst.checkpoints.mkdir()

@@ -35,7 +35,7 @@ from torch import nn
 
 from noln.arch import NormAdapter
 from noln.checkpoint import load_checkpoint, save_atomic
-from noln.config import RemoveConfig, TrainConfig
+from noln.config import RemoveConfig, Stage, TrainConfig, next_stage_step
 from noln.errors import NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
@@ -125,6 +125,7 @@ class TrainState:
     skipped: list[int] = field(default_factory=list)
     # those it overflows on that train under the outlier clip instead (overflow_clip)
     clipped: list[int] = field(default_factory=list)
+    stage: int = 0  # the step of the last of the config's stages made (0: none)
 
 
 def worst_ordinary(norms: list, keep: torch.Tensor, absolute: bool = False) -> torch.Tensor:
@@ -514,15 +515,21 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, resume: bool = False, reset_guard: bool = False,
-            retry_skipped: bool = False) -> TrainState:
-        """Train to the end (from the last checkpoint with ``resume``). ``reset_guard``: the
-        resumed run has a new learning rate, which replaces the one the guard lowered.
-        ``retry_skipped``: the resumed run has a new ``overflow_clip``, so the sequences it
-        dropped (``skip_overflow``) come back, clipped."""
+            retry_skipped: bool = False, stage: Stage | None = None) -> TrainState:
+        """Train to the end (from the last checkpoint with ``resume``), or to the step of the
+        config's next stage (``stages``), saved there: the caller makes the stage's changes
+        and resumes. ``reset_guard``: the resumed run has a new learning rate, which replaces
+        the one the guard lowered. ``retry_skipped``: the resumed run has a new
+        ``overflow_clip``, so the sequences it dropped (``skip_overflow``) come back, clipped.
+        ``stage``: the resumed run has just made this stage of its config (at its step)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        stages = getattr(self.cfg, "stages", [])
         if resume:
             self.restore(load_checkpoint(latest_checkpoint(self.out)))
             self._truncate_log()
+            if stage is not None:
+                self.state.stage = stage.step
+                self.log({"event": "stage", "step": self.state.step, "set": stage.set})
             if reset_guard:
                 self.state.lr_scale, self.state.failures = 1.0, 0
             retry_skipped = retry_skipped and bool(self.state.skipped)
@@ -536,8 +543,8 @@ class Trainer:
                 self.log({"event": "clipped", "step": self.state.step, "sequences": retried,
                           "clip": self.removal.overflow_clip, "clipped": len(self.state.clipped),
                           "replay": len(self.state.replay), "retried": True})
-            if reset_guard or retry_skipped:  # a guard restore goes back to the run as changed
-                self.save()
+            if reset_guard or retry_skipped or stage is not None:
+                self.save()  # a guard restore goes back to the run as changed
         else:
             self.log_path.unlink(missing_ok=True)
         if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
@@ -550,10 +557,12 @@ class Trainer:
         progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
                              self.state.step)
         tokens_per_step = self.cfg.batch_size * self.ctx
+        stop = next_stage_step(stages, self.state.step, self.state.stage)
+        end = self.total_steps if stop is None else min(stop, self.total_steps)
         model = self.model
         model.train()
         with progress:
-            while self.state.step < self.total_steps:
+            while self.state.step < end:
                 step, t0 = self.state.step, time.perf_counter()
                 self.noise_rng.manual_seed(self.cfg.seed * 1_000_003 + step)
                 self.remove_due(step)
@@ -627,7 +636,7 @@ class Trainer:
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
                                 self.schedule.next_label(self.state.step))
                 if self.state.step % self.cfg.checkpoint_every == 0 or \
-                        self.state.step == self.total_steps:
+                        self.state.step in (self.total_steps, stop):
                     self.save()
         return self.state
 
