@@ -146,9 +146,11 @@ def test_freeze_from_checkpoint_prunes_the_sink_circuit_first(tiny_model_dir, te
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")
     script = ["bench/freeze_from_checkpoint.py", ckpt, "--data", str(text_jsonl),
               "--blocks", "4", "--ctx", "32", "--roles", "mlp_in", "--clip", "0"]
-    out = subprocess.run([sys.executable, *script, "--prune-sinks", "3", "--original",
+    # (8 per block: the tiny model is near uniform, CE ~ln 500, and 3 moved it by < 5e-5 on
+    # one CPU, below the 4 decimals printed)
+    out = subprocess.run([sys.executable, *script, "--prune-sinks", "8", "--original",
                           str(tiny_model_dir)], capture_output=True, text=True, check=True).stdout
-    assert "pruned 6 neurons (3 per block" in out
+    assert "pruned 16 neurons (8 per block" in out
     before, after = (float(line.split("CE ")[1].split()[0].rstrip(":")) for line in
                      out.splitlines() if line.startswith((ckpt, "pruned")))
     assert before != after
