@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On the device machine, in the repository root (bench/gpu/README.md).
+#   install: install the carried wheels and check that noln sees the GPU, nothing else
 #   setup: install the carried wheels, check noln imports and sees the GPU; issue 12's bf16 vs
 #          fp32 removal on ref-gpt2-6L; issue 15's GPU rows (training throughput, with and
 #          without --compile); results into $OUT
 #   run:   join the GGUF, unpack the data, SmolLM2 removal with its control and the papers'
 #          table (HellaSwag, first 2,000 items), the export check; results into $OUT
 set -uo pipefail
-phase=${1:?usage: smollm2.sh setup|run}
+phase=${1:?usage: smollm2.sh install|setup|run}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .device/a/whl/*.whl || exit 3
@@ -14,6 +15,7 @@ python3 -c "import torch, noln, datasets, gguf; print('noln', noln.__version__, 
   torch.__version__, torch.cuda.get_device_name())" || exit 3
 noln="python3 -m noln.cli"  # timeout runs programs, not shell functions
 case $phase in
+install) ;;  # the wheels and the check above only: call 1 of a session that runs only SmolLM2
 setup)
   # issue 12: a bf16 removal against fp32 ones on ref-gpt2-6L (the seed-to-seed spread of fp32
   # is the yardstick), all three side by side, the removal_quality.py "adaptive" settings
