@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import (
@@ -139,8 +140,8 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
     if check_family:
         check_supported(config)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code())
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code())
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         _raise_remote_code(name, e)
         first = " ".join(str(e).split())[:200]
@@ -148,3 +149,27 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
                 if isinstance(e, SafetensorError | OSError) else "is the folder complete?")
         raise NolnError(f"cannot read the weights of '{name}' ({type(e).__name__}: {first}): "
                         f"{hint}") from None
+    return aligned(model)
+
+
+# bytes: what PyTorch's CPU allocator gives every new tensor
+ALIGNMENT = 64
+
+
+def aligned(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer in memory of its own, ``ALIGNMENT``-aligned.
+    ``from_pretrained`` may leave tensors at 8-byte offsets of the weights file, and CPU
+    kernels round differently on unaligned memory (GPT-2's V-path ``addmv``: a bias gradient
+    1 ulp off), so a run resumed into a model built from its config, whose tensors are
+    aligned, drifted ~1e-7 from the run that never stopped (docs/BENCHMARKS.md). Tied
+    weights stay tied: a shared parameter is one object, copied once."""
+    copies: dict[int, torch.Tensor] = {}  # a buffer two modules share stays shared
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.data_ptr() % ALIGNMENT:
+                    p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None and b.data_ptr() % ALIGNMENT:
+                    module._buffers[name] = copies.setdefault(id(b), b.clone())
+    return model
