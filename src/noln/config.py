@@ -750,7 +750,8 @@ def config_at_stage(first: dict[str, Any], stage: int) -> dict[str, Any]:
 def stage_due(stages: list[Stage], step: int, applied: int) -> Stage | None:
     """The stage the run makes at ``step`` (None: none), unless it is at or before the last
     stage already ``applied`` (its step; 0: none yet)."""
-    return next((s for s in stages if s.step == step and s.step > applied), None)
+    due = next_stage_step(stages, step, applied) == step
+    return next(s for s in stages if s.step == step) if due else None
 
 
 def check_stages_reached(stages: list[Stage], step: int, applied: int) -> None:

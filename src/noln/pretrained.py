@@ -170,6 +170,6 @@ def aligned(model: nn.Module) -> nn.Module:
                 if p.data_ptr() % ALIGNMENT:
                     p.data = p.data.clone()
             for name, b in module.named_buffers(recurse=False):
-                if b is not None and b.data_ptr() % ALIGNMENT:
+                if b.data_ptr() % ALIGNMENT:
                     module._buffers[name] = copies.setdefault(id(b), b.clone())
     return model

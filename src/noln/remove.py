@@ -212,8 +212,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             stage = stage_due(cfg.stages, state.step, state.stage)
             if stage is None or state.step >= trainer.total_steps:
                 return finish(removal, trainer, state, ranks, t_start)
+        run = removal.run
         del removal, trainer  # the model of this stretch, before the next one loads
-        run = RunFolder(cfg.out)
         if ranks.is_main_process and not run.first_config.exists():
             shutil.copyfile(run.config, run.first_config)  # the control starts from it
         cfg, changed, _ = resume_config(run.root, read_config_file(run.config), stage.set)
