@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -124,6 +125,46 @@ def test_two_processes_match_one(one_process_run, tiny_model_dir, text_jsonl, tm
     assert set(summary["exports"]) == {"hf", "clean"}
     noln.load_model(two / "model")
     noln.load_model(two / "model-clean")
+    _assert_same_run(one_process_run, two)
+
+
+def test_sigterm_to_one_process_stops_both_after_one_saved_step(one_process_run, tiny_model_dir,
+                                                               text_jsonl, tmp_path):
+    """A stop signal can reach one process steps before the other (here only rank 1 gets it):
+    with each step's loss the processes agree to stop after the same step, save it and exit,
+    and resumed on two processes the run is the one-process run."""
+    two = tmp_path / "two"
+    stopper = tmp_path / "stop_rank_1.py"
+    stopper.write_text(textwrap.dedent(f"""
+        import os, signal, threading, time
+        from pathlib import Path
+        from noln.cli import main
+
+        log = Path({str(two / "log.jsonl")!r})
+
+        def steps_logged():
+            lines = log.read_text().splitlines() if log.exists() else []
+            return sum('"loss"' in line and '"event"' not in line for line in lines)
+
+        def stop():  # rank 1 alone, once rank 0 has logged 10 steps
+            while steps_logged() < 10:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        if os.environ["RANK"] == "1":
+            threading.Thread(target=stop, daemon=True).start()
+        main()
+        """))
+    stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", str(stopper),
+                              *_args(tiny_model_dir, text_jsonl, two, 2)],
+                             env=_env(), timeout=300, capture_output=True, text=True)
+    assert stopped.returncode != 0
+    step = load_checkpoint(two / "checkpoints" / "last.pt")["step"]
+    logged = [e for e in _read(two)[1] if "event" not in e]
+    assert 10 <= step < STEPS and len(logged) == step, stopped.stderr[-2000:]
+    assert f"interrupted: saved at step {step}" in stopped.stderr
+    _launch_two("remove", "--resume", str(two), "--quiet")
     _assert_same_run(one_process_run, two)
 
 

@@ -130,6 +130,81 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_
     _resume_and_compare(killed, whole, env)
 
 
+def test_sigterm_saves_the_step_in_progress_and_says_so(tiny_model_dir, text_jsonl, tmp_path):
+    """`kill` (SIGTERM, as a cluster's scheduler stops a job) mid-run: the step in progress
+    ends and is saved before the run stops, so the checkpoint holds every logged step (not the
+    last multiple of --checkpoint-every), the message names that step, and the resumed run
+    ends with the uninterrupted run's exact weights."""
+    env = DETERMINISTIC
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(*_run_args(tiny_model_dir, text_jsonl, whole)), check=True, env=env)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli(*_run_args(tiny_model_dir, text_jsonl, stopped)), env=env,
+                            stderr=subprocess.PIPE, text=True)
+    log = stopped / "log.jsonl"
+
+    def steps_logged() -> int:
+        return sum(1 for line in log.read_text().splitlines()
+                   if '"loss"' in line and '"event"' not in line) if log.exists() else 0
+
+    deadline = time.time() + 120
+    while time.time() < deadline and steps_logged() < 9:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    step = load_checkpoint(stopped / "checkpoints" / "last.pt")["step"]
+    assert 9 <= step < 24 and step == steps_logged(), "the checkpoint holds each logged step"
+    assert f"interrupted: saved at step {step}; continue it with `noln remove --resume " \
+        f"{stopped}`" in stderr and "Traceback" not in stderr
+    _resume_and_compare(stopped, whole, env)
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_ends_the_step_and_saves_and_a_second_stops_at_once(
+        tiny_model_dir, text_jsonl, tmp_path, monkeypatch, one_thread, signals):
+    """In the loop, a Ctrl-C lets the step in progress end and saves it (Interrupted, with
+    the step), and the resumed run ends bitwise where the uninterrupted one ends; a second
+    Ctrl-C stops at once, and the run keeps its last checkpoint."""
+    from noln.errors import Interrupted
+    from noln.train import Trainer
+
+    model, data = str(tiny_model_dir), str(text_jsonl)
+    base = dict(schedule="fixed", export_format="none", **{**FAST, "steps": 12})
+    whole = noln.remove_layernorm(model, data, tmp_path / "whole", **base)
+    real_loss = Trainer.loss
+
+    def loss(self, *args, **kwargs):
+        if self.state.step == 7 and not sent:
+            sent.append(True)
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, mid-step
+        return real_loss(self, *args, **kwargs)
+
+    sent: list[bool] = []
+    monkeypatch.setattr(Trainer, "loss", loss)
+    # as in a terminal: a suite started in the background inherits SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            noln.remove_layernorm(model, data, tmp_path / "run", **base)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    if signals == 2:
+        assert not isinstance(stopped.value, Interrupted) and last["step"] == 5
+        return
+    assert isinstance(stopped.value, Interrupted) and stopped.value.step == last["step"] == 8
+    monkeypatch.setattr(Trainer, "loss", real_loss)
+    noln.remove_layernorm(resume=tmp_path / "run")
+    a = load_checkpoint(whole.out / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
 def test_guard_restores_checkpoint_and_lowers_lr_after_a_nan(tiny_model_dir, text_jsonl,
                                                              tmp_path, monkeypatch):
     from noln import train

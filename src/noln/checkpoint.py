@@ -46,17 +46,27 @@ def plain(obj):
     return obj
 
 
+def _interrupting() -> dict:
+    """The signals whose handler now stops noln as Ctrl-C does, with that handler: SIGINT's
+    default, SIGTERM as the CLI installs it, or either inside ``stop_after_step``. Empty off
+    the main thread (only it receives signals); a signal ignored (a shell's background job
+    ignores SIGINT) or handled by someone else is not one."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_interrupt}
+    return {sig: h for sig in ours for h in (signal.getsignal(sig),)
+            if h is ours[sig] or getattr(h, "stops_after_step", False)}
+
+
 @contextmanager
 def ctrl_c_after() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT), or a SIGTERM handled as one, that arrives inside the block and
-    raise it as KeyboardInterrupt when the block ends. Only the main thread receives signals;
-    elsewhere, and for a signal ignored or handled by someone else, the block runs as it is."""
-    interrupting = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_interrupt}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    hand it to the handler it was held from when the block ends: raised as KeyboardInterrupt,
+    or in a training loop noted to stop after the step (``stop_after_step``). Only the main
+    thread receives signals; elsewhere, and for a signal ignored or handled by someone else,
+    the block runs as it is."""
     held: list[int] = []
-    saved = {sig: h for sig, h in interrupting.items() if signal.getsignal(sig) is h}
+    saved = _interrupting()
     for sig in saved:
         signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
@@ -64,8 +74,32 @@ def ctrl_c_after() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    if held:
-        raise KeyboardInterrupt
+    for sig in held:
+        saved[sig](sig, None)
+
+
+@contextmanager
+def stop_after_step() -> Iterator[list[int]]:
+    """Inside the block (a training loop), a first Ctrl-C, or SIGTERM handled as one, is noted
+    in the yielded list instead of raised: the loop finishes its step, saves and stops
+    (``noln.errors.Interrupted``). A second one raises KeyboardInterrupt at once, and the run
+    keeps its last checkpoint. A save (``ctrl_c_after``) still holds either until it ends."""
+    asked: list[int] = []
+
+    def ask(signum: int, frame) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    ask.stops_after_step = True
+    saved = _interrupting()
+    for sig in saved:
+        signal.signal(sig, ask)
+    try:
+        yield asked
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def save_atomic(obj: dict, path: Path) -> None:

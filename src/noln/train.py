@@ -34,9 +34,9 @@ from rich.progress import (
 from torch import nn
 
 from noln.arch import NormAdapter
-from noln.checkpoint import load_checkpoint, save_atomic
+from noln.checkpoint import load_checkpoint, save_atomic, stop_after_step
 from noln.config import RemoveConfig, Stage, TrainConfig, next_stage_step
-from noln.errors import NolnError
+from noln.errors import Interrupted, NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
 from noln.precision import autocast, resolve_precision
@@ -557,11 +557,12 @@ class Trainer:
         progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
                              self.state.step)
         tokens_per_step = self.cfg.batch_size * self.ctx
-        stop = next_stage_step(stages, self.state.step, self.state.stage)
-        end = self.total_steps if stop is None else min(stop, self.total_steps)
+        stage_step = next_stage_step(stages, self.state.step, self.state.stage)
+        end = self.total_steps if stage_step is None else min(stage_step, self.total_steps)
         model = self.model
         model.train()
-        with progress:
+        # Ctrl-C or SIGTERM: the step in progress ends and is saved before the run stops
+        with progress, stop_after_step() as asked:
             while self.state.step < end:
                 step, t0 = self.state.step, time.perf_counter()
                 self.noise_rng.manual_seed(self.cfg.seed * 1_000_003 + step)
@@ -594,10 +595,12 @@ class Trainer:
                 grad_norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.clip_at(step))
                 if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor
                     grad_norm = grad_norm.full_tensor()
-                ce_mean = self.acc.reduce(ce_sum, reduction="mean")
-                ce_val, grad_norm, site_aux = torch.stack([ce_mean, torch.as_tensor(
+                # with the loss, whether any process was asked to stop: all stop at one step
+                ce_mean, stop = self.acc.reduce(torch.stack([ce_sum, torch.tensor(
+                    float(bool(asked)), device=ce_sum.device)]), reduction="mean").unbind()
+                ce_val, grad_norm, site_aux, stop = torch.stack([ce_mean, torch.as_tensor(
                     grad_norm, device=ce_mean.device, dtype=ce_mean.dtype),
-                    self.site_aux_term.to(ce_mean.dtype)]).tolist()  # one sync
+                    self.site_aux_term.to(ce_mean.dtype), stop]).tolist()  # one sync
                 # a finite loss can still come with inf/nan gradients (an activation past
                 # float range in the backward pass); clipping would turn them into nan weights
                 if self._exploded(ce_val) or not math.isfinite(grad_norm):
@@ -636,8 +639,10 @@ class Trainer:
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
                                 self.schedule.next_label(self.state.step))
                 if self.state.step % self.cfg.checkpoint_every == 0 or \
-                        self.state.step in (self.total_steps, stop):
+                        self.state.step in (self.total_steps, stage_step) or stop:
                     self.save()
+                if stop:
+                    raise Interrupted(self.state.step)
         return self.state
 
     def update_replay(self, step: int, indices: torch.Tensor, worst: torch.Tensor) -> None:

@@ -3,11 +3,13 @@ linearize, attribute. Every user-fixable problem is one red line and exit code 2
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +29,7 @@ from noln.config import (
     merge_layers,
     read_config_file,
 )
-from noln.errors import NolnError, raise_interrupt
+from noln.errors import Interrupted, NolnError, raise_interrupt
 from noln.trust import set_trust_remote_code
 
 app = typer.Typer(help="Remove normalisation from pretrained transformers, evaluate what is "
@@ -44,6 +46,26 @@ def _options(
         "`noln eval MODEL --trust-remote-code` works too")] = False,
 ) -> None:
     set_trust_remote_code(trust_remote_code)
+
+
+# the folder of the run a command is training, once the command has resolved it (from --out,
+# --resume, a --config file's `out` or the default runs/MODEL), for the Ctrl-C hint
+_RUN_FOLDER: dict[str, Path] = {}
+# the step a training loop saved when Ctrl-C stopped it between steps (typer turns the
+# exception into exit code 130, so the hint finds it here)
+_INTERRUPTED: list[Interrupted] = []
+
+
+def _noting_interrupts(command: Callable) -> Callable:
+    """``command``, keeping the ``Interrupted`` it stops with for the Ctrl-C hint."""
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        try:
+            return command(**values)
+        except Interrupted as e:
+            _INTERRUPTED.append(e)
+            raise
+    return run
 
 
 def remove(
@@ -128,7 +150,7 @@ def remove(
     _print_summary(result.summary)
 
 
-app.command("remove")(with_settings(remove, RemoveConfig, skip=("model",)))
+app.command("remove")(_noting_interrupts(with_settings(remove, RemoveConfig, skip=("model",))))
 
 
 def _removal(eval_specs: list[str] | None):
@@ -252,7 +274,7 @@ def pretrain(
                   f"tokens; val CE {ce['mean']:.4f} ± {ce['ci95']:.4f}; model in {r.out}")
 
 
-app.command("pretrain")(with_settings(pretrain, PretrainConfig))
+app.command("pretrain")(_noting_interrupts(with_settings(pretrain, PretrainConfig)))
 
 
 @app.command()
@@ -290,24 +312,22 @@ def fill_optional_values(argv: list[str]) -> list[str]:
     return out
 
 
-# the folder of the run a command is training, once the command has resolved it (from --out,
-# --resume, a --config file's `out` or the default runs/MODEL), for the Ctrl-C hint
-_RUN_FOLDER: dict[str, Path] = {}
-
-
-def _interrupt_hint(argv: list[str]) -> str:
-    """What to do after Ctrl-C: a training command names the way to continue it."""
+def _interrupt_hint(argv: list[str], e: BaseException | None = None) -> str:
+    """What to do after Ctrl-C: a training command names the way to continue it (and the step
+    it saved, where the loop stopped between steps: ``Interrupted``)."""
     command = next((a for a in argv if not a.startswith("-")), "")
 
     def value(flag: str) -> str | None:
         return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), None)
 
+    e = e if isinstance(e, Interrupted) else next(reversed(_INTERRUPTED), None)
+    kept = f"saved at step {e.step}" if e is not None else "the run keeps its last checkpoint"
     if command == "remove":
         run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
-        return ("interrupted: the run keeps its last checkpoint; continue it with `noln remove "
+        return (f"interrupted: {kept}; continue it with `noln remove "
                 f"--resume {run or 'OUT'}`" + (" --control" if "--control" in argv else ""))
     if command == "pretrain":
-        return "interrupted: the run keeps its last checkpoint; add --resume to the same command"
+        return f"interrupted: {kept}; add --resume to the same command"
     return "interrupted"
 
 
@@ -357,8 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         err.print("[yellow]aborted[/]")
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print(f"[yellow]{escape(_interrupt_hint(argv))}[/]", highlight=False, soft_wrap=True)
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{escape(_interrupt_hint(argv, e))}[/]", highlight=False,
+                  soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
         if hasattr(e, "exit_code") and hasattr(e, "format_message"):  # click's usage errors
