@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``noln`` entry point: every failure is one line on stderr (exit 2 for anything the
     user can fix, 1 for a bug, 130 for Ctrl-C); ``NOLN_DEBUG=1`` prints the whole traceback."""
     argv = fill_optional_values(sys.argv[1:] if argv is None else argv)
+    _INTERRUPTED.clear()  # (one process may call main more than once: tests, notebooks)
     if "--trust-remote-code" in argv:  # a global option, accepted after the command too
         argv = ["--trust-remote-code", *(a for a in argv if a != "--trust-remote-code")]
     debug = os.environ.get("NOLN_DEBUG", "") not in ("", "0")
