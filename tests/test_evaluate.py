@@ -352,7 +352,9 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
     """A model whose forward overflows on some chunks (one token's residual at inf after block
     0, as a runaway fixed-scale model gives): the CE is nan, and the result counts those chunks and
     scores the others exactly as on their own; the table says both, and only where a model
-    overflowed."""
+    overflowed. Beside other models, every model is also scored on the chunks none overflows
+    on, and faithfulness, residual norms and rare tokens are taken over those: the numbers the
+    same chunks give alone."""
     model = tiny(len(ref_tok))
     token = int(blocks[3, 10])
     hit = np.array([(b == token).any() for b in blocks])
@@ -363,13 +365,39 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
     assert math.isnan(ce.mean) and ce.overflowed == hit.sum()
     assert ce.finite_mean == pytest.approx(clean.mean, abs=1e-6)
     assert f"{ce.overflowed} of {len(blocks)} chunks overflow" in str(ce)
-    result = compare_models({NO_LN: model, WITH_LN: tiny(len(ref_tok), seed=1)}, ref_tok,
-                            {"val": blocks}, progress=False)
+    control = tiny(len(ref_tok), seed=1)
+    result = compare_models({NO_LN: model, WITH_LN: control}, ref_tok, {"val": blocks},
+                            progress=False)
     md = result.to_markdown()
     assert "chunks that overflow val" in md and f"{clean.mean:.4f}" in md
-    rows = {r["metric"]: r["values"] for r in json.loads(result.to_json(tmp_path / "r.json"))[
-        "table"]}
+    assert f"val: {hit.sum()} of {len(blocks)} chunks overflow in some model" in md
+    table = json.loads(result.to_json(tmp_path / "r.json"))["table"]
+    rows = {r["metric"]: r["values"] for r in table}
     assert rows["chunks that overflow val"] == {NO_LN: hit.sum(), WITH_LN: 0}
+    # the two models on the same text: the control too is scored on the chunks the removal
+    # kept finite, so the difference column compares like with like
+    control_clean = cross_entropy(control, blocks[~hit]).mean
+    shared = rows["CE val, the chunks no model overflows on"]
+    assert shared[NO_LN] == pytest.approx(clean.mean, abs=1e-6)
+    assert shared[WITH_LN] == pytest.approx(control_clean, abs=1e-6)
+    assert abs(cross_entropy(control, blocks).mean - control_clean) > 1e-4  # (tells them apart)
+    delta = {r["metric"]: r["delta"] for r in table}
+    assert delta["CE val, the chunks no model overflows on"] == \
+        pytest.approx(clean.mean - control_clean, abs=1e-6)
+    # and against a reference: faithfulness over those chunks, finite, as on them alone
+    with_ref = compare_models({"original": control, NO_LN: model}, ref_tok, {"val": blocks},
+                              reference="original", progress=False)
+    alone = compare_models({"original": control, NO_LN: tiny(len(ref_tok))}, ref_tok,
+                           {"val": blocks[~hit]}, reference="original", progress=False)
+    got = with_ref.models[NO_LN].blocks["val"]
+    want = alone.models[NO_LN].blocks["val"]
+    assert got.faithfulness.n_tokens == want.faithfulness.n_tokens == \
+        (~hit).sum() * (blocks.shape[1] - 1)
+    for key in ("kl", "js", "top1", "ce_diff", "ce_diff_ci95"):
+        assert getattr(got.faithfulness, key) == \
+            pytest.approx(getattr(want.faithfulness, key), rel=1e-5), key
+    assert got.norms.pos0 == pytest.approx(want.norms.pos0, rel=1e-5)
+    assert got.rare_tokens.mean == pytest.approx(want.rare_tokens.mean, rel=1e-6)
     fine = compare_models({WITH_LN: tiny(len(ref_tok), seed=1)}, ref_tok, {"val": blocks},
                           progress=False)
     assert "overflow" not in fine.to_markdown() and cross_entropy(tiny(len(ref_tok)),

@@ -121,13 +121,12 @@ class ComparisonResult:
             add(f"CE {s} (nats)", lambda r, s=s: (b.ce.mean, b.ce.ci95) if (b := block(s, r))
                 else (None, None))
         for s in sources:  # a fixed-scale model can overflow on a rare chunk: how many, and
-            # the CE of the rest (rows only where some model overflowed)
+            # every model's CE on the chunks none overflows on (rows only where one did)
             if any((b := block(s, r)) and b.ce.overflowed for r in models.values()):
                 add(f"chunks that overflow {s}", lambda r, s=s: (b.ce.overflowed, None)
                     if (b := block(s, r)) else (None, None), ",.0f")
-                add(f"CE {s}, chunks that do not overflow", lambda r, s=s: (
-                    b.ce.finite_mean if b.ce.overflowed else b.ce.mean, None)
-                    if (b := block(s, r)) else (None, None))
+                add(f"CE {s}, the chunks no model overflows on", lambda r, s=s: (
+                    _shared_ce(b.ce), None) if (b := block(s, r)) else (None, None))
         for s in sources:
             add(f"median CE {s}", lambda r, s=s: (b.ce.median, None) if (b := block(s, r))
                 else (None, None))
@@ -192,6 +191,14 @@ class ComparisonResult:
                 lines.append(f"{s}{origin}: {n_chunks:,} chunks of {ctx} tokens "
                              f"({n_chunks * ctx:,} tokens, {n_tokens:,} predicted; no BOS "
                              f"prepended){who}")
+        for s in self.source_names():
+            shared = {(b.ce.n_chunks, b.ce.shared_chunks) for r in self.models.values()
+                      if (b := r.blocks.get(s)) is not None and b.ce.shared_chunks is not None}
+            for n_chunks, kept in sorted(shared):
+                lines.append(f"{s}: {n_chunks - kept:,} of {n_chunks:,} chunks overflow in some "
+                             f"model; KL / JS / agreement / CE − ref, residual norms and rare "
+                             f"tokens are over the other {kept:,}, as is 'CE {s}, the chunks no "
+                             "model overflows on'")
         if self.hellaswag_source is not None:
             ns = {r.hellaswag.n for r in self.models.values() if r.hellaswag}
             counts = ", ".join(f"{n:,}" for n in ns)
@@ -337,6 +344,13 @@ class ComparisonResult:
                                 sources={**self.sources, **other.sources},
                                 hellaswag_source=self.hellaswag_source or other.hellaswag_source,
                                 precision=self.precision)
+
+
+def _shared_ce(ce) -> float | None:
+    """A model's CE over the chunks every model of its comparison keeps finite."""
+    if ce.shared_chunks is not None:
+        return ce.shared_mean
+    return ce.finite_mean if ce.overflowed else ce.mean
 
 
 def _json_default(obj: object) -> object:

@@ -10,6 +10,11 @@ One pass over the token blocks runs every model on each batch and collects:
 - a rare-token report: the target tokens with the highest mean CE, the ones that add most to the
   gap to the reference (paper 2: a handful of tokens unseen in fine-tuning, CE > 50, dominated
   the no-LN model's mean), and the median next to the mean.
+
+A model with fixed scales for its norms can overflow (inf/nan) on a rare chunk. Its CE says how
+many and the mean over the rest (``CEResult``); faithfulness, residual norms and rare tokens are
+taken over the chunks that *every* model keeps finite, and each model's CE over those chunks is
+recorded too (``CEResult.shared_mean``), so models are compared on the same text.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class ResidualNorms:
 
 @dataclass
 class Faithfulness:
-    """Agreement of a model with the reference, averaged over every predicted token."""
+    """Agreement of a model with the reference, averaged over every predicted token (of the
+    chunks every model keeps finite, where one overflows on some: ``n_tokens`` says how many)."""
     kl: float  # KL(reference || model), nats
     js: float  # Jensen-Shannon divergence, nats (at most ln 2)
     top1: float  # fraction of positions where both models' most likely next token is the same
@@ -224,13 +230,13 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
         models[m].eval()
 
     ce: dict[str, list[torch.Tensor]] = {m: [] for m in names}
-    # running sums stay on each model's device: no host sync per batch
-    kl_sum = {m: torch.zeros((), dtype=torch.float64, device=model_device(models[m]))
-              for m in others}
-    js_sum = {m: torch.zeros_like(kl_sum[m]) for m in others}
-    agree = {m: torch.zeros((), dtype=torch.int64, device=kl_sum[m].device) for m in others}
-    norm_pos0: dict[str, torch.Tensor | None] = dict.fromkeys(names)
-    norm_rest: dict[str, torch.Tensor | None] = dict.fromkeys(names)
+    # sums per chunk (a model that overflows on some is compared on the others), kept on each
+    # model's device: no host sync per batch
+    kl: dict[str, list[torch.Tensor]] = {m: [] for m in others}
+    js: dict[str, list[torch.Tensor]] = {m: [] for m in others}
+    agree: dict[str, list[torch.Tensor]] = {m: [] for m in others}
+    norm_pos0: dict[str, list[torch.Tensor]] = {m: [] for m in names}  # [layers, chunks]
+    norm_rest: dict[str, list[torch.Tensor]] = {m: [] for m in names}
 
     total = n * ctx * len(names)  # tokens through a model
     with token_progress(description or "evaluating", total, enabled=progress) as bar:
@@ -250,44 +256,54 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
                 ce[m].append(nll.view(len(x), -1).cpu())
                 if states is not None:
                     h = torch.stack([s.float().norm(dim=-1) for s in states]).double().cpu()
-                    p0, rest = h[:, :, 0].sum(1), h[:, :, 1:].sum((1, 2))
-                    norm_pos0[m] = p0 if norm_pos0[m] is None else norm_pos0[m] + p0
-                    norm_rest[m] = rest if norm_rest[m] is None else norm_rest[m] + rest
+                    norm_pos0[m].append(h[:, :, 0])
+                    norm_rest[m].append(h[:, :, 1:].sum(2))
                 if m == reference:
                     ref_logp, ref_top = logp, logp.argmax(-1)
                 elif ref_logp is not None:
-                    kl, js = _divergences(ref_logp.to(device), logp)
-                    kl_sum[m] += kl.double().sum()
-                    js_sum[m] += js.double().sum()
-                    agree[m] += (logp.argmax(-1) == ref_top.to(device)).sum()
+                    kl_rows, js_rows = _divergences(ref_logp.to(device), logp)
+                    kl[m].append(kl_rows.double().view(len(x), -1).sum(1))
+                    js[m].append(js_rows.double().view(len(x), -1).sum(1))
+                    agree[m].append((logp.argmax(-1) == ref_top.to(device)).view(len(x), -1)
+                                    .sum(1))
             bar.advance(len(x) * ctx * len(names))
 
     for m in names:
         models[m].train(was_training[m])
     losses = {m: torch.cat(ce[m]) for m in names}
-    n_pred = n * (ctx - 1)
+    # a fixed-scale model can overflow on a rare chunk (inf/nan): what compares or averages
+    # models is taken over the chunks every model keeps finite (all of them, where none
+    # overflows; where every chunk overflows in some model, over all, and so nan)
+    shared = torch.stack([torch.isfinite(losses[m]).all(1) for m in names]).all(0)
+    rows = shared if shared.any() else torch.ones_like(shared)
+    k = int(rows.sum())
+    n_pred = k * (ctx - 1)
     reports = {}
     for m in names:
         model_norms = None
-        if norm_pos0[m] is not None:
-            n_layers = len(norm_pos0[m])
-            labels = ["embed", *[f"block {k}" for k in range(1, n_layers)]]
-            model_norms = ResidualNorms(labels=labels, pos0=(norm_pos0[m] / n).tolist(),
-                                        rest=(norm_rest[m] / (n * (ctx - 1))).tolist())
+        if norm_pos0[m]:
+            pos0, rest = torch.cat(norm_pos0[m], 1)[:, rows], torch.cat(norm_rest[m], 1)[:, rows]
+            labels = ["embed", *[f"block {i}" for i in range(1, len(pos0))]]
+            model_norms = ResidualNorms(labels=labels, pos0=(pos0.sum(1) / k).tolist(),
+                                        rest=(rest.sum(1) / (k * (ctx - 1))).tolist())
         faith = None
         if m in others:
-            diff = losses[m].double() - losses[reference].double()
+            diff = (losses[m].double() - losses[reference].double())[rows]
             per_chunk = diff.mean(1)
-            ci = 1.96 * per_chunk.std().item() / math.sqrt(n) if n > 1 else float("nan")
-            faith = Faithfulness(kl=kl_sum[m].item() / n_pred, js=js_sum[m].item() / n_pred,
-                                 top1=agree[m].item() / n_pred, ce_diff=diff.mean().item(),
+            ci = 1.96 * per_chunk.std().item() / math.sqrt(k) if k > 1 else float("nan")
+
+            def over_rows(sums: list[torch.Tensor]) -> float:
+                return torch.cat(sums).cpu()[rows].sum().item() / n_pred
+
+            faith = Faithfulness(kl=over_rows(kl[m]), js=over_rows(js[m]),
+                                 top1=over_rows(agree[m]), ce_diff=diff.mean().item(),
                                  ce_diff_ci95=ci, ce_diff_by_position=diff.mean(0).tolist(),
                                  n_tokens=n_pred)
-        ref_losses = losses[reference] if m in others else None
+        ref_losses = losses[reference][rows] if m in others else None
         reports[m] = BlockReport(
-            ce=summarize(losses[m]), norms=model_norms, faithfulness=faith,
-            rare_tokens=_rare_tokens(blocks[:, 1:], losses[m], ref_losses, tokenizer, top_k,
-                                     threshold))
+            ce=summarize(losses[m], shared), norms=model_norms, faithfulness=faith,
+            rare_tokens=_rare_tokens(blocks[rows][:, 1:], losses[m][rows], ref_losses,
+                                     tokenizer, top_k, threshold))
     return reports
 
 

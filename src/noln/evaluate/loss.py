@@ -31,6 +31,10 @@ class CEResult:
     ctx: int
     overflowed: int = 0  # chunks with an inf/nan loss (the model overflowed on them)
     finite_mean: float | None = None  # the mean over the other chunks, where some overflowed
+    # measured beside other models where some model overflowed: the chunks every model keeps
+    # finite, and this model's mean over them (the fair comparison: the same chunks for all)
+    shared_chunks: int | None = None
+    shared_mean: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +91,9 @@ def token_losses(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
     return torch.cat(out)
 
 
-def summarize(losses: torch.Tensor) -> CEResult:
+def summarize(losses: torch.Tensor, shared: torch.Tensor | None = None) -> CEResult:
+    """``losses`` ``[n_chunks, ctx - 1]`` summarised; ``shared`` (bool ``[n_chunks]``): the
+    chunks every model of a comparison keeps finite, recorded where it is not all of them."""
     per_chunk = losses.double().mean(dim=1)
     n = len(per_chunk)
     sem = per_chunk.std().item() / math.sqrt(n) if n > 1 else float("nan")
@@ -96,9 +102,13 @@ def summarize(losses: torch.Tensor) -> CEResult:
     finite_mean = None
     if overflowed and finite.any():
         finite_mean = losses[finite].double().mean().item()
-    return CEResult(mean=losses.double().mean().item(), ci95=1.96 * sem,
-                    median=losses.median().item(), n_tokens=losses.numel(), n_chunks=n,
-                    ctx=losses.shape[1] + 1, overflowed=overflowed, finite_mean=finite_mean)
+    result = CEResult(mean=losses.double().mean().item(), ci95=1.96 * sem,
+                      median=losses.median().item(), n_tokens=losses.numel(), n_chunks=n,
+                      ctx=losses.shape[1] + 1, overflowed=overflowed, finite_mean=finite_mean)
+    if shared is not None and not shared.all():
+        result.shared_chunks = int(shared.sum())
+        result.shared_mean = losses[shared].double().mean().item() if shared.any() else None
+    return result
 
 
 def cross_entropy(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
