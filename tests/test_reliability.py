@@ -763,6 +763,23 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where, 
     assert not (out / ".noln.lock").exists()
 
 
+def test_the_resume_hint_of_a_control_pair_is_the_whole_command(monkeypatch):
+    """A pair stopped by Ctrl-C goes on with its control and HellaSwag table as asked, all
+    inside the quoted command, with the step the loop saved."""
+    from noln import cli
+    from noln.errors import Interrupted
+
+    monkeypatch.setattr(cli, "_RUN_FOLDER", {})
+    argv = ["remove", "--resume", "runs/smol", "--control", "--hellaswag", "hs.jsonl",
+            "--hellaswag-limit", "2000"]
+    assert cli._interrupt_hint(argv, Interrupted(1162)) == (
+        "interrupted: saved at step 1162; continue it with `noln remove --resume runs/smol "
+        "--control --hellaswag hs.jsonl --hellaswag-limit 2000`")
+    assert cli._interrupt_hint(["remove", "gpt2", "--out", "runs/g"], KeyboardInterrupt()) == (
+        "interrupted: the run keeps its last checkpoint; continue it with `noln remove "
+        "--resume runs/g`")
+
+
 def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monkeypatch):
     """torch's zip writer turns a KeyboardInterrupt inside it into a RuntimeError; a Ctrl-C
     during a save is held until the checkpoint is whole, then raised as itself."""

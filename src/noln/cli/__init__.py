@@ -324,8 +324,11 @@ def _interrupt_hint(argv: list[str], e: BaseException | None = None) -> str:
     kept = f"saved at step {e.step}" if e is not None else "the run keeps its last checkpoint"
     if command == "remove":
         run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
-        return (f"interrupted: {kept}; continue it with `noln remove "
-                f"--resume {run or 'OUT'}`" + (" --control" if "--control" in argv else ""))
+        resume = f"noln remove --resume {run or 'OUT'}"
+        if "--control" in argv:  # the pair goes on as it was asked for, table included
+            resume += " --control" + "".join(f" {flag} {v}" for flag in (
+                "--hellaswag", "--hellaswag-limit") if (v := value(flag)) is not None)
+        return f"interrupted: {kept}; continue it with `{resume}`"
     if command == "pretrain":
         return f"interrupted: {kept}; add --resume to the same command"
     return "interrupted"
