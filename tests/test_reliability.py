@@ -770,11 +770,11 @@ def test_the_resume_hint_of_a_control_pair_is_the_whole_command(monkeypatch):
     from noln.errors import Interrupted
 
     monkeypatch.setattr(cli, "_RUN_FOLDER", {})
-    argv = ["remove", "--resume", "runs/smol", "--control", "--hellaswag", "hs.jsonl",
+    argv = ["remove", "--resume", "runs/smol", "--control", "--hellaswag", "my data/hs.jsonl",
             "--hellaswag-limit", "2000"]
     assert cli._interrupt_hint(argv, Interrupted(1162)) == (
         "interrupted: saved at step 1162; continue it with `noln remove --resume runs/smol "
-        "--control --hellaswag hs.jsonl --hellaswag-limit 2000`")
+        "--control --hellaswag 'my data/hs.jsonl' --hellaswag-limit 2000`")
     assert cli._interrupt_hint(["remove", "gpt2", "--out", "runs/g"], KeyboardInterrupt()) == (
         "interrupted: the run keeps its last checkpoint; continue it with `noln remove "
         "--resume runs/g`")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -324,9 +325,9 @@ def _interrupt_hint(argv: list[str], e: BaseException | None = None) -> str:
     kept = f"saved at step {e.step}" if e is not None else "the run keeps its last checkpoint"
     if command == "remove":
         run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
-        resume = f"noln remove --resume {run or 'OUT'}"
+        resume = f"noln remove --resume {shlex.quote(str(run)) if run else 'OUT'}"
         if "--control" in argv:  # the pair goes on as it was asked for, table included
-            resume += " --control" + "".join(f" {flag} {v}" for flag in (
+            resume += " --control" + "".join(f" {flag} {shlex.quote(v)}" for flag in (
                 "--hellaswag", "--hellaswag-limit") if (v := value(flag)) is not None)
         return f"interrupted: {kept}; continue it with `{resume}`"
     if command == "pretrain":
