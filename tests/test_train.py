@@ -96,6 +96,12 @@ def _run_args(model, data, out):
             "--checkpoint-every", "4", "--format", "none", "--quiet"]
 
 
+def _steps_logged(log) -> int:
+    """Training steps a run's log.jsonl holds so far (0 before it exists)."""
+    return sum(1 for line in log.read_text().splitlines()
+               if '"loss"' in line and '"event"' not in line) if log.exists() else 0
+
+
 def _resume_and_compare(killed, whole, env):
     """Resume the killed run; it must end with the uninterrupted run's exact weights and a log
     holding each step once."""
@@ -119,8 +125,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, text_jsonl, tmp_
     log = killed / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once it is past the second checkpoint (step 8)
-        if log.exists() and sum(1 for line in log.read_text().splitlines()
-                                if '"loss"' in line and '"event"' not in line) >= 10:
+        if _steps_logged(log) >= 10:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -142,19 +147,14 @@ def test_sigterm_saves_the_step_in_progress_and_says_so(tiny_model_dir, text_jso
     proc = subprocess.Popen(_cli(*_run_args(tiny_model_dir, text_jsonl, stopped)), env=env,
                             stderr=subprocess.PIPE, text=True)
     log = stopped / "log.jsonl"
-
-    def steps_logged() -> int:
-        return sum(1 for line in log.read_text().splitlines()
-                   if '"loss"' in line and '"event"' not in line) if log.exists() else 0
-
     deadline = time.time() + 120
-    while time.time() < deadline and steps_logged() < 9:
+    while time.time() < deadline and _steps_logged(log) < 9:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     step = load_checkpoint(stopped / "checkpoints" / "last.pt")["step"]
-    assert 9 <= step < 24 and step == steps_logged(), "the checkpoint holds each logged step"
+    assert 9 <= step < 24 and step == _steps_logged(log), "the checkpoint holds each logged step"
     assert f"interrupted: saved at step {step}; continue it with `noln remove --resume " \
         f"{stopped}`" in stderr and "Traceback" not in stderr
     _resume_and_compare(stopped, whole, env)

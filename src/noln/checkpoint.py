@@ -54,7 +54,8 @@ def _interrupting() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_interrupt}
-    return {sig: h for sig in ours for h in (signal.getsignal(sig),)
+    current = {sig: signal.getsignal(sig) for sig in ours}
+    return {sig: h for sig, h in current.items()
             if h is ours[sig] or getattr(h, "stops_after_step", False)}
 
 
