@@ -163,3 +163,23 @@ def test_a_staged_removal_and_its_control_make_the_same_stages(tiny_model_dir, t
     assert lrs["no_ln"] == lrs["control"] and len(lrs["no_ln"]) == 12
     assert lrs["no_ln"][6] < 0.3 * lrs["no_ln"][5]
     assert (out / "table.md").is_file()
+
+
+def test_a_config_file_with_eval_sets_makes_a_pair(tiny_model_dir, text_jsonl, tmp_path):
+    """`noln remove --config FILE --control --eval ...` where FILE names its own ``eval_sets``
+    (the SmolLM2 recipe does): both runs and the table measure the file's sets and --eval's
+    (it once stopped with an internal error, each set given twice)."""
+    config = tmp_path / "pair.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": str(text_jsonl), "out": str(tmp_path / "run"),
+        "steps": 12, "batch_size": 4, "ctx": 64, "lr": 1e-3, "schedule": "fixed",
+        "export_format": "none", "progress": False, "eval_sets": {"file": str(text_jsonl)}}))
+    r = CliRunner().invoke(app, ["remove", "--config", str(config), "--control",
+                                 "--eval", f"flag={text_jsonl}"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    for run in (out, out / "control"):
+        assert yaml.safe_load((run / "config.yaml").read_text())["eval_sets"] == \
+            {"file": str(text_jsonl), "flag": str(text_jsonl)}
+    compare = json.loads((out / "comparison.json").read_text())["compare"]
+    assert set(compare["models"]["no_ln"]["ce"]) == {"heldout", "file", "flag"}

@@ -123,7 +123,7 @@ def remove(
                             "in its folder; drop --out")
         model, data = overrides.pop("model", None), overrides.pop("data", None)
         _RUN_FOLDER["remove"] = Path(resume)
-        remove_layernorm, remove_with_control, sets = _removal(eval)
+        remove_layernorm, remove_with_control, sets = _removal(eval, overrides)
         if control:
             _control_done(remove_with_control(model, data, resume, resume=True, eval_sets=sets,
                                               hellaswag=hellaswag,
@@ -139,7 +139,7 @@ def remove(
     overrides.setdefault("out", Path("runs") / Path(str(overrides["model"])).name)
     cfg = make_config(**overrides)  # every value checked now, before anything loads
     _RUN_FOLDER["remove"] = Path(cfg.out)
-    remove_layernorm, remove_with_control, sets = _removal(eval)
+    remove_layernorm, remove_with_control, sets = _removal(eval, overrides)
     if control:
         model, data, out = overrides.pop("model"), overrides.pop("data", None), \
             overrides.pop("out")
@@ -154,13 +154,16 @@ def remove(
 app.command("remove")(_noting_interrupts(with_settings(remove, RemoveConfig, skip=("model",))))
 
 
-def _removal(eval_specs: list[str] | None):
-    """The removal entry points and the --eval sets: the library, loaded once the settings
-    are known to be valid (so a bad value is answered at once, before torch loads)."""
+def _removal(eval_specs: list[str] | None, overrides: dict):
+    """The removal entry points and the texts to evaluate on: the library, loaded once the
+    settings are known to be valid (so a bad value is answered at once, before torch loads).
+    The sets of ``overrides`` (a --config file's ``eval_sets``, or an ``eval_sets=`` setting)
+    move into the returned ones, under --eval's, so each reaches the library once."""
     from noln.evaluate.inputs import parse_sources
     from noln.remove import remove_layernorm, remove_with_control
 
-    return remove_layernorm, remove_with_control, parse_sources(eval_specs or [])
+    sets = {**(overrides.pop("eval_sets", None) or {}), **parse_sources(eval_specs or [])}
+    return remove_layernorm, remove_with_control, sets
 
 
 def _control_done(result: dict) -> None:
