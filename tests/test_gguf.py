@@ -115,6 +115,26 @@ def test_gguf_file_and_folder_load_to_the_original_logits(tiny_gguf):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
+def test_loading_shows_none_of_transformers_bars(tiny_gguf, tmp_path, monkeypatch, capfd):
+    """A conversion and a load print no transformers bar (per-tensor conversion, "Loading
+    weights", shard writing): noln shows its own, and --quiet means none. The user's setting
+    is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from noln.pretrained import load_pretrained
+
+    monkeypatch.setenv("NOLN_CACHE", str(tmp_path / "cache"))  # converted here, then loaded
+    path, _, _ = tiny_gguf
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    load_pretrained(path)
+    err = capfd.readouterr().err
+    assert "converting tiny-llama.F32.gguf" in err  # noln's own line: it did convert here
+    for bar in ("Converting", "Loading weights", "Writing", "it/s"):
+        assert bar not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_gguf_removal_sites_and_export(tiny_gguf, tmp_path):
     from noln.arch import install
     from noln.pretrained import load_pretrained

@@ -13,7 +13,9 @@ The cache lives in ``$NOLN_CACHE/gguf`` (default ``~/.cache/noln/gguf``); deleti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -25,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from noln.errors import NolnError
+from noln.progress import transformers_bars_off
 
 SUFFIX = ".gguf"
 
@@ -107,15 +110,22 @@ def hf_folder(path: Path, progress: bool = True) -> Path:
     if progress:
         Console(stderr=True).print(f"converting {path.name} ({arch}) to a float32 Hugging Face "
                                    f"folder in {target} (once)", highlight=False)
+    with transformers_bars_off():  # its per-tensor bars and its shard writer's
+        return _convert(path, target)
+
+
+def _convert(path: Path, target: Path) -> Path:
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its per-tensor progress bars and tokenizer notes
+    hf_logging.set_verbosity_error()  # its tokenizer notes
     try:
         # a GGUF file carries tensors and metadata, never code: nothing here may run any
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
                                                   trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     trust_remote_code=False,
-                                                     dtype=torch.float32)
+        # its per-tensor bar is a bare tqdm that no transformers setting turns off
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         trust_remote_code=False,
+                                                         dtype=torch.float32)
     except Exception as e:
         raise NolnError(f"transformers could not read '{path.name}' ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None

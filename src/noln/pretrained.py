@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import (
 from noln.arch import check_supported
 from noln.errors import NolnError
 from noln.gguf import resolve as resolve_gguf
+from noln.progress import transformers_bars_off
 from noln.trust import trust_remote_code
 
 try:
@@ -140,8 +141,9 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
     if check_family:
         check_supported(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code())
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code())
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         _raise_remote_code(name, e)
         first = " ".join(str(e).split())[:200]

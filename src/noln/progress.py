@@ -90,3 +90,19 @@ def counting_forwards(model: torch.nn.Module, bar: TokenProgress):
         yield bar
     finally:
         handle.remove()
+
+
+@contextmanager
+def transformers_bars_off():
+    """transformers' own bars ("Loading weights", GGUF's per-tensor conversion) off while
+    noln loads a model: noln shows one bar for the work itself, and ``--quiet`` means none.
+    The user's setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
