@@ -866,6 +866,23 @@ def test_resume_reads_a_setting_added_after_the_run_as_its_default(tmp_path):
     assert "--site-aux-power 4.0 (was 2.0)" in notes[0] and notes[1].startswith("warning")
 
 
+def test_resume_keeps_what_each_eval_name_measured(capsys, tmp_path):
+    """An --eval set the run already has, named again with another text on --resume, is one
+    line: the table pairs the CE before training with the CE after by name, so the two must
+    come from the same text. A new name, or the same text again, is taken."""
+    from noln.config import make_config, resume_config
+
+    saved = make_config(model="gpt2", data="builtin", out=str(tmp_path),
+                        eval_sets={"wiki": "wiki.jsonl"}).model_dump(mode="json")
+    with pytest.raises(NolnError, match="--eval wiki=val.jsonl: the run measured 'wiki' on "
+                                        "wiki.jsonl before training; give this text another "
+                                        "name, e.g. --eval wiki2=val.jsonl"):
+        resume_config(tmp_path, saved, {"eval_sets": {"wiki": "val.jsonl"}})
+    cfg, _, _ = resume_config(tmp_path, saved, {"eval_sets": {"wiki": "wiki.jsonl",
+                                                              "val": "val.jsonl"}})
+    assert cfg.eval_sets == {"wiki": "wiki.jsonl", "val": "val.jsonl"}
+
+
 def test_resume_may_change_probe_every_without_a_warning(tmp_path):
     """``--probe-every`` changes when the schedule looks, not what the run optimises."""
     from noln.config import make_config, resume_config

@@ -183,3 +183,35 @@ def test_a_config_file_with_eval_sets_makes_a_pair(tiny_model_dir, text_jsonl, t
             {"file": str(text_jsonl), "flag": str(text_jsonl)}
     compare = json.loads((out / "comparison.json").read_text())["compare"]
     assert set(compare["models"]["no_ln"]["ce"]) == {"heldout", "file", "flag"}
+
+
+def test_a_lengthened_staged_removal_gets_a_control_of_its_length(tiny_model_dir, text_jsonl,
+                                                                  tmp_path):
+    """A staged removal lengthened on resume (``--resume --steps``): its control, begun later,
+    trains as many steps as the removal did (it once took the length the removal started
+    with), and ``--resume --control --steps`` on a finished pair takes both runs on."""
+    sites = ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_qk", "blocks.1.attn_in_qk",
+             "blocks.0.attn_in_v", "blocks.1.attn_in_v", "final"]
+    schedule = tmp_path / "all.yaml"  # every site frozen by step 7: the run may be extended
+    schedule.write_text("events:\n" + "".join(f"  - {{step: {1 + i}, site: {site}}}\n"
+                                              for i, site in enumerate(sites)))
+    out = tmp_path / "run"
+
+    def steps(run):
+        return json.loads((run / "summary.json").read_text())["steps"]
+
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--steps", "10", "--schedule", str(schedule),
+                                 *RUN, "stages=[{step: 5, set: {lr: 2.0e-4}}]"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--steps", "14", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert steps(out) == 14
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+    assert r.exit_code == 0, r.output
+    assert steps(out / "control") == 14
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control", "--steps", "16"])
+    assert r.exit_code == 0, r.output
+    assert steps(out) == steps(out / "control") == 16
+    table = json.loads((out / "comparison.json").read_text())
+    assert table["no_ln"]["steps"] == table["control"]["steps"] == 16

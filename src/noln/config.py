@@ -404,7 +404,9 @@ class RemoveConfig(TrainConfig):
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> RemoveConfig:
-        return make_config(**{**read_config_file(path), **overrides})
+        """The settings of a config file under ``overrides`` (``--steps`` replaces the file's
+        ``tokens``, as on the command line)."""
+        return make_config(**merge_layers(read_config_file(path), overrides))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -860,6 +862,11 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
                 f"{flag_name((field,))} {given[field]} differs from the run's {saved.get(field)}: "
                 f"--resume keeps {', '.join(RESUME_FIXED[:8])} ... from the run; drop the flag, "
                 "or start a new run with another --out")
+    for name, source in (given.get("eval_sets") or {}).items():
+        was = (saved.get("eval_sets") or {}).get(name)
+        if was is not None and str(was) != str(source):  # its CE before came from `was`
+            raise NolnError(f"--eval {name}={source}: the run measured '{name}' on {was} before "
+                            f"training; give this text another name, e.g. --eval {name}2={source}")
     unknown = sorted(set(given) - set(RESUME_FIXED) - set(RESUME_MAY_CHANGE)
                      - set(RESUME_CHANGES_OBJECTIVE) - set(RESUME_CHANGES_SCHEDULE))
     if unknown:

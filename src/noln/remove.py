@@ -37,6 +37,7 @@ from noln.config import (
     Stage,
     check_stages_reached,
     make_config,
+    merge_layers,
     read_config_file,
     resume_config,
     stage_due,
@@ -221,6 +222,14 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             console.print(f"step {stage.step}, the config's stage: " + ", ".join(
                 f"{k} {v}" for k, v in stage.set.items()), highlight=False, soft_wrap=True)
         resuming = True
+
+
+def _lengthened(run: RunFolder, overrides: dict) -> bool:
+    """``--steps``/``--tokens`` given on the resume of a finished run, other than what it
+    trained: the run goes on to the new length (a pair's two runs both do)."""
+    done = run.read_summary()
+    return any(overrides.get(k) is not None and overrides[k] != done.get(k)
+               for k in ("steps", "tokens"))
 
 
 def _ranks():
@@ -464,7 +473,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
         claim.started()  # from here on each run cleans up after itself
         for name, run, keep in (("no_ln", pair, False), ("control", pair.control, True)):
             runs[name] = run.root
-            if resume and run.finished() and run.read_summary().get("complete", True):
+            if resume and run.finished() and run.read_summary().get("complete", True) and \
+                    not _lengthened(run, overrides):
                 results[name] = run.read_summary()
             elif resume and run.has_checkpoint():
                 results[name] = remove_layernorm(model, data, resume=run.root,
@@ -478,9 +488,12 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                                     "check --resume")
                 # (a staged removal: the settings it started with; the control makes the
                 # same stages at the same steps)
-                first = other.first_config if other.first_config.is_file() else other.config
-                cfg = RemoveConfig.from_yaml(first, **{**overrides, "out": str(run.root),
-                                                       "keep_ln": keep})
+                settings = read_config_file(other.config)
+                if other.first_config.is_file():  # its length as it stands (a resume may
+                    now = {k: settings[k] for k in ("steps", "tokens")}  # have changed it)
+                    settings = {**read_config_file(other.first_config), **now}
+                cfg = make_config(**merge_layers(settings, {**overrides, "out": str(run.root),
+                                                            "keep_ln": keep}))
                 # a control killed before its first checkpoint cannot be resumed: it starts
                 # again (only noln's files in out/control are replaced; never the removal's,
                 # whose folder holds the control)
