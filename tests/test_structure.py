@@ -164,3 +164,34 @@ def test_every_setting_has_one_resume_rule():
         if name == "out":  # a resumed run stays in its folder
             continue
         assert sum(name in rule for rule in rules) == 1, f"{name}: give it one --resume rule"
+
+
+# flags the README shows for other programs' command lines (lm_eval, torchrun)
+OTHER_TOOLS_FLAGS = {"--model", "--tasks", "--metadata", "--standalone"}
+
+
+def test_every_flag_the_readme_names_exists():
+    """A `--flag` in the README is an option of some `noln` command or of a `bench/` script
+    (or of lm_eval / torchrun, above). A flag the docs name and the CLI refuses cost a user a
+    failed command (`--scale-noise` was documented; pairs are `key=value` settings)."""
+    import re
+
+    import typer.main
+
+    from noln.cli import app
+
+    known = {"--help", *OTHER_TOOLS_FLAGS}
+
+    def options(command) -> None:
+        for param in getattr(command, "params", []):
+            known.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+        for sub in getattr(command, "commands", {}).values():
+            options(sub)
+
+    options(typer.main.get_command(app))
+    for script in (SRC.parents[1] / "bench").rglob("*.py"):
+        known.update(re.findall(r"""add_argument\(\s*["'](--[\w-]+)""", script.read_text()))
+    readme = (SRC.parents[1] / "README.md").read_text()
+    # noln's flags use hyphens; one with an underscore belongs to another tool (accelerate's)
+    named = {f for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", readme) if "_" not in f}
+    assert sorted(named - known) == []

@@ -378,7 +378,7 @@ class RemoveConfig(TrainConfig):
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} clips the sequences "
                              "--skip-overflow finds: give --skip-overflow too, or 0 (off)")
         if self.scale_noise and self.grad_checkpointing:
-            raise ValueError("--scale-noise scales a block's input in the forward only, so a "
+            raise ValueError("scale_noise scales a block's input in the forward only, so a "
                              "recomputed forward (--grad-checkpointing) would differ: use one "
                              "of them")
         if self.overflow_clip and self.fsdp:

@@ -19,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from transformers.utils import logging as hf_logging
 
 
 class _Rate(ProgressColumn):
@@ -97,8 +98,6 @@ def transformers_bars_off():
     """transformers' own bars ("Loading weights", GGUF's per-tensor conversion) off while
     noln loads a model: noln shows one bar for the work itself, and ``--quiet`` means none.
     The user's setting is restored after."""
-    from transformers.utils import logging as hf_logging
-
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
