@@ -516,6 +516,8 @@ def test_bad_numbers_of_the_other_commands(capsys, tmp_path):
         (["linearize", "m", "--out", tmp_path / "l", "--distill-lr", "nan"], "--distill-lr"),
         (["remove", "m", "--hellaswag-limit", "0", "--control", "--hellaswag", "x"],
          "--hellaswag-limit"),
+        (["remove", "--resume", tmp_path / "r", "--overwrite"],
+         "--resume continues a run and --overwrite replaces one"),
     ]
     for args, needle in cases:
         code, err = run_main(capsys, *args)

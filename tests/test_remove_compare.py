@@ -71,11 +71,16 @@ def test_an_unfinished_removal_spends_no_control(tiny_model_dir, text_jsonl, tmp
     schedule = tmp_path / "one_site.yaml"  # one site of five: the removal ends unfinished
     schedule.write_text("events:\n  - {step: 2, site: blocks.0.mlp_in}\n")
     out = tmp_path / "run"
+    hs = _hellaswag_file(tmp_path / "hs.jsonl")
     r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
                                  "--out", str(out), "--control", "--steps", "6", "--schedule",
-                                 str(schedule), *RUN])
+                                 str(schedule), *RUN, "--hellaswag", str(hs),
+                                 "--hellaswag-limit", "3"])
     assert r.exit_code != 0 and isinstance(r.exception, NolnError)  # `noln remove` exits 2
     assert "removal unfinished" in str(r.exception) and "--resume" in str(r.exception)
+    # the way on is the whole command: the pair's table with the HellaSwag it asked for
+    assert f"`noln remove --resume {out} --control --hellaswag {hs} --hellaswag-limit 3` runs " \
+        "the control and the table" in " ".join(r.output.split())
     assert not json.loads((out / "summary.json").read_text())["complete"]
     assert not (out / "control").exists() and not (out / "table.md").exists()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -507,10 +508,13 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
                                                  keep_ln=False, **overrides).summary
             if not results[name].get("complete", True):
+                table = "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in (
+                    ("--hellaswag", hellaswag), ("--hellaswag-limit", hellaswag_limit))
+                    if v is not None)  # the pair goes on as it was asked for
                 console.print("[yellow]the control was not run, as the removal is unfinished "
-                              f"(above): once it is done, `noln remove --resume {out} --control` "
-                              "runs the control and the table[/]", highlight=False,
-                              soft_wrap=True)
+                              "(above): once it is done, `noln remove --resume "
+                              f"{escape(shlex.quote(str(out)))} --control{escape(table)}` runs "
+                              "the control and the table[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results[name]}
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)

@@ -114,6 +114,9 @@ def remove(
         raise NolnError(f"--hellaswag-limit {hellaswag_limit} is invalid: must be >= 1; e.g. "
                         "--hellaswag-limit 1000")
     if resume is not None:
+        if overwrite:
+            raise NolnError("--resume continues a run and --overwrite replaces one: give one "
+                            "of them")
         if config is not None:
             raise NolnError("--resume takes its settings from the run's config.yaml: drop "
                             "--config (flags such as --lr may still change, see --help)")
