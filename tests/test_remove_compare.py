@@ -220,3 +220,20 @@ def test_a_lengthened_staged_removal_gets_a_control_of_its_length(tiny_model_dir
     assert steps(out) == steps(out / "control") == 16
     table = json.loads((out / "comparison.json").read_text())
     assert table["no_ln"]["steps"] == table["control"]["steps"] == 16
+
+
+def test_a_hellaswag_ending_longer_than_the_context_is_refused_before_training(
+        tiny_model_dir, text_jsonl, tmp_path):
+    """The pair's table scores HellaSwag after both runs have trained: an ending the model
+    cannot take is one line at the start, not an error hours later."""
+    hs = tmp_path / "long.jsonl"
+    long = " ".join(["the cat sat on the mat"] * 30)  # ~180 tokens, the tiny model takes 64
+    hs.write_text(json.dumps({"ind": 0, "ctx": "It", "label": 0,
+                              "endings": [long, "ran.", "sat.", "ate."]}) + "\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--control", "--steps", "6", *RUN,
+                                 "--hellaswag", str(hs)])
+    assert r.exit_code != 0 and isinstance(r.exception, NolnError)
+    assert "more than the model's context of 64" in str(r.exception)
+    assert not out.exists()  # refused before the removal began

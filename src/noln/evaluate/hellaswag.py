@@ -151,6 +151,14 @@ def encode_items(items: list[Item], tokenizer) -> list[Encoded]:
     return out
 
 
+def check_endings_fit(items: list[Item], tokenizer, n_ctx: int) -> None:
+    """Every ending within the model's context: checked before a removal pair trains, whose
+    table scores HellaSwag only at its end."""
+    for e in encode_items(items, tokenizer):
+        for ending in e.endings:
+            _row(e.ctx, ending, n_ctx)
+
+
 def _row(ctx: list[int], ending: list[int], n_ctx: int) -> tuple[list[int], int]:
     """Context + ending, cut to the harness's last ``n_ctx + 1`` tokens (the final token is only
     a target, never an input), and the input position that predicts the ending's first token."""
