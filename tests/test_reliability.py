@@ -993,3 +993,38 @@ def test_resume_adds_stages_to_come_and_refuses_one_the_run_has_passed(capsys, f
     assert [e["step"] for e in log if "event" not in e] == list(range(12))
     assert [e["step"] for e in log if e.get("event") == "stage"] == [10]
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 1e-4
+
+
+def test_a_run_made_with_relative_paths_resumes_from_another_folder(capsys, tiny_model_dir,
+                                                                    text_jsonl, tmp_path,
+                                                                    monkeypatch):
+    """A run's config.yaml keeps its local files as absolute paths, so `noln remove --resume`
+    works from any folder (a config of paths relative to the repository, resumed elsewhere,
+    once failed on its schedule file). Hub ids and names stay as written."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "plans").mkdir(parents=True)
+    shutil.copy(text_jsonl, work / "text.jsonl")
+    sites = ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_qk", "blocks.1.attn_in_qk",
+             "blocks.0.attn_in_v", "blocks.1.attn_in_v", "final"]
+    (work / "plans" / "all.yaml").write_text("events:\n" + "".join(
+        f"  - {{step: {1 + i}, site: {site}}}\n" for i, site in enumerate(sites)))
+    monkeypatch.chdir(work)
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "text.jsonl", "--eval",
+                         "again=text.jsonl", "--schedule", "plans/all.yaml", "--out", "run",
+                         "--steps", "8", "--batch-size", "4", "--ctx", "64", "--format", "none",
+                         "--quiet")
+    assert code == 0, err
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["data"] == str(work / "text.jsonl")
+    assert saved["schedule"] == str(work / "plans" / "all.yaml")
+    assert saved["eval_sets"] == {"again": str(work / "text.jsonl")}
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "remove", "--resume", work / "run", "--steps", "10", "--quiet")
+    assert code == 0, err
+    assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 10
+    from noln.config import make_config
+
+    named = make_config(model="gpt2", data="builtin", schedule="adaptive")
+    assert (named.model, named.data, named.schedule) == ("gpt2", "builtin", "adaptive")

@@ -15,7 +15,14 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from noln.errors import NolnError
 
@@ -351,6 +358,16 @@ class RemoveConfig(TrainConfig):
     stages: list[Stage] = Field(default_factory=list, **describe_field(
         "changes the run makes to itself at given steps, each as a --resume with those "
         "settings there: [{step: 2000, set: {skip_overflow: true}}, ...] (steps rising)"))
+
+    @field_validator("model", "data", "eval_data", "schedule")
+    @classmethod
+    def _anchor(cls, value: str | None) -> str | None:
+        return None if value is None else anchored(value)
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _anchor_sets(cls, sets: dict[str, str]) -> dict[str, str]:
+        return {name: anchored(source) for name, source in sets.items()}
 
     @model_validator(mode="after")
     def _combinations(self) -> RemoveConfig:
@@ -819,8 +836,18 @@ def _was(saved: Any, given: Any) -> Any:
     return saved
 
 
-def _same(field: str, saved: Any, given: Any) -> bool:
-    if field in ("model", "data", "eval_data") and isinstance(saved, str) and \
+def anchored(value: str) -> str:
+    """A relative path that exists, as an absolute one: a run's config.yaml then means the same
+    files from any folder (``--resume`` from elsewhere). A Hub id, a dataset name, 'builtin',
+    'adaptive' or a path that does not exist stay as written."""
+    path = Path(value)
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+
+def same_setting(field: str, saved: Any, given: Any) -> bool:
+    """A run's saved value and a resume's given one are the same setting: a local file however
+    it is spelt (the run may have been begun from another folder), a pair as list or tuple."""
+    if field in ("model", "data", "eval_data", "schedule") and isinstance(saved, str) and \
             isinstance(given, str) and Path(saved).exists() and Path(given).exists():
         return Path(saved).resolve() == Path(given).resolve()
     if isinstance(saved, list | tuple) and isinstance(given, list | tuple):
@@ -857,14 +884,15 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
                 for k, f in RemoveConfig.model_fields.items() if k in given and k not in saved},
              **saved}
     for field in RESUME_FIXED:
-        if field in given and not _same(field, saved.get(field), given[field]):
+        if field in given and not same_setting(field, saved.get(field), given[field]):
             raise NolnError(
                 f"{flag_name((field,))} {given[field]} differs from the run's {saved.get(field)}: "
                 f"--resume keeps {', '.join(RESUME_FIXED[:8])} ... from the run; drop the flag, "
                 "or start a new run with another --out")
     for name, source in (given.get("eval_sets") or {}).items():
         was = (saved.get("eval_sets") or {}).get(name)
-        if was is not None and str(was) != str(source):  # its CE before came from `was`
+        # the table pairs the CE before training with the CE after by name
+        if was is not None and anchored(str(was)) != anchored(str(source)):
             raise NolnError(f"--eval {name}={source}: the run measured '{name}' on {was} before "
                             f"training; give this text another name, e.g. --eval {name}2={source}")
     unknown = sorted(set(given) - set(RESUME_FIXED) - set(RESUME_MAY_CHANGE)
@@ -872,7 +900,7 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
     if unknown:
         raise NolnError(f"unknown setting '{unknown[0]}' for --resume")
     changed = {k: v for k, v in given.items() if k not in RESUME_FIXED
-               and not _same(k, saved.get(k), deep_merge(saved[k], v)
+               and not same_setting(k, saved.get(k), deep_merge(saved[k], v)
                              if isinstance(v, dict) and isinstance(saved.get(k), dict) else v)}
     schedule = str(saved.get("schedule", "adaptive"))
     if {"steps", "tokens"} & set(changed) and _lays_out_by_length(schedule):

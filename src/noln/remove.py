@@ -198,7 +198,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     else:
         sets = {"eval_sets": {**(config.eval_sets if config else {}), **eval_sets}} \
             if eval_sets else {}
-        cfg = config.model_copy(update=sets) if config is not None else \
+        cfg = RemoveConfig.model_validate({**config.model_dump(), **sets}) \
+            if config is not None else \
             make_config(model=model, data=data, out=out, **sets, **overrides)
         changed = {}
     resuming, stage, t_start = resume is not None, None, time.time()
