@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from noln.arch import FAMILIES, install, supported
-from noln.config import PretrainConfig, make_pretrain_config
+from noln.checkpoint import load_checkpoint
+from noln.config import (
+    PretrainConfig,
+    flag_name,
+    make_pretrain_config,
+    merge_layers,
+    same_setting,
+)
 from noln.data import iter_documents, load_tokens, pack
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy
@@ -26,6 +34,13 @@ from noln.run import RunFolder, claim_run_folder
 from noln.train import Trainer
 
 EOT = "<|endoftext|>"
+
+# --resume: what a pretraining run fixes at its start: the data and its order (the tokenizer was
+# trained on it, the held-out blocks cut from it), and the model's shape, which its checkpoint's
+# weights have. The rest (length, learning rate, checkpoints, precision ...) the command line
+# may change
+RESUME_FIXED = ("data", "arch", "n_layer", "d_model", "n_head", "vocab_size", "ctx",
+                "batch_size", "seed")
 
 
 @dataclass
@@ -69,12 +84,55 @@ def pretrain(data: str, out: str | Path, *, resume: bool = False, overwrite: boo
              **settings) -> PretrainResult:
     """Pretrain into ``out`` (new or empty, a previous pretraining run with ``resume`` to
     continue it, or with ``overwrite`` to replace it). ``settings`` are ``PretrainConfig``
-    fields (``arch=``, ``n_layer=``, ``steps=``, ``lr=`` ...), every one checked first."""
-    cfg = make_pretrain_config(data=data, out=out, **settings)
+    fields (``arch=``, ``n_layer=``, ``steps=``, ``lr=`` ...), every one checked first; on
+    resume, those given change the run's own (``resume_config``: not its ``RESUME_FIXED``)."""
+    if resume:
+        if overwrite:
+            raise NolnError("--resume continues a run and --overwrite replaces one: give one "
+                            "of them")
+        cfg = resume_config(Path(out), data, settings)
+    else:
+        cfg = make_pretrain_config(data=data, out=out, **settings)
     check_arch(cfg.arch)
     with claim_run_folder(cfg.out, resume=resume, overwrite=overwrite,
                           resume_hint="--resume on the same `noln pretrain` command") as claim:
         return _pretrain(cfg, claim, resume)
+
+
+def resume_config(out: Path, data: str, settings: dict[str, Any]) -> PretrainConfig:
+    """The config of ``noln pretrain --resume``: the run's own settings (those its last
+    checkpoint saved) with the command line's ``settings`` (None: not given) on top. The model is
+    built from it, so a value of ``RESUME_FIXED`` that differs from the run's is refused here,
+    before anything loads or trains; a new ``lr`` scales the run's ``min_lr`` with it unless
+    ``min_lr`` is given too (the cosine keeps its shape), as ``noln remove --resume`` does."""
+    ckpt = load_checkpoint(RunFolder(out).latest_checkpoint())  # none: "nothing to resume"
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict) or "arch" not in saved:
+        raise NolnError(f"'{out}' holds no `noln pretrain` run (its checkpoint has no "
+                        "pretraining settings): check --out, or resume a removal run with "
+                        f"`noln remove --resume {out}`")
+    given = {k: v for k, v in {"data": data, **settings}.items() if v is not None and k != "out"}
+    # a setting added after the run started is absent from its checkpoint: it ran with the
+    # default of the day; one since dropped from noln is no setting of the run any more
+    fields = PretrainConfig.model_fields
+    saved = {**{k: f.get_default(call_default_factory=True) for k, f in fields.items()
+                if k in given and k not in saved},
+             **{k: v for k, v in saved.items() if k in fields}}
+    for field in RESUME_FIXED:
+        if field in given and not same_setting(field, saved[field], given[field]):
+            flag = flag_name((field,), PretrainConfig)
+            fix = f"give {flag} {saved[field]}" if field == "data" else f"drop {flag}"
+            raise NolnError(
+                f"{flag} {given[field]} differs from the run's {saved[field]}: --resume keeps "
+                f"the run's {', '.join(flag_name((f,), PretrainConfig) for f in RESUME_FIXED)}; "
+                f"{fix}, or start a new run with another --out")
+    changed = {k: v for k, v in given.items() if k not in RESUME_FIXED}
+    merged = {**merge_layers(saved, changed), "data": given.get("data", saved["data"]),
+              "out": str(out)}
+    if "lr" in changed and "min_lr" not in changed and saved.get("lr"):
+        merged["min_lr"] = float(saved.get("min_lr") or 0.0) * float(changed["lr"]) / \
+            float(saved["lr"])
+    return make_pretrain_config(**merged)
 
 
 def _pretrain(cfg: PretrainConfig, claim, resume: bool) -> PretrainResult:
