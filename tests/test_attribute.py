@@ -201,3 +201,36 @@ def test_every_family_converts_and_attributes_exactly_without_family_code(family
         a = attribute_logit(tl, ids, 5, -1)
         assert abs(a.sum_error) < 1e-4 and a.logit == pytest.approx(want[0, -1, 5].item(),
                                                                      abs=1e-4)
+
+
+def test_a_linearized_model_is_refused_before_anything_loads(tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    """TransformerLens has no block for a linear map: `noln attribute` of a `noln linearize`
+    folder, and the library's conversion of that folder or of its model, are one error naming
+    the base model to attribute instead, given before any model of the command is loaded."""
+    import numpy as np
+
+    import noln
+    import noln.interop
+    from noln.linearity.replace import fit_layers, save_linearized, swap_layer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    blocks = np.random.default_rng(0).integers(1, model.config.vocab_size, size=(16, 16))
+    for i, m in fit_layers(model, blocks, [0], batch_size=4).items():
+        swap_layer(model, i, m)
+    lin = save_linearized(model, load_tokenizer(tiny_model_dir), str(tiny_model_dir),
+                          tmp_path / "lin")
+    loaded = []
+    real = noln.interop.plain_view
+    monkeypatch.setattr(noln.interop, "plain_view",
+                        lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
+    r = run(str(tiny_model_dir), str(lin), "--text", TEXT)  # the linearized one second
+    assert isinstance(r.exception, NolnError), r.output + repr(r.exception)
+    message = str(r.exception)
+    assert "replaced by linear maps" in message and "TransformerLens cannot represent" in message
+    assert f"before linearizing instead (its base model, '{tiny_model_dir.resolve()}')" in message
+    assert loaded == []  # not even the first model
+    for source in (lin, model):
+        with pytest.raises(NolnError, match="TransformerLens cannot represent"):
+            noln.to_transformer_lens(source)
+    assert loaded == []

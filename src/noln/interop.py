@@ -35,7 +35,9 @@ from noln.arch import install, transformer_lens_config_keys
 from noln.errors import NolnError
 from noln.export import clean_model, plain_model
 from noln.fakenorm import FakeNorm
+from noln.linearity.replace import META_FILE, AffineBlock, SkipBlock, is_linearized
 from noln.loading import load_model, load_tokenizer
+from noln.pretrained import read_json
 
 EPS_TRICK_MIN = 1e6  # a norm eps this large means the eps trick: a fixed scale, not a norm
 TL_NORM_WEIGHTS = (".ln1.w", ".ln2.w", "ln_final.w")  # TransformerLens's names, every family
@@ -152,6 +154,26 @@ def _transformer_lens():
     return HookedTransformer, loading
 
 
+def check_transformer_lens_model(model_or_dir) -> None:
+    """Refuse a model with blocks that ``noln linearize`` replaced by linear maps (or dropped):
+    TransformerLens builds every block from the family's attention and MLP weights, which such a
+    block has none of. A folder is told by its ``linearized.json``, so nothing loads first."""
+    if isinstance(model_or_dir, nn.Module):
+        if not any(isinstance(m, AffineBlock | SkipBlock) for m in model_or_dir.modules()):
+            return
+        where, base = "this model", None
+    else:
+        path = Path(str(model_or_dir)).expanduser()
+        if not is_linearized(path):
+            return
+        meta = read_json(path / META_FILE)
+        where = f"'{model_or_dir}'"
+        base = path / meta["base_copy"] if meta.get("base_copy") else meta.get("base_model")
+    raise NolnError(f"{where} has blocks replaced by linear maps (noln linearize), which "
+                    "TransformerLens cannot represent: attribute or convert the model before "
+                    "linearizing instead" + (f" (its base model, '{base}')" if base else ""))
+
+
 def _tl_config(plain: nn.Module, loading, tmp: Path, device, dtype):
     """TransformerLens's config for ``plain``, from its HF config saved in ``tmp`` (offline)."""
     config = plain.config.to_dict()
@@ -177,6 +199,7 @@ def hooked_transformer(model_or_dir, *, tokenizer=None, device: str | torch.devi
     centring and a division by the token's own scale, with the same centring choices as the
     no-LN case). Returns the ``HookedTransformer``; ``model.cfg.normalization_type`` is ``None``
     exactly when the model has no norm."""
+    check_transformer_lens_model(model_or_dir)  # before TransformerLens and the model load
     HookedTransformer, loading = _transformer_lens()
     view = plain_view(model_or_dir, tokenizer)
     if view.norms == "live" and not allow_ln:
@@ -224,8 +247,9 @@ def to_transformer_lens(model_or_dir, *, tokenizer=None, device: str | torch.dev
 
     ``model_or_dir``: a noln ``hf`` or ``clean`` export folder, a finished run folder, or a model
     object (the run's model with frozen FakeNorms, ``noln.load_clean``'s model, an ``hf``
-    export). Raises ``NolnError`` for a model that still has LayerNorm, and for TransformerLens
-    4.x (which removed ``HookedTransformer``: install ``transformer-lens<4``)."""
+    export). Raises ``NolnError`` for a model that still has LayerNorm, for one with blocks
+    replaced by linear maps (``noln linearize``), and for TransformerLens 4.x (which removed
+    ``HookedTransformer``: install ``transformer-lens<4``)."""
     return hooked_transformer(model_or_dir, tokenizer=tokenizer, device=device, dtype=dtype,
                               check=check)
 

@@ -46,7 +46,7 @@ def attribute_cmd(
         table_rows,
     )
     from noln.evaluate.inputs import resolve_device, short_names
-    from noln.interop import hooked_transformer
+    from noln.interop import check_transformer_lens_model, hooked_transformer
     from noln.outputs import check_output_file, write_json
     from noln.report import json_safe, rich_table
 
@@ -58,6 +58,8 @@ def attribute_cmd(
     check_output_file(json_out, "--json")
     dev = resolve_device(device)
     names = short_names(models)
+    for path in names.values():  # every model, before the first one loads
+        check_transformer_lens_model(path)
     tls = {key: hooked_transformer(path, device=dev, allow_ln=True)
            for key, path in names.items()}
     first = next(iter(tls.values()))
