@@ -308,6 +308,10 @@ def test_partly_frozen_export_is_refused(fam, tmp_path):
     with pytest.raises(NolnError, match="partly removed model.*still live"):
         export_model(adapter, _Tok(), tmp_path / "x", "hf")
     assert not (tmp_path / "x").exists()
+    # nothing frozen (a with-norm control): the clean fold has no scale to fold, hf fits
+    with pytest.raises(NolnError, match="no norm of this model is removed.*--format hf"):
+        export_model(install(tiny(fam)), _Tok(), tmp_path / "x", "clean")
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- resume

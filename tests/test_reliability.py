@@ -1021,6 +1021,8 @@ def test_a_run_made_with_relative_paths_resumes_from_another_folder(capsys, tiny
     assert saved["schedule"] == str(work / "plans" / "all.yaml")
     assert saved["eval_sets"] == {"again": str(work / "text.jsonl")}
     monkeypatch.chdir(tmp_path)
+    main(["sites", str(work / "run")])  # a run folder: the sites of the model it removes from
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == sites
     code, err = run_main(capsys, "remove", "--resume", work / "run", "--steps", "10", "--quiet")
     assert code == 0, err
     assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 10

@@ -318,11 +318,16 @@ class NormAdapter:
 
     def require_export_state(self, allowed: tuple[str, ...]) -> str:
         state = self.export_state()
+        if state == "none" and state not in allowed:  # the clean format's fold needs frozen sites
+            raise NolnError(f"no norm of this model is removed (all {len(self.sites)} sites "
+                            "live: a with-norm control, or a run before its first removal), so "
+                            "there is no fixed scale to fold: export it with its norms "
+                            "(--format hf)")
         if state not in allowed:
             live = [n for n in self.sites if n not in self.frozen_sites()]
-            raise NolnError(f"cannot export a partly removed model ({len(live)} of "
+            raise NolnError(f"cannot export or convert a partly removed model ({len(live)} of "
                             f"{len(self.sites)} sites still live, e.g. {live[0]}): finish the "
-                            "run with --resume, or export a checkpoint from before the removals")
+                            "run with --resume, or use a checkpoint from before the removals")
         return state
 
 
