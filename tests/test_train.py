@@ -79,6 +79,18 @@ def test_taper_that_cannot_end_in_the_run_fails_before_training(tiny_model_dir, 
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               schedule="fixed", taper=40, **FAST)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # an adaptive schedule that starts after the run's end: the start is what to change
+    with pytest.raises(NolnError, match="last removal comes at step 31, not within the run's "
+                                        "30 steps: give more --steps/--tokens, or a schedule "
+                                        "that starts earlier"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              schedule="adaptive", taper=4, adaptive={"start": 30}, **FAST)
+    # a deadline at the run's last step: more steps never make room for the taper
+    with pytest.raises(NolnError, match="taper would end at step 34; give adaptive.finish_by "
+                                        "below 1"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                              schedule="adaptive", taper=4,
+                              adaptive={"start": 2, "finish_by": 1.0}, **FAST)
 
 
 # bit-identical results across processes: one thread, and MKL's reproducible code paths (its

@@ -105,16 +105,29 @@ def model_ctx(config, cfg: RemoveConfig) -> int:
     return min(cfg.ctx or 1024, context_length(config, default=1024))
 
 
-def check_taper(cfg: RemoveConfig, schedule, steps: int) -> None:
-    """A taper that cannot end within the run: its last site would never be a fixed scale."""
+def check_taper(cfg: RemoveConfig, schedule, steps: int, resuming: bool = False) -> None:
+    """A taper that cannot end within the run: its last site would never be a fixed scale
+    (or, where the schedule's last removal is itself past the end, never frozen). The advice
+    is what can change: ``--taper`` is fixed on resume, and an adaptive schedule whose
+    deadline is the run's last step (``finish_by`` 1) gains nothing from more steps."""
     if not cfg.taper or cfg.keep_ln:
         return
     events = getattr(schedule, "events", None)
     last = events[-1][0] if events else getattr(schedule, "deadline", None)
-    if last is not None and last + cfg.taper > steps:
-        raise NolnError(f"--taper {cfg.taper} does not fit: the last removal comes at step "
-                        f"{last} of {steps}, so its taper would end at step {last + cfg.taper}; "
-                        f"give --taper {max(1, steps - last)} or less, or more --steps/--tokens")
+    if last is None or last + cfg.taper <= steps:
+        return
+    longer = "more --steps/--tokens"
+    if last > steps:
+        raise NolnError(f"the schedule's last removal comes at step {last}, not within the run's "
+                        f"{steps} steps: give {longer}, or a schedule that starts earlier "
+                        "(adaptive.start, fixed.start)")
+    if not events and cfg.adaptive.finish_by >= 1:
+        longer = "adaptive.finish_by below 1 (e.g. 0.75)"
+    fixes = [longer] if resuming or last == steps else [f"--taper {steps - last} or less",
+                                                         longer]
+    raise NolnError(f"--taper {cfg.taper} does not fit: the last removal comes at step {last} of "
+                    f"{steps}, so its taper would end at step {last + cfg.taper}; give "
+                    f"{' or '.join(fixes)}")
 
 
 def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
@@ -307,7 +320,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     kinds = {name: site.kind for name, site in adapter.sites.items()}
     schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
-    check_taper(cfg, schedule, steps)
+    check_taper(cfg, schedule, steps, resuming)
     if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
             cfg.export_format in ("hf", "clean", "both"):
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
