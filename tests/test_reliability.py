@@ -1030,3 +1030,33 @@ def test_a_run_made_with_relative_paths_resumes_from_another_folder(capsys, tiny
 
     named = make_config(model="gpt2", data="builtin", schedule="adaptive")
     assert (named.model, named.data, named.schedule) == ("gpt2", "builtin", "adaptive")
+
+
+def test_pretrain_resume_keeps_the_runs_shape_and_refuses_another(capsys, text_jsonl, tmp_path):
+    """`noln pretrain --resume` builds the model the run saved (a Llama, though --arch's default
+    is gpt2) and goes on from its checkpoint; a shape setting that differs from the run's is one
+    error line, refused before anything trains."""
+    import torch
+
+    out = tmp_path / "p1"
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--ctx", "32", "--vocab-size",
+            "512", "--batch-size", "4", "--warmup-steps", "1", "--quiet"]
+    code, err = run_main(capsys, "pretrain", "--arch", "llama", "--data", text_jsonl, "--out",
+                         out, "--steps", "4", *tiny)
+    assert code == 0, err
+    last = out / "checkpoints" / "last.pt"
+    before = last.stat().st_mtime_ns
+
+    code, err = run_main(capsys, "pretrain", "--data", text_jsonl, "--out", out, "--resume",
+                         "--ctx", "64")
+    one_error_line(code, err, "--ctx 64 differs from the run's 32", "drop --ctx")
+    assert last.stat().st_mtime_ns == before  # refused before training
+
+    # no --arch, --layers ...: the run's own; --steps may change (the run goes on to step 6)
+    code, err = run_main(capsys, "pretrain", "--data", text_jsonl, "--out", out, "--resume",
+                         "--steps", "6", "--quiet")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["arch"], summary["n_layer"], summary["ctx"], summary["steps"]) == \
+        ("llama", 1, 32, 6)
+    assert torch.load(last, weights_only=True)["config"]["arch"] == "llama"
