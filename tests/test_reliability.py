@@ -518,6 +518,8 @@ def test_bad_numbers_of_the_other_commands(capsys, tmp_path):
          "--hellaswag-limit"),
         (["remove", "--resume", tmp_path / "r", "--overwrite"],
          "--resume continues a run and --overwrite replaces one"),
+        (["export", tmp_path / "nope", "--out", tmp_path / "e"], "does not exist"),
+        (["export", tmp_path, "--out", tmp_path / "e"], "is not a noln run folder"),
     ]
     for args, needle in cases:
         code, err = run_main(capsys, *args)

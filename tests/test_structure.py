@@ -195,3 +195,17 @@ def test_every_flag_the_readme_names_exists():
     # noln's flags use hyphens; one with an underscore belongs to another tool (accelerate's)
     named = {f for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", readme) if "_" not in f}
     assert sorted(named - known) == []
+
+
+def test_import_noln_reaches_every_submodule_the_readme_names():
+    """`import noln` then `noln.evaluate.cross_entropy`, `noln.arch.install` ... in a fresh
+    process, as the README writes them (the lazy API once knew only its own names); an
+    unknown name is still an AttributeError."""
+    code = ("import noln\n"
+            "noln.evaluate.cross_entropy, noln.evaluate.faithfulness, noln.arch.install\n"
+            "noln.train.Trainer, noln.schedule.build_schedule, noln.sinks.sink_neurons\n"
+            "try:\n    noln.nope\nexcept AttributeError as e:\n    print('refused', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "refused module 'noln' has no attribute 'nope'" in p.stdout

@@ -28,6 +28,11 @@ def __getattr__(name: str):
         value = getattr(import_module(_API[name]), name)
         globals()[name] = value  # looked up once
         return value
+    try:  # a submodule, as the README writes them: noln.evaluate.cross_entropy, noln.arch ...
+        return import_module(f"noln.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"noln.{name}":  # the submodule exists and lacks a package: say so
+            raise
     raise AttributeError(f"module 'noln' has no attribute '{name}'")
 
 

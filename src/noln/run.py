@@ -142,6 +142,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
             return prev
     if prev.exists():
         return prev
+    if not Path(run_dir).exists():
+        raise NolnError(f"'{run_dir}' does not exist: check the path of the run folder")
+    if not ckpt_dir.is_dir():
+        raise NolnError(f"'{run_dir}' is not a noln run folder (no checkpoints/): give the folder "
+                        "`noln remove --out` or `noln pretrain --out` wrote")
     raise NolnError(f"no checkpoint in '{ckpt_dir}': nothing to resume; start a new run")
 
 
