@@ -481,7 +481,7 @@ def test_scale_noise_draws_outliers_on_ordinary_tokens_by_the_step():
 
 def test_scale_noise_redoes_a_step_its_outliers_overflow(tokenizer, text_jsonl, tmp_path,
                                                           monkeypatch):
-    """--scale-noise: the run trains with the made outliers (its losses differ from the run
+    """scale_noise: the run trains with the made outliers (its losses differ from the run
     without them, and two runs with them are equal: drawn by the step). A step that overflows
     under them (here a hook sends a token to inf whenever noise is on, from step 16) is
     logged (`noise_overflow`) and redone without them: the run finishes with no guard
@@ -529,7 +529,7 @@ def test_scale_noise_redoes_a_step_its_outliers_overflow(tokenizer, text_jsonl, 
     assert steps == list(range(24))  # each redone step logged once, after its redo
     assert r.summary["complete"] and not r.summary["guard_events"]
     assert not r.summary["skipped_sequences"]
-    with pytest.raises(NolnError, match="--scale-noise scales .*--grad-checkpointing"):
+    with pytest.raises(NolnError, match="scale_noise scales .*--grad-checkpointing"):
         make_config(model="m", data="d", steps=10, scale_noise=(0.1, 4.0),
                     grad_checkpointing=True)
 
