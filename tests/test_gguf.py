@@ -142,6 +142,10 @@ def test_gguf_removal_sites_and_export(tiny_gguf, tmp_path):
     path, _, _ = tiny_gguf
     adapter = install(load_pretrained(path))
     assert len(adapter.site_names()) == 2 * 3 + 1
+    # the config alone, as `--control --hellaswag` reads it before training
+    from noln.pretrained import load_config
+
+    assert load_config(path).num_hidden_layers == 2
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

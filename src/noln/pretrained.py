@@ -64,8 +64,9 @@ def read_config_json(folder: Path) -> dict:
 def load_config(name: str | Path):
     """``AutoConfig`` of a Hub id or local folder, code-free unless --trust-remote-code: a
     folder whose config names its own code (``auto_map``) and a model type transformers does not
-    know is refused with the flag to pass, before anything is imported from it."""
-    name = str(name)
+    know is refused with the flag to pass, before anything is imported from it. A ``.gguf``
+    source reads its converted folder."""
+    name = str(resolve_gguf(name))
     local = Path(name).expanduser()
     if local.is_dir():
         raw = read_config_json(local)
