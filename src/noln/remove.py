@@ -481,10 +481,11 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
     pair = RunFolder(out or make_config(model=model, **overrides).out)
     out = pair.root
-    name = model or next((read_config_file(run.config).get("model") for run in
-                          (pair, pair.control) if run.config.is_file()), None)
-    if items is not None and name is not None:  # its tokenizer and config: no weights yet
-        check_endings_fit(items, load_tokenizer(name), context_length(load_config(name)))
+    if items is not None:  # its tokenizer and config: no weights yet
+        name = model or next((read_config_file(run.config).get("model") for run in
+                              (pair, pair.control) if run.config.is_file()), None)
+        if name is not None:
+            check_endings_fit(items, load_tokenizer(name), context_length(load_config(name)))
     results, runs = {}, {}
     # the pair's folder: refused or replaced as a whole, then each run claims its own part
     with claim_run_folder(out, resume=resume, overwrite=overwrite,
