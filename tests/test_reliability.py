@@ -683,6 +683,90 @@ def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_p
     assert (project / "tokenizer.json").read_text() == "the user's own file\n"
 
 
+def test_two_outputs_naming_one_path_are_refused_before_loading(capsys, tmp_path):
+    """Two output flags on one path (or a file where another flag puts its folder) used to be
+    found only when the second report met the first, after the work, with a message about a
+    folder; now one line names both flags before any model loads."""
+    x = tmp_path / "x"
+    cases = [
+        (["eval", "no/such-model", "--data", "builtin", "--json", x, "--out", x],
+         "is the folder --out writes into"),
+        (["compare", "a", "b", "c", "--data", "builtin", "--json", x / "comparison.json",
+          "--out", x], "is a file --out writes too"),
+        (["eval", "no/such-model", "--data", "builtin", "--json", x / "r.json",
+          "--out", x / "r.json" / "deeper"], "is the folder --out writes into"),
+        (["linearity", "no/such-model", "--data", "builtin", "--json", x, "--csv", x],
+         "--json and --csv both name"),
+        (["linearity", "no/such-model", "--data", "builtin", "--csv", x,
+          "--plot", tmp_path / "." / "x"], "--csv and --plot both name"),
+        (["attribute", "no/such-model", "--text", "hi", "--json", x, "--plot", x],
+         "--plot and --json both name"),
+    ]
+    for args, needle in cases:
+        code, err = run_main(capsys, *args)
+        line = one_error_line(code, err, needle)
+        assert "no/such-model" not in line, line
+    assert not x.exists()
+
+
+def test_reports_never_land_in_a_model_or_run_folder(capsys, finished_run, tiny_model_dir,
+                                                     tmp_path):
+    """eval / compare --out beside a model's files (a later load reads that folder) or in a
+    run (whose own comparison.json the report would replace): refused before loading."""
+    lin = tmp_path / "lin"
+    lin.mkdir()
+    (lin / "linearize.json").write_text("{}")
+    from noln.linearity.replace import META_FILE
+
+    (lin / META_FILE).write_text("{}")
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "m.gguf").write_bytes(b"GGUF")
+    for folder, kind in [(tiny_model_dir, "a model"), (finished_run, "a noln run folder"),
+                         (lin, "a noln linearize output"), (gguf, "a model")]:
+        before = sorted(p.name for p in Path(folder).iterdir())
+        for command in (["eval", "no/such-model"], ["compare", "a", "b", "c"]):
+            code, err = run_main(capsys, *command, "--data", "builtin", "--out", folder)
+            one_error_line(code, err, f"holds {kind}", "a folder of their own")
+        assert sorted(p.name for p in Path(folder).iterdir()) == before
+    reports = tmp_path / "reports"  # a user's folder of other things is fine
+    reports.mkdir()
+    (reports / "notes.md").write_text("mine")
+    from noln.evaluate.inputs import check_options
+
+    check_options(out=reports, out_files=["comparison.md"])
+
+
+def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_dir, text_jsonl,
+                                                            tmp_path):
+    """eval / export / linearity of a run that has not finished read its last checkpoint: the
+    command says which step that is (and of how many), on stderr; a finished run says
+    nothing."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         *RUN_ARGS, "checkpoint_keep=4")
+    assert code == 0, err
+    code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",
+                         "--quiet")
+    assert code == 0 and "has not finished" not in err, err
+    (run / "summary.json").unlink()  # as a run still training (or stopped) looks
+    shutil.copy(run / "checkpoints" / "step-8.pt", run / "checkpoints" / "last.pt")
+    code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",
+                         "--quiet")
+    assert code == 0, err
+    assert f"the run '{run}' has not finished: it is read as saved at step 8 of 12" in err, err
+    code, err = run_main(capsys, "linearity", run / "checkpoints" / "step-4.pt", "--data",
+                         text_jsonl, "--tokens", "256", "--ctx", "64", "--no-geometry")
+    assert code == 0, err
+    assert "was saved at step 4 of 12" in err, err
+    code, err = run_main(capsys, "export", run, "--out", tmp_path / "exported")
+    assert code == 0, err
+    assert "it is read as saved at step 8 of 12" in err, err
+    assert "Writing model shards" not in err, err  # transformers' own bar: noise here
+
+
 def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
     """Every command that reads text checks its local sources first: the model here does not
     exist, so an error about the data file shows it was checked before the model was looked at

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from noln.arch import ADAPTERS, NormAdapter, canonical_site
 from noln.errors import NolnError
 from noln.pretrained import load_config, read_json
+from noln.progress import transformers_bars_off
 
 FP16_MAX = 65504.0
 
@@ -158,7 +159,8 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
                         if adapter.export_state() == "all" else "norms kept (nothing frozen)")
 
         def write(d: Path) -> None:
-            model.save_pretrained(d)
+            with transformers_bars_off():  # its shard writer's bar, for one file
+                model.save_pretrained(d)
             tokenizer.save_pretrained(d)
             (d / "noln.json").write_text(json.dumps(meta, indent=1))
     elif fmt == "clean":

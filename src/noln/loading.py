@@ -42,6 +42,24 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def model_kind(path: str | Path) -> str | None:
+    """What model, if any, the local folder ``path`` holds, in words (None: none noln reads):
+    where reports must not go, beside the files a later load reads."""
+    path = Path(str(path)).expanduser()
+    if not path.is_dir():
+        return None
+    if is_linearized(path):
+        return "a noln linearize output"
+    if RunFolder(path).is_run():
+        return "a noln run folder"
+    if (path / "noln.json").is_file():
+        return "a noln export"
+    if (path / "config.json").is_file() or any(path.glob("*.gguf")) or \
+            any(path.glob("*.safetensors")):
+        return "a model"
+    return None
+
+
 # the tanh approximation of GELU written as six elementwise ops (GPT-2's gelu_new, gelu_fast)
 TANH_GELU_IN_OPS = (NewGELUActivation, FastGELUActivation)
 

@@ -97,6 +97,35 @@ def check_output_dir(path: Path | None, flag: str) -> None:
     check_output_file(path / "x", flag)
 
 
+def check_distinct_outputs(files: Sequence[tuple[str, Path | None]] = (),
+                           folders: Sequence[tuple[str, Path | None, Sequence[str]]] = ()
+                           ) -> None:
+    """No two output flags write the same file, and no file flag names a folder another flag
+    writes into: ``files`` are ``(flag, path)``, ``folders`` ``(flag, folder, names)`` with the
+    names the command may write in the folder. Checked before the work, so a clash is not found
+    only when the second report meets the first (``--json X --out X``)."""
+    written: dict[Path, str] = {}
+    for flag, path in files:
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in written:
+            raise NolnError(f"{written[resolved]} and {flag} both name '{path}': give each its "
+                            "own file")
+        written[resolved] = flag
+    for flag, folder, names in folders:
+        if folder is None:
+            continue
+        resolved = Path(folder).resolve()
+        for path, other in written.items():
+            if path == resolved or path in resolved.parents:
+                raise NolnError(f"{other} '{path}' is the folder {flag} writes into: give "
+                                f"{other} a file of its own")
+            if path.parent == resolved and path.name in names:
+                raise NolnError(f"{other} '{path}' is a file {flag} writes too: give {other} "
+                                "another name")
+
+
 def _replaceable(path: Path, csv_header: Sequence[str] | None = None) -> Path:
     """The last check, at the moment of writing (a name not known before the work)."""
     path = Path(path)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,6 +149,38 @@ def latest_checkpoint(run_dir: Path) -> Path:
         raise NolnError(f"'{run_dir}' is not a noln run folder (no checkpoints/): give the folder "
                         "`noln remove --out` or `noln pretrain --out` wrote")
     raise NolnError(f"no checkpoint in '{ckpt_dir}': nothing to resume; start a new run")
+
+
+def checkpoint_note(path: str | Path) -> str | None:
+    """Which step a command reads where ``path`` is a run that has not finished (still
+    training, or stopped) or one checkpoint file; None for anything else, a finished run
+    included. The step is read without loading the weights (``mmap``)."""
+    path = Path(str(path)).expanduser()
+    if path.is_file() and path.suffix == ".pt":
+        ckpt, run = path, RunFolder(path.parent.parent)
+    elif path.is_dir() and RunFolder(path).checkpoints.is_dir() and not RunFolder(path).finished():
+        run = RunFolder(path)
+        ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt")
+                     if p.is_file()), None)
+        if ckpt is None:
+            return None
+    else:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        step, cfg = int(saved["step"]), dict(saved.get("config") or {})
+    except Exception:  # noqa: BLE001 - only a note; loading the model says what is wrong
+        return None
+    total = cfg.get("steps")
+    if total is None and cfg.get("tokens") and cfg.get("ctx") and cfg.get("batch_size"):
+        total = -(-int(cfg["tokens"]) // (int(cfg["batch_size"]) * int(cfg["ctx"])))
+    of = f" of {total:,}" if total else ""
+    if path.is_file():
+        return f"note: '{path}' was saved at step {step:,}{of} of the run '{run.root}'"
+    return (f"note: the run '{path}' has not finished: it is read as saved at step "
+            f"{step:,}{of} ({ckpt.name})")
 
 
 def keep_checkpoint(checkpoint: Path, kept: Path) -> None:

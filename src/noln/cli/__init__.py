@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noln.cli.attribute import attribute_cmd
-from noln.cli.evaluate import compare_cmd, eval_cmd
+from noln.cli.evaluate import compare_cmd, eval_cmd, note_checkpoints
 from noln.cli.linearity import linearity_cmd, linearize_cmd
 from noln.cli.schema import command_line_settings, with_settings
 from noln.config import (
@@ -213,6 +213,7 @@ def export(
     run = RunFolder(checkpoint if checkpoint.is_dir() else checkpoint.parent.parent)
     check_export_target(out, source=run.root)  # before loading anything
     check_output_dir(out.parent, "--out")
+    note_checkpoints(checkpoint)
     model, tok = load_run_model(checkpoint)
     adapter = install(model)
     events = [r for r in run.read_log() if r.get("event") == "remove"]

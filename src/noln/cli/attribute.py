@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from noln.cli.evaluate import note_checkpoints
 from noln.errors import NolnError
 
 
@@ -47,19 +48,21 @@ def attribute_cmd(
     )
     from noln.evaluate.inputs import resolve_device, short_names
     from noln.interop import check_transformer_lens_model, hooked_transformer
-    from noln.outputs import check_output_file, write_json
+    from noln.outputs import check_distinct_outputs, check_output_file, write_json
     from noln.report import json_safe, rich_table
 
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
     if top < 1:
         raise NolnError(f"--top {top}: show at least 1 component")
+    check_distinct_outputs([("--plot", plot), ("--json", json_out)])
     check_output_file(plot, "--plot")
     check_output_file(json_out, "--json")
     dev = resolve_device(device)
     names = short_names(models)
     for path in names.values():  # every model, before the first one loads
         check_transformer_lens_model(path)
+    note_checkpoints(*names.values())
     tls = {key: hooked_transformer(path, device=dev, allow_ln=True)
            for key, path in names.items()}
     first = next(iter(tls.values()))

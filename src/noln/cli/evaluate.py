@@ -49,6 +49,16 @@ PrecisionOpt = Annotated[str, typer.Option(
     "where the device multiplies bf16 natively: a GPU, a CPU with AMX / AVX512-BF16)")]
 
 
+def note_checkpoints(*names: str | Path | None) -> None:
+    """Say on stderr which step each unfinished run (or checkpoint file) in ``names`` is read
+    at: a run still training gives its last checkpoint, not its end."""
+    from noln.run import checkpoint_note
+
+    for name in dict.fromkeys(n for n in names if n is not None):
+        if (note := checkpoint_note(name)) is not None:
+            typer.echo(note, err=True)
+
+
 def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
     from noln.evaluate.hellaswag import load_hellaswag
 
@@ -126,6 +136,7 @@ def eval_cmd(
     names = short_names([*models, *([reference] if reference and reference not in models
                                     else [])])
     reference = next((k for k, v in names.items() if v == reference), None)
+    note_checkpoints(*names.values())
     loaded = load_models(names, device)
     ctx = chunk_length([m for m, _ in loaded.values()], ctx)
 
@@ -190,6 +201,7 @@ def compare_cmd(
     device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
+    note_checkpoints(*names.values())
     loaded = load_models(names, device)
     tok = loaded[ORIGINAL][1]
     fingerprint = tokenizer_fingerprint(tok)

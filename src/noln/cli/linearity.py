@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noln.cli.evaluate import note_checkpoints
 from noln.config import check_numbers
 from noln.errors import NolnError
 
@@ -61,7 +62,7 @@ def linearity_cmd(
         run_profile,
         write_csv,
     )
-    from noln.outputs import check_output_file, write_json
+    from noln.outputs import check_distinct_outputs, check_output_file, write_json
     from noln.precision import PRECISIONS
     from noln.report import json_safe
 
@@ -73,10 +74,12 @@ def linearity_cmd(
         raise NolnError(f"--forward-precision '{forward_precision}' is unknown: use "
                         f"{', '.join(PRECISIONS)}")
     check_source(data)
+    check_distinct_outputs([("--json", json_out), ("--csv", csv_out), ("--plot", plot)])
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
     check_output_file(plot, "--plot")
     layer_list = parse_layer_list(layers)
+    note_checkpoints(model, *(compare or []))
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
         p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry and id_tokens > 2,
@@ -145,7 +148,7 @@ def linearize_cmd(
     from noln.linearity.score import check_tokens, hidden_size
     from noln.loading import load_model
     from noln.outputs import check_output_dir, write_json
-    from noln.progress import counting_forwards, token_progress
+    from noln.progress import counting_forwards, token_progress, transformers_bars_off
     from noln.report import json_safe
 
     if fit not in ("lstsq", "distill"):
@@ -160,11 +163,14 @@ def linearize_cmd(
                         "e.g. --distill-lr 1e-3")
     check_source(data, eval_data)
     check_output_dir(out, "--out")
+    if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
+        raise NolnError(f"--out '{out}' is the model it reads: give a new folder")
     if out.is_dir() and any(out.iterdir()) and not is_linearized(out):
         # the model's files (tokenizer, maps, base/) would land among the user's own
         raise NolnError(f"--out '{out}' holds files and is not a noln linearize output: give a "
                         "new or empty folder (a previous `noln linearize --out` folder is "
                         "written over)")
+    note_checkpoints(model)
     net, tok = load_model(model)
     block_list, returns_tuple = decoder_layers(net)
     chosen = parse_layers(layers, len(block_list))
@@ -190,7 +196,8 @@ def linearize_cmd(
             raise NolnError(f"--copy-base stores plain transformers models only, and {model} has "
                             f"modules from {', '.join(sorted(foreign))}: drop --copy-base (the "
                             "folder then refers to the base model by path)")
-        net.save_pretrained(out / "base")
+        with transformers_bars_off():
+            net.save_pretrained(out / "base")
         tok.save_pretrained(out / "base")
 
     per_distill = 2 * distill_steps * batch_size * ctx  # teacher and student forwards

@@ -12,8 +12,8 @@ from noln.arch import context_length
 from noln.config import check_numbers
 from noln.data import check_source, is_local
 from noln.errors import NolnError
-from noln.loading import fuse_activations, load_model
-from noln.outputs import check_output_dir, check_output_file
+from noln.loading import fuse_activations, load_model, model_kind
+from noln.outputs import check_distinct_outputs, check_output_dir, check_output_file
 
 
 def parse_sources(specs: list[str]) -> dict[str, str]:
@@ -86,8 +86,12 @@ def check_options(*, tokens: int | None = None, ctx: int | None = None,
     check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
+    check_distinct_outputs([("--json", json_out)], [("--out", out, out_files)])
     check_output_file(json_out, "--json")
     check_output_dir(out, "--out")
+    if out is not None and (kind := model_kind(out)) is not None:
+        raise NolnError(f"--out '{out}' holds {kind}: reports go in a folder of their own "
+                        "(e.g. --out reports/NAME)")
     for name in out_files if out is not None else ():
         check_output_file(Path(out) / name, "--out")
 
