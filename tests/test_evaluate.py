@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -259,6 +260,39 @@ def test_batched_ce_equals_unbatched(ref_tok, blocks):
     reports = evaluate_blocks({"m": model}, blocks, batch_size=7)
     assert reports["m"].ce.mean == pytest.approx(one.double().mean().item(), abs=1e-6)
     assert reports["m"].ce.n_tokens == blocks.shape[0] * 63 and reports["m"].ce.ctx == 64
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (np.arange(64), "shape (64,)"),  # a token stream, not cut into blocks
+    (np.ones((2, 2, 8), dtype=np.int64), "shape (2, 2, 8)"),
+    (np.full((2, 8), 1.5), "float64 values, not token ids"),
+    (np.zeros((2, 8), dtype=bool), "bool values"),
+    (np.zeros((0, 8), dtype=np.int64), "no blocks"),
+    (np.ones((2, 1), dtype=np.int64), "blocks of 1 token"),
+    (np.full((2, 8), 600), "token id 600 is outside the vocabulary"),
+    (np.full((2, 8), -1), "token id -1"),
+    (np.ones((1, 65), dtype=np.int64), "longer than the context"),
+    ([[1, 2, 3], [4, 5]], "ragged"),
+])
+def test_the_scorers_answer_malformed_blocks_with_one_line(bad, needle):
+    """The Python API's scorers (CE, faithfulness, linearity, the linearize fit) check their
+    token blocks as the CLI checks its flags: a NolnError naming the fix, never an IndexError
+    from inside the embedding or a silent cast of floats to ids."""
+    from noln.linearity.replace import fit_layers
+    from noln.linearity.score import linearity_profile
+
+    model = tiny(512)
+    scorers = {"ce": lambda b: token_losses(model, b),
+               "faithfulness": lambda b: faithfulness(model, model, b)}
+    if not needle.startswith("blocks of 1"):  # hidden states of 1-token blocks have no flaw
+        scorers |= {"linearity": lambda b: linearity_profile(model, b, geometry=False),
+                    "linearize": lambda b: fit_layers(model, b, [0])}
+    for name, score in scorers.items():
+        with pytest.raises(NolnError, match=re.escape(needle)):
+            score(bad)
+            pytest.fail(f"{name} took {bad!r}")
+    good = token_losses(model, torch.ones(2, 8, dtype=torch.int32))  # any integer type
+    assert good.shape == (2, 7) and good.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- faithfulness

@@ -729,6 +729,9 @@ def test_reports_never_land_in_a_model_or_run_folder(capsys, finished_run, tiny_
             code, err = run_main(capsys, *command, "--data", "builtin", "--out", folder)
             one_error_line(code, err, f"holds {kind}", "a folder of their own")
         assert sorted(p.name for p in Path(folder).iterdir()) == before
+    code, err = run_main(capsys, "linearize", tiny_model_dir, "--data", "builtin", "--out",
+                         tiny_model_dir)
+    one_error_line(code, err, "is the model it reads")
     reports = tmp_path / "reports"  # a user's folder of other things is fine
     reports.mkdir()
     (reports / "notes.md").write_text("mine")

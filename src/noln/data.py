@@ -262,3 +262,47 @@ def load_blocks(source: str, tokenizer, ctx: int, max_tokens: int | None = None,
                 split: str = "train") -> np.ndarray:
     """``[n, ctx]`` blocks of ``source``: what training and evaluation consume."""
     return pack(load_tokens(source, tokenizer, max_tokens, split), ctx)
+
+
+def check_blocks(blocks, models: dict | None = None, min_ctx: int = 2) -> np.ndarray:
+    """``blocks`` as the ``int64 [n, ctx]`` array every scorer reads, or one line saying what
+    is wrong with them: not integers, not 2-D, no block, a block shorter than 2 tokens (no
+    next token to score), longer than a model's context, or an id outside a model's
+    vocabulary (``models``: ``{name: model}``; the data was tokenised for another model).
+    ``min_ctx`` 1: hidden states only (linearity), no next token needed."""
+    from noln.arch import context_length  # (noln.arch reads no data: no cycle, but lazily)
+
+    if hasattr(blocks, "detach"):  # a torch tensor, on any device
+        blocks = blocks.detach().cpu().numpy()
+    try:
+        array = np.asarray(blocks)
+    except ValueError:  # ragged lists
+        raise NolnError("blocks are ragged: give one [n, ctx] array of token ids "
+                        "(noln.data.load_blocks or pack(ids, ctx) cut them)") from None
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise NolnError(f"blocks hold {array.dtype} values, not token ids: give integer ids "
+                        "(noln.data.load_blocks)")
+    if array.ndim != 2:
+        raise NolnError(f"blocks have shape {tuple(array.shape)}: give [n, ctx] token ids "
+                        "(a 1-D stream: noln.data.pack(ids, ctx))")
+    n, ctx = array.shape
+    if n == 0:
+        raise NolnError("no blocks to score: give at least one [1, ctx] block")
+    if ctx < min_ctx:
+        raise NolnError(f"blocks of {ctx} token cannot be scored (no next token): give ctx "
+                        f"{min_ctx} or more")
+    low, high = int(array.min()), int(array.max())
+    if low < 0:
+        raise NolnError(f"token id {low} in blocks: ids are >= 0")
+    for name, model in (models or {}).items():
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and high >= vocab:
+            raise NolnError(f"token id {high} is outside the vocabulary of model '{name}' "
+                            f"({vocab} ids): the data was tokenised with another model's "
+                            "tokenizer")
+        longest = context_length(model, default=ctx)
+        if ctx > longest:
+            raise NolnError(f"blocks of {ctx} tokens are longer than the context of model "
+                            f"'{name}' ({longest}): cut them to {longest} or less")
+    return array.astype(np.int64, copy=False)
+

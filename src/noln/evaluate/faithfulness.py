@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from noln.arch import final_norm
+from noln.data import check_blocks
 from noln.errors import NolnError
 from noln.evaluate.hellaswag import accepts
 from noln.evaluate.loss import CEResult, logits_budget, model_device, summarize
@@ -209,16 +210,8 @@ def evaluate_blocks(models: dict[str, torch.nn.Module], blocks: np.ndarray | tor
     model on the same ``[n, ctx]`` blocks, each batch run through all models in turn."""
     if reference is not None and reference not in models:
         raise NolnError(f"reference '{reference}' is not one of the models ({', '.join(models)})")
-    blocks = torch.from_numpy(np.array(blocks, dtype=np.int64))
+    blocks = torch.from_numpy(check_blocks(blocks, models))
     n, ctx = blocks.shape
-    if ctx < 2:
-        raise NolnError(f"chunks of {ctx} token cannot be scored: give --ctx 2 or more")
-    top_id = int(blocks.max())
-    for name, model in models.items():
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and top_id >= vocab:
-            raise NolnError(f"token id {top_id} is outside model '{name}''s vocabulary "
-                            f"of {vocab}: the data was tokenised with another model's tokenizer")
     if batch_size is None:
         vocab = max(getattr(getattr(m, "config", None), "vocab_size", 0) or 50257
                     for m in models.values())

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from noln.data import check_blocks
+
 
 @dataclass
 class CEResult:
@@ -77,10 +79,10 @@ def logits_budget(device: torch.device) -> int:
 def token_losses(model: torch.nn.Module, blocks: np.ndarray | torch.Tensor,
                  batch_size: int = 16) -> torch.Tensor:
     """Per-token CE ``[n_chunks, ctx - 1]`` (float32, on CPU) of ``model`` on ``blocks``."""
+    blocks = torch.from_numpy(check_blocks(blocks, {type(model).__name__: model}))
     was_training = model.training
     model.eval()
     device = model_device(model)
-    blocks = torch.from_numpy(np.array(blocks, dtype=np.int64))
     out = []
     for i in range(0, len(blocks), batch_size):
         x = blocks[i : i + batch_size].to(device)

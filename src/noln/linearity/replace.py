@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from noln.arch import decoder_layers
+from noln.data import check_blocks
 from noln.errors import NolnError
 from noln.evaluate.loss import cross_entropy, model_device
 from noln.linearity.score import (
@@ -156,7 +157,8 @@ def block_moments(model: nn.Module, blocks: np.ndarray, layers: Sequence[int],
                   batch_size: int = 8) -> StreamingMoments:
     """float64 moments of each listed block's input and output (sequences alternate halves)."""
     d = hidden_size(model)
-    check_tokens(np.asarray(blocks).size, d)
+    blocks = check_blocks(blocks, {type(model).__name__: model}, min_ctx=1)
+    check_tokens(blocks.size, d)
     moments = StreamingMoments(d, pairs=layers, device=model_device(model))
     was_training = model.training
     model.eval()

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from noln.data import check_blocks
 from noln.errors import NolnError
 from noln.evaluate.loss import accepts, model_device
 from noln.linearity.geometry import TokenSample, anisotropy, twonn_dimension
@@ -430,7 +431,8 @@ def linearity_profile(model: torch.nn.Module, blocks: np.ndarray, *,
     ``precision`` is that of the moments.
     """
     forward = resolve_precision(forward, model_device(model))
-    blocks = np.asarray(blocks)
+    blocks = check_blocks(blocks, {name or type(model).__name__: model},
+                          min_ctx=2 if without_first else 1)
     n_layers, d = num_layers(model), hidden_size(model)
     check_tokens(blocks.size, d)
     pairs = scorable_layers(n_layers, layers)
