@@ -866,6 +866,26 @@ def _lays_out_by_length(schedule: str) -> bool:
     return (spec.type or ("events" if spec.events is not None else "fixed")) == "fixed"
 
 
+def with_added_settings(saved: dict[str, Any], given: dict[str, Any],
+                        schema: type[BaseModel]) -> dict[str, Any]:
+    """A run's saved settings, with the default of each setting ``given`` that the run does not
+    record (added to noln after it started: it ran with the default of the day) and without
+    those since dropped from ``schema``, so they compare and merge as the run ran."""
+    fields = schema.model_fields
+    return {**{k: f.get_default(call_default_factory=True) for k, f in fields.items()
+               if k in given and k not in saved},
+            **{k: v for k, v in saved.items() if k in fields}}
+
+
+def scaled_min_lr(saved: dict[str, Any], changed: dict[str, Any]) -> dict[str, float]:
+    """``{"min_lr": ...}`` where a resume changes ``lr`` and not ``min_lr``: the run's floor
+    scaled by new lr / old lr, so the cosine keeps its shape; else nothing."""
+    if "lr" not in changed or "min_lr" in changed or not saved.get("lr"):
+        return {}
+    return {"min_lr": float(saved.get("min_lr") or 0.0) * float(changed["lr"])
+            / float(saved["lr"])}
+
+
 def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
                   ) -> tuple[RemoveConfig, dict[str, Any], list[str]]:
     """The config of ``noln remove --resume RUN`` from the run's settings ``saved`` (its
@@ -878,11 +898,7 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
     run = Path(run)
     given = {k: v for k, v in given.items() if v is not None and k != "out"}
     check_one_length(given)
-    # a setting added after the run started is absent from its config.yaml: it ran with the
-    # default of the day
-    saved = {**{k: f.get_default(call_default_factory=True)
-                for k, f in RemoveConfig.model_fields.items() if k in given and k not in saved},
-             **saved}
+    saved = with_added_settings(saved, given, RemoveConfig)
     for field in RESUME_FIXED:
         if field in given and not same_setting(field, saved.get(field), given[field]):
             raise NolnError(
@@ -907,10 +923,8 @@ def resume_config(run: Path, saved: dict[str, Any], given: dict[str, Any]
         raise NolnError(f"--steps/--tokens cannot change on --resume of a run with the {schedule} "
                         "schedule: its removal steps are laid out over the run's length; resume "
                         "without them (an adaptive or explicit-events schedule may be extended)")
-    merged = {**merge_layers(saved, changed), "out": str(run)}  # --steps replaces a token budget
-    if "lr" in changed and "min_lr" not in changed and saved.get("lr"):
-        merged["min_lr"] = float(saved.get("min_lr", 0.0)) * float(changed["lr"]) / \
-            float(saved["lr"])
+    # --steps replaces a token budget
+    merged = {**merge_layers(saved, changed), "out": str(run), **scaled_min_lr(saved, changed)}
     cfg = make_config(**merged)
     shown = {k: v for k, v in changed.items() if k != "progress"}
     notes = [f"resuming {run}: keeps {', '.join(RESUME_FIXED[:8])} and the schedule from the "

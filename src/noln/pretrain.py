@@ -23,6 +23,8 @@ from noln.config import (
     make_pretrain_config,
     merge_layers,
     same_setting,
+    scaled_min_lr,
+    with_added_settings,
 )
 from noln.data import iter_documents, load_tokens, pack
 from noln.errors import NolnError
@@ -112,12 +114,7 @@ def resume_config(out: Path, data: str, settings: dict[str, Any]) -> PretrainCon
                         "pretraining settings): check --out, or resume a removal run with "
                         f"`noln remove --resume {out}`")
     given = {k: v for k, v in {"data": data, **settings}.items() if v is not None and k != "out"}
-    # a setting added after the run started is absent from its checkpoint: it ran with the
-    # default of the day; one since dropped from noln is no setting of the run any more
-    fields = PretrainConfig.model_fields
-    saved = {**{k: f.get_default(call_default_factory=True) for k, f in fields.items()
-                if k in given and k not in saved},
-             **{k: v for k, v in saved.items() if k in fields}}
+    saved = with_added_settings(saved, given, PretrainConfig)
     for field in RESUME_FIXED:
         if field in given and not same_setting(field, saved[field], given[field]):
             flag = flag_name((field,), PretrainConfig)
@@ -127,12 +124,8 @@ def resume_config(out: Path, data: str, settings: dict[str, Any]) -> PretrainCon
                 f"the run's {', '.join(flag_name((f,), PretrainConfig) for f in RESUME_FIXED)}; "
                 f"{fix}, or start a new run with another --out")
     changed = {k: v for k, v in given.items() if k not in RESUME_FIXED}
-    merged = {**merge_layers(saved, changed), "data": given.get("data", saved["data"]),
-              "out": str(out)}
-    if "lr" in changed and "min_lr" not in changed and saved.get("lr"):
-        merged["min_lr"] = float(saved.get("min_lr") or 0.0) * float(changed["lr"]) / \
-            float(saved["lr"])
-    return make_pretrain_config(**merged)
+    return make_pretrain_config(**{**merge_layers(saved, changed), **scaled_min_lr(saved, changed),
+                                   "data": given.get("data", saved["data"]), "out": str(out)})
 
 
 def _pretrain(cfg: PretrainConfig, claim, resume: bool) -> PretrainResult:
