@@ -126,6 +126,61 @@ def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_d
     assert (out / "table.md").is_file() and (out / "summary.json").read_text() == summary
 
 
+def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir, text_jsonl,
+                                                                  tmp_path):
+    """`--control-only` trains a pair's control while its removal trains in another process
+    (here: a live process holding the removal's lock); each side sees the other at work,
+    whichever ends last makes the table, and neither trains the other's run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--steps", "12", "--schedule", "fixed",
+                                 *RUN])
+    assert r.exit_code == 0, r.output
+    removal_log = (out / "log.jsonl").read_text()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        def held_by_other(folder):
+            (folder / ".noln.lock").write_text(json.dumps({"pid": other.pid,
+                                                           "host": os.uname().nodename}))
+
+        held_by_other(out)  # the removal "still training" in its own process
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
+        assert r.exit_code == 0, r.output
+        assert "the control is done; the removal's process makes the table" in \
+            " ".join(r.output.split())
+        assert json.loads((out / "control" / "summary.json").read_text())["keep_ln"]
+        assert (out / "log.jsonl").read_text() == removal_log  # not trained here
+        assert not (out / "table.md").exists()
+        (out / ".noln.lock").unlink()
+        # the removal's process ends while a control trains elsewhere: it says so, no table
+        (out / "control" / "summary.json").rename(tmp_path / "control-summary.json")
+        held_by_other(out / "control")
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+        assert r.exit_code == 0, r.output
+        assert f"the control trains in another process (PID {other.pid})" in r.output
+        assert not (out / "table.md").exists()
+        (out / "control" / ".noln.lock").unlink()
+        (tmp_path / "control-summary.json").rename(out / "control" / "summary.json")
+    finally:
+        other.kill()
+        other.wait()
+    control_log = (out / "control" / "log.jsonl").read_text()
+    # both done: the last to end (here, --control-only again) makes the table, training nothing
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
+    assert r.exit_code == 0, r.output
+    assert (out / "table.md").is_file() and (out / "comparison.json").is_file()
+    assert (out / "log.jsonl").read_text() == removal_log
+    assert (out / "control" / "log.jsonl").read_text() == control_log
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(tmp_path / "new"), "--control-only"])
+    assert isinstance(r.exception, NolnError) and "--resume RUN --control-only" in \
+        str(r.exception)
+
+
 def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tmp_path):
     """A pair begun when the control went first (its removal not begun): resumed, the removal
     takes the control's settings without keep_ln; a folder that is no run is one line."""

@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from noln.export import check_export_target, export_model
 from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
-from noln.run import RunClaim, RunFolder, claim_run_folder
+from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
 from noln.schedule import Schedule, build_schedule
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
@@ -463,7 +464,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                         out: str | Path | None = None, *, resume: bool = False,
                         eval_sets: dict[str, str] | None = None,
                         hellaswag: str | None = None, hellaswag_limit: int | None = None,
-                        overwrite: bool = False, **overrides) -> dict:
+                        overwrite: bool = False, control_only: bool = False,
+                        **overrides) -> dict:
     """The removal run (``out``), then the with-LN control (``out/control``) on the same data,
     steps and seed, then the papers' table from ``noln.evaluate.compare_models``: original /
     fine-tuned with LN / without LN on the held-out text, each of ``eval_sets`` and optionally
@@ -475,7 +477,13 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     the control's compute is not spent and ``{"no_ln": summary}`` is returned. The control's
     settings are the removal run's own ``config.yaml`` with ``keep_ln`` (a staged removal's
     first settings, ``config.first.yaml``, and the control makes the same stages), so
-    ``resume=True`` also adds a control to a run begun without one."""
+    ``resume=True`` also adds a control to a run begun without one.
+
+    ``control_only`` (with ``resume``): train only the control, here, while the removal trains
+    in another process (a second GPU, a second CPU core): the two share no state. Whichever
+    ends last makes the table; a removal that ends while the control trains elsewhere says so
+    and returns ``{"no_ln": summary}``, a control that ends first returns ``{"control":
+    summary}``."""
     overrides.pop("keep_ln", None)  # each run sets its own
     # read before training: a missing or malformed HellaSwag is an error now, not after two runs
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
@@ -486,15 +494,37 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                               (pair, pair.control) if run.config.is_file()), None)
         if name is not None:
             check_endings_fit(items, load_tokenizer(name), context_length(load_config(name)))
-    results, runs = {}, {}
+    if control_only and not resume:
+        raise NolnError("control_only trains the control of a pair already begun: resume it "
+                        "(`noln remove --resume RUN --control-only`)")
+    results: dict[str, dict] = {}
+    runs = {"no_ln": pair.root, "control": pair.control.root}
+    parts = [("no_ln", pair, False), ("control", pair.control, True)]
+    hint = ("`noln remove --resume " + escape(shlex.quote(str(out))) + " --control" + escape(
+        "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in (
+            ("--hellaswag", hellaswag), ("--hellaswag-limit", hellaswag_limit))
+            if v is not None)) + "`")  # the pair goes on as it was asked for
     # the pair's folder: refused or replaced as a whole, then each run claims its own part
-    with claim_run_folder(out, resume=resume, overwrite=overwrite,
-                          main=_ranks().is_main_process) as claim:
+    # (only the control: the removal's process holds the pair; the control claims its own)
+    with (nullcontext(RunClaim()) if control_only else
+          claim_run_folder(out, resume=resume, overwrite=overwrite,
+                           main=_ranks().is_main_process)) as claim:
         claim.started()  # from here on each run cleans up after itself
-        for name, run, keep in (("no_ln", pair, False), ("control", pair.control, True)):
-            runs[name] = run.root
-            if resume and run.finished() and run.read_summary().get("complete", True) and \
-                    not _lengthened(run, overrides):
+        for name, run, keep in parts:
+            done = run.finished() and run.read_summary().get("complete", True)
+            if name == "no_ln" and control_only:
+                holder = lock_holder(run.root)
+                if not done or holder is not None:  # the removal goes on in its own process
+                    continue
+                results[name] = run.read_summary()
+                continue
+            if name == "control" and not control_only and \
+                    (holder := lock_holder(run.root)) is not None:
+                console.print(f"[yellow]the control trains in another process ({holder}): "
+                              "whichever ends last makes the table (or, once both are done, "
+                              f"{hint})[/]", highlight=False, soft_wrap=True)
+                return {"no_ln": results["no_ln"]}
+            if resume and done and not _lengthened(run, overrides):
                 results[name] = run.read_summary()
             elif resume and run.has_checkpoint():
                 results[name] = remove_layernorm(model, data, resume=run.root,
@@ -527,14 +557,15 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
                                                  keep_ln=False, **overrides).summary
             if not results[name].get("complete", True):
-                table = "".join(f" {flag} {shlex.quote(str(v))}" for flag, v in (
-                    ("--hellaswag", hellaswag), ("--hellaswag-limit", hellaswag_limit))
-                    if v is not None)  # the pair goes on as it was asked for
                 console.print("[yellow]the control was not run, as the removal is unfinished "
-                              "(above): once it is done, `noln remove --resume "
-                              f"{escape(shlex.quote(str(out)))} --control{escape(table)}` runs "
-                              "the control and the table[/]", highlight=False, soft_wrap=True)
+                              f"(above): once it is done, {hint} runs the control and the "
+                              "table[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results[name]}
+    if "no_ln" not in results:  # control_only, the removal still training elsewhere
+        console.print("[yellow]the control is done; the removal's process makes the table when "
+                      f"it ends (or, once it is done, {hint})[/]", highlight=False,
+                      soft_wrap=True)
+        return {"control": results["control"]}
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)
         return {}

@@ -318,6 +318,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def lock_holder(folder: Path) -> str | None:
+    """Who holds ``folder``'s lock, if another live process does: ``"PID 4242"`` (``" on host
+    h"`` where it is another machine's); None when free, stale or this process's own."""
+    try:
+        holder = json.loads((Path(folder) / LOCK).read_text())
+        pid, host = int(holder["pid"]), str(holder.get("host", socket.gethostname()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    here = host == socket.gethostname()
+    if pid <= 0 or (here and (pid == os.getpid() or not _alive(pid))):
+        return None
+    return f"PID {pid}" + ("" if here else f" on host {host}")
+
+
 def acquire_lock(folder: Path) -> bool:
     """Create ``folder/.noln.lock`` holding this process's PID. A lock whose process is alive
     (on this machine) is an error naming it; a stale one (its process is gone) is taken over;

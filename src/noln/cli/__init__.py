@@ -79,6 +79,10 @@ def remove(
         "line)")] = None,
     control: Annotated[bool, typer.Option("--control", help="also run the --keep-ln control "
                                           "(OUT/control) and print the 3-column table")] = False,
+    control_only: Annotated[bool, typer.Option(
+        "--control-only", help="with --resume RUN: train only the pair's control, here, while "
+        "its removal trains in another process (a second GPU or CPU core); whichever ends last "
+        "makes the table")] = False,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of settings (the command line "
                                                 "overrides it)")] = None,
@@ -107,6 +111,12 @@ def remove(
     check_one_length(overrides)
     if model is not None:
         overrides["model"] = model
+    if control_only:
+        if resume is None:
+            raise NolnError("--control-only trains the control of a pair already begun: "
+                            "`noln remove --resume RUN --control-only` (RUN: the folder of "
+                            "`noln remove ... --control`, once its removal has started)")
+        control = True
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
                         "`noln eval MODEL --hellaswag`")
@@ -130,7 +140,8 @@ def remove(
         if control:
             _control_done(remove_with_control(model, data, resume, resume=True, eval_sets=sets,
                                               hellaswag=hellaswag,
-                                              hellaswag_limit=hellaswag_limit, **overrides))
+                                              hellaswag_limit=hellaswag_limit,
+                                              control_only=control_only, **overrides))
             return
         result = remove_layernorm(model, data, resume=resume, eval_sets=sets, **overrides)
         _print_summary(result.summary)
@@ -173,6 +184,8 @@ def _control_done(result: dict) -> None:
     """A --control pair that stopped at its unfinished removal exits as `noln remove` does."""
     if "no_ln" in result and "control" not in result:
         _print_summary(result["no_ln"])
+    elif "control" in result and "no_ln" not in result:  # --control-only, the removal not done
+        _print_summary(result["control"])
 
 
 def _print_summary(summary: dict) -> None:
@@ -339,8 +352,9 @@ def _interrupt_hint(argv: list[str], e: BaseException | None = None) -> str:
     if command == "remove":
         run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
         resume = f"noln remove --resume {shlex.quote(str(run)) if run else 'OUT'}"
-        if "--control" in argv:  # the pair goes on as it was asked for, table included
-            resume += " --control" + "".join(f" {flag} {shlex.quote(v)}" for flag in (
+        pair = next((a for a in ("--control", "--control-only") if a in argv), None)
+        if pair is not None:  # the pair goes on as it was asked for, table included
+            resume += f" {pair}" + "".join(f" {flag} {shlex.quote(v)}" for flag in (
                 "--hellaswag", "--hellaswag-limit") if (v := value(flag)) is not None)
         return f"interrupted: {kept}; continue it with `{resume}`"
     if command == "pretrain":
