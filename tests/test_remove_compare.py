@@ -150,8 +150,8 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
         held_by_other(out)  # the removal "still training" in its own process
         r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
         assert r.exit_code == 0, r.output
-        assert "the control is done; the removal's process makes the table" in \
-            " ".join(r.output.split())
+        assert f"the control is done; the removal's process (PID {other.pid}) makes the " \
+            "table when it ends" in " ".join(r.output.split())
         assert json.loads((out / "control" / "summary.json").read_text())["keep_ln"]
         assert (out / "log.jsonl").read_text() == removal_log  # not trained here
         assert not (out / "table.md").exists()
@@ -169,6 +169,13 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
         other.kill()
         other.wait()
     control_log = (out / "control" / "log.jsonl").read_text()
+    # a removal stopped (killed: no summary, no live lock) while its control ended: the way on
+    (out / "summary.json").rename(tmp_path / "summary.json")
+    r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
+    assert r.exit_code == 0, r.output
+    assert f"the removal is not, and no process trains it: `noln remove --resume {out} " \
+        "--control` goes on with it" in " ".join(r.output.split())
+    (tmp_path / "summary.json").rename(out / "summary.json")
     # both done: the last to end (here, --control-only again) makes the table, training nothing
     r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
     assert r.exit_code == 0, r.output

@@ -513,11 +513,10 @@ def remove_with_control(model: str | None = None, data: str | None = None,
         for name, run, keep in parts:
             done = run.finished() and run.read_summary().get("complete", True)
             if name == "no_ln" and control_only:
-                holder = lock_holder(run.root)
-                if not done or holder is not None:  # the removal goes on in its own process
-                    continue
-                results[name] = run.read_summary()
-                continue
+                removal_at_work = lock_holder(run.root)
+                if done and removal_at_work is None:
+                    results[name] = run.read_summary()
+                continue  # (the removal trains in its own process, or it waits for one)
             if name == "control" and not control_only and \
                     (holder := lock_holder(run.root)) is not None:
                 console.print(f"[yellow]the control trains in another process ({holder}): "
@@ -561,10 +560,13 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                               f"(above): once it is done, {hint} runs the control and the "
                               "table[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results[name]}
-    if "no_ln" not in results:  # control_only, the removal still training elsewhere
-        console.print("[yellow]the control is done; the removal's process makes the table when "
-                      f"it ends (or, once it is done, {hint})[/]", highlight=False,
-                      soft_wrap=True)
+    if "no_ln" not in results:  # control_only, the removal not done
+        console.print(
+            "[yellow]the control is done; " + (
+                f"the removal's process ({removal_at_work}) makes the table when it ends"
+                if removal_at_work is not None else
+                f"the removal is not, and no process trains it: {hint} goes on with it and "
+                "makes the table") + "[/]", highlight=False, soft_wrap=True)
         return {"control": results["control"]}
     if not PartialState().is_main_process:  # under a launcher, one process evaluates (the
         # state already exists: remove_layernorm made it)
