@@ -150,8 +150,9 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
         held_by_other(out)  # the removal "still training" in its own process
         r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
         assert r.exit_code == 0, r.output
-        assert f"the control is done; the removal's process (PID {other.pid}) makes the " \
-            "table when it ends" in " ".join(r.output.split())
+        assert f"the control is done; the removal trains in another process (PID {other.pid}): " \
+            "if that is the pair's (--control), it makes the table when it ends" in \
+            " ".join(r.output.split())
         assert json.loads((out / "control" / "summary.json").read_text())["keep_ln"]
         assert (out / "log.jsonl").read_text() == removal_log  # not trained here
         assert not (out / "table.md").exists()

@@ -563,8 +563,9 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     if "no_ln" not in results:  # control_only, the removal not done
         console.print(
             "[yellow]the control is done; " + (
-                f"the removal's process ({removal_at_work}) makes the table when it ends"
-                if removal_at_work is not None else
+                f"the removal trains in another process ({removal_at_work}): if that is the "
+                f"pair's (--control), it makes the table when it ends; else, then, {hint} "
+                "makes it" if removal_at_work is not None else
                 f"the removal is not, and no process trains it: {hint} goes on with it and "
                 "makes the table") + "[/]", highlight=False, soft_wrap=True)
         return {"control": results["control"]}
