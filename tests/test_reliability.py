@@ -109,6 +109,27 @@ def test_overwrite_replaces_only_what_noln_wrote(capsys, tiny_model_dir, text_js
     assert not (run / ".noln.lock").exists()
 
 
+def test_overwrite_refuses_a_run_whose_own_folders_hold_a_users_files(capsys, finished_run,
+                                                                       tiny_model_dir, tmp_path):
+    """--overwrite deletes noln's subfolders (checkpoints/, base/ ...) whole: a file of the
+    user's put inside one is named and the run refused, before anything is deleted."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for rel in ("base/my_notes.md", "checkpoints/my.pt"):
+        (run / rel).write_text("mine")
+        before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+        code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "builtin", "--out", run,
+                             "--overwrite", *RUN_ARGS)
+        one_error_line(code, err, "--overwrite would delete what noln did not write", rel)
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+        (run / rel).unlink()
+    from noln.run import foreign_entries
+
+    assert foreign_entries(run) == []  # noln's own files only: --overwrite may go on
+
+
 def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny_model_dir,
                                                                      tmp_path):
     from noln.run import LOCK, acquire_lock, release_lock

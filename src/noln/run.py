@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -270,6 +271,41 @@ def _describe_run(folder: Path) -> str:
     return f"{what} ({state})"
 
 
+_CHECKPOINT_NAME = re.compile(r"(last|prev|step-\d+)\.pt(\.tmp)?")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What ``remove_noln_outputs`` would delete that noln did not write: files of the user's
+    inside noln's own subfolders (``checkpoints/``, ``base/``, the exports, ``compare/``,
+    ``control/``), as paths relative to ``folder``. The folder's other files are never
+    deleted, so they are not listed."""
+    from noln.export import _export_file_name
+    from noln.outputs import written_by_noln
+
+    folder = Path(folder)
+    found: list[str] = []
+    for name in NOLN_OUTPUTS:
+        sub = folder / name
+        if not sub.is_dir() or sub.is_symlink():
+            continue
+        if name == "control":
+            found += [f"control/{e}" for e in foreign_entries(sub)]
+            continue
+        for path in sorted(sub.rglob("*")):
+            rel = path.relative_to(sub)
+            if path.is_dir():
+                continue
+            if name == "checkpoints":
+                ours = len(rel.parts) == 1 and _CHECKPOINT_NAME.fullmatch(rel.name) is not None
+            elif name in ("base", "model", "model-clean"):
+                ours = len(rel.parts) == 1 and _export_file_name(rel.name)
+            else:  # compare/: the table's reports, each with noln's mark
+                ours = written_by_noln(path)
+            if not ours:
+                found.append(f"{name}/{rel}")
+    return found
+
+
 def remove_noln_outputs(folder: Path, names: Iterable[str] = NOLN_OUTPUTS) -> None:
     """Delete what noln writes in a run folder (``NOLN_OUTPUTS``, or those of ``names``) and
     nothing else; never the lock, and a symlink only as a link."""
@@ -295,6 +331,12 @@ def check_run_target(out: Path, overwrite: bool, flag: str = "--out",
         return
     if is_run_folder(out):
         if overwrite:
+            foreign = foreign_entries(out)
+            if foreign:
+                shown = ", ".join(f"'{e}'" for e in foreign[:3]) + (" ..." if len(foreign) > 3
+                                                                    else "")
+                raise NolnError(f"--overwrite would delete what noln did not write in '{out}' "
+                                f"({shown}): move it out first, or choose another folder")
             remove_noln_outputs(out)
             return
         raise NolnError(f"{flag} '{out}' already holds {_describe_run(out)}: continue it with "
