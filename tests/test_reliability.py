@@ -428,6 +428,9 @@ def test_a_branch_goes_on_from_a_kept_checkpoint(capsys, tiny_model_dir, text_js
     (tmp_path / "taken" / "notes.md").write_text("mine")
     code, err = run_main(capsys, "branch", run, "--step", "8", "--out", tmp_path / "taken")
     one_error_line(code, err, "exists and is not empty")
+    code, err = run_main(capsys, "branch", run, "--step", "8", "--out", run / "sub")
+    one_error_line(code, err, "is inside the run")
+    assert not (run / "sub").exists()
     code, err = run_main(capsys, "branch", run, "--step", "8", "--out", new)
     assert code == 0, err
     def steps(folder):  # the log's step records
@@ -730,6 +733,24 @@ def test_two_outputs_naming_one_path_are_refused_before_loading(capsys, tmp_path
     assert not x.exists()
 
 
+def test_a_figure_in_a_format_matplotlib_cannot_write_is_refused_before_loading(capsys):
+    for command in (["linearity", "no/such-model", "--data", "builtin"],
+                    ["attribute", "no/such-model", "--text", "hi"]):
+        code, err = run_main(capsys, *command, "--plot", "figure.txt")
+        line = one_error_line(code, err, "--plot 'figure.txt': a figure is written as", "png")
+        assert "no/such-model" not in line
+
+
+def test_linearity_names_a_missing_compare_model_before_profiling_the_first(
+        capsys, tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["linearity", str(tiny_model_dir), "--data", "builtin", "--compare",
+              str(tmp_path / "gone")])
+    captured = capsys.readouterr()
+    one_error_line(stop.value.code, captured.err, "gone' does not exist")
+    assert "Linearity of" not in captured.out  # no table: nothing was profiled
+
+
 def test_reports_never_land_in_a_model_or_run_folder(capsys, finished_run, tiny_model_dir,
                                                      tmp_path):
     """eval / compare --out beside a model's files (a later load reads that folder) or in a
@@ -774,7 +795,12 @@ def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_d
     assert code == 0, err
     code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",
                          "--quiet")
-    assert code == 0 and "has not finished" not in err, err
+    assert code == 0 and "has not finished" not in err and "note:" not in err, err
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",
+                         "--quiet")  # a run that ended with sites still live
+    assert code == 0 and f"the run '{run}' ended unfinished (" in err, err
     (run / "summary.json").unlink()  # as a run still training (or stopped) looks
     shutil.copy(run / "checkpoints" / "step-8.pt", run / "checkpoints" / "last.pt")
     code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",

@@ -30,6 +30,9 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 Gap = Annotated[int, Field(ge=1)]
 
 
+# the name of the run's own held-out text in its CE table (the --eval sets come after it)
+HELDOUT = "heldout"
+
 class AdaptiveConfig(BaseModel):
     """Remove the next site once the loss is back near its level before the previous removal.
 
@@ -367,6 +370,10 @@ class RemoveConfig(TrainConfig):
     @field_validator("eval_sets")
     @classmethod
     def _anchor_sets(cls, sets: dict[str, str]) -> dict[str, str]:
+        if HELDOUT in sets:  # the table would pair two texts under one name
+            raise ValueError(f"--eval {HELDOUT}={sets[HELDOUT]}: '{HELDOUT}' names the run's own "
+                             "held-out text (--eval-data, or a slice of --data); give this "
+                             "text another name")
         return {name: anchored(source) for name, source in sets.items()}
 
     @model_validator(mode="after")
@@ -733,6 +740,14 @@ def make_config(**kwargs) -> RemoveConfig:
         check_schedule_file(cfg.schedule)
     staged_configs(cfg)
     return cfg
+
+
+def validate_config(values: dict[str, Any]) -> RemoveConfig:
+    """``RemoveConfig(**values)``, a bad value one ``NolnError`` line naming its flag."""
+    try:
+        return RemoveConfig.model_validate(values)
+    except ValidationError as e:
+        raise NolnError(describe(e, flag_name, lambda loc: _example(loc, {}))) from None
 
 
 def staged_configs(cfg: RemoveConfig) -> list[RemoveConfig]:

@@ -87,6 +87,20 @@ def check_output_file(path: Path | None, flag: str,
                         "move that file away")
 
 
+def check_figure_file(path: Path | None, flag: str) -> None:
+    """``check_output_file`` for a figure, whose suffix must be a format matplotlib writes."""
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise NolnError(f"{flag} '{path}': a figure is written as {', '.join(formats)} "
+                        f"(the file's suffix says which); e.g. {flag} plot.png")
+    check_output_file(path, flag)
+
+
 def check_output_dir(path: Path | None, flag: str) -> None:
     """``path`` is, or can be made as, a writable folder."""
     if path is None:

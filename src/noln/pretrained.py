@@ -128,6 +128,15 @@ def load_tokenizer(name: str | Path):
     return tok
 
 
+def check_models_exist(*names: str | Path) -> None:
+    """Every name that is a local path exists: a typo is one line before the first model
+    loads (a command reading several models would find it only after the others' work)."""
+    for name in names:
+        if _looks_local(str(name)) and not Path(str(name)).expanduser().exists():
+            raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id "
+                            "such as 'gpt2'")
+
+
 def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
                     check_family: bool = True):
     """A causal LM from the Hub or a plain Hugging Face folder, with a clear error if missing.

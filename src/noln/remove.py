@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM
 from noln.arch import NormAdapter, canonical_site, context_length, install
 from noln.checkpoint import load_checkpoint
 from noln.config import (
+    HELDOUT,
     RemoveConfig,
     Stage,
     check_stages_reached,
@@ -43,6 +44,7 @@ from noln.config import (
     read_config_file,
     resume_config,
     stage_due,
+    validate_config,
 )
 from noln.data import (
     BUILTIN,
@@ -155,7 +157,7 @@ def prepare_data(cfg: RemoveConfig, tokenizer, ctx: int, steps: int):
 def evaluation_sets(cfg: RemoveConfig, heldout: np.ndarray, tokenizer,
                     ctx: int) -> dict[str, np.ndarray]:
     """The token blocks a run's CE table reports: ``heldout`` and each of ``cfg.eval_sets``."""
-    sets = {"heldout": heldout}
+    sets = {HELDOUT: heldout}
     for name, source in cfg.eval_sets.items():
         sets[name] = load_blocks(source, tokenizer, ctx, max_tokens=cfg.eval_tokens)
     return sets
@@ -212,7 +214,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
     else:
         sets = {"eval_sets": {**(config.eval_sets if config else {}), **eval_sets}} \
             if eval_sets else {}
-        cfg = RemoveConfig.model_validate({**config.model_dump(), **sets}) \
+        cfg = validate_config({**config.model_dump(), **sets}) \
             if config is not None else \
             make_config(model=model, data=data, out=out, **sets, **overrides)
         changed = {}
@@ -591,7 +593,7 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     result = compare_models(models, tokenizer, sources, hellaswag=items, reference=ORIGINAL,
                             hellaswag_name=hellaswag, hellaswag_limit=hellaswag_limit,
                             progress=cfg.progress, paths=paths,
-                            source_specs={"heldout": cfg.eval_data or f"slice of {cfg.data}",
+                            source_specs={HELDOUT: cfg.eval_data or f"slice of {cfg.data}",
                                           **cfg.eval_sets})
     result.print(console)
     result.save(pair.compare)

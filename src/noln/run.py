@@ -154,9 +154,20 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def checkpoint_note(path: str | Path) -> str | None:
     """Which step a command reads where ``path`` is a run that has not finished (still
-    training, or stopped) or one checkpoint file; None for anything else, a finished run
-    included. The step is read without loading the weights (``mmap``)."""
+    training, or stopped) or one checkpoint file, or that a run ended unfinished (sites still
+    live); None for anything else, a completed run included. The step is read without
+    loading the weights (``mmap``)."""
     path = Path(str(path)).expanduser()
+    if path.is_dir() and RunFolder(path).finished():
+        try:
+            summary = RunFolder(path).read_summary()
+        except (OSError, ValueError):
+            return None
+        if summary.get("complete", True):
+            return None
+        frozen = len(summary.get("frozen") or [])
+        return (f"note: the run '{path}' ended unfinished ({frozen} sites frozen, the others "
+                "still live): it is read as it ended, its norms partly removed")
     if path.is_file() and path.suffix == ".pt":
         ckpt, run = path, RunFolder(path.parent.parent)
     elif path.is_dir() and RunFolder(path).checkpoints.is_dir() and not RunFolder(path).finished():
@@ -208,6 +219,9 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
                         "to branch from")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NolnError(f"--out '{out}' exists and is not empty: a branch goes in a new folder")
+    if Path(source).resolve() in (Path(out).resolve(), *Path(out).resolve().parents):
+        raise NolnError(f"--out '{out}' is inside the run '{source}', which a branch only reads: "
+                        "give a folder outside it")
     ckpt = src.kept_checkpoint(step)
     # or the run's last checkpoint, where it is of that step (a finished run's end)
     last = load_checkpoint(src.last_checkpoint)["state"] if not ckpt.is_file() and \

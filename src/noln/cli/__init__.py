@@ -26,6 +26,7 @@ from noln.config import (
     PretrainConfig,
     RemoveConfig,
     check_one_length,
+    flag_name,
     make_config,
     merge_layers,
     read_config_file,
@@ -116,6 +117,11 @@ def remove(
             raise NolnError("--control-only trains the control of a pair already begun: "
                             "`noln remove --resume RUN --control-only` (RUN: the folder of "
                             "`noln remove ... --control`, once its removal has started)")
+        given = sorted({"steps", "tokens", "keep_ln"} & set(overrides))
+        if given:  # the control trains as the removal does, which this process does not touch
+            raise NolnError(f"--control-only takes no {flag_name((given[0],))}: the control "
+                            "trains the removal's length with LN kept; lengthen the pair with "
+                            "`noln remove --resume RUN --control --steps N`")
         control = True
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "

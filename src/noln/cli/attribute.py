@@ -48,7 +48,12 @@ def attribute_cmd(
     )
     from noln.evaluate.inputs import resolve_device, short_names
     from noln.interop import check_transformer_lens_model, hooked_transformer
-    from noln.outputs import check_distinct_outputs, check_output_file, write_json
+    from noln.outputs import (
+        check_distinct_outputs,
+        check_figure_file,
+        check_output_file,
+        write_json,
+    )
     from noln.report import json_safe, rich_table
 
     if len(set(models)) != len(models):
@@ -56,7 +61,7 @@ def attribute_cmd(
     if top < 1:
         raise NolnError(f"--top {top}: show at least 1 component")
     check_distinct_outputs([("--plot", plot), ("--json", json_out)])
-    check_output_file(plot, "--plot")
+    check_figure_file(plot, "--plot")
     check_output_file(json_out, "--json")
     dev = resolve_device(device)
     names = short_names(models)

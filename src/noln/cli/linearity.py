@@ -62,8 +62,14 @@ def linearity_cmd(
         run_profile,
         write_csv,
     )
-    from noln.outputs import check_distinct_outputs, check_output_file, write_json
+    from noln.outputs import (
+        check_distinct_outputs,
+        check_figure_file,
+        check_output_file,
+        write_json,
+    )
     from noln.precision import PRECISIONS
+    from noln.pretrained import check_models_exist
     from noln.report import json_safe
 
     check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
@@ -77,8 +83,9 @@ def linearity_cmd(
     check_distinct_outputs([("--json", json_out), ("--csv", csv_out), ("--plot", plot)])
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
-    check_output_file(plot, "--plot")
+    check_figure_file(plot, "--plot")
     layer_list = parse_layer_list(layers)
+    check_models_exist(model, *(compare or []))
     note_checkpoints(model, *(compare or []))
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
