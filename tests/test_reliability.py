@@ -733,6 +733,17 @@ def test_two_outputs_naming_one_path_are_refused_before_loading(capsys, tmp_path
     assert not x.exists()
 
 
+def test_remove_refuses_a_ctx_past_the_models_context(capsys, tiny_model_dir, text_jsonl,
+                                                     tmp_path):
+    """It was cut to the model's 64 while config.yaml kept 1000."""
+    args = [a for a in RUN_ARGS if a not in ("--ctx", "64")]
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out",
+                         tmp_path / "run", *args, "--ctx", "1000")
+    one_error_line(code, err, "--ctx 1000 is longer than the model's context of 64",
+                   "--ctx 64 or less")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_figure_in_a_format_matplotlib_cannot_write_is_refused_before_loading(capsys):
     for command in (["linearity", "no/such-model", "--data", "builtin"],
                     ["attribute", "no/such-model", "--text", "hi"]):

@@ -104,8 +104,14 @@ def check_disk_space(out: Path, model: nn.Module, export_formats: int, kept: int
 
 
 def model_ctx(config, cfg: RemoveConfig) -> int:
-    """Tokens per training sequence: ``--ctx``, else 1024, at most the model's context."""
-    return min(cfg.ctx or 1024, context_length(config, default=1024))
+    """Tokens per training sequence: ``--ctx``, else 1024 or the model's context if shorter.
+    A ``--ctx`` past the model's context is an error (it was cut silently, and config.yaml
+    kept the value that did not run)."""
+    longest = context_length(config, default=1024)
+    if cfg.ctx is not None and cfg.ctx > longest:
+        raise NolnError(f"--ctx {cfg.ctx} is longer than the model's context of {longest} "
+                        f"tokens: give --ctx {longest} or less")
+    return min(cfg.ctx or 1024, longest)
 
 
 def check_taper(cfg: RemoveConfig, schedule, steps: int, resuming: bool = False) -> None:
