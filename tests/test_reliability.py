@@ -744,17 +744,16 @@ def test_remove_refuses_a_ctx_past_the_models_context(capsys, tiny_model_dir, te
     assert not (tmp_path / "run").exists()
 
 
-def test_a_misspelt_gap_role_and_a_stage_past_the_end_are_refused(capsys, tiny_model_dir,
+def test_a_misspelt_gap_role_is_refused_and_a_stage_past_the_end_noted(capsys, tiny_model_dir,
                                                                  text_jsonl, tmp_path):
-    """Both were accepted and ignored: the gap's sites got a gap of 1, the stage never came."""
+    """A misspelt role was ignored (its sites got a gap of 1)."""
     code, err = run_main(capsys, "remove", "no/such-model", "--data", text_jsonl, "--out",
                          tmp_path / "run", *RUN_ARGS, "fixed.gaps.mlp_inn=3")
     one_error_line(code, err, "unknown site role 'mlp_inn' in fixed.gaps", "mlp_in")
+    # a stage past the end is not refused (a run may be lengthened to it later): it is noted
     code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out",
                          tmp_path / "run", *RUN_ARGS, "stages=[{step: 12, set: {lr: 1e-4}}]")
-    one_error_line(code, err, "the stage at step 12 is at or after the run's end",
-                   "steps 0-11")
-    assert not (tmp_path / "run").exists()
+    assert code == 0 and "note: the stage at step 12 is at or past the run's end" in err, err
 
 
 def test_a_figure_in_a_format_matplotlib_cannot_write_is_refused_before_loading(capsys):

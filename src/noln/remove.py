@@ -321,11 +321,6 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
-    late = [stage.step for stage in cfg.stages if stage.step >= steps]
-    if late:  # (a run's length in tokens is known in steps only now, with its ctx)
-        raise NolnError(f"stages: the stage at step {late[0]} is at or after the run's end (it "
-                        f"trains steps 0-{steps - 1}): it would never apply; give it an earlier "
-                        "step, or lengthen the run")
     kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
