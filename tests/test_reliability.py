@@ -747,9 +747,10 @@ def test_remove_refuses_a_ctx_past_the_models_context(capsys, tiny_model_dir, te
 def test_a_misspelt_gap_role_is_refused_and_a_stage_past_the_end_noted(capsys, tiny_model_dir,
                                                                  text_jsonl, tmp_path):
     """A misspelt role was ignored (its sites got a gap of 1)."""
-    code, err = run_main(capsys, "remove", "no/such-model", "--data", text_jsonl, "--out",
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out",
                          tmp_path / "run", *RUN_ARGS, "fixed.gaps.mlp_inn=3")
     one_error_line(code, err, "unknown site role 'mlp_inn' in fixed.gaps", "mlp_in")
+    assert not (tmp_path / "run").exists()  # refused before training, its folder removed
     # a stage past the end is not refused (a run may be lengthened to it later): it is noted
     code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out",
                          tmp_path / "run", *RUN_ARGS, "stages=[{step: 12, set: {lr: 1e-4}}]")

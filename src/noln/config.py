@@ -76,19 +76,6 @@ class FixedConfig(BaseModel):
     # with gaps=None, the last removal falls at this fraction of the run
     finish_by: float = Field(0.55, gt=0, le=1)
 
-    @field_validator("gaps")
-    @classmethod
-    def _known_roles(cls, gaps: dict[str, Gap] | None) -> dict[str, Gap] | None:
-        """A misspelt role would be ignored (its sites given a gap of 1), not refused."""
-        from noln.arch import canonical_site  # (torch: only where gaps are given)
-        from noln.arch.base import ROLES
-
-        for key in gaps or {}:
-            if canonical_site(key) not in ROLES:
-                raise ValueError(f"unknown site role '{key}' in fixed.gaps: the roles are "
-                                 f"{', '.join(ROLES)}")
-        return gaps
-
 
 class ScheduleEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from noln.arch import context_length
 from noln.errors import NolnError
 
 try:  # the help topics of `pydoc`; some distributions split pydoc_data out
@@ -270,8 +271,6 @@ def check_blocks(blocks, models: dict | None = None, min_ctx: int = 2) -> np.nda
     next token to score), longer than a model's context, or an id outside a model's
     vocabulary (``models``: ``{name: model}``; the data was tokenised for another model).
     ``min_ctx`` 1: hidden states only (linearity), no next token needed."""
-    from noln.arch import context_length  # (noln.arch reads no data: no cycle, but lazily)
-
     if hasattr(blocks, "detach"):  # a torch tensor, on any device
         blocks = blocks.detach().cpu().numpy()
     try:

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backend_bases import FigureCanvasBase
+
 from noln import __version__
 from noln.errors import NolnError
 
@@ -91,8 +93,6 @@ def check_figure_file(path: Path | None, flag: str) -> None:
     """``check_output_file`` for a figure, whose suffix must be a format matplotlib writes."""
     if path is None:
         return
-    from matplotlib.backend_bases import FigureCanvasBase
-
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in formats:

@@ -37,6 +37,8 @@ from noln.arch import install
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
 from noln.config import branch_config, config_at_stage
 from noln.errors import NolnError
+from noln.export import _export_file_name
+from noln.outputs import written_by_noln
 from noln.pretrained import load_config, load_tokenizer
 
 LOCK = ".noln.lock"
@@ -293,9 +295,6 @@ def foreign_entries(folder: Path) -> list[str]:
     inside noln's own subfolders (``checkpoints/``, ``base/``, the exports, ``compare/``,
     ``control/``), as paths relative to ``folder``. The folder's other files are never
     deleted, so they are not listed."""
-    from noln.export import _export_file_name
-    from noln.outputs import written_by_noln
-
     folder = Path(folder)
     found: list[str] = []
     for name in NOLN_OUTPUTS:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from noln.arch import canonical_site
+from noln.arch import ROLES, canonical_site
 from noln.config import AdaptiveConfig, FixedConfig
 from noln.errors import NolnError
 
@@ -172,6 +172,10 @@ def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
         span = max(0, int(cfg.finish_by * total_steps) - start)
         gap = max(1, span // max(1, len(order) - 1))
         return [(start + i * gap, s) for i, s in enumerate(order)]
+    unknown = [k for k in cfg.gaps if canonical_site(k) not in ROLES]
+    if unknown:  # it would be ignored, its sites given a gap of 1
+        raise NolnError(f"unknown site role '{unknown[0]}' in fixed.gaps: the roles are "
+                        f"{', '.join(ROLES)}")
     gaps = {k: v for k, v in cfg.gaps.items() if canonical_site(k) == k}
     gaps.update({canonical_site(k): v for k, v in cfg.gaps.items() if canonical_site(k) != k})
     events, step = [], start
