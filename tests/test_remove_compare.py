@@ -83,6 +83,24 @@ def test_an_unfinished_removal_spends_no_control(tiny_model_dir, text_jsonl, tmp
         "the control and the table" in " ".join(r.output.split())
     assert not json.loads((out / "summary.json").read_text())["complete"]
     assert not (out / "control").exists() and not (out / "table.md").exists()
+    # with its control training in another process (--control-only), it does not say the
+    # control was not run
+    import os
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "control").mkdir()
+        (out / "control" / ".noln.lock").write_text(json.dumps({"pid": other.pid,
+                                                                "host": os.uname().nodename}))
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+        said = " ".join(r.output.split())
+        assert f"the removal is unfinished (above), while its control trains in another " \
+            f"process (PID {other.pid})" in said and "was not run" not in said, said
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_resume_with_control_adds_the_control_to_a_finished_removal(tiny_model_dir, text_jsonl,

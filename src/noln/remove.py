@@ -564,9 +564,15 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 results[name] = remove_layernorm(model, data, run.root, eval_sets=eval_sets,
                                                  keep_ln=False, **overrides).summary
             if not results[name].get("complete", True):
-                console.print("[yellow]the control was not run, as the removal is unfinished "
-                              f"(above): once it is done, {hint} runs the control and the "
-                              "table[/]", highlight=False, soft_wrap=True)
+                elsewhere = lock_holder(pair.control.root)
+                console.print(
+                    "[yellow]" + (f"the removal is unfinished (above), while its control "
+                                  f"trains in another process ({elsewhere}): once the removal "
+                                  f"is done, {hint} makes the table"
+                                  if elsewhere is not None else
+                                  "the control was not run, as the removal is unfinished "
+                                  f"(above): once it is done, {hint} runs the control and the "
+                                  "table") + "[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results[name]}
     if "no_ln" not in results:  # control_only, the removal not done
         console.print(
