@@ -143,9 +143,7 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
     ``check_family``: refuse families noln cannot remove norms from (analysis needs no such
     check: it reads hidden states and logits, which every causal LM has)."""
     name = resolve_gguf(name)  # a .gguf file (or a folder holding one): its converted folder
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id such "
-                        "as 'gpt2'")
+    check_models_exist(name)
     config = load_config(name)
     check_causal(config, name)
     if check_family:
