@@ -16,7 +16,6 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from noln.arch import FAMILIES, install, supported
-from noln.checkpoint import load_checkpoint
 from noln.config import (
     PretrainConfig,
     flag_name,
@@ -107,7 +106,7 @@ def resume_config(out: Path, data: str, settings: dict[str, Any]) -> PretrainCon
     built from it, so a value of ``RESUME_FIXED`` that differs from the run's is refused here,
     before anything loads or trains; a new ``lr`` scales the run's ``min_lr`` with it unless
     ``min_lr`` is given too (the cosine keeps its shape), as ``noln remove --resume`` does."""
-    ckpt = load_checkpoint(RunFolder(out).latest_checkpoint())  # none: "nothing to resume"
+    _, ckpt = RunFolder(out).load_latest_checkpoint()  # none: "nothing to resume"
     saved = ckpt.get("config")
     if not isinstance(saved, dict) or "arch" not in saved:
         raise NolnError(f"'{out}' holds no `noln pretrain` run (its checkpoint has no "

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from noln.arch import install
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
-from noln.config import branch_config, config_at_stage
+from noln.config import TrainConfig, branch_config, config_at_stage
 from noln.errors import NolnError
 from noln.export import _export_file_name
 from noln.outputs import written_by_noln
@@ -115,6 +115,9 @@ class RunFolder:
     def latest_checkpoint(self) -> Path:
         return latest_checkpoint(self.root)
 
+    def load_latest_checkpoint(self) -> tuple[Path, dict]:
+        return load_latest_checkpoint(self.root)
+
 
 def read_log(path: Path) -> list[dict]:
     """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
@@ -132,20 +135,25 @@ def read_log(path: Path) -> list[dict]:
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """``last.pt``, or ``prev.pt`` where ``last.pt`` is unreadable (killed mid-rename)."""
+    return load_latest_checkpoint(run_dir)[0]
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """``latest_checkpoint`` and its contents, read once: reading is how ``last.pt`` is known to
+    be whole, and a SmolLM2 checkpoint with its AdamW state takes seconds to read."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     last, prev = ckpt_dir / "last.pt", ckpt_dir / "prev.pt"
     if last.exists():
         try:
-            load_checkpoint(last)
-            return last
+            return last, load_checkpoint(last)
         except UnsafeCheckpoint:
             raise  # never quietly step around a crafted file
         except NolnError:
             if not prev.exists():
                 raise
-            return prev
+            return prev, load_checkpoint(prev)
     if prev.exists():
-        return prev
+        return prev, load_checkpoint(prev)
     if not Path(run_dir).exists():
         raise NolnError(f"'{run_dir}' does not exist: check the path of the run folder")
     if not ckpt_dir.is_dir():
@@ -184,12 +192,15 @@ def checkpoint_note(path: str | Path) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        step, cfg = int(saved["step"]), dict(saved.get("config") or {})
+        step, total = int(saved["step"]), saved.get("total_steps")
     except Exception:  # noqa: BLE001 - only a note; loading the model says what is wrong
         return None
-    total = cfg.get("steps")
-    if total is None and cfg.get("tokens") and cfg.get("ctx") and cfg.get("batch_size"):
-        total = -(-int(cfg["tokens"]) // (int(cfg["batch_size"]) * int(cfg["ctx"])))
+    if total is None:  # a checkpoint from before noln saved its run's length
+        try:
+            cfg = dict(saved.get("config") or {})
+            total = TrainConfig.model_construct(**cfg).resolved_steps(int(cfg["ctx"]))
+        except Exception:  # noqa: BLE001 - a length the config does not give is not shown
+            total = None
     of = f" of {total:,}" if total else ""
     if path.is_file():
         return f"note: '{path}' was saved at step {step:,}{of} of the run '{run.root}'"
@@ -259,9 +270,9 @@ def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
     its FakeNorms in the state they were saved in."""
     path = Path(path)
-    ckpt_path = path if path.is_file() else latest_checkpoint(path)
+    ckpt_path, ckpt = (path, load_checkpoint(path)) if path.is_file() else \
+        load_latest_checkpoint(path)
     run = RunFolder(ckpt_path.parent.parent)
-    ckpt = load_checkpoint(ckpt_path)
     model = AutoModelForCausalLM.from_config(load_config(run.base), dtype=dtype)
     install(model)
     model.load_state_dict(ckpt["model"])
@@ -373,16 +384,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def lock_holder(folder: Path) -> str | None:
-    """Who holds ``folder``'s lock, if another live process does: ``"PID 4242"`` (``" on host
-    h"`` where it is another machine's); None when free, stale or this process's own."""
+def _lock_owner(folder: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` of ``folder``'s lock file; None without one, or with torn or foreign
+    content (nobody holds that lock)."""
     try:
         holder = json.loads((Path(folder) / LOCK).read_text())
         pid, host = int(holder["pid"]), str(holder.get("host", socket.gethostname()))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    return (pid, host) if pid > 0 else None
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who holds ``folder``'s lock, if another live process does: ``"PID 4242"`` (``" on host
+    h"`` where it is another machine's); None when free, stale or this process's own."""
+    owner = _lock_owner(folder)
+    if owner is None:
+        return None
+    pid, host = owner
     here = host == socket.gethostname()
-    if pid <= 0 or (here and (pid == os.getpid() or not _alive(pid))):
+    if here and (pid == os.getpid() or not _alive(pid)):
         return None
     return f"PID {pid}" + ("" if here else f" on host {host}")
 
@@ -397,19 +418,14 @@ def acquire_lock(folder: Path) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                pid, host = int(holder["pid"]), str(holder.get("host", me["host"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                pid, host = -1, me["host"]  # torn or foreign content: nobody holds it
-            if pid == me["pid"] and host == me["host"]:
+            if _lock_owner(folder) == (me["pid"], me["host"]):
                 return False
-            if pid > 0 and (host != me["host"] or _alive(pid)):
-                where = "" if host == me["host"] else f" on host {host}"
-                raise NolnError(f"'{folder}' is in use by another noln process (PID {pid}{where}, "
-                                f"lock file {path}): wait for it to finish or stop it; if that "
+            holder = lock_holder(folder)
+            if holder is not None:
+                raise NolnError(f"'{folder}' is in use by another noln process ({holder}, lock "
+                                f"file {path}): wait for it to finish or stop it; if that "
                                 "process is gone, delete the lock file") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
+            path.unlink(missing_ok=True)  # stale (its process is gone), torn or foreign
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)

@@ -40,7 +40,7 @@ from noln.errors import Interrupted, NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
 from noln.precision import autocast, resolve_precision
-from noln.run import RunFolder, keep_checkpoint, latest_checkpoint
+from noln.run import RunFolder, keep_checkpoint, latest_checkpoint, load_latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -468,6 +468,7 @@ class Trainer:
             "model": model_sd,
             "optimizer": optimizer_sd,
             "step": self.state.step,
+            "total_steps": self.total_steps,  # so a note on an unfinished run can say "of N"
             "state": self.state.__dict__.copy(),
             "schedule": self.schedule.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -525,7 +526,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = getattr(self.cfg, "stages", [])
         if resume:
-            self.restore(load_checkpoint(latest_checkpoint(self.out)))
+            self.restore(load_latest_checkpoint(self.out)[1])
             self._truncate_log()
             if stage is not None:
                 self.state.stage = stage.step
