@@ -44,6 +44,12 @@ def test_remove_with_control_reports_the_compare_table(tiny_model_dir, text_json
     assert compare["delta"] == {"of": "no_ln", "minus": "finetuned_with_ln"}
     assert "no LN" in (out / "table.md").read_text()
     assert any(p.suffix == ".png" for p in (out / "compare").iterdir())
+    # every report of the pair carries noln's mark, as `noln compare --out`'s do
+    from noln.outputs import written_by_noln
+
+    reports = [out / "table.md", out / "comparison.json", out / "loss.png",
+               *(out / "compare").iterdir()]
+    assert [p.name for p in reports if not written_by_noln(p)] == []
 
 
 def test_hellaswag_without_control_is_refused(tiny_model_dir, tmp_path):

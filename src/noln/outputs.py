@@ -150,15 +150,23 @@ def _replaceable(path: Path, csv_header: Sequence[str] | None = None) -> Path:
     return path
 
 
-def write_json(doc: dict[str, Any], path: Path, indent: int = 2, **dumps: Any) -> Path:
+def marked_json(doc: dict[str, Any], indent: int = 2, **dumps: Any) -> str:
     """``doc`` as JSON with noln's mark first: ``{"noln": {"version": ...}, **doc}``."""
-    text = json.dumps({"noln": {"version": __version__}, **doc}, indent=indent, **dumps)
-    _replaceable(path).write_text(text + "\n")
+    return json.dumps({"noln": {"version": __version__}, **doc}, indent=indent, **dumps) + "\n"
+
+
+def marked_markdown(text: str) -> str:
+    """``text`` after noln's mark (an HTML comment, invisible when rendered)."""
+    return f"{_MD_MARK} {__version__} -->\n{text}"
+
+
+def write_json(doc: dict[str, Any], path: Path, indent: int = 2, **dumps: Any) -> Path:
+    _replaceable(path).write_text(marked_json(doc, indent, **dumps))
     return Path(path)
 
 
 def write_markdown(text: str, path: Path) -> Path:
-    _replaceable(path).write_text(f"{_MD_MARK} {__version__} -->\n{text}")
+    _replaceable(path).write_text(marked_markdown(text))
     return Path(path)
 
 
@@ -170,9 +178,14 @@ def write_csv(header: Sequence[str], rows: Iterable[Sequence[Any]], path: Path) 
     return Path(path)
 
 
+def figure_metadata(path: Path) -> dict[str, str] | None:
+    """``savefig``'s ``metadata`` naming noln the creator, where ``path``'s format keeps it."""
+    key = _FIGURE_KEY.get(Path(path).suffix.lower())
+    return {key: CREATOR} if key else None
+
+
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     """``fig.savefig`` with noln as the figure's creator, where the format keeps metadata."""
     path = Path(path)
-    key = _FIGURE_KEY.get(path.suffix.lower())
-    fig.savefig(_replaceable(path), dpi=dpi, metadata={key: CREATOR} if key else None)
+    fig.savefig(_replaceable(path), dpi=dpi, metadata=figure_metadata(path))
     return path

@@ -15,7 +15,6 @@ table. Where each file lives is ``noln.run.RunFolder``'s business.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shlex
 import shutil
@@ -33,7 +32,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from noln.arch import NormAdapter, canonical_site, context_length, install
-from noln.checkpoint import load_checkpoint
 from noln.config import (
     HELDOUT,
     RemoveConfig,
@@ -61,6 +59,7 @@ from noln.evaluate.hellaswag import check_endings_fit, load_hellaswag
 from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
 from noln.export import check_export_target, export_model
+from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
@@ -213,7 +212,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
                                             {"model": model, "data": data,
                                              "eval_sets": eval_sets or None, **overrides})
         if cfg.stages:  # before anything is written: a stage the run has already passed
-            state = load_checkpoint(run.latest_checkpoint())["state"]
+            state = run.load_latest_checkpoint()[1]["state"]
             check_stages_reached(cfg.stages, int(state["step"]), int(state.get("stage", 0)))
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
@@ -609,10 +608,11 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                                           **cfg.eval_sets})
     result.print(console)
     result.save(pair.compare)
-    pair.table.write_text(result.to_markdown())
+    # the run folder's own files (run.py), replaced on a remake, marked as every report is
+    pair.table.write_text(marked_markdown(result.to_markdown()))
     combined = {"table": table, "compare": result.to_dict(), "control": results["control"],
                 "no_ln": results["no_ln"]}
-    pair.comparison.write_text(json.dumps(json_safe(combined), indent=1))
+    pair.comparison.write_text(marked_json(json_safe(combined), indent=1))
     plot_loss(pair.read_log(), pair.loss_plot, control_log=pair.control.read_log(),
               title=f"{Path(str(results['no_ln']['model'])).name}: LayerNorm removal vs control")
     return combined

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 from rich.table import Table
 
 from noln.arch import role_of
+from noln.outputs import figure_metadata
 
 # by role (noln.arch.base); a log from before sites were named by role maps through
 # canonical_site to the same colours
@@ -53,8 +54,8 @@ def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None
     ax.set_title(title or "LayerNorm removal")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
+    path = Path(path)  # a run folder's own file (run.py): replaced on a remake, marked
+    fig.savefig(path, dpi=120, metadata=figure_metadata(path))
     plt.close(fig)
     return path
 
