@@ -4,6 +4,7 @@ the offline reference data in ../shared (tests that need it skip with a clear me
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,14 +14,15 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+# before any test module imports noln (and with it huggingface_hub, which reads these once, at
+# import): a Hub id the tests give fails at once instead of after the Hub client's retries
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    import os
-
     os.environ["NOLN_CACHE"] = str(tmp_path_factory.mktemp("noln-cache"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     torch.set_num_threads(2)
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
 import noln
+from noln import pretrained
 from noln.cli import main
 from noln.errors import NolnError
 from noln.fakenorm import FakeNorm
-from noln.run import load_run_model
+from noln.run import checkpoint_note, load_run_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
 RUN_ARGS = ["--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule",
@@ -835,10 +837,42 @@ def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_d
                          text_jsonl, "--tokens", "256", "--ctx", "64", "--no-geometry")
     assert code == 0, err
     assert "was saved at step 4 of 12" in err, err
+    saved = torch.load(run / "checkpoints" / "step-4.pt", weights_only=True)
+    assert saved["total_steps"] == 12  # the run's length, as the trainer resolved it
+    del saved["total_steps"]  # a checkpoint from before noln saved it: read from its config
+    torch.save(saved, run / "checkpoints" / "step-5.pt")
+    assert "was saved at step 4 of 12 " in checkpoint_note(run / "checkpoints" / "step-5.pt")
     code, err = run_main(capsys, "export", run, "--out", tmp_path / "exported")
     assert code == 0, err
     assert "it is read as saved at step 8 of 12" in err, err
     assert "Writing model shards" not in err, err  # transformers' own bar: noise here
+
+
+def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):
+    """A name that is no local path and did not come from the Hub: one line that tells a typo
+    (no such model), a gated model, the Hub switched off (HF_HUB_OFFLINE, as in these tests)
+    and an unreachable Hub apart, read from the error huggingface_hub raised."""
+    code, err = run_main(capsys, "eval", "gtp2", "--data", "builtin")  # offline here: no wait
+    one_error_line(code, err, "model 'gtp2' is neither a local path nor in the Hub cache, and "
+                   "HF_HUB_OFFLINE")
+
+    def failing(cause):
+        def from_pretrained(name, **kwargs):
+            if cause is None:
+                raise OSError("We couldn't connect to 'https://huggingface.co'")
+            error = cause.__new__(cause)  # (its __init__ wants an HTTP response)
+            raise OSError(f"{name} is not a local folder") from error
+        return from_pretrained
+
+    for cause, offline, needle in (
+            (RepositoryNotFoundError, False, "neither a local path nor a model on the Hugging "
+             "Face Hub: check the spelling"),
+            (GatedRepoError, False, "is a gated model on the Hugging Face Hub"),
+            (None, False, "the Hugging Face Hub is not reachable (offline?)")):
+        monkeypatch.setattr(pretrained.AutoConfig, "from_pretrained", failing(cause))
+        monkeypatch.setattr(pretrained.hf_constants, "HF_HUB_OFFLINE", offline)
+        with pytest.raises(NolnError, match=re.escape(needle)):
+            pretrained.load_config("org/gtp2")
 
 
 def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -82,9 +84,29 @@ def load_config(name: str | Path):
         if local.is_dir():
             raise NolnError(f"cannot read the config of '{name}' ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:160]})") from None
-        raise NolnError(f"cannot load model '{name}' ({type(e).__name__}): not a local folder with "
-                        "config.json and not reachable on the Hugging Face Hub (offline?); pass "
-                        "a local folder") from None
+        raise NolnError(_hub_failure(name, e)) from None
+
+
+def _hub_failure(name: str, e: BaseException) -> str:
+    """Why a name that is no local folder did not load from the Hub, and what to do: the error
+    transformers raises wraps huggingface_hub's, which says which way it failed."""
+    causes = []
+    while e is not None and len(causes) < 8:
+        causes.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(c, GatedRepoError) for c in causes):
+        return (f"'{name}' is a gated model on the Hugging Face Hub: accept its terms at "
+                f"https://huggingface.co/{name} and log in (`hf auth login`)")
+    if any(isinstance(c, RepositoryNotFoundError) for c in causes):
+        return (f"model '{name}' is neither a local path nor a model on the Hugging Face Hub: "
+                "check the spelling (a Hub id such as 'gpt2' or 'HuggingFaceTB/SmolLM2-135M')")
+    if hf_constants.HF_HUB_OFFLINE:
+        return (f"model '{name}' is neither a local path nor in the Hub cache, and HF_HUB_OFFLINE "
+                "keeps noln off the Hub: check the spelling, pass a local folder, or unset "
+                "HF_HUB_OFFLINE to download it")
+    return (f"cannot load model '{name}': it is not a local path and the Hugging Face Hub is not "
+            "reachable (offline?): check the spelling, pass a local folder, or set "
+            "HF_HUB_OFFLINE=1 to read only the Hub cache (no waiting on the Hub's retries)")
 
 
 def check_causal(config, name) -> None:
