@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
 import noln
@@ -899,6 +900,47 @@ def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
         line = one_error_line(code, err, "gone.jsonl", "does not exist")
         assert "no/such-model" not in line, (args, line)
     assert not (tmp_path / "run").exists() and not (tmp_path / "lin").exists()
+
+
+def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(capsys, tmp_path,
+                                                                             monkeypatch):
+    """A Hub dataset name the Hub says does not exist (a typo), or a config it lacks, is one
+    line before any model is looked at, from every command that reads text; a Hub that cannot
+    answer (offline) leaves it to the read, which may find the blocks in noln's cache."""
+    import datasets
+
+    asked = []
+
+    def builder(name, config=None):
+        asked.append((name, config))
+        if name == "opnwebtext":
+            raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        if config == "nope":
+            raise ValueError("BuilderConfig 'nope' not found. Available: ['raw', 'clean']")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # (the tests run offline)
+    monkeypatch.setattr(noln.data, "_UNREACHABLE", {})
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    for args in (["eval", "no/such-model", "--data", "val=opnwebtext"],
+                 ["compare", "a", "b", "c", "--data", "opnwebtext"],
+                 ["linearity", "no/such-model", "--data", "opnwebtext"],
+                 ["remove", "no/such-model", "--data", "opnwebtext", "--out", tmp_path / "run"]):
+        code, err = run_main(capsys, *args)
+        line = one_error_line(code, err, "dataset 'opnwebtext' is not on the Hugging Face Hub "
+                              "(nor a local path): check the name")
+        assert "no/such-model" not in line, (args, line)
+    code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:nope")
+    one_error_line(code, err, "dataset 'wikitext' has no config 'nope' (BuilderConfig 'nope' "
+                   "not found. Available: ['raw', 'clean'])")
+    code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:raw")
+    one_error_line(code, err, "model 'no/such-model'")  # the Hub did not answer: on to the model
+    assert ("wikitext", "raw") in asked and not (tmp_path / "run").exists()
+    # ... and the read, needing the Hub, gives that answer at once (no second round of retries)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked again"))
+    with pytest.raises(NolnError, match=r"cannot load dataset 'wikitext' \(split 'train'\) "
+                       r"from the Hugging Face Hub \(Couldn't reach 'wikitext'"):
+        next(noln.data.iter_documents("wikitext:raw"))
 
 
 def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,

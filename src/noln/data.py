@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetNotFoundError
 
 from noln.arch import context_length
 from noln.errors import NolnError
@@ -110,11 +111,45 @@ def _file_documents(path: Path) -> Iterator[str]:
             yield text
 
 
-def _hub_documents(name: str, split: str) -> Iterator[str]:
-    config = None
-    if ":" in name:  # "wikitext:wikitext-103-raw-v1"
-        name, config = name.split(":", 1)
+def _hub_name(source: str) -> tuple[str, str | None]:
+    """``(dataset, config)`` of a Hub source: ``"wikitext:wikitext-103-raw-v1"``."""
+    name, _, config = source.partition(":")
+    return name, config or None
+
+
+def check_hub_dataset(source: str) -> None:
+    """A Hub dataset the Hub says does not exist, or a config it does not have, is an error
+    now, before a command loads any model (``noln eval`` loads its models first: the token
+    blocks need their tokenizer). Where the Hub cannot answer (offline, ``HF_HUB_OFFLINE``) the
+    read decides: the blocks may be in noln's cache; if not, the read fails at once with this
+    answer instead of waiting on the Hub client's retries a second time."""
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    name, config = _hub_name(source)
     try:
+        datasets.load_dataset_builder(name, config)
+    except DatasetNotFoundError:
+        raise NolnError(f"dataset '{name}' is not on the Hugging Face Hub (nor a local path): "
+                        f"check the name, or pass a local .jsonl/.txt file or folder, or "
+                        f"'{BUILTIN}'") from None
+    except ValueError as e:  # a config the dataset does not have (the message lists them)
+        msg = " ".join(str(e).split())[:240]
+        raise NolnError(f"dataset '{name}' has no config '{config}' ({msg}): give one of its "
+                        "configs as NAME:CONFIG") from None
+    except Exception as e:  # noqa: BLE001 - not reachable now: the read says so, or finds
+        _UNREACHABLE[source] = e  # the blocks in the cache
+        return
+
+
+# Hub sources this process found the Hub could not answer for (``check_hub_dataset``)
+_UNREACHABLE: dict[str, Exception] = {}
+
+
+def _hub_documents(source: str, split: str) -> Iterator[str]:
+    name, config = _hub_name(source)
+    try:
+        if source in _UNREACHABLE:  # a moment ago, after the Hub client's retries
+            raise _UNREACHABLE[source]
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         for record in ds:
             text = record.get("text")
@@ -124,9 +159,11 @@ def _hub_documents(name: str, split: str) -> Iterator[str]:
         raise
     except Exception as e:  # network, missing dataset, missing split: all one fix for the user
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        wait = "" if datasets.config.HF_HUB_OFFLINE else \
+            " (HF_HUB_OFFLINE=1 saves the wait on the Hub's retries)"
         raise NolnError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face Hub "
                         f"({msg}); offline, pass a local .jsonl/.txt file or folder, "
-                        f"or '{BUILTIN}'") from None
+                        f"or '{BUILTIN}'{wait}") from None
 
 
 def is_local(source: str) -> bool:
@@ -134,10 +171,15 @@ def is_local(source: str) -> bool:
 
 
 def check_source(*sources: str | Path | None) -> None:
-    """A local source that does not exist is an error now, before a command loads any model (a
-    Hub dataset name is checked when it is read; None: not given)."""
+    """A local source that does not exist, or a Hub dataset the Hub does not have
+    (``check_hub_dataset``), is an error now, before a command loads any model (None: not
+    given)."""
     for source in map(str, filter(None, sources)):
-        if source != BUILTIN and is_local(source) and not Path(source).exists():
+        if source == BUILTIN:
+            continue
+        if not is_local(source):
+            check_hub_dataset(source)
+        elif not Path(source).exists():
             raise NolnError(f"data file or folder '{source}' does not exist: check the path")
 
 
