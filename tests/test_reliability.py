@@ -904,9 +904,11 @@ def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
 
 def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(capsys, tmp_path,
                                                                              monkeypatch):
-    """A Hub dataset name the Hub says does not exist (a typo), or a config it lacks, is one
-    line before any model is looked at, from every command that reads text; a Hub that cannot
-    answer (offline) leaves it to the read, which may find the blocks in noln's cache."""
+    """A Hub dataset name the Hub says does not exist (a typo), or a config or split it lacks,
+    is one line before any model is looked at, from every command that reads text; a Hub that
+    cannot answer (offline) leaves it to the read, which may find the blocks in noln's cache."""
+    from types import SimpleNamespace
+
     import datasets
 
     asked = []
@@ -917,6 +919,8 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
             raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
         if config == "nope":
             raise ValueError("BuilderConfig 'nope' not found. Available: ['raw', 'clean']")
+        if name == "org/books":
+            return SimpleNamespace(info=SimpleNamespace(splits={"train": 1, "test": 1}))
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # (the tests run offline)
@@ -933,6 +937,13 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
     code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:nope")
     one_error_line(code, err, "dataset 'wikitext' has no config 'nope' (BuilderConfig 'nope' "
                    "not found. Available: ['raw', 'clean'])")
+    code, err = run_main(capsys, "eval", "no/such-model", "--data", "org/books", "--split",
+                         "validation")
+    one_error_line(code, err, "dataset 'org/books' has no split 'validation': it has test, "
+                   "train; choose one with --split")
+    code, err = run_main(capsys, "compare", "a", "b", "c", "--data", "org/books", "--split",
+                         "test")
+    one_error_line(code, err, "model 'a'")  # a split it has: on to the models
     code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:raw")
     one_error_line(code, err, "model 'no/such-model'")  # the Hub did not answer: on to the model
     assert ("wikitext", "raw") in asked and not (tmp_path / "run").exists()

@@ -117,8 +117,8 @@ def _hub_name(source: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def check_hub_dataset(source: str) -> None:
-    """A Hub dataset the Hub says does not exist, or a config it does not have, is an error
+def check_hub_dataset(source: str, split: str = "train") -> None:
+    """A Hub dataset the Hub says does not exist, or a config or split it does not have, is an error
     now, before a command loads any model (``noln eval`` loads its models first: the token
     blocks need their tokenizer). Where the Hub cannot answer (offline, ``HF_HUB_OFFLINE``) the
     read decides: the blocks may be in noln's cache; if not, the read fails at once with this
@@ -127,7 +127,7 @@ def check_hub_dataset(source: str) -> None:
         return
     name, config = _hub_name(source)
     try:
-        datasets.load_dataset_builder(name, config)
+        splits = datasets.load_dataset_builder(name, config).info.splits
     except DatasetNotFoundError:
         raise NolnError(f"dataset '{name}' is not on the Hugging Face Hub (nor a local path): "
                         f"check the name, or pass a local .jsonl/.txt file or folder, or "
@@ -139,6 +139,9 @@ def check_hub_dataset(source: str) -> None:
     except Exception as e:  # noqa: BLE001 - not reachable now: the read says so, or finds
         _UNREACHABLE[source] = e  # the blocks in the cache
         return
+    if splits and split.split("[")[0] not in splits:  # (a card that lists none: read to see)
+        raise NolnError(f"dataset '{name}' has no split '{split}': it has "
+                        f"{', '.join(sorted(splits))}; choose one with --split")
 
 
 # Hub sources this process found the Hub could not answer for (``check_hub_dataset``)
@@ -170,15 +173,15 @@ def is_local(source: str) -> bool:
     return Path(source).exists() or source.endswith(LOCAL_SUFFIXES) or source.startswith(("/", "."))
 
 
-def check_source(*sources: str | Path | None) -> None:
-    """A local source that does not exist, or a Hub dataset the Hub does not have
-    (``check_hub_dataset``), is an error now, before a command loads any model (None: not
-    given)."""
+def check_source(*sources: str | Path | None, split: str = "train") -> None:
+    """A local source that does not exist, or a Hub dataset the Hub does not have, or not
+    with ``split`` (``check_hub_dataset``), is an error now, before a command loads any model
+    (None: not given)."""
     for source in map(str, filter(None, sources)):
         if source == BUILTIN:
             continue
         if not is_local(source):
-            check_hub_dataset(source)
+            check_hub_dataset(source, split)
         elif not Path(source).exists():
             raise NolnError(f"data file or folder '{source}' does not exist: check the path")
 

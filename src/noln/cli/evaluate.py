@@ -130,7 +130,7 @@ def eval_cmd(
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources),
-                  sources=sources)
+                  sources=sources, split=split)
     device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
@@ -197,7 +197,7 @@ def compare_cmd(
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources),
-                  sources=sources)
+                  sources=sources, split=split)
     device, precision = _precision(precision, device, quiet)
     items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}

@@ -78,11 +78,11 @@ def chunk_length(models: list[torch.nn.Module], ctx: int | None) -> int:
 def check_options(*, tokens: int | None = None, ctx: int | None = None,
                   batch_size: int | None = None, hellaswag_limit: int | None = None,
                   json_out: Path | None = None, out: Path | None = None,
-                  out_files: list[str] = (), sources: dict[str, str] | None = None) -> None:
-    """Numbers in range, local ``sources`` present and outputs writable, before any model
-    loads: ``out_files`` are the names the command may write in ``out`` (none of them the
-    user's own file)."""
-    check_source(*(sources or {}).values())
+                  out_files: list[str] = (), sources: dict[str, str] | None = None,
+                  split: str = "train") -> None:
+    """Numbers in range, outputs writable and ``sources`` there (local paths; Hub names with
+    ``split``, asked last: it takes the network), before any model loads: ``out_files`` are
+    the names the command may write in ``out`` (none of them the user's own file)."""
     check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
@@ -94,5 +94,6 @@ def check_options(*, tokens: int | None = None, ctx: int | None = None,
                         "(e.g. --out reports/NAME)")
     for name in out_files if out is not None else ():
         check_output_file(Path(out) / name, "--out")
+    check_source(*(sources or {}).values(), split=split)
 
 
