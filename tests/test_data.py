@@ -55,6 +55,26 @@ def test_unknown_hub_dataset_offline_is_a_clear_error(tok):
         load_tokens("no-such-user/no-such-set", tok, use_cache=False)
 
 
+def test_a_hub_source_read_once_is_not_asked_about_again(tok, monkeypatch):
+    """A Hub dataset read (and its blocks cached) leaves a marker, so the up-front check
+    (``check_hub_dataset``) does not go to the Hub for it again: offline, cached blocks are
+    read at once, as before the check existed."""
+    import datasets
+
+    import noln.data
+
+    docs = [{"text": "a document from the Hub"}, {"text": "and another"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(docs))
+    marker = noln.data._hub_read_marker("org/fresh-set", "train")
+    assert not marker.exists()
+    ids = load_tokens("org/fresh-set", tok)
+    assert marker.exists() and (np.asarray(ids) == tok.eos_token_id).sum() == 2
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset_builder",
+                        lambda *a, **k: pytest.fail("asked the Hub about a source it read"))
+    noln.data.check_source("org/fresh-set")
+
+
 def test_too_little_text_for_one_block():
     with pytest.raises(NolnError, match="fewer than one block of 64"):
         pack(np.arange(10), 64)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 from datasets.exceptions import DatasetNotFoundError
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
 import noln
 from noln import pretrained
@@ -135,7 +135,7 @@ def test_overwrite_refuses_a_run_whose_own_folders_hold_a_users_files(capsys, fi
 
 def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny_model_dir,
                                                                      tmp_path):
-    from noln.run import LOCK, acquire_lock, release_lock
+    from noln.run import LOCK, acquire_lock, lock_holder, release_lock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -152,6 +152,14 @@ def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny
     assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
     release_lock(out)
     assert not (out / LOCK).exists()
+    # a lock file nobody could have written (a pid past any system's, a host that is no name,
+    # not a JSON object) holds nothing: taken over, never a traceback
+    for content in ('{"pid": 1e999}', '{"pid": 99999999999}', '{"pid": 7, "host": null}',
+                    '[1, 2]', '{"pid": "x"}', ""):
+        (out / LOCK).write_text(content)
+        assert lock_holder(out) is None, content
+        assert acquire_lock(out), content
+        release_lock(out)
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(tiny_model_dir, text_jsonl, tmp_path):
@@ -843,6 +851,9 @@ def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_d
     del saved["total_steps"]  # a checkpoint from before noln saved it: read from its config
     torch.save(saved, run / "checkpoints" / "step-5.pt")
     assert "was saved at step 4 of 12 " in checkpoint_note(run / "checkpoints" / "step-5.pt")
+    saved["config"] = {**saved["config"], "ctx": None, "tokens": None, "steps": 12}
+    torch.save(saved, run / "checkpoints" / "step-5.pt")  # (a length in steps, the model's ctx)
+    assert "was saved at step 4 of 12 " in checkpoint_note(run / "checkpoints" / "step-5.pt")
     code, err = run_main(capsys, "export", run, "--out", tmp_path / "exported")
     assert code == 0, err
     assert "it is read as saved at step 8 of 12" in err, err
@@ -904,9 +915,11 @@ def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
 
 def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(capsys, tmp_path,
                                                                              monkeypatch):
-    """A Hub dataset name the Hub says does not exist (a typo), or a config or split it lacks,
-    is one line before any model is looked at, from every command that reads text; a Hub that
-    cannot answer (offline) leaves it to the read, which may find the blocks in noln's cache."""
+    """A Hub dataset name the Hub says does not exist (a typo), is gated, is no valid name, or
+    lacks the config or split asked for, is one line before any model is looked at, from
+    every command that reads text. A Hub that cannot answer (offline), or another complaint,
+    leaves it to the read; a source read before (cached) is not asked about, nor one asked
+    about already in this process."""
     from types import SimpleNamespace
 
     import datasets
@@ -915,16 +928,26 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
 
     def builder(name, config=None):
         asked.append((name, config))
+        if " " in name:
+            raise HFValidationError("Repo id must use alphanumeric chars")
         if name == "opnwebtext":
             raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        if name == "org/gated":
+            raise DatasetNotFoundError("gated") from GatedRepoError.__new__(GatedRepoError)
         if config == "nope":
             raise ValueError("BuilderConfig 'nope' not found. Available: ['raw', 'clean']")
+        if name == "wikitext" and config is None:
+            raise ValueError("Config name is missing. Please pick one among the available "
+                             "configs: ['raw', 'clean']")
+        if name == "org/odd":
+            raise ValueError("Couldn't infer the same data file format for all splits")
         if name == "org/books":
             return SimpleNamespace(info=SimpleNamespace(splits={"train": 1, "test": 1}))
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # (the tests run offline)
     monkeypatch.setattr(noln.data, "_UNREACHABLE", {})
+    monkeypatch.setattr(noln.data, "_ASKED", set())
     monkeypatch.setattr(datasets, "load_dataset_builder", builder)
     for args in (["eval", "no/such-model", "--data", "val=opnwebtext"],
                  ["compare", "a", "b", "c", "--data", "opnwebtext"],
@@ -934,9 +957,17 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
         line = one_error_line(code, err, "dataset 'opnwebtext' is not on the Hugging Face Hub "
                               "(nor a local path): check the name")
         assert "no/such-model" not in line, (args, line)
-    code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:nope")
-    one_error_line(code, err, "dataset 'wikitext' has no config 'nope' (BuilderConfig 'nope' "
-                   "not found. Available: ['raw', 'clean'])")
+    for source, needle in (
+            ("wikitext:nope", "dataset 'wikitext' has no config 'nope' (BuilderConfig 'nope' "
+             "not found. Available: ['raw', 'clean']): give one as wikitext:CONFIG"),
+            ("wikitext", "dataset 'wikitext' has several configs (Config name is missing."),
+            ("my corpus", "'my corpus' is neither a local path nor a Hugging Face dataset name"),
+            ("org/gated", "dataset 'org/gated' is gated on the Hugging Face Hub: ask for access "
+             "at https://huggingface.co/datasets/org/gated and log in (`hf auth login`)")):
+        code, err = run_main(capsys, "eval", "no/such-model", "--data", source)
+        one_error_line(code, err, needle)
+    code, err = run_main(capsys, "eval", "no/such-model", "--data", "org/odd")
+    one_error_line(code, err, "model 'no/such-model'")  # another complaint: the read says it
     code, err = run_main(capsys, "eval", "no/such-model", "--data", "org/books", "--split",
                          "validation")
     one_error_line(code, err, "dataset 'org/books' has no split 'validation': it has test, "
@@ -944,9 +975,16 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
     code, err = run_main(capsys, "compare", "a", "b", "c", "--data", "org/books", "--split",
                          "test")
     one_error_line(code, err, "model 'a'")  # a split it has: on to the models
-    code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:raw")
-    one_error_line(code, err, "model 'no/such-model'")  # the Hub did not answer: on to the model
-    assert ("wikitext", "raw") in asked and not (tmp_path / "run").exists()
+    for _ in range(2):  # asked once
+        code, err = run_main(capsys, "eval", "no/such-model", "--data", "wikitext:raw")
+        one_error_line(code, err, "model 'no/such-model'")  # no answer: on to the model
+    assert asked.count(("wikitext", "raw")) == 1 and not (tmp_path / "run").exists()
+    marker = noln.data._hub_read_marker("org/cached", "train")  # as a read leaves it
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    code, err = run_main(capsys, "eval", "no/such-model", "--data", "org/cached")
+    one_error_line(code, err, "model 'no/such-model'")
+    assert ("org/cached", None) not in asked
     # ... and the read, needing the Hub, gives that answer at once (no second round of retries)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked again"))
     with pytest.raises(NolnError, match=r"cannot load dataset 'wikitext' \(split 'train'\) "

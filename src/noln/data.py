@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets.exceptions import DatasetNotFoundError
+from huggingface_hub.errors import GatedRepoError, HFValidationError
 
 from noln.arch import context_length
 from noln.errors import NolnError
@@ -117,34 +118,54 @@ def _hub_name(source: str) -> tuple[str, str | None]:
     return name, config or None
 
 
+def _hub_read_marker(source: str, split: str) -> Path:
+    """A file in noln's cache that says ``source``'s ``split`` was read from the Hub once."""
+    return cache_dir() / "hub-read" / hashlib.sha256(f"{source}|{split}".encode()).hexdigest()[:20]
+
+
 def check_hub_dataset(source: str, split: str = "train") -> None:
-    """A Hub dataset the Hub says does not exist, or a config or split it does not have, is an error
-    now, before a command loads any model (``noln eval`` loads its models first: the token
-    blocks need their tokenizer). Where the Hub cannot answer (offline, ``HF_HUB_OFFLINE``) the
-    read decides: the blocks may be in noln's cache; if not, the read fails at once with this
-    answer instead of waiting on the Hub client's retries a second time."""
-    if datasets.config.HF_HUB_OFFLINE:
+    """A Hub dataset the Hub says does not exist, or a config or split it does not have, is an
+    error now, before a command loads any model (``noln eval`` loads its models first: the
+    token blocks need their tokenizer). Asked once per process, and never for a source noln
+    has read before (its blocks are cached, and it exists); a name found wrong is an error
+    each time. Where the Hub cannot answer (offline) the read decides; it then fails at once
+    with this answer instead of waiting on the Hub client's retries a second time.
+    ``HF_HUB_OFFLINE=1``: nothing is asked."""
+    if datasets.config.HF_HUB_OFFLINE or (source, split) in _ASKED or \
+            _hub_read_marker(source, split).exists():
         return
     name, config = _hub_name(source)
     try:
         splits = datasets.load_dataset_builder(name, config).info.splits
-    except DatasetNotFoundError:
+    except HFValidationError:
+        raise NolnError(f"'{source}' is neither a local path nor a Hugging Face dataset name "
+                        "(ORG/NAME, or NAME:CONFIG): check it") from None
+    except DatasetNotFoundError as e:
+        if isinstance(e.__cause__, GatedRepoError):
+            raise NolnError(f"dataset '{name}' is gated on the Hugging Face Hub: ask for access "
+                            f"at https://huggingface.co/datasets/{name} and log in (`hf auth "
+                            "login`)") from None
         raise NolnError(f"dataset '{name}' is not on the Hugging Face Hub (nor a local path): "
-                        f"check the name, or pass a local .jsonl/.txt file or folder, or "
-                        f"'{BUILTIN}'") from None
-    except ValueError as e:  # a config the dataset does not have (the message lists them)
-        msg = " ".join(str(e).split())[:240]
-        raise NolnError(f"dataset '{name}' has no config '{config}' ({msg}): give one of its "
-                        "configs as NAME:CONFIG") from None
+                        "check the name (a private dataset needs `hf auth login`), or pass a "
+                        f"local .jsonl/.txt file or folder, or '{BUILTIN}'") from None
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith(("BuilderConfig '", "Config name is missing")):  # (it lists them)
+            what = f"has no config '{config}'" if config else "has several configs"
+            raise NolnError(f"dataset '{name}' {what} ({msg[:240]}): give one as "
+                            f"{name}:CONFIG") from None
+        splits = None  # anything else: the read says it, in full
     except Exception as e:  # noqa: BLE001 - not reachable now: the read says so, or finds
         _UNREACHABLE[source] = e  # the blocks in the cache
-        return
+        splits = None
     if splits and split.split("[")[0] not in splits:  # (a card that lists none: read to see)
         raise NolnError(f"dataset '{name}' has no split '{split}': it has "
                         f"{', '.join(sorted(splits))}; choose one with --split")
+    _ASKED.add((source, split))
 
 
-# Hub sources this process found the Hub could not answer for (``check_hub_dataset``)
+# Hub sources this process asked the Hub about, and those it could not answer for
+_ASKED: set[tuple[str, str]] = set()
 _UNREACHABLE: dict[str, Exception] = {}
 
 
@@ -162,8 +183,8 @@ def _hub_documents(source: str, split: str) -> Iterator[str]:
         raise
     except Exception as e:  # network, missing dataset, missing split: all one fix for the user
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        wait = "" if datasets.config.HF_HUB_OFFLINE else \
-            " (HF_HUB_OFFLINE=1 saves the wait on the Hub's retries)"
+        wait = " (HF_HUB_OFFLINE=1 saves the wait on the Hub's retries)" if \
+            isinstance(e, ConnectionError) and not datasets.config.HF_HUB_OFFLINE else ""
         raise NolnError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face Hub "
                         f"({msg}); offline, pass a local .jsonl/.txt file or folder, "
                         f"or '{BUILTIN}'{wait}") from None
@@ -291,6 +312,10 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None, split: st
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, ids)
         os.replace(tmp, path)
+        if source != BUILTIN and not is_local(source):  # it exists: not asked again
+            marker = _hub_read_marker(source, split)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         return np.load(path, mmap_mode="r")
     return ids
 

@@ -99,7 +99,8 @@ def _hub_failure(name: str, e: BaseException) -> str:
                 f"https://huggingface.co/{name} and log in (`hf auth login`)")
     if any(isinstance(c, RepositoryNotFoundError) for c in causes):
         return (f"model '{name}' is neither a local path nor a model on the Hugging Face Hub: "
-                "check the spelling (a Hub id such as 'gpt2' or 'HuggingFaceTB/SmolLM2-135M')")
+                "check the spelling (a Hub id such as 'gpt2' or 'HuggingFaceTB/SmolLM2-135M'; "
+                "a private model needs `hf auth login`)")
     if hf_constants.HF_HUB_OFFLINE:
         return (f"model '{name}' is neither a local path nor in the Hub cache, and HF_HUB_OFFLINE "
                 "keeps noln off the Hub: check the spelling, pass a local folder, or unset "

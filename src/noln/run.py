@@ -112,9 +112,6 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         self.summary.write_text(json.dumps(summary, indent=1))
 
-    def latest_checkpoint(self) -> Path:
-        return latest_checkpoint(self.root)
-
     def load_latest_checkpoint(self) -> tuple[Path, dict]:
         return load_latest_checkpoint(self.root)
 
@@ -133,14 +130,10 @@ def read_log(path: Path) -> list[dict]:
     return [r for r in records if isinstance(r, dict)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """``last.pt``, or ``prev.pt`` where ``last.pt`` is unreadable (killed mid-rename)."""
-    return load_latest_checkpoint(run_dir)[0]
-
-
 def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
-    """``latest_checkpoint`` and its contents, read once: reading is how ``last.pt`` is known to
-    be whole, and a SmolLM2 checkpoint with its AdamW state takes seconds to read."""
+    """The run's latest checkpoint and its contents: ``last.pt``, or ``prev.pt`` where
+    ``last.pt`` is unreadable (killed mid-rename). Read once: reading is how ``last.pt`` is
+    known to be whole, and a SmolLM2 checkpoint with its AdamW state takes seconds to read."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     last, prev = ckpt_dir / "last.pt", ckpt_dir / "prev.pt"
     if last.exists():
@@ -198,9 +191,10 @@ def checkpoint_note(path: str | Path) -> str | None:
     if total is None:  # a checkpoint from before noln saved its run's length
         try:
             cfg = dict(saved.get("config") or {})
-            total = TrainConfig.model_construct(**cfg).resolved_steps(int(cfg["ctx"]))
-        except Exception:  # noqa: BLE001 - a length the config does not give is not shown
-            total = None
+            total = cfg.get("steps") if cfg.get("tokens") is None else \
+                TrainConfig.model_construct(**cfg).resolved_steps(int(cfg["ctx"]))
+        except Exception:  # noqa: BLE001 - a length the config does not give (tokens, the
+            total = None  # model's ctx) is not shown
     of = f" of {total:,}" if total else ""
     if path.is_file():
         return f"note: '{path}' was saved at step {step:,}{of} of the run '{run.root}'"
@@ -389,10 +383,10 @@ def _lock_owner(folder: Path) -> tuple[int, str] | None:
     content (nobody holds that lock)."""
     try:
         holder = json.loads((Path(folder) / LOCK).read_text())
-        pid, host = int(holder["pid"]), str(holder.get("host", socket.gethostname()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pid, host = int(holder["pid"]), holder.get("host", socket.gethostname())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
-    return (pid, host) if pid > 0 else None
+    return (pid, host) if 0 < pid < 2**31 and isinstance(host, str) else None
 
 
 def lock_holder(folder: Path) -> str | None:

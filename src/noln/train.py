@@ -34,13 +34,13 @@ from rich.progress import (
 from torch import nn
 
 from noln.arch import NormAdapter
-from noln.checkpoint import load_checkpoint, save_atomic, stop_after_step
+from noln.checkpoint import save_atomic, stop_after_step
 from noln.config import RemoveConfig, Stage, TrainConfig, next_stage_step
 from noln.errors import Interrupted, NolnError
 from noln.fakenorm import batch_mean, special_token_mask
 from noln.linearity.regularizer import cosine_regularizer
 from noln.precision import autocast, resolve_precision
-from noln.run import RunFolder, keep_checkpoint, latest_checkpoint, load_latest_checkpoint
+from noln.run import RunFolder, keep_checkpoint, load_latest_checkpoint
 from noln.schedule import FixedSchedule, Schedule
 from noln.sharding import (
     fsdp_requested,
@@ -774,7 +774,7 @@ class Trainer:
     def _recover(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Back to the last good checkpoint with half the learning rate, or stop for good."""
         self.optimizer.zero_grad(set_to_none=True)
-        path = latest_checkpoint(self.out)
+        path, ckpt = load_latest_checkpoint(self.out)
         failures = self.state.failures + 1
         what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
             f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
@@ -802,7 +802,7 @@ class Trainer:
                             f"the last good checkpoint is kept at {path}: lower --lr or "
                             "lengthen the schedule's gaps, then --resume")
         lr_scale = self.state.lr_scale * 0.5
-        self.restore(load_checkpoint(path))
+        self.restore(ckpt)
         self._truncate_log()
         # the earlier restores to this checkpoint were logged after it: keep them in the log
         for event in self.guard_events:
