@@ -42,14 +42,15 @@ def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def run_main(capsys, *args) -> tuple[int, str]:
-    """``noln ARGS`` in this process: (exit code, stderr)."""
+def run_main(capsys, *args, out: bool = False) -> tuple[int, str]:
+    """``noln ARGS`` in this process: (exit code, stderr, or stdout with ``out``)."""
     try:
         main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out if out else captured.err
 
 
 def one_error_line(code: int, stderr: str, *needles: str) -> str:
@@ -885,6 +886,59 @@ def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):
         monkeypatch.setattr(pretrained.hf_constants, "HF_HUB_OFFLINE", offline)
         with pytest.raises(NolnError, match=re.escape(needle)):
             pretrained.load_config("org/gtp2")
+
+
+def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_dir, text_jsonl,
+                                                           tmp_path):
+    """`noln status RUN`: finished, stopped (with the command that continues it) or training
+    now (its lock's PID), step of steps, sites frozen, recent loss and pace, time left,
+    stages; for a pair, its control and whether the table is made. One line for a folder
+    that is no run."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", text_jsonl, "--out", run,
+                         *RUN_ARGS, "checkpoint_keep=4", "stages=[{step: 6, set: {lr: 0.0005}}]")
+    assert code == 0, err
+    sites = len(json.loads((run / "summary.json").read_text())["frozen"])
+    code, out = run_main(capsys, "status", run, out=True)
+    assert code == 0, out
+    assert f"{run}: removal, finished, at step 12 of 12 (100%)" in out, out
+    assert f"{sites} of {sites} norm sites frozen" in out and "held-out CE" in out, out
+    assert "stage at step 6 (lr=0.0005): done" in out and "to go" not in out, out
+    # stopped at step 8: its checkpoint, its log up to there
+    (run / "summary.json").unlink()
+    shutil.copy(run / "checkpoints" / "step-8.pt", run / "checkpoints" / "last.pt")
+    lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text("".join(
+        line for line in lines if json.loads(line).get("step", 0) < 8))
+    code, out = run_main(capsys, "status", run, out=True)
+    assert f"{run}: removal, stopped, at step 8 of 12 (67%)" in out, out
+    assert "last checkpoint at step 8" in out and "to go at that pace" in out, out
+    assert f"continue it with `noln remove --resume {run}`" in out, out
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live process holds the lock: training now
+        (run / ".noln.lock").write_text(json.dumps({"pid": holder.pid,
+                                                    "host": socket.gethostname()}))
+        code, out = run_main(capsys, "status", run, out=True)
+        assert f"training now (PID {holder.pid}), at step 8 of 12" in out, out
+        assert "continue it with" not in out, out
+    finally:
+        holder.kill()
+        holder.wait()
+        (run / ".noln.lock").unlink()
+    # as a pair: a control beside it (here the same run, read as the control)
+    shutil.copytree(run, run / "control", ignore=shutil.ignore_patterns("control"))
+    config = run / "control" / "config.yaml"
+    config.write_text(config.read_text() + "keep_ln: true\n")
+    code, out = run_main(capsys, "status", run, out=True)
+    assert f"continue it with `noln remove --resume {run} --control`" in out, out
+    assert f"{run / 'control'}: with-norm control, stopped, at step 8 of 12" in out, out
+    assert f"continue it with `noln remove --resume {run} --control-only`" in out, out
+    assert "table: not yet (made once both runs are done)" in out, out
+    assert out.count("norm sites frozen") == 1, out  # not said of the control
+    code, err = run_main(capsys, "status", tmp_path)
+    one_error_line(code, err, "is not a noln run folder")
 
 
 def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):

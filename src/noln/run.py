@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import warnings
@@ -181,25 +182,109 @@ def checkpoint_note(path: str | Path) -> str | None:
             return None
     else:
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        step, total = int(saved["step"]), saved.get("total_steps")
-    except Exception:  # noqa: BLE001 - only a note; loading the model says what is wrong
+    progress = saved_progress(ckpt)
+    if progress is None:  # only a note; loading the model says what is wrong
         return None
-    if total is None:  # a checkpoint from before noln saved its run's length
-        try:
-            cfg = dict(saved.get("config") or {})
-            total = cfg.get("steps") if cfg.get("tokens") is None else \
-                TrainConfig.model_construct(**cfg).resolved_steps(int(cfg["ctx"]))
-        except Exception:  # noqa: BLE001 - a length the config does not give (tokens, the
-            total = None  # model's ctx) is not shown
+    step, total = progress["step"], progress["total_steps"]
     of = f" of {total:,}" if total else ""
     if path.is_file():
         return f"note: '{path}' was saved at step {step:,}{of} of the run '{run.root}'"
     return (f"note: the run '{path}' has not finished: it is read as saved at step "
             f"{step:,}{of} ({ckpt.name})")
+
+
+def saved_progress(checkpoint: Path) -> dict | None:
+    """How far the run had come when it saved ``checkpoint``, read with ``mmap`` (no weights
+    loaded, so it costs a fraction of a second on SmolLM2): ``step`` (steps done),
+    ``total_steps`` (the run's length; None where the checkpoint does not say), ``sites``
+    (the model's norm sites) and ``config``. None for a file that is not a readable
+    checkpoint."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        step, total = int(saved["step"]), saved.get("total_steps")
+        cfg = dict(saved.get("config") or {})
+        sites = sum(1 for k in saved.get("model", {}) if k.endswith(".is_frozen"))
+    except Exception:  # noqa: BLE001 - any unreadable file is "no progress known"
+        return None
+    if total is None:  # a checkpoint from before noln saved its run's length
+        try:
+            total = cfg.get("steps") if cfg.get("tokens") is None else \
+                TrainConfig.model_construct(**cfg).resolved_steps(int(cfg["ctx"]))
+        except Exception:  # noqa: BLE001 - a length the config does not give (tokens, the
+            total = None  # model's ctx) is not known
+    return {"step": step, "total_steps": total, "sites": sites, "config": cfg}
+
+
+def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) -> dict:
+    """Where a run folder stands, read without loading any weights (``noln status``): whether
+    a process trains it now (its lock), has stopped, or has finished; the step reached (the
+    log's last, and the last checkpoint's) of the run's length; sites frozen of the model's;
+    the training loss and seconds a step over the last ``recent`` steps, and the time left
+    at that pace; its config's stages, done or to come; the command that continues it. A
+    ``--control`` pair adds ``control`` (the same for its control run; ``pair``: its pair's
+    folder) and ``table`` (whether the table is made)."""
+    run = RunFolder(Path(str(path)).expanduser())
+    if not run.root.is_dir():
+        raise NolnError(f"'{path}' does not exist: give a run folder (`noln remove --out`)")
+    if not run.is_run():
+        raise NolnError(f"'{path}' is not a noln run folder (no config.yaml or checkpoints/): "
+                        "give the folder `noln remove --out` or `noln pretrain --out` wrote")
+    ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()),
+                None)
+    progress = saved_progress(ckpt) if ckpt is not None else None
+    try:
+        cfg = yaml.safe_load(run.config.read_text()) if run.config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    cfg = cfg if isinstance(cfg, dict) else (progress or {}).get("config") or {}
+    rows = [r for r in run.read_log() if "event" not in r and isinstance(r.get("step"), int)]
+    events = [r for r in run.read_log() if "event" in r]
+    last = rows[-recent:]
+    summary = run.read_summary() if run.finished() else None
+    holder = lock_holder(run.root)
+    if holder is not None:
+        state = "training"
+    elif summary is not None:
+        state = "finished" if summary.get("complete", True) else "ended unfinished"
+    else:
+        state = "stopped" if ckpt is not None else "not begun"
+    done = rows[-1]["step"] + 1 if rows else (progress or {}).get("step", 0)
+    total = (progress or {}).get("total_steps") or (summary or {}).get("steps")
+    per_step = float(sorted(r["dt"] for r in last if "dt" in r)[len(last) // 2]) \
+        if any("dt" in r for r in last) else None
+    applied = {e.get("step") for e in events if e.get("event") == "stage"}
+    kind = "pretraining" if not run.config.is_file() else \
+        "control" if cfg.get("keep_ln") else "removal"
+    quoted = shlex.quote(str(pair or run.root))
+    resume = {"pretraining": "the same `noln pretrain` command with --resume",
+              "control": f"`noln remove --resume {quoted} --control-only`",
+              "removal": f"`noln remove --resume {quoted}"
+                         + (" --control`" if run.control.is_run() else "`")}[kind]
+    status = {
+        "run": str(run.root), "kind": kind, "state": state, "holder": holder,
+        "resume": resume if state == "stopped" else None,
+        "model": cfg.get("model") or cfg.get("arch"), "data": cfg.get("data"),
+        "keep_ln": bool(cfg.get("keep_ln", False)),
+        "step": done, "total_steps": total,
+        "checkpoint_step": (progress or {}).get("step"),
+        "sites": (progress or {}).get("sites") or None,
+        "frozen": rows[-1].get("frozen") if rows else None,
+        "recent_steps": len(last),
+        "train_loss": sum(r["loss"] for r in last) / len(last) if last else None,
+        "seconds_per_step": per_step,
+        "seconds_left": per_step * (total - done) if per_step and total and
+        state in ("training", "stopped") else None,
+        "stages": [{"step": st.get("step"), "set": st.get("set"),
+                    "done": st.get("step") in applied} for st in cfg.get("stages") or []
+                   if isinstance(st, dict)],
+        "summary": summary,
+    }
+    if run.control.is_run():
+        status["control"] = run_status(run.control.root, recent, pair=run.root)
+        status["table"] = run.table.is_file()
+    return status
 
 
 def keep_checkpoint(checkpoint: Path, kept: Path) -> None:

@@ -281,6 +281,57 @@ def sites(model: Annotated[str, typer.Argument(
         console.print(f"{i:3d}  {name}")
 
 
+@app.command()
+def status(run: Annotated[Path, typer.Argument(
+        help="a run folder (`noln remove --out`, `noln pretrain --out`)", show_default=False)],
+           ) -> None:
+    """Where a run stands, without loading it: training now or stopped, step of steps, sites
+    frozen, recent loss and speed, time left, stages; a pair's control and table too."""
+    from noln.run import run_status
+
+    for line in status_lines(run_status(run)):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def status_lines(st: dict, indent: str = "") -> list[str]:
+    """``noln status``'s lines for ``noln.run.run_status``'s dict (markup escaped)."""
+    total = st["total_steps"]
+    of = f" of {total:,} ({100 * st['step'] / total:.0f}%)" if total else ""
+    state = {"training": f"training now ({st['holder']})", "stopped": "stopped",
+             "finished": "finished", "ended unfinished": "ended unfinished (sites still live)",
+             "not begun": "not begun"}[st["state"]]
+    what = {"control": "with-norm control"}.get(st["kind"], st["kind"])
+    lines = [f"{indent}[bold]{escape(st['run'])}[/]: {what}, {state}, at step {st['step']:,}{of}"]
+    sub = indent + "  "
+    if st["model"]:
+        lines.append(f"{sub}{escape(str(st['model']))} on {escape(str(st['data']))}")
+    if st["sites"] and st["kind"] == "removal" and st["frozen"] is not None:
+        lines.append(f"{sub}{st['frozen']} of {st['sites']} norm sites frozen")
+    if st["train_loss"] is not None:
+        pace = f", {st['seconds_per_step']:.1f} s a step" if st["seconds_per_step"] else ""
+        left = st["seconds_left"]
+        eta = f": ~{left / 3600:.1f} h to go at that pace" if left and left >= 3600 else \
+            f": ~{left / 60:.0f} min to go at that pace" if left else ""
+        lines.append(f"{sub}train CE {st['train_loss']:.3f}{pace} (the last "
+                     f"{st['recent_steps']} steps){eta}")
+    if st["checkpoint_step"] is not None and st["state"] in ("training", "stopped"):
+        lines.append(f"{sub}last checkpoint at step {st['checkpoint_step']:,}")
+    if st["resume"]:
+        lines.append(f"{sub}continue it with {escape(st['resume'])}")
+    for stage in st["stages"]:
+        settings = ", ".join(f"{k}={v}" for k, v in (stage["set"] or {}).items())
+        lines.append(f"{sub}stage at step {stage['step']:,} ({escape(settings)}): "
+                     + ("done" if stage["done"] else "to come"))
+    ce = ((st["summary"] or {}).get("ce_after") or {}).get("heldout") or {}
+    if "mean" in ce:
+        lines.append(f"{sub}held-out CE {ce['mean']:.4f} at the end")
+    if "control" in st:
+        lines += status_lines(st["control"], sub)
+        lines.append(f"{sub}table: " + (escape(str(Path(st["run"]) / "table.md")) if st["table"]
+                                        else "not yet (made once both runs are done)"))
+    return lines
+
+
 def pretrain(
     settings: Annotated[list[str] | None, typer.Argument(
         metavar="[KEY=VALUE]...", show_default=False,
