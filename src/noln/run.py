@@ -19,6 +19,7 @@ adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -242,6 +243,8 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     rows = [r for r in run.read_log() if "event" not in r and isinstance(r.get("step"), int)]
     events = [r for r in run.read_log() if "event" in r]
     last = rows[-recent:]
+    losses = [r["loss"] for r in last if isinstance(r.get("loss"), int | float) and
+              math.isfinite(r["loss"])]  # (a step that overflowed logs no finite loss)
     summary = run.read_summary() if run.finished() else None
     holder = lock_holder(run.root)
     if holder is not None:
@@ -272,7 +275,7 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
         "sites": (progress or {}).get("sites") or None,
         "frozen": rows[-1].get("frozen") if rows else None,
         "recent_steps": len(last),
-        "train_loss": sum(r["loss"] for r in last) / len(last) if last else None,
+        "train_loss": sum(losses) / len(losses) if losses else None,
         "seconds_per_step": per_step,
         "seconds_left": per_step * (total - done) if per_step and total and
         state in ("training", "stopped") else None,
