@@ -939,6 +939,15 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert out.count("norm sites frozen") == 1, out  # not said of the control
     code, err = run_main(capsys, "status", tmp_path)
     one_error_line(code, err, "is not a noln run folder")
+    code, err = run_main(capsys, "status", tmp_path / "gone")
+    one_error_line(code, err, "does not exist")
+    pre = tmp_path / "pre"  # a pretraining run: no config.yaml, its checkpoint says what it is
+    code, err = run_main(capsys, "pretrain", "--data", "builtin", "--out", pre, "--layers", "1",
+                         "--d-model", "32", "--steps", "3", "--quiet")
+    assert code == 0, err
+    code, out = run_main(capsys, "status", pre, out=True)
+    assert f"{pre}: pretraining, finished, at step 3 of 3 (100%)" in out, out
+    assert "gpt2 on builtin" in out and "norm sites" not in out, out
 
 
 def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
