@@ -906,6 +906,9 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert f"{run}: removal, finished, at step 12 of 12 (100%)" in out, out
     assert f"{sites} of {sites} norm sites frozen" in out and "held-out CE" in out, out
     assert "stage at step 6 (lr=0.0005): done" in out and "to go" not in out, out
+    (run / "summary.json").write_text('{"torn')  # (killed while writing it)
+    code, out = run_main(capsys, "status", run, out=True)
+    assert code == 0 and f"{run}: removal, finished, at step 12 of 12" in out, out
     # stopped at step 8: its checkpoint, its log up to there
     (run / "summary.json").unlink()
     shutil.copy(run / "checkpoints" / "step-8.pt", run / "checkpoints" / "last.pt")

@@ -25,6 +25,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -240,12 +241,17 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     except (OSError, yaml.YAMLError):
         cfg = None
     cfg = cfg if isinstance(cfg, dict) else (progress or {}).get("config") or {}
-    rows = [r for r in run.read_log() if "event" not in r and isinstance(r.get("step"), int)]
-    events = [r for r in run.read_log() if "event" in r]
+    log = run.read_log()
+    rows = [r for r in log if "event" not in r and isinstance(r.get("step"), int)]
+    events = [r for r in log if "event" in r]
     last = rows[-recent:]
     losses = [r["loss"] for r in last if isinstance(r.get("loss"), int | float) and
               math.isfinite(r["loss"])]  # (a step that overflowed logs no finite loss)
-    summary = run.read_summary() if run.finished() else None
+    try:
+        summary = run.read_summary() if run.finished() else None
+    except (OSError, ValueError):  # a torn summary.json: finished, its numbers unread
+        summary = {}
+    summary = summary if isinstance(summary, dict) or summary is None else {}
     holder = lock_holder(run.root)
     if holder is not None:
         state = "training"
@@ -255,8 +261,8 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
         state = "stopped" if ckpt is not None else "not begun"
     done = rows[-1]["step"] + 1 if rows else (progress or {}).get("step", 0)
     total = (progress or {}).get("total_steps") or (summary or {}).get("steps")
-    per_step = float(sorted(r["dt"] for r in last if "dt" in r)[len(last) // 2]) \
-        if any("dt" in r for r in last) else None
+    times = [r["dt"] for r in last if isinstance(r.get("dt"), int | float)]
+    per_step = float(statistics.median(times)) if times else None
     applied = {e.get("step") for e in events if e.get("event") == "stage"}
     kind = "pretraining" if not run.config.is_file() else \
         "control" if cfg.get("keep_ln") else "removal"
