@@ -12,9 +12,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import sys
 import sysconfig
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -141,7 +143,8 @@ def check_hub_dataset(source: str, split: str = "train") -> None:
         raise NolnError(f"'{source}' is neither a local path nor a Hugging Face dataset name "
                         "(ORG/NAME, or NAME:CONFIG): check it") from None
     except DatasetNotFoundError as e:
-        if isinstance(e.__cause__, GatedRepoError):
+        # (datasets re-raises the gated error without its cause: its words say it)
+        if isinstance(e.__cause__, GatedRepoError) or "gated dataset" in str(e):
             raise NolnError(f"dataset '{name}' is gated on the Hugging Face Hub: ask for access "
                             f"at https://huggingface.co/datasets/{name} and log in (`hf auth "
                             "login`)") from None
@@ -156,7 +159,7 @@ def check_hub_dataset(source: str, split: str = "train") -> None:
                             f"{name}:CONFIG") from None
         splits = None  # anything else: the read says it, in full
     except Exception as e:  # noqa: BLE001 - not reachable now: the read says so, or finds
-        _UNREACHABLE[source] = e  # the blocks in the cache
+        _UNREACHABLE[source] = (time.monotonic(), e)  # the blocks in the cache
         splits = None
     if splits and split.split("[")[0] not in splits:  # (a card that lists none: read to see)
         raise NolnError(f"dataset '{name}' has no split '{split}': it has "
@@ -164,16 +167,19 @@ def check_hub_dataset(source: str, split: str = "train") -> None:
     _ASKED.add((source, split))
 
 
-# Hub sources this process asked the Hub about, and those it could not answer for
+# Hub sources this process asked the Hub about, and those it could not answer for (when, and
+# its error: the read that follows fails at once; one a few minutes later asks again)
 _ASKED: set[tuple[str, str]] = set()
-_UNREACHABLE: dict[str, Exception] = {}
+_UNREACHABLE: dict[str, tuple[float, Exception]] = {}
+_UNREACHABLE_FOR = 300.0  # seconds
 
 
 def _hub_documents(source: str, split: str) -> Iterator[str]:
     name, config = _hub_name(source)
     try:
-        if source in _UNREACHABLE:  # a moment ago, after the Hub client's retries
-            raise _UNREACHABLE[source]
+        when, error = _UNREACHABLE.get(source, (-math.inf, None))
+        if time.monotonic() - when < _UNREACHABLE_FOR:  # a moment ago, after the Hub client's
+            raise error  # retries
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         for record in ds:
             text = record.get("text")
@@ -300,9 +306,12 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None, split: st
     path = cache_dir() / f"{key}.npy"
     if use_cache and path.exists():
         try:
-            return np.load(path, mmap_mode="r")
+            ids = np.load(path, mmap_mode="r")
         except (ValueError, OSError):
             path.unlink(missing_ok=True)  # a torn cache file: rebuild it
+        else:  # (blocks cached before noln kept the marker: it is kept from now on)
+            _mark_hub_read(source, split)
+            return ids
     ids = tokenize(iter_documents(source, split), tokenizer, max_tokens)
     if len(ids) == 0:
         raise NolnError(f"data source '{source}' has no text (0 tokens): give a dataset with a "
@@ -312,12 +321,18 @@ def load_tokens(source: str, tokenizer, max_tokens: int | None = None, split: st
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, ids)
         os.replace(tmp, path)
-        if source != BUILTIN and not is_local(source):  # it exists: not asked again
-            marker = _hub_read_marker(source, split)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        _mark_hub_read(source, split)
         return np.load(path, mmap_mode="r")
     return ids
+
+
+def _mark_hub_read(source: str, split: str) -> None:
+    """A Hub source read (now or before): it exists, and is not asked about again."""
+    if source != BUILTIN and not is_local(source):
+        marker = _hub_read_marker(source, split)
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
 
 
 def pack(ids: np.ndarray, ctx: int) -> np.ndarray:

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -101,13 +106,32 @@ def _hub_failure(name: str, e: BaseException) -> str:
         return (f"model '{name}' is neither a local path nor a model on the Hugging Face Hub: "
                 "check the spelling (a Hub id such as 'gpt2' or 'HuggingFaceTB/SmolLM2-135M'; "
                 "a private model needs `hf auth login`)")
+    if any(isinstance(c, HFValidationError) for c in causes):
+        return (f"model '{name}' is neither a local path nor a valid Hugging Face Hub id: check "
+                "it (a Hub id is NAME or ORG/NAME, such as 'gpt2' or "
+                "'HuggingFaceTB/SmolLM2-135M'; a folder must exist)")
     if hf_constants.HF_HUB_OFFLINE:
         return (f"model '{name}' is neither a local path nor in the Hub cache, and HF_HUB_OFFLINE "
                 "keeps noln off the Hub: check the spelling, pass a local folder, or unset "
                 "HF_HUB_OFFLINE to download it")
-    return (f"cannot load model '{name}': it is not a local path and the Hugging Face Hub is not "
-            "reachable (offline?): check the spelling, pass a local folder, or set "
-            "HF_HUB_OFFLINE=1 to read only the Hub cache (no waiting on the Hub's retries)")
+    if any(_unreachable(c) for c in causes):
+        return (f"cannot load model '{name}': it is not a local path and the Hugging Face Hub is "
+                "not reachable (offline?): check the spelling, pass a local folder, or set "
+                "HF_HUB_OFFLINE=1 to read only the Hub cache (no waiting on the Hub's retries)")
+    # the Hub answered, with something else (no config.json, a server error ...): its words
+    said = next((line for line in str(causes[0]).splitlines() if line.strip()),
+                type(causes[0]).__name__)
+    return (f"cannot load model '{name}' from the Hugging Face Hub ({' '.join(said.split())[:200]}"
+            "): check the name, or pass a local folder")
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether ``e`` says the Hub could not be reached (no network, a timeout), as
+    huggingface_hub, httpx, requests or transformers put it."""
+    names = {k.__name__ for k in type(e).__mro__}
+    return isinstance(e, ConnectionError | TimeoutError | LocalEntryNotFoundError) or \
+        bool(names & {"ConnectError", "ConnectionError", "TimeoutException", "Timeout",
+                      "TransportError"}) or "couldn't connect" in str(e)
 
 
 def check_causal(config, name) -> None:
