@@ -23,14 +23,21 @@ import pytest
 import torch
 import yaml
 from datasets.exceptions import DatasetNotFoundError
-from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    RepositoryNotFoundError,
+)
 
 import noln
 from noln import pretrained
 from noln.cli import main
 from noln.errors import NolnError
 from noln.fakenorm import FakeNorm
-from noln.run import checkpoint_note, load_run_model
+from noln.loading import load_run_model
+from noln.pretrained import load_tokenizer
+from noln.run import checkpoint_note
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "noln"
 RUN_ARGS = ["--steps", "12", "--batch-size", "4", "--ctx", "64", "--lr", "1e-3", "--schedule",
@@ -161,6 +168,42 @@ def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny
         assert lock_holder(out) is None, content
         assert acquire_lock(out), content
         release_lock(out)
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing of the lock's left behind
+
+
+def test_two_processes_taking_over_one_stale_lock_leave_it_to_one(monkeypatch, tmp_path):
+    """Where a process saw the lock stale, but another took it over first, the lock it moves
+    away is the other's new one: it sees that, puts it back and is refused. A lock that cannot
+    be read is an error, not a free folder."""
+    import noln.run
+    from noln.run import LOCK, acquire_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = json.dumps({"pid": holder.pid, "host": socket.gethostname()})
+    real = noln.run.lock_holder
+    seen = []
+
+    def stale_at_first(folder):  # what this process read before the other took the lock
+        seen.append(folder)
+        return None if len(seen) == 1 else real(folder)
+
+    monkeypatch.setattr(noln.run, "lock_holder", stale_at_first)
+    try:
+        (out / LOCK).write_text(live)
+        with pytest.raises(NolnError, match=f"in use by another noln process \\(PID {holder.pid}"):
+            acquire_lock(out)
+        assert (out / LOCK).read_text() == live  # the other's lock, back in place
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / LOCK).unlink()
+    (out / LOCK).mkdir()  # a lock this process cannot read
+    with pytest.raises(NolnError, match="cannot read the lock file"):
+        acquire_lock(out)
+    assert (out / LOCK).is_dir()
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(tiny_model_dir, text_jsonl, tmp_path):
@@ -881,7 +924,11 @@ def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):
             (RepositoryNotFoundError, False, "neither a local path nor a model on the Hugging "
              "Face Hub: check the spelling"),
             (GatedRepoError, False, "is a gated model on the Hugging Face Hub"),
-            (None, False, "the Hugging Face Hub is not reachable (offline?)")):
+            (None, False, "the Hugging Face Hub is not reachable (offline?)"),
+            (HFValidationError, False, "is neither a local path nor a valid Hugging Face Hub "
+             "id: check it"),
+            (EntryNotFoundError, False, "cannot load model 'org/gtp2' from the Hugging Face Hub "
+             "(org/gtp2 is not a local folder): check the name")):
         monkeypatch.setattr(pretrained.AutoConfig, "from_pretrained", failing(cause))
         monkeypatch.setattr(pretrained.hf_constants, "HF_HUB_OFFLINE", offline)
         with pytest.raises(NolnError, match=re.escape(needle)):
@@ -906,15 +953,26 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert f"{run}: removal, finished, at step 12 of 12 (100%)" in out, out
     assert f"{sites} of {sites} norm sites frozen" in out and "held-out CE" in out, out
     assert "stage at step 6 (lr=0.0005): done" in out and "to go" not in out, out
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # its process holds the pair's folder still (it trains the control): finished
+        (run / ".noln.lock").write_text(json.dumps({"pid": holder.pid,
+                                                    "host": socket.gethostname()}))
+        code, out = run_main(capsys, "status", run, out=True)
+        assert f"{run}: removal, finished, at step 12 of 12" in out, out
+    finally:
+        holder.kill()
+        holder.wait()
+        (run / ".noln.lock").unlink()
     (run / "summary.json").write_text('{"torn')  # (killed while writing it)
     code, out = run_main(capsys, "status", run, out=True)
     assert code == 0 and f"{run}: removal, finished, at step 12 of 12" in out, out
-    # stopped at step 8: its checkpoint, its log up to there
+    # stopped at step 8: its checkpoint, its log up to step 10 (killed between checkpoints;
+    # a resume goes on from step 8)
     (run / "summary.json").unlink()
     shutil.copy(run / "checkpoints" / "step-8.pt", run / "checkpoints" / "last.pt")
     lines = (run / "log.jsonl").read_text().splitlines(keepends=True)
     (run / "log.jsonl").write_text("".join(
-        line for line in lines if json.loads(line).get("step", 0) < 8))
+        line for line in lines if json.loads(line).get("step", 0) < 10))
     code, out = run_main(capsys, "status", run, out=True)
     assert f"{run}: removal, stopped, at step 8 of 12 (67%)" in out, out
     assert "last checkpoint at step 8" in out and "to go at that pace" in out, out
@@ -924,7 +982,9 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
         (run / ".noln.lock").write_text(json.dumps({"pid": holder.pid,
                                                     "host": socket.gethostname()}))
         code, out = run_main(capsys, "status", run, out=True)
-        assert f"training now (PID {holder.pid}), at step 8 of 12" in out, out
+        # (at work: it has logged past its checkpoint)
+        assert f"training now (PID {holder.pid}), at step 10 of 12" in out, out
+        assert "last checkpoint at step 8" in out, out
         assert "continue it with" not in out, out
     finally:
         holder.kill()
@@ -940,6 +1000,13 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert f"continue it with `noln remove --resume {run} --control-only`" in out, out
     assert "table: not yet (made once both runs are done)" in out, out
     assert out.count("norm sites frozen") == 1, out  # not said of the control
+    code, out = run_main(capsys, "status", run / "control", out=True)  # asked by its folder
+    assert f"continue it with `noln remove --resume {run} --control-only`" in out, out
+    alone = tmp_path / "ctl"  # a control of its own (`--keep-ln`), not a pair's: resumed as is
+    shutil.copytree(run / "control", alone)
+    code, out = run_main(capsys, "status", alone, out=True)
+    assert f"{alone}: with-norm control, stopped" in out, out
+    assert f"continue it with `noln remove --resume {alone}`" in out, out
     code, err = run_main(capsys, "status", tmp_path)
     one_error_line(code, err, "is not a noln run folder")
     code, err = run_main(capsys, "status", tmp_path / "gone")
@@ -979,8 +1046,8 @@ def test_a_missing_data_file_is_named_before_any_model_loads(capsys, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "lin").exists()
 
 
-def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(capsys, tmp_path,
-                                                                             monkeypatch):
+def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(
+        capsys, tmp_path, monkeypatch, tiny_model_dir):
     """A Hub dataset name the Hub says does not exist (a typo), is gated, is no valid name, or
     lacks the config or split asked for, is one line before any model is looked at, from
     every command that reads text. A Hub that cannot answer (offline), or another complaint,
@@ -999,7 +1066,9 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
         if name == "opnwebtext":
             raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
         if name == "org/gated":
-            raise DatasetNotFoundError("gated") from GatedRepoError.__new__(GatedRepoError)
+            # (as datasets raises it: its cause dropped, `raise e1 from None`)
+            raise DatasetNotFoundError(f"Dataset '{name}' is a gated dataset on the Hub. Visit "
+                                       "the dataset page to ask for access.") from None
         if config == "nope":
             raise ValueError("BuilderConfig 'nope' not found. Available: ['raw', 'clean']")
         if name == "wikitext" and config is None:
@@ -1052,10 +1121,31 @@ def test_a_hub_dataset_the_hub_does_not_have_is_named_before_any_model_loads(cap
     one_error_line(code, err, "model 'no/such-model'")
     assert ("org/cached", None) not in asked
     # ... and the read, needing the Hub, gives that answer at once (no second round of retries)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked again"))
+    reads = []
+
+    def load_dataset(name, config=None, **kwargs):
+        reads.append(name)
+        if name == "org/stream":
+            return iter([{"text": "a read from the Hub"}])
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(NolnError, match=r"cannot load dataset 'wikitext' \(split 'train'\) "
                        r"from the Hugging Face Hub \(Couldn't reach 'wikitext'"):
         next(noln.data.iter_documents("wikitext:raw"))
+    assert reads == []
+    # ... for a while: a read some minutes later asks the Hub again
+    monkeypatch.setattr(noln.data, "_UNREACHABLE_FOR", 0.0)
+    with pytest.raises(NolnError, match="Couldn't reach 'wikitext'"):
+        next(noln.data.iter_documents("wikitext:raw"))
+    assert reads == ["wikitext"]
+    # blocks cached before noln kept its marker: a read from the cache leaves the marker
+    tok = load_tokenizer(tiny_model_dir)
+    noln.data.load_tokens("org/stream", tok)
+    marker = noln.data._hub_read_marker("org/stream", "train")
+    marker.unlink()
+    noln.data.load_tokens("org/stream", tok)
+    assert marker.exists() and reads == ["wikitext", "org/stream"]
 
 
 def test_control_with_a_missing_hellaswag_fails_before_training(capsys, tiny_model_dir,

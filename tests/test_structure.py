@@ -125,6 +125,17 @@ def test_the_command_line_starts_without_torch():
     assert out.strip() == "[]", out
 
 
+def test_the_run_folder_module_reads_runs_without_transformers():
+    """``noln status`` and the checkpoint notes read a run through ``noln.run`` only: it needs
+    torch (to read a checkpoint's step) but no model code, so it answers in about a second
+    (importing transformers and noln's families took ~4 s more)."""
+    code = "import sys, noln.run; print(sorted(m for m in ('transformers', 'noln.arch', " \
+           "'noln.export', 'noln.pretrained') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def _help(command: str) -> str:
     return subprocess.run([sys.executable, "-m", "noln.cli", command, "--help"],
                           capture_output=True, text=True, check=True,

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from noln.arch import ADAPTERS, NormAdapter, canonical_site
 from noln.errors import NolnError
+from noln.outputs import export_file_name
 from noln.pretrained import load_config, read_json
 from noln.progress import transformers_bars_off
 
@@ -73,24 +74,12 @@ def check_export_target(out: Path, source: Path | None = None) -> None:
                         "an hf or clean export): noln replaces only its own exports; choose a "
                         "new or empty folder")
     # an export from before noln listed its files: what an hf/clean export writes, no more
-    ours = (lambda name: name in written) if written else _export_file_name
+    ours = (lambda name: name in written) if written else export_file_name
     added = sorted(p.name for p in out.iterdir() if not ours(p.name))
     if added:
         raise NolnError(f"--out '{out}' is a noln export that now also holds what noln did "
                         f"not write ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"
                         ": move it out first, or export to a new folder")
-
-
-# the files an hf or clean export holds (model, config, tokenizer, noln.json), for an export
-# written before noln.json listed them
-_EXPORT_FILES = {"noln.json", "config.json", "generation_config.json", "model.safetensors",
-                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                 "tokenizer.model", "chat_template.jinja"}
-
-
-def _export_file_name(name: str) -> bool:
-    return name in _EXPORT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
 def _write_dir(out: Path, write) -> None:

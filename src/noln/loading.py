@@ -8,12 +8,28 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
+from noln.arch import install
+from noln.checkpoint import load_checkpoint
 from noln.export import load_clean
 from noln.linearity.replace import is_linearized, load_linearized
-from noln.pretrained import load_pretrained, load_tokenizer, read_json
-from noln.run import RunFolder, load_run_model
+from noln.pretrained import load_config, load_pretrained, load_tokenizer, read_json
+from noln.run import RunFolder, load_latest_checkpoint
+
+
+def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
+    its FakeNorms in the state they were saved in."""
+    path = Path(path)
+    ckpt_path, ckpt = (path, load_checkpoint(path)) if path.is_file() else \
+        load_latest_checkpoint(path)
+    run = RunFolder(ckpt_path.parent.parent)
+    model = AutoModelForCausalLM.from_config(load_config(run.base), dtype=dtype)
+    install(model)
+    model.load_state_dict(ckpt["model"])
+    return model, load_tokenizer(run.base)
 
 
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32):

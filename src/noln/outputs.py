@@ -40,6 +40,19 @@ _FIGURE_MARK = {".png": b"tEXtSoftware\x00noln ", ".pdf": b"/Creator (noln ",
 _MAX_READ = 256 * 2**20  # a report is small; a larger file is not one of noln's
 
 
+# the files an hf or clean export holds (model, config, tokenizer, noln.json), for an export
+# written before noln.json listed them (noln.export writes them; noln.run knows them in a run)
+_EXPORT_FILES = {"noln.json", "config.json", "generation_config.json", "model.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                 "tokenizer.model", "chat_template.jinja"}
+
+
+def export_file_name(name: str) -> bool:
+    """Whether ``name`` is a file a noln export writes (its weights, config, tokenizer)."""
+    return name in _EXPORT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def written_by_noln(path: Path, csv_header: Sequence[str] | None = None) -> bool:
     """Whether the file at ``path`` carries noln's mark (module docstring)."""
     path = Path(path)

@@ -34,15 +34,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
 
-from noln.arch import install
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
 from noln.config import TrainConfig, branch_config, config_at_stage
 from noln.errors import NolnError
-from noln.export import _export_file_name
-from noln.outputs import written_by_noln
-from noln.pretrained import load_config, load_tokenizer
+from noln.outputs import export_file_name, written_by_noln
 
 LOCK = ".noln.lock"
 # everything noln writes in a run folder (remove, --control, pretrain); nothing else is deleted
@@ -233,9 +229,12 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     if not run.is_run():
         raise NolnError(f"'{path}' is not a noln run folder (no config.yaml or checkpoints/): "
                         "give the folder `noln remove --out` or `noln pretrain --out` wrote")
-    ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()),
-                None)
-    progress = saved_progress(ckpt) if ckpt is not None else None
+    holder = lock_holder(run.root)  # before the summary: a run that ends between the two
+    # reads is then "training" (true a moment ago), never "stopped" with a resume to follow
+    ckpts = [p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()]
+    # (last.pt unreadable, killed mid-rename: prev.pt, as a resume reads it)
+    progress = next((p for p in map(saved_progress, ckpts) if p is not None), None)
+    ckpt = ckpts[0] if ckpts else None
     try:
         cfg = yaml.safe_load(run.config.read_text()) if run.config.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -252,32 +251,44 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     except (OSError, ValueError):  # a torn summary.json: finished, its numbers unread
         summary = {}
     summary = summary if isinstance(summary, dict) or summary is None else {}
-    holder = lock_holder(run.root)
-    if holder is not None:
+    total = (progress or {}).get("total_steps") or (summary or {}).get("steps")
+    saved_step = (progress or {}).get("step")
+    # a removal whose summary is written and whose last checkpoint is its last step has ended,
+    # though its process may hold the pair's folder still: it trains the control next
+    ended = summary is not None and (saved_step is None or total is None or saved_step >= total)
+    if holder is not None and not ended:
         state = "training"
     elif summary is not None:
         state = "finished" if summary.get("complete", True) else "ended unfinished"
     else:
         state = "stopped" if ckpt is not None else "not begun"
-    done = rows[-1]["step"] + 1 if rows else (progress or {}).get("step", 0)
-    total = (progress or {}).get("total_steps") or (summary or {}).get("steps")
+    # a stopped run goes on from its checkpoint (a resume cuts the log back to it); a run at
+    # work has logged further than its last checkpoint
+    done = saved_step if state == "stopped" and saved_step is not None else \
+        rows[-1]["step"] + 1 if rows else saved_step or 0
     times = [r["dt"] for r in last if isinstance(r.get("dt"), int | float)]
     per_step = float(statistics.median(times)) if times else None
     applied = {e.get("step") for e in events if e.get("event") == "stage"}
     kind = "pretraining" if not run.config.is_file() else \
         "control" if cfg.get("keep_ln") else "removal"
+    if pair is None and kind == "control" and run.root.name == "control" and \
+            RunFolder(run.root.parent).is_run():
+        pair = run.root.parent  # a pair's control, asked about by its own folder
     quoted = shlex.quote(str(pair or run.root))
     resume = {"pretraining": "the same `noln pretrain` command with --resume",
-              "control": f"`noln remove --resume {quoted} --control-only`",
+              # (a control of its own, `--keep-ln`, not a pair's: resumed as any run)
+              "control": f"`noln remove --resume {quoted}"
+                         + (" --control-only`" if pair is not None else "`"),
               "removal": f"`noln remove --resume {quoted}"
                          + (" --control`" if run.control.is_run() else "`")}[kind]
     status = {
-        "run": str(run.root), "kind": kind, "state": state, "holder": holder,
+        "run": str(run.root), "kind": kind, "state": state,
+        "holder": holder if state == "training" else None,
         "resume": resume if state == "stopped" else None,
         "model": cfg.get("model") or cfg.get("arch"), "data": cfg.get("data"),
         "keep_ln": bool(cfg.get("keep_ln", False)),
         "step": done, "total_steps": total,
-        "checkpoint_step": (progress or {}).get("step"),
+        "checkpoint_step": saved_step,
         "sites": (progress or {}).get("sites") or None,
         "frozen": rows[-1].get("frozen") if rows else None,
         "recent_steps": len(last),
@@ -354,19 +365,6 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
     return dst
 
 
-def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
-    its FakeNorms in the state they were saved in."""
-    path = Path(path)
-    ckpt_path, ckpt = (path, load_checkpoint(path)) if path.is_file() else \
-        load_latest_checkpoint(path)
-    run = RunFolder(ckpt_path.parent.parent)
-    model = AutoModelForCausalLM.from_config(load_config(run.base), dtype=dtype)
-    install(model)
-    model.load_state_dict(ckpt["model"])
-    return model, load_tokenizer(run.base)
-
-
 def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".noln-write-test"))
 
@@ -410,7 +408,7 @@ def foreign_entries(folder: Path) -> list[str]:
             if name == "checkpoints":
                 ours = len(rel.parts) == 1 and _CHECKPOINT_NAME.fullmatch(rel.name) is not None
             elif name in ("base", "model", "model-clean"):
-                ours = len(rel.parts) == 1 and _export_file_name(rel.name)
+                ours = len(rel.parts) == 1 and export_file_name(rel.name)
             else:  # compare/: the table's reports, each with noln's mark
                 ours = written_by_noln(path)
             if not ours:
@@ -474,11 +472,23 @@ def _alive(pid: int) -> bool:
 
 def _lock_owner(folder: Path) -> tuple[int, str] | None:
     """``(pid, host)`` of ``folder``'s lock file; None without one, or with torn or foreign
-    content (nobody holds that lock)."""
+    content (nobody holds that lock: ``acquire_lock`` writes a lock whole, never torn). A lock
+    that cannot be read (another user's) is an error, not a free folder."""
+    return _read_lock(Path(folder) / LOCK)
+
+
+def _read_lock(path: Path) -> tuple[int, str] | None:
     try:
-        holder = json.loads((Path(folder) / LOCK).read_text())
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NolnError(f"cannot read the lock file {path} ({e.strerror}): another user's noln "
+                        "may be using the folder; ask them, or choose another folder") from None
+    try:
+        holder = json.loads(text)
         pid, host = int(holder["pid"]), holder.get("host", socket.gethostname())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
     return (pid, host) if 0 < pid < 2**31 and isinstance(host, str) else None
 
@@ -490,34 +500,68 @@ def lock_holder(folder: Path) -> str | None:
     if owner is None:
         return None
     pid, host = owner
-    here = host == socket.gethostname()
-    if here and (pid == os.getpid() or not _alive(pid)):
+    if pid == os.getpid() and host == socket.gethostname() or not _holds(pid, host):
         return None
-    return f"PID {pid}" + ("" if here else f" on host {host}")
+    return f"PID {pid}" + ("" if host == socket.gethostname() else f" on host {host}")
+
+
+def _holds(pid: int, host: str) -> bool:
+    """Whether a lock of ``pid`` on ``host`` is held: its process is alive, or it is another
+    machine's (which cannot be asked, so it is taken to be)."""
+    return host != socket.gethostname() or _alive(pid)
 
 
 def acquire_lock(folder: Path) -> bool:
     """Create ``folder/.noln.lock`` holding this process's PID. A lock whose process is alive
     (on this machine) is an error naming it; a stale one (its process is gone) is taken over;
-    this process's own lock is re-entrant. True when this call took it (and must release it)."""
+    this process's own lock is re-entrant. True when this call took it (and must release it).
+
+    The lock appears whole: written to a file of this process's own and hard-linked into place
+    (``link`` fails where the name exists), so no other process reads it empty and takes it
+    over. A stale lock is renamed away before it is deleted, and what was renamed is looked
+    at again: where two processes take over the same stale lock, the second moves the first's
+    new lock, sees it is alive, and puts it back."""
     path = folder / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(3):
+    mine = folder / f"{LOCK}.{me['pid']}.tmp"
+    for _ in range(5):
+        mine.write_text(json.dumps(me))
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(mine, path)
+            return True
         except FileExistsError:
-            if _lock_owner(folder) == (me["pid"], me["host"]):
-                return False
-            holder = lock_holder(folder)
-            if holder is not None:
-                raise NolnError(f"'{folder}' is in use by another noln process ({holder}, lock "
-                                f"file {path}): wait for it to finish or stop it; if that "
-                                "process is gone, delete the lock file") from None
-            path.unlink(missing_ok=True)  # stale (its process is gone), torn or foreign
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
+            pass
+        except OSError:  # a file system without hard links: created, then written
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                return True
+        finally:
+            mine.unlink(missing_ok=True)
+        owner = _lock_owner(folder)
+        if owner == (me["pid"], me["host"]):
+            return False
+        holder = lock_holder(folder)
+        if holder is not None:
+            raise NolnError(f"'{folder}' is in use by another noln process ({holder}, lock "
+                            f"file {path}): wait for it to finish or stop it; if that "
+                            "process is gone, delete the lock file") from None
+        moved = folder / f"{LOCK}.stale-{me['pid']}"  # stale (its process gone), torn, foreign
+        try:
+            os.rename(path, moved)
+        except FileNotFoundError:
+            continue  # another process took it over first
+        taken = _read_lock(moved)
+        if taken is not None and taken != (me["pid"], me["host"]) and _holds(*taken):
+            try:  # not the stale lock: another process's new one, put back
+                os.link(moved, path)
+            except FileExistsError:
+                pass
+        moved.unlink(missing_ok=True)
     raise NolnError(f"cannot take the lock {path}: another process keeps taking it")
 
 

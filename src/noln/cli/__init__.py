@@ -221,8 +221,9 @@ def export(
 
     from noln.arch import install
     from noln.export import EXPORT_FORMATS, check_export_target, export_model
+    from noln.loading import load_run_model
     from noln.outputs import check_output_dir
-    from noln.run import RunFolder, load_run_model
+    from noln.run import RunFolder
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -297,7 +298,7 @@ def status_lines(st: dict, indent: str = "") -> list[str]:
     """``noln status``'s lines for ``noln.run.run_status``'s dict (markup escaped)."""
     total = st["total_steps"]
     of = f" of {total:,} ({100 * st['step'] / total:.0f}%)" if total else ""
-    state = {"training": f"training now ({st['holder']})", "stopped": "stopped",
+    state = {"training": f"training now ({escape(str(st['holder']))})", "stopped": "stopped",
              "finished": "finished", "ended unfinished": "ended unfinished (sites still live)",
              "not begun": "not begun"}[st["state"]]
     what = {"control": "with-norm control"}.get(st["kind"], st["kind"])
