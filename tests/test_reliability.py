@@ -975,7 +975,7 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
         line for line in lines if json.loads(line).get("step", 0) < 10))
     code, out = run_main(capsys, "status", run, out=True)
     assert f"{run}: removal, stopped, at step 8 of 12 (67%)" in out, out
-    assert "last checkpoint at step 8" in out and "to go at that pace" in out, out
+    assert "last checkpoint at step 8" in out and "under a minute to go" in out, out
     assert f"continue it with `noln remove --resume {run}`" in out, out
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a live process holds the lock: training now

@@ -312,7 +312,8 @@ def status_lines(st: dict, indent: str = "") -> list[str]:
         pace = f", {st['seconds_per_step']:.1f} s a step" if st["seconds_per_step"] else ""
         left = st["seconds_left"]
         eta = f": ~{left / 3600:.1f} h to go at that pace" if left and left >= 3600 else \
-            f": ~{left / 60:.0f} min to go at that pace" if left else ""
+            f": ~{left / 60:.0f} min to go at that pace" if left and left >= 60 else \
+            ": under a minute to go" if left else ""
         lines.append(f"{sub}train CE {st['train_loss']:.3f}{pace} (the last "
                      f"{st['recent_steps']} steps){eta}")
     if st["checkpoint_step"] is not None and st["state"] in ("training", "stopped"):
