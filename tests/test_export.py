@@ -85,6 +85,24 @@ def test_fp16_hf_export_is_refused_with_the_reason(tiny_gpt2, tmp_path):
     assert not (tmp_path / "fp16").exists()
 
 
+@pytest.mark.parametrize("fmt", ["hf", "clean"])
+def test_an_export_has_the_modes_of_the_users_umask(tiny_gpt2, tmp_path, fmt):
+    """Written in a temporary folder (``mkdtemp``: 0700) and renamed into place, an export used
+    to be readable by its owner alone; it gets the modes the user's umask gives any folder."""
+    import os
+    import stat
+
+    adapter = _frozen_with_distinct_sigmas(tiny_gpt2)
+    umask = os.umask(0o022)
+    try:
+        out = export_model(adapter, _Tok(), tmp_path / fmt, fmt)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "noln.json" in modes and set(modes.values()) == {0o644}, modes
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     from transformers import BertForMaskedLM
 

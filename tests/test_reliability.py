@@ -729,6 +729,17 @@ def test_reports_carry_noln_mark_and_a_foreign_file_is_never_replaced(tmp_path):
              }[path.suffix](path)
         assert path.read_bytes() == before, name
     assert jpg.exists()
+    # a report of noln's is replaced only by one of its kind: --json never names a run's
+    # loss.png or a table (it used to write JSON over the figure)
+    for path in (tmp_path / "f.png", tmp_path / "t.md"):
+        before = path.read_bytes()
+        with pytest.raises(NolnError, match="is another of noln's files, not a JSON report"):
+            check_output_file(path, "--json", kind="json")
+        with pytest.raises(NolnError, match="nothing was written over it"):
+            write_json({}, path)
+        assert path.read_bytes() == before, path
+    with pytest.raises(NolnError, match="nothing was written over it"):
+        write_markdown("x", tmp_path / "r.json")
 
 
 def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_path):

@@ -95,6 +95,7 @@ def _write_dir(out: Path, write) -> None:
         meta = json.loads((tmp / "noln.json").read_text())
         meta["files"] = sorted(p.name for p in tmp.iterdir())
         (tmp / "noln.json").write_text(json.dumps(meta, indent=1))
+        _usual_modes(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-old-", dir=out.parent))
@@ -105,6 +106,17 @@ def _write_dir(out: Path, write) -> None:
         raise
     if old is not None:
         shutil.rmtree(old)  # the previous noln export (check_export_target), moved aside
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes a folder and its files get from ``mkdir`` and ``open`` under the user's umask
+    (``mkdtemp`` makes the folder 0700): an export others may read where the run's files are."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def plain_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:

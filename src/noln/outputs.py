@@ -53,8 +53,12 @@ def export_file_name(name: str) -> bool:
     return name in _EXPORT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
-def written_by_noln(path: Path, csv_header: Sequence[str] | None = None) -> bool:
-    """Whether the file at ``path`` carries noln's mark (module docstring)."""
+def written_by_noln(path: Path, csv_header: Sequence[str] | None = None,
+                    kind: str | None = None) -> bool:
+    """Whether the file at ``path`` carries noln's mark (module docstring): the mark of a
+    ``kind`` of report ("json", "md", "figure"; a CSV by its ``csv_header``), or, by default,
+    of the kind its suffix names. A report is replaced only by one of its kind: ``--json`` names
+    no run's ``loss.png``."""
     path = Path(path)
     try:
         if path.stat().st_size > _MAX_READ:
@@ -66,9 +70,10 @@ def written_by_noln(path: Path, csv_header: Sequence[str] | None = None) -> bool
     text = data.decode("utf-8", errors="replace")
     if csv_header is not None:
         return next(csv.reader(text.splitlines()[:1]), None) == list(csv_header)
-    if suffix in _FIGURE_MARK:
-        return _FIGURE_MARK[suffix] in data
-    if suffix == ".md":
+    kind = kind or ("figure" if suffix in _FIGURE_MARK else "md" if suffix == ".md" else "json")
+    if kind == "figure":
+        return suffix in _FIGURE_MARK and _FIGURE_MARK[suffix] in data
+    if kind == "md":
         return text.startswith(_MD_MARK)
     try:
         doc = json.loads(text)
@@ -78,7 +83,7 @@ def written_by_noln(path: Path, csv_header: Sequence[str] | None = None) -> bool
 
 
 def check_output_file(path: Path | None, flag: str,
-                      csv_header: Sequence[str] | None = None) -> None:
+                      csv_header: Sequence[str] | None = None, kind: str | None = None) -> None:
     """``path`` can be written: its folder exists or can be made and is writable, it is not a
     folder, and it does not exist or is a report noln wrote. Checked before the work."""
     if path is None:
@@ -96,7 +101,10 @@ def check_output_file(path: Path | None, flag: str,
                         f"'{existing}'")
     if path.exists() and not os.access(path, os.W_OK):
         raise NolnError(f"{flag} '{path}' cannot be written: the file is read-only")
-    if path.exists() and not written_by_noln(path, csv_header):
+    if path.exists() and not written_by_noln(path, csv_header, kind):
+        if kind is not None and written_by_noln(path):
+            raise NolnError(f"{flag} '{path}' already exists and is another of noln's files, "
+                            f"not a {kind.upper()} report: give {flag} a file name of its own")
         raise NolnError(f"{flag} '{path}' already exists and is not a noln report (noln "
                         "replaces only files that carry its mark): give a new file name, or "
                         "move that file away")
@@ -153,10 +161,11 @@ def check_distinct_outputs(files: Sequence[tuple[str, Path | None]] = (),
                                 "another name")
 
 
-def _replaceable(path: Path, csv_header: Sequence[str] | None = None) -> Path:
+def _replaceable(path: Path, csv_header: Sequence[str] | None = None,
+                 kind: str | None = None) -> Path:
     """The last check, at the moment of writing (a name not known before the work)."""
     path = Path(path)
-    if path.exists() and not written_by_noln(path, csv_header):
+    if path.exists() and not written_by_noln(path, csv_header, kind):
         raise NolnError(f"'{path}' already exists and is not a noln report: nothing was "
                         "written over it; move it away and run again")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,12 +183,12 @@ def marked_markdown(text: str) -> str:
 
 
 def write_json(doc: dict[str, Any], path: Path, indent: int = 2, **dumps: Any) -> Path:
-    _replaceable(path).write_text(marked_json(doc, indent, **dumps))
+    _replaceable(path, kind="json").write_text(marked_json(doc, indent, **dumps))
     return Path(path)
 
 
 def write_markdown(text: str, path: Path) -> Path:
-    _replaceable(path).write_text(marked_markdown(text))
+    _replaceable(path, kind="md").write_text(marked_markdown(text))
     return Path(path)
 
 
@@ -200,5 +209,5 @@ def figure_metadata(path: Path) -> dict[str, str] | None:
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     """``fig.savefig`` with noln as the figure's creator, where the format keeps metadata."""
     path = Path(path)
-    fig.savefig(_replaceable(path), dpi=dpi, metadata=figure_metadata(path))
+    fig.savefig(_replaceable(path, kind="figure"), dpi=dpi, metadata=figure_metadata(path))
     return path

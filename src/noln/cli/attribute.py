@@ -62,7 +62,7 @@ def attribute_cmd(
         raise NolnError(f"--top {top}: show at least 1 component")
     check_distinct_outputs([("--plot", plot), ("--json", json_out)])
     check_figure_file(plot, "--plot")
-    check_output_file(json_out, "--json")
+    check_output_file(json_out, "--json", kind="json")
     dev = resolve_device(device)
     names = short_names(models)
     for path in names.values():  # every model, before the first one loads

@@ -81,7 +81,7 @@ def linearity_cmd(
                         f"{', '.join(PRECISIONS)}")
     check_source(data)
     check_distinct_outputs([("--json", json_out), ("--csv", csv_out), ("--plot", plot)])
-    check_output_file(json_out, "--json")
+    check_output_file(json_out, "--json", kind="json")
     check_output_file(csv_out, "--csv", csv_header=CSV_COLUMNS)
     check_figure_file(plot, "--plot")
     layer_list = parse_layer_list(layers)

@@ -87,7 +87,7 @@ def check_options(*, tokens: int | None = None, ctx: int | None = None,
                   ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
                                                        1000))
     check_distinct_outputs([("--json", json_out)], [("--out", out, out_files)])
-    check_output_file(json_out, "--json")
+    check_output_file(json_out, "--json", kind="json")
     check_output_dir(out, "--out")
     if out is not None and (kind := model_kind(out)) is not None:
         raise NolnError(f"--out '{out}' holds {kind}: reports go in a folder of their own "
