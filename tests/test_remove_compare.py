@@ -1,6 +1,7 @@
 """`noln remove --control`: the end-of-run table comes from the shared evaluation code."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -211,6 +212,15 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
                                  "--out", str(tmp_path / "new"), "--control-only"])
     assert isinstance(r.exception, NolnError) and "--resume RUN --control-only" in \
         str(r.exception)
+    # the control's own folder, resumed as a pair: refused (it once trained a control of the
+    # control and wrote a table with two with-norm models, one called "without LN")
+    for flag in ("--control-only", "--control"):
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out / "control"), flag])
+        assert isinstance(r.exception, NolnError) and \
+            f"'{out / 'control'}' is the control of the pair '{out}': continue the pair with " \
+            f"`noln remove --resume {out} {flag}`" in str(r.exception), r.output
+    assert not (out / "control" / "control").exists() and \
+        not (out / "control" / "table.md").exists()
 
 
 def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tmp_path):
@@ -228,6 +238,12 @@ def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tm
     empty.mkdir()
     with pytest.raises(NolnError, match="not a noln run folder"):
         noln.remove_with_control(out=empty, resume=True)
+    alone = tmp_path / "ctl"  # a with-norm run of its own is no pair's removal
+    shutil.copytree(out / "control", alone)
+    with pytest.raises(NolnError, match=f"'{alone}' is a with-norm run \\(keep_ln\\), not a "
+                       f"removal: it has no control; continue it with `noln remove --resume "
+                       f"{alone}`"):
+        noln.remove_with_control(out=alone, resume=True)
 
 
 def test_a_staged_removal_and_its_control_make_the_same_stages(tiny_model_dir, text_jsonl,

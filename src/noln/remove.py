@@ -496,6 +496,17 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
     pair = RunFolder(out or make_config(model=model, **overrides).out)
     out = pair.root
+    if resume and pair.config.is_file() and read_config_file(pair.config).get("keep_ln"):
+        # a with-norm run as a pair's removal: its "control" would be a control of a control,
+        # and the table would call a model with its norms "without LN"
+        parent = out.parent
+        if out.name == "control" and RunFolder(parent).is_run():
+            raise NolnError(f"'{out}' is the control of the pair '{parent}': continue the pair "
+                            f"with `noln remove --resume {shlex.quote(str(parent))} "
+                            + ("--control-only`" if control_only else "--control`"))
+        raise NolnError(f"'{out}' is a with-norm run (keep_ln), not a removal: it has no "
+                        f"control; continue it with `noln remove --resume "
+                        f"{shlex.quote(str(out))}`")
     if items is not None:  # its tokenizer and config: no weights yet
         name = model or next((read_config_file(run.config).get("model") for run in
                               (pair, pair.control) if run.config.is_file()), None)
