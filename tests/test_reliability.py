@@ -201,9 +201,17 @@ def test_two_processes_taking_over_one_stale_lock_leave_it_to_one(monkeypatch, t
         holder.wait()
     (out / LOCK).unlink()
     (out / LOCK).mkdir()  # a lock this process cannot read
-    with pytest.raises(NolnError, match="cannot read the lock file"):
+    with pytest.raises(NolnError, match="is a folder where noln keeps its lock file"):
         acquire_lock(out)
     assert (out / LOCK).is_dir()
+    (out / LOCK).rmdir()
+    (out / LOCK).write_text(live)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))  # (root reads any file: its error, made)
+    with pytest.raises(NolnError, match="cannot read the lock file .* another user's noln"):
+        acquire_lock(out)
+    monkeypatch.undo()
+    assert (out / LOCK).read_text() == live
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(tiny_model_dir, text_jsonl, tmp_path):
@@ -974,6 +982,11 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
         holder.kill()
         holder.wait()
         (run / ".noln.lock").unlink()
+    log = (run / "log.jsonl").read_text()
+    (run / "log.jsonl").write_text(log[:len(log) // 3])  # a log torn short: the summary's end
+    code, out = run_main(capsys, "status", run, out=True)
+    assert code == 0 and f"{run}: removal, finished, at step 12 of 12" in out, out
+    (run / "log.jsonl").write_text(log)
     (run / "summary.json").write_text('{"torn')  # (killed while writing it)
     code, out = run_main(capsys, "status", run, out=True)
     assert code == 0 and f"{run}: removal, finished, at step 12 of 12" in out, out
@@ -1022,6 +1035,8 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     one_error_line(code, err, "is not a noln run folder")
     code, err = run_main(capsys, "status", tmp_path / "gone")
     one_error_line(code, err, "does not exist")
+    code, err = run_main(capsys, "status", run / "log.jsonl")
+    one_error_line(code, err, "is a file, not a run folder")
     pre = tmp_path / "pre"  # a pretraining run: no config.yaml, its checkpoint says what it is
     code, err = run_main(capsys, "pretrain", "--data", "builtin", "--out", pre, "--layers", "1",
                          "--d-model", "32", "--steps", "3", "--quiet")

@@ -224,6 +224,9 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     ``--control`` pair adds ``control`` (the same for its control run; ``pair``: its pair's
     folder) and ``table`` (whether the table is made)."""
     run = RunFolder(Path(str(path)).expanduser())
+    if run.root.is_file():
+        raise NolnError(f"'{path}' is a file, not a run folder: give the folder `noln remove "
+                        "--out` or `noln pretrain --out` wrote")
     if not run.root.is_dir():
         raise NolnError(f"'{path}' does not exist: give a run folder (`noln remove --out`)")
     if not run.is_run():
@@ -264,8 +267,12 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
         state = "stopped" if ckpt is not None else "not begun"
     # a stopped run goes on from its checkpoint (a resume cuts the log back to it); a run at
     # work has logged further than its last checkpoint
+    logged = rows[-1]["step"] + 1 if rows else None
     done = saved_step if state == "stopped" and saved_step is not None else \
-        rows[-1]["step"] + 1 if rows else saved_step or 0
+        max(x for x in (logged, saved_step, 0) if x is not None)  # (a log torn short)
+    if state in ("finished", "ended unfinished") and isinstance((summary or {}).get("steps"),
+                                                                  int):
+        done = summary["steps"]
     times = [r["dt"] for r in last if isinstance(r.get("dt"), int | float)]
     per_step = float(statistics.median(times)) if times else None
     applied = {e.get("step") for e in events if e.get("event") == "stage"}
@@ -482,6 +489,9 @@ def _read_lock(path: Path) -> tuple[int, str] | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise NolnError(f"'{path}' is a folder where noln keeps its lock file (noln never makes "
+                        "one): move it away") from None
     except OSError as e:
         raise NolnError(f"cannot read the lock file {path} ({e.strerror}): another user's noln "
                         "may be using the folder; ask them, or choose another folder") from None
