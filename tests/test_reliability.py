@@ -781,6 +781,19 @@ def test_commands_refuse_to_write_over_a_users_file_before_loading(capsys, tmp_p
     assert (project / "tokenizer.json").read_text() == "the user's own file\n"
 
 
+def test_a_hellaswag_limit_without_hellaswag_is_refused(capsys, tmp_path):
+    """--hellaswag-limit alone limited nothing and was ignored without a word; it is one line
+    before any model loads (the model here does not exist)."""
+    for args in (["eval", "no/such-model", "--data", "builtin"],
+                 ["compare", "a", "b", "c", "--data", "builtin"],
+                 ["remove", "no/such-model", "--data", "builtin", "--out", tmp_path / "run"],
+                 ["remove", "no/such-model", "--data", "builtin", "--out", tmp_path / "run",
+                  "--control"]):
+        code, err = run_main(capsys, *args, "--hellaswag-limit", "5")
+        one_error_line(code, err, "--hellaswag-limit limits --hellaswag, which is not given")
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_outputs_naming_one_path_are_refused_before_loading(capsys, tmp_path):
     """Two output flags on one path (or a file where another flag puts its folder) used to be
     found only when the second report met the first, after the work, with a message about a

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noln.cli.attribute import attribute_cmd
-from noln.cli.evaluate import compare_cmd, eval_cmd, note_checkpoints
+from noln.cli.evaluate import check_hellaswag_limit, compare_cmd, eval_cmd, note_checkpoints
 from noln.cli.linearity import linearity_cmd, linearize_cmd
 from noln.cli.schema import command_line_settings, with_settings
 from noln.config import (
@@ -123,6 +123,7 @@ def remove(
                             "trains the removal's length with LN kept; lengthen the pair with "
                             "`noln remove --resume RUN --control --steps N`")
         control = True
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
     if hellaswag is not None and not control:
         raise NolnError("--hellaswag goes with --control (the 3-model table); for one model use "
                         "`noln eval MODEL --hellaswag`")

@@ -59,6 +59,12 @@ def note_checkpoints(*names: str | Path | None) -> None:
             typer.echo(note, err=True)
 
 
+def check_hellaswag_limit(hellaswag: str | None, limit: int | None) -> None:
+    if limit is not None and hellaswag is None:
+        raise NolnError("--hellaswag-limit limits --hellaswag, which is not given: add "
+                        "--hellaswag (hf or PATH), or leave the limit out")
+
+
 def _hellaswag_items(source: str | None, limit: int | None) -> list[Item] | None:
     from noln.evaluate.hellaswag import load_hellaswag
 
@@ -125,6 +131,7 @@ def eval_cmd(
 
     if not data and hellaswag is None:
         raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
     sources = parse_sources(data or [])
@@ -194,6 +201,7 @@ def compare_cmd(
     if not data and hellaswag is None:
         raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
                         "PATH)")
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources),
