@@ -366,11 +366,19 @@ def test_corrupt_checkpoint_message(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(NolnError, match=r"last.pt' is corrupt or truncated.*delete it"):
+    with pytest.raises(NolnError, match=r"last.pt' is corrupt or truncated.*start the run "
+                       r"again \(`--overwrite` replaces only the files noln wrote\)"):
+        load_checkpoint(path)
+    (path.parent / "step-8.pt").write_bytes(b"x")
+    with pytest.raises(NolnError, match=r"a kept checkpoint \('.*step-8.pt'\) can be branched"):
         load_checkpoint(path)
     (path.parent / "prev.pt").write_bytes(b"x")
     with pytest.raises(NolnError, match=r"resume from .*prev.pt"):
         load_checkpoint(path)
+    summary = tmp_path / "summary.json"  # not a checkpoint at all
+    summary.write_text('{"steps": 3}')
+    with pytest.raises(NolnError, match=r"summary.json' is not a checkpoint: give a run folder"):
+        load_checkpoint(summary)
 
 
 def test_bad_inputs_fail_before_training(tiny_model_dir, text_jsonl, tmp_path):

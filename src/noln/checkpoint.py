@@ -163,7 +163,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _corrupt(path: Path, e: Exception) -> str:
+    if path.suffix != ".pt":  # (a summary.json, a log given where a checkpoint goes)
+        return (f"'{path}' is not a checkpoint: give a run folder, or one of its "
+                "checkpoints/*.pt files")
     prev = path.with_name("prev.pt")
+    kept = sorted(path.parent.glob("step-*.pt"), key=lambda p: p.stat().st_mtime)
     hint = f"resume from '{prev}' instead" if prev.exists() and prev != path else \
-        "delete it and start the run again"
+        f"a kept checkpoint ('{kept[-1]}') can be branched from (`noln branch`), or start " \
+        "the run again (`--overwrite` replaces only the files noln wrote)" if kept else \
+        "start the run again (`--overwrite` replaces only the files noln wrote)"
     return f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}): {hint}"
