@@ -270,6 +270,28 @@ def test_export_never_deletes_what_it_did_not_write(capsys, finished_run, tmp_pa
     (target / "notes.md").unlink()
     code, err = run_main(capsys, "export", finished_run, "--out", target)
     assert code == 0, err
+    # another run's export is that run's (it once replaced the model a run was trained from)
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    code, err = run_main(capsys, "export", other, "--out", target)
+    one_error_line(code, err, f"holds the export of another run ('{finished_run.resolve()}')")
+    pre = tmp_path / "pre"  # an export that names no run, in a run folder's model/
+    (pre / "checkpoints").mkdir(parents=True)
+    shutil.copytree(target, pre / "model")
+    meta = json.loads((pre / "model" / "noln.json").read_text())
+    (pre / "model" / "noln.json").write_text(json.dumps({**meta, "run": None}))
+    code, err = run_main(capsys, "export", finished_run, "--out", pre / "model")
+    one_error_line(code, err, f"holds the export of another run ('{pre.resolve()}')")
+    assert json.loads((pre / "model" / "noln.json").read_text())["run"] is None
+    # a run's own model/, the run folder moved since: its own
+    code, err = run_main(capsys, "export", other, "--out", other / "model")
+    assert code == 0, err
+    moved = tmp_path / "moved"
+    other.rename(moved)
+    code, err = run_main(capsys, "export", moved, "--out", moved / "model", "--format", "clean")
+    assert code == 0, err
 
 
 def test_delete_calls_touch_only_noln_files():

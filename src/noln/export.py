@@ -29,6 +29,7 @@ from noln.errors import NolnError
 from noln.outputs import export_file_name
 from noln.pretrained import load_config, read_json
 from noln.progress import transformers_bars_off
+from noln.run import is_run_folder
 
 FP16_MAX = 65504.0
 
@@ -73,6 +74,17 @@ def check_export_target(out: Path, source: Path | None = None) -> None:
         raise NolnError(f"--out '{out}' is not empty and is not a noln export (no noln.json of "
                         "an hf or clean export): noln replaces only its own exports; choose a "
                         "new or empty folder")
+    # another run's export (a run's model/, perhaps the model a run was trained from) is that
+    # run's: an export replaces only one of its own run (older exports name no run: a run
+    # folder's model/ or model-clean/ is its run's)
+    owner = info.get("run")
+    owner = Path(owner) if isinstance(owner, str) else \
+        out.resolve().parent if is_run_folder(out.resolve().parent) else None
+    src = Path(source).resolve() if source is not None else None
+    # (a run's own model/ is its own, though the run folder was moved since)
+    if src is not None and owner not in (None, src) and out.resolve().parent != src:
+        raise NolnError(f"--out '{out}' holds the export of another run ('{owner}'): export into "
+                        "a new folder (noln replaces an export only with one of the same run)")
     # an export from before noln listed its files: what an hf/clean export writes, no more
     ours = (lambda name: name in written) if written else export_file_name
     added = sorted(p.name for p in out.iterdir() if not ours(p.name))
@@ -82,11 +94,11 @@ def check_export_target(out: Path, source: Path | None = None) -> None:
                         ": move it out first, or export to a new folder")
 
 
-def _write_dir(out: Path, write) -> None:
+def _write_dir(out: Path, write, source: Path | None = None) -> None:
     """Write into a fresh temporary folder beside ``out`` and rename it into place: a killed
     export never leaves a half folder, and what ``out`` held (a previous export, checked by
     ``check_export_target``) goes only once the new one is complete."""
-    check_export_target(out)
+    check_export_target(out, source=source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.noln-tmp-", dir=out.parent))
     try:
@@ -145,8 +157,11 @@ def clean_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.
 
 
 def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
-                 dtype: torch.dtype = torch.float32, events: list[dict] | None = None) -> Path:
-    """Export ``adapter.model`` to ``out`` as ``hf`` or ``clean``; returns ``out``."""
+                 dtype: torch.dtype = torch.float32, events: list[dict] | None = None,
+                 source: Path | None = None) -> Path:
+    """Export ``adapter.model`` to ``out`` as ``hf`` or ``clean``; returns ``out``. ``source``:
+    the run folder it comes from, kept in ``noln.json`` (``run``), so that a later export
+    replaces it only from the same run."""
     out = Path(out)
     config = adapter.model.config.__class__.from_dict(adapter.model.config.to_dict())
     # a run's removal events, from a log.jsonl written before sites were named by role too
@@ -154,6 +169,8 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
               for e in events or []]
     meta = {"format": fmt, "family": adapter.family, "sigmas": adapter.sigmas(),
             "frozen": adapter.frozen_sites(), "events": events}
+    if source is not None:
+        meta["run"] = str(Path(source).resolve())
     if fmt == "hf":
         model = plain_model(adapter, dtype)
         meta["note"] = ("plain checkpoint: norms use eps=1e12, weight=gamma*1e6/sigma"
@@ -176,7 +193,7 @@ def export_model(adapter: NormAdapter, tokenizer, out: Path, fmt: str = "hf",
             (d / "noln.json").write_text(json.dumps(meta, indent=1))
     else:
         raise NolnError(f"unknown export format '{fmt}': use hf or clean")
-    _write_dir(out, write)
+    _write_dir(out, write, source)
     return out
 
 

@@ -148,7 +148,7 @@ def _pretrain(cfg: PretrainConfig, claim, resume: bool) -> PretrainResult:
     claim.started()
     state = trainer.fit(resume=resume)
     model = trainer.acc.unwrap_model(trainer.model).eval()
-    export_model(adapter, tokenizer, run.export("hf"))
+    export_model(adapter, tokenizer, run.export("hf"), source=run.root)
     plain = load_pretrained(run.export("hf"))
     ce = cross_entropy(plain, val_blocks)
     summary = {"data": cfg.data, "arch": cfg.arch, "n_layer": cfg.n_layer,

@@ -412,7 +412,7 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
             console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
             continue
         exported[fmt] = str(export_model(adapter, r.tokenizer, run.export(fmt, len(formats)),
-                                         fmt, events=events))
+                                         fmt, events=events, source=run.root))
     summary = {
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
         "steps": state.step, "tokens": state.step * cfg.batch_size * r.ctx, "ctx": r.ctx,

@@ -238,7 +238,7 @@ def export(
     model, tok = load_run_model(checkpoint)
     adapter = install(model)
     events = [r for r in run.read_log() if r.get("event") == "remove"]
-    path = export_model(adapter, tok, out, format, dtypes[dtype], events)
+    path = export_model(adapter, tok, out, format, dtypes[dtype], events, source=run.root)
     console.print(f"wrote {format} export ({dtype}) to {path}")
 
 
