@@ -101,7 +101,18 @@ def test_an_unfinished_removal_spends_no_control(tiny_model_dir, text_jsonl, tmp
         (out / "control").mkdir()
         (out / "control" / ".noln.lock").write_text(json.dumps({"pid": other.pid,
                                                                 "host": os.uname().nodename}))
+        # at its last step, a resume of the same length has nothing to train: said up front
         r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control"])
+        assert isinstance(r.exception, NolnError) and f"'{out}' ended at its last step (6), " \
+            "removal unfinished: " in str(r.exception) and "sites still live" in \
+            str(r.exception) and \
+            f"`noln remove --resume {out} --steps 9`" in str(r.exception), r.output
+        assert not (out / "control" / "log.jsonl").exists()
+        r = CliRunner().invoke(app, ["status", str(out)])  # and noln status says the same
+        said = " ".join(r.output.split())
+        assert "ended unfinished (sites still live), at step 6 of 6" in said and \
+            f"continue it with `noln remove --resume {out} --steps 9`" in said, said
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control", "--steps", "8"])
         said = " ".join(r.output.split())
         assert f"the removal is unfinished (above), while its control trains in another " \
             f"process (PID {other.pid})" in said and "was not run" not in said, said

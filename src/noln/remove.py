@@ -63,7 +63,7 @@ from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
-from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
+from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder, saved_progress
 from noln.schedule import Schedule, build_schedule
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
@@ -211,6 +211,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         cfg, changed, notes = resume_config(run.root, read_config_file(run.config),
                                             {"model": model, "data": data,
                                              "eval_sets": eval_sets or None, **overrides})
+        check_not_spent(run, changed)
         if cfg.stages:  # before anything is written: a stage the run has already passed
             state = run.load_latest_checkpoint()[1]["state"]
             check_stages_reached(cfg.stages, int(state["step"]), int(state.get("stage", 0)))
@@ -245,6 +246,27 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             console.print(f"step {stage.step}, the config's stage: " + ", ".join(
                 f"{k} {v}" for k, v in stage.set.items()), highlight=False, soft_wrap=True)
         resuming = True
+
+
+def check_not_spent(run: RunFolder, changed: dict) -> None:
+    """A run that ended unfinished (sites still live) at its last step has nothing to resume
+    unless it is lengthened: said now, not after loading the model and evaluating it."""
+    if {"steps", "tokens"} & set(changed) or not run.finished():
+        return
+    try:
+        summary = run.read_summary()
+    except (OSError, ValueError):
+        return
+    ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()),
+                None)
+    saved = saved_progress(ckpt) if ckpt is not None else None
+    if not isinstance(summary, dict) or summary.get("complete", True) or saved is None or \
+            saved["total_steps"] is None or saved["step"] < saved["total_steps"]:
+        return
+    why = str(summary.get("unfinished") or "removal unfinished").split(";")[0]
+    raise NolnError(f"'{run.root}' ended at its last step ({saved['step']:,}), {why}: a resume "
+                    "of the same length has nothing to train; lengthen it, e.g. `noln remove "
+                    f"--resume {shlex.quote(str(run.root))} --steps {saved['step'] * 3 // 2}`")
 
 
 def _lengthened(run: RunFolder, overrides: dict) -> bool:

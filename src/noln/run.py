@@ -291,7 +291,10 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     status = {
         "run": str(run.root), "kind": kind, "state": state,
         "holder": holder if state == "training" else None,
-        "resume": resume if state == "stopped" else None,
+        # (one that ended unfinished at its last step goes on only lengthened)
+        "resume": resume if state == "stopped" else
+        resume[:-1] + f" --steps {done * 3 // 2}`" if state == "ended unfinished" and
+        kind == "removal" and done else None,
         "model": cfg.get("model") or cfg.get("arch"), "data": cfg.get("data"),
         "keep_ln": bool(cfg.get("keep_ln", False)),
         "step": done, "total_steps": total,
