@@ -1078,6 +1078,9 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert code == 0, err
     code, out = run_main(capsys, "status", pre, out=True)
     assert f"{pre}: pretraining, finished, at step 3 of 3 (100%)" in out, out
+    code, err = run_main(capsys, "remove", "--resume", pre)  # not a removal: what goes on with it
+    one_error_line(code, err, f"'{pre}' is a `noln pretrain` run (checkpoints, no config.yaml): "
+                   f"continue it with `noln pretrain --resume --data SOURCE --out {pre}`")
     assert "gpt2 on builtin" in out and "norm sites" not in out, out
 
 

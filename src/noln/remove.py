@@ -205,6 +205,10 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             raise NolnError("--resume continues a run and --overwrite replaces one: give one "
                             "of them")
         run = RunFolder(resume)
+        if not run.config.is_file() and run.checkpoints.is_dir():
+            raise NolnError(f"'{run.root}' is a `noln pretrain` run (checkpoints, no "
+                            "config.yaml): continue it with `noln pretrain --resume --data "
+                            f"SOURCE --out {shlex.quote(str(run.root))}`")
         if not run.config.is_file():
             raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
                             "--resume")

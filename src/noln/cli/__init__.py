@@ -369,7 +369,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="folder for models, logs and plots")] =
     Path("noln-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="a much smaller run (for tests)")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Offline, end to end: pretrain a tiny model on Python's own docs, remove its LayerNorm."""
     from noln.demo import run_demo
