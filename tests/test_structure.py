@@ -136,6 +136,16 @@ def test_the_run_folder_module_reads_runs_without_transformers():
     assert out.strip() == "[]", out
 
 
+def test_the_list_of_commands_shows_each_description_as_one_paragraph():
+    """`noln --help` lists each command with its docstring's first paragraph; the docstring's
+    own line breaks broke sentences there ("step of steps, sites / frozen")."""
+    from noln.cli import app
+
+    for command in app.registered_commands:
+        doc = command.callback.__doc__ or ""
+        assert command.short_help == " ".join(doc.split("\n\n")[0].split()), command.name
+
+
 def _help(command: str) -> str:
     return subprocess.run([sys.executable, "-m", "noln.cli", command, "--help"],
                           capture_output=True, text=True, check=True,

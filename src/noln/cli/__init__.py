@@ -382,6 +382,11 @@ app.command("compare")(compare_cmd)
 app.command("linearity")(linearity_cmd)
 app.command("linearize")(linearize_cmd)
 app.command("attribute")(attribute_cmd)
+# the list of commands in `noln --help` shows each docstring's first paragraph as one line
+# (its hard line breaks were kept, breaking sentences mid-way)
+for _command in app.registered_commands:
+    if _command.short_help is None and _command.callback.__doc__:
+        _command.short_help = " ".join(_command.callback.__doc__.split("\n\n")[0].split())
 
 
 # options whose value may be left out: a bare `--hellaswag` means the Hub's HellaSwag
