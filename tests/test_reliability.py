@@ -169,6 +169,12 @@ def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(capsys, tiny
         assert acquire_lock(out), content
         release_lock(out)
     assert sorted(p.name for p in out.iterdir()) == []  # nothing of the lock's left behind
+    # ... and what a kill between its steps might leave is no one's file: the folder is empty
+    from noln.run import check_run_target
+
+    (out / f"{LOCK}.x1y2.tmp").write_text("{}")
+    (out / f"{LOCK}.stale-abc").write_text("{}")
+    check_run_target(out, overwrite=False)
 
 
 def test_two_processes_taking_over_one_stale_lock_leave_it_to_one(monkeypatch, tmp_path):
@@ -1009,10 +1015,15 @@ def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_di
     assert "stage at step 6 (lr=0.0005): done" in out and "to go" not in out, out
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # its process holds the pair's folder still (it trains the control): finished
-        (run / ".noln.lock").write_text(json.dumps({"pid": holder.pid,
-                                                    "host": socket.gethostname()}))
+        lock = run / ".noln.lock"
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        written = (run / "summary.json").stat().st_mtime
+        os.utime(lock, (written - 60, written - 60))  # taken before the summary was written
         code, out = run_main(capsys, "status", run, out=True)
         assert f"{run}: removal, finished, at step 12 of 12" in out, out
+        os.utime(lock, (written + 60, written + 60))  # taken since: a resume (lengthened)
+        code, out = run_main(capsys, "status", run, out=True)
+        assert f"{run}: removal, training now (PID {holder.pid})" in out, out
     finally:
         holder.kill()
         holder.wait()

@@ -375,6 +375,10 @@ def test_corrupt_checkpoint_message(tmp_path):
     (path.parent / "prev.pt").write_bytes(b"x")
     with pytest.raises(NolnError, match=r"resume from .*prev.pt"):
         load_checkpoint(path)
+    (path.parent / "prev.pt").unlink()  # a torn kept checkpoint is not its own fallback
+    with pytest.raises(NolnError, match=r"step-8.pt' is corrupt or truncated.*start the run "
+                       r"again"):
+        load_checkpoint(path.parent / "step-8.pt")
     summary = tmp_path / "summary.json"  # not a checkpoint at all
     summary.write_text('{"steps": 3}')
     with pytest.raises(NolnError, match=r"summary.json' is not a checkpoint: give a run folder"):

@@ -167,7 +167,8 @@ def _corrupt(path: Path, e: Exception) -> str:
         return (f"'{path}' is not a checkpoint: give a run folder, or one of its "
                 "checkpoints/*.pt files")
     prev = path.with_name("prev.pt")
-    kept = sorted(path.parent.glob("step-*.pt"), key=lambda p: p.stat().st_mtime)
+    kept = sorted((p for p in path.parent.glob("step-*.pt")
+                   if p != path and p.stem[5:].isdigit()), key=lambda p: int(p.stem[5:]))
     hint = f"resume from '{prev}' instead" if prev.exists() and prev != path else \
         f"a kept checkpoint ('{kept[-1]}') can be branched from (`noln branch`), or start " \
         "the run again (`--overwrite` replaces only the files noln wrote)" if kept else \

@@ -330,9 +330,12 @@ def _mark_hub_read(source: str, split: str) -> None:
     """A Hub source read (now or before): it exists, and is not asked about again."""
     if source != BUILTIN and not is_local(source):
         marker = _hub_read_marker(source, split)
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        try:
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+        except OSError:  # a read-only cache (shared): the marker is only a hint
+            pass
 
 
 def pack(ids: np.ndarray, ctx: int) -> np.ndarray:

@@ -123,12 +123,25 @@ def _write_dir(out: Path, write, source: Path | None = None) -> None:
 def _usual_modes(folder: Path) -> None:
     """The modes a folder and its files get from ``mkdir`` and ``open`` under the user's umask
     (``mkdtemp`` makes the folder 0700): an export others may read where the run's files are."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux says it (setting it to read it races with threads
+    that create files meanwhile), else by setting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def plain_model(adapter: NormAdapter, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -268,9 +268,11 @@ def check_not_spent(run: RunFolder, changed: dict) -> None:
             saved["total_steps"] is None or saved["step"] < saved["total_steps"]:
         return
     why = str(summary.get("unfinished") or "removal unfinished").split(";")[0]
+    pair = " --control" if run.control.is_run() else ""  # (both runs lengthened, as a pair)
     raise NolnError(f"'{run.root}' ended at its last step ({saved['step']:,}), {why}: a resume "
                     "of the same length has nothing to train; lengthen it, e.g. `noln remove "
-                    f"--resume {shlex.quote(str(run.root))} --steps {saved['step'] * 3 // 2}`")
+                    f"--resume {shlex.quote(str(run.root))}{pair} --steps "
+                    f"{max(saved['step'] + 1, saved['step'] * 3 // 2)}`")
 
 
 def _lengthened(run: RunFolder, overrides: dict) -> bool:
@@ -518,8 +520,6 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     and returns ``{"no_ln": summary}``, a control that ends first returns ``{"control":
     summary}``."""
     overrides.pop("keep_ln", None)  # each run sets its own
-    # read before training: a missing or malformed HellaSwag is an error now, not after two runs
-    items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
     pair = RunFolder(out or make_config(model=model, **overrides).out)
     out = pair.root
     if resume and pair.config.is_file() and read_config_file(pair.config).get("keep_ln"):
@@ -533,6 +533,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
         raise NolnError(f"'{out}' is a with-norm run (keep_ln), not a removal: it has no "
                         f"control; continue it with `noln remove --resume "
                         f"{shlex.quote(str(out))}`")
+    # read before training: a missing or malformed HellaSwag is an error now, not after two runs
+    items = None if hellaswag is None else load_hellaswag(hellaswag, limit=hellaswag_limit)
     if items is not None:  # its tokenizer and config: no weights yet
         name = model or next((read_config_file(run.config).get("model") for run in
                               (pair, pair.control) if run.config.is_file()), None)

@@ -26,6 +26,8 @@ import shlex
 import shutil
 import socket
 import statistics
+import tempfile
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -256,9 +258,11 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
     summary = summary if isinstance(summary, dict) or summary is None else {}
     total = (progress or {}).get("total_steps") or (summary or {}).get("steps")
     saved_step = (progress or {}).get("step")
-    # a removal whose summary is written and whose last checkpoint is its last step has ended,
-    # though its process may hold the pair's folder still: it trains the control next
-    ended = summary is not None and (saved_step is None or total is None or saved_step >= total)
+    # a removal whose summary was written while its process held the folder has ended (that
+    # process trains the pair's control next); a lock newer than the summary is a resume (a
+    # lengthened run: its old summary stays until it ends again)
+    ended = summary is not None and (holder is None or _mtime(run.summary) >= _mtime(run.root /
+                                                                                  LOCK))
     if holder is not None and not ended:
         state = "training"
     elif summary is not None:
@@ -293,7 +297,7 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
         "holder": holder if state == "training" else None,
         # (one that ended unfinished at its last step goes on only lengthened)
         "resume": resume if state == "stopped" else
-        resume[:-1] + f" --steps {done * 3 // 2}`" if state == "ended unfinished" and
+        resume[:-1] + f" --steps {max(done + 1, done * 3 // 2)}`" if state == "ended unfinished" and
         kind == "removal" and done else None,
         "model": cfg.get("model") or cfg.get("arch"), "data": cfg.get("data"),
         "keep_ln": bool(cfg.get("keep_ln", False)),
@@ -315,6 +319,13 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
         status["control"] = run_status(run.control.root, recent, pair=run.root)
         status["table"] = run.table.is_file()
     return status
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -math.inf
 
 
 def keep_checkpoint(checkpoint: Path, kept: Path) -> None:
@@ -376,7 +387,9 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
 
 
 def _entries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".noln-write-test"))
+    # (a write test's file, and the lock's own transient files, are no one's entries)
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith((".noln-write-test", f"{LOCK}.")))
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -536,9 +549,12 @@ def acquire_lock(folder: Path) -> bool:
     new lock, sees it is alive, and puts it back."""
     path = folder / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    mine = folder / f"{LOCK}.{me['pid']}.tmp"
     for _ in range(5):
-        mine.write_text(json.dumps(me))
+        fd, name = tempfile.mkstemp(prefix=f"{LOCK}.", suffix=".tmp", dir=folder)  # its own
+        mine = Path(name)
+        os.fchmod(fd, 0o644)  # (readable as the lock always was: others may ask who holds it)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
         try:
             os.link(mine, path)
             return True
@@ -563,7 +579,8 @@ def acquire_lock(folder: Path) -> bool:
             raise NolnError(f"'{folder}' is in use by another noln process ({holder}, lock "
                             f"file {path}): wait for it to finish or stop it; if that "
                             "process is gone, delete the lock file") from None
-        moved = folder / f"{LOCK}.stale-{me['pid']}"  # stale (its process gone), torn, foreign
+        # stale (its process gone), torn or foreign: moved to a name of this call's own
+        moved = folder / f"{LOCK}.stale-{uuid.uuid4().hex}"
         try:
             os.rename(path, moved)
         except FileNotFoundError:
@@ -574,6 +591,9 @@ def acquire_lock(folder: Path) -> bool:
                 os.link(moved, path)
             except FileExistsError:
                 pass
+            except OSError:  # (no hard links here)
+                if not path.exists():
+                    os.replace(moved, path)
         moved.unlink(missing_ok=True)
     raise NolnError(f"cannot take the lock {path}: another process keeps taking it")
 
