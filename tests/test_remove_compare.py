@@ -234,6 +234,38 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
         not (out / "control" / "table.md").exists()
 
 
+def test_a_new_pair_whose_control_trained_beside_it_makes_the_table(tiny_model_dir, text_jsonl,
+                                                                  tmp_path, monkeypatch):
+    """`noln remove MODEL --control` (a new pair, no --resume) while `--control-only` trains the
+    control in another process: when the removal ends, the control is done, and the removal's
+    process makes the table. It used to start the control again, and stop at its folder ("already
+    holds a run"), on SmolLM2 after 1,000 steps. Here the other process is a call made when
+    the removal ends."""
+    import noln.remove
+
+    out = tmp_path / "run"
+    train = noln.remove.remove_layernorm
+
+    def removal_then_control_elsewhere(*args, **kwargs):
+        result = train(*args, **kwargs)
+        if not kwargs.get("keep_ln") and kwargs.get("config") is None:  # the removal ended
+            monkeypatch.setattr(noln.remove, "remove_layernorm", train)
+            noln.remove_with_control(out=out, resume=True, control_only=True)
+            # (in this process it finds the removal done and makes a table; in another it
+            # would leave it to the removal's process: the removal's process makes it again)
+            (out / "table.md").unlink()
+            controls.append(json.loads((out / "control" / "summary.json").read_text()))
+        return result
+
+    controls = []
+    monkeypatch.setattr(noln.remove, "remove_layernorm", removal_then_control_elsewhere)
+    result = noln.remove_with_control(str(tiny_model_dir), str(text_jsonl), out, steps=12,
+                                      schedule="fixed", batch_size=4, ctx=64,
+                                      export_format="none", progress=False)
+    assert result["control"] == controls[0]  # read, not trained again
+    assert (out / "table.md").is_file()
+
+
 def test_resume_of_a_pair_whose_control_ran_first(tiny_model_dir, text_jsonl, tmp_path):
     """A pair begun when the control went first (its removal not begun): resumed, the removal
     takes the control's settings without keep_ln; a folder that is no run is one line."""

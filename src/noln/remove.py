@@ -569,9 +569,12 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                               "whichever ends last makes the table (or, once both are done, "
                               f"{hint})[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results["no_ln"]}
-            if resume and done and not _lengthened(run, overrides):
+            # (a control trained meanwhile by `--control-only`, in another process, while this
+            # one trained the removal of a new pair: it goes on as on a resume)
+            going_on = resume or (keep and run.is_run())
+            if going_on and done and not _lengthened(run, overrides):
                 results[name] = run.read_summary()
-            elif resume and run.has_checkpoint():
+            elif going_on and run.has_checkpoint():
                 results[name] = remove_layernorm(model, data, resume=run.root,
                                                  eval_sets=eval_sets, keep_ln=keep,
                                                  **overrides).summary
@@ -592,7 +595,7 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 # a control killed before its first checkpoint cannot be resumed: it starts
                 # again (only noln's files in out/control are replaced; never the removal's,
                 # whose folder holds the control)
-                again = resume and keep and run.is_run()
+                again = going_on and keep and run.is_run()
                 if again:
                     console.print(f"[yellow]{run.root} has no checkpoint: starting it again[/]",
                                   highlight=False, soft_wrap=True)
