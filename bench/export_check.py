@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Runs in the fresh process: transformers and torch only. The first two chunks' logits are
-# those of the first two whose loss is finite.
+# Runs in the fresh process: transformers and torch only. It keeps the logits of the chunks
+# named in its last argument (the first two the run's own model does not overflow on).
 CHILD = r"""
 import sys, numpy as np, torch
 from transformers import AutoModelForCausalLM
 folder, blocks_path, out_path, device = sys.argv[1:5]
+wanted = [int(r) for r in sys.argv[5].split(",")]
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 eps = [float(getattr(m, "variance_epsilon", getattr(m, "eps", 0.0)))
        for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
@@ -42,8 +43,7 @@ with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[i:i + 8, 1:],
                                                reduction="none").mean(1)
         per_chunk += ce.tolist()
-        first += [(i + j, logits[j].cpu().numpy()) for j in range(len(ce))
-                  if len(first) < 2 and torch.isfinite(ce[j])]
+        first += [(i + j, logits[j].cpu().numpy()) for j in range(len(ce)) if i + j in wanted]
 np.savez(out_path, first=np.stack([f for _, f in first]), first_rows=[r for r, _ in first],
          per_chunk=np.array(per_chunk), eps=np.array(eps), cls=type(model).__name__,
          noln="noln" in sys.modules)
@@ -80,27 +80,30 @@ def main() -> int:
         blocks = load_blocks(cfg.eval_data, tokenizer, summary["ctx"], max_tokens=cfg.eval_tokens)
     else:
         blocks = prepare_data(cfg, tokenizer, summary["ctx"], summary["steps"])[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(f"{tmp}/blocks.npy", np.asarray(blocks, np.int64))
-        subprocess.run([sys.executable, "-c", CHILD, str(hf), f"{tmp}/blocks.npy",
-                        f"{tmp}/out.npz", args.device], check=True)
-        child = dict(np.load(f"{tmp}/out.npz"))
-    # the logits of the first two chunks the plain model does not overflow on
-    reference = torch.from_numpy(child["first"])
-    x = torch.from_numpy(np.asarray(blocks, np.int64)[child["first_rows"]]).to(args.device)
     # a norm-free model may overflow on a rare chunk: the run's summary counts them and
     # gives the mean over the rest (noln.evaluate.loss), which the plain model must match on
     # the same chunks. Which ones: the run's model, fixed scales and all, loaded by noln. (On
     # them the plain class need not overflow: its eps-trick norm squares the residual, gets
-    # inf, and divides by it, giving 0 where the fixed scale gives inf.)
+    # inf, and divides by it, giving 0 where the fixed scale gives inf; the clean export and
+    # TransformerLens, fixed scales both, overflow there as the run's model does, so their
+    # logits are compared on chunks the run's model does not overflow on.)
     run = summary["ce_after"]["heldout"]
     overflowed = int(run.get("overflowed", 0))
     run_ce = run["finite_mean"] if overflowed else run["mean"]
-    per_chunk = child["per_chunk"]
-    finite = np.isfinite(per_chunk)
+    finite = np.ones(len(blocks), dtype=bool)
     if overflowed:
         own, _ = load_model(args.run)
         finite = np.isfinite(token_losses(own.to(args.device), blocks).double().mean(1).numpy())
+        del own
+    compared = [int(r) for r in np.flatnonzero(finite)[:2]]
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/blocks.npy", np.asarray(blocks, np.int64))
+        subprocess.run([sys.executable, "-c", CHILD, str(hf), f"{tmp}/blocks.npy",
+                        f"{tmp}/out.npz", args.device, ",".join(map(str, compared))], check=True)
+        child = dict(np.load(f"{tmp}/out.npz"))
+    reference = torch.from_numpy(child["first"])
+    x = torch.from_numpy(np.asarray(blocks, np.int64)[child["first_rows"]]).to(args.device)
+    per_chunk = child["per_chunk"]
     rows = {
         "plain class": str(child["cls"]),
         "noln imported in that process": bool(child["noln"]),
