@@ -117,23 +117,24 @@ def test_imports_sit_at_the_top_except_optional_extras_and_the_cli():
     assert not offenders, "\n".join(offenders)
 
 
-def test_the_command_line_starts_without_torch():
-    code = "import sys, noln.cli; print(sorted(m for m in ('torch', 'transformers') if m in " \
-           "sys.modules))"
+def _loaded_by(module: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` importing ``module`` loads, in a fresh process."""
+    code = f"import sys, {module}; print(sorted(m for m in {names!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "[]", out
+    return ast.literal_eval(out.strip())
+
+
+def test_the_command_line_starts_without_torch():
+    assert _loaded_by("noln.cli", ("torch", "transformers")) == []
 
 
 def test_the_run_folder_module_reads_runs_without_transformers():
     """``noln status`` and the checkpoint notes read a run through ``noln.run`` only: it needs
     torch (to read a checkpoint's step) but no model code, so it answers in about a second
     (importing transformers and noln's families took ~4 s more)."""
-    code = "import sys, noln.run; print(sorted(m for m in ('transformers', 'noln.arch', " \
-           "'noln.export', 'noln.pretrained') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]", out
+    assert _loaded_by("noln.run", ("transformers", "noln.arch", "noln.export",
+                                   "noln.pretrained")) == []
 
 
 def test_the_list_of_commands_shows_each_description_as_one_paragraph():
