@@ -63,7 +63,7 @@ from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
 from noln.pretrained import load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
-from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder, saved_progress
+from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
 from noln.schedule import Schedule, build_schedule
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
@@ -261,9 +261,7 @@ def check_not_spent(run: RunFolder, changed: dict) -> None:
         summary = run.read_summary()
     except (OSError, ValueError):
         return
-    ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()),
-                None)
-    saved = saved_progress(ckpt) if ckpt is not None else None
+    saved = (run.latest_progress() or (None, None))[1]
     if not isinstance(summary, dict) or summary.get("complete", True) or saved is None or \
             saved["total_steps"] is None or saved["step"] < saved["total_steps"]:
         return

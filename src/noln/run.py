@@ -116,6 +116,17 @@ class RunFolder:
     def load_latest_checkpoint(self) -> tuple[Path, dict]:
         return load_latest_checkpoint(self.root)
 
+    def saved_checkpoints(self) -> list[Path]:
+        """``last.pt`` and ``prev.pt``, those that exist, latest first."""
+        return [p for p in (self.last_checkpoint, self.checkpoints / "prev.pt") if p.is_file()]
+
+    def latest_progress(self) -> tuple[Path, dict] | None:
+        """The latest checkpoint whose progress reads (``saved_progress``, no weights loaded),
+        and that progress: ``last.pt``, or ``prev.pt`` where ``last.pt`` is torn (killed
+        mid-rename), as a resume reads them; None without either."""
+        return next(((p, progress) for p in self.saved_checkpoints()
+                     if (progress := saved_progress(p)) is not None), None)
+
 
 def read_log(path: Path) -> list[dict]:
     """The records of a run's ``log.jsonl``; a line torn by a kill mid-write is skipped."""
@@ -174,16 +185,14 @@ def checkpoint_note(path: str | Path) -> str | None:
                 "still live): it is read as it ended, its norms partly removed")
     if path.is_file() and path.suffix == ".pt":
         ckpt, run = path, RunFolder(path.parent.parent)
+        if (progress := saved_progress(ckpt)) is None:  # only a note; loading says why
+            return None
     elif path.is_dir() and RunFolder(path).checkpoints.is_dir() and not RunFolder(path).finished():
         run = RunFolder(path)
-        ckpt = next((p for p in (run.last_checkpoint, run.checkpoints / "prev.pt")
-                     if p.is_file()), None)
-        if ckpt is None:
+        if (latest := run.latest_progress()) is None:
             return None
+        ckpt, progress = latest
     else:
-        return None
-    progress = saved_progress(ckpt)
-    if progress is None:  # only a note; loading the model says what is wrong
         return None
     step, total = progress["step"], progress["total_steps"]
     of = f" of {total:,}" if total else ""
@@ -236,10 +245,8 @@ def run_status(path: str | Path, recent: int = 50, *, pair: Path | None = None) 
                         "give the folder `noln remove --out` or `noln pretrain --out` wrote")
     holder = lock_holder(run.root)  # before the summary: a run that ends between the two
     # reads is then "training" (true a moment ago), never "stopped" with a resume to follow
-    ckpts = [p for p in (run.last_checkpoint, run.checkpoints / "prev.pt") if p.is_file()]
-    # (last.pt unreadable, killed mid-rename: prev.pt, as a resume reads it)
-    progress = next((p for p in map(saved_progress, ckpts) if p is not None), None)
-    ckpt = ckpts[0] if ckpts else None
+    ckpt = next(iter(run.saved_checkpoints()), None)
+    progress = (run.latest_progress() or (None, None))[1]
     try:
         cfg = yaml.safe_load(run.config.read_text()) if run.config.is_file() else None
     except (OSError, yaml.YAMLError):
