@@ -434,6 +434,66 @@ def test_pruned_neurons_are_zero_and_stay_zero_through_adamw(fam):
     assert prune_neurons(model, neurons, optimizer) == 0
 
 
+@families
+def test_faded_neurons_write_the_factor_of_their_output_and_zero_is_pruned(fam):
+    """``fade_neurons``: inside it, the given neurons' activations reach their writing weight
+    times ``factor()`` (read at each forward) and every other neuron's unchanged, and they
+    learn while the factor is above 0; at factor 0 the logits are those of the model with the neurons pruned; outside
+    it the model is the original again."""
+    from noln.sinks import fade_neurons, prune_neurons
+
+    model, x = tiny(fam).eval(), _ids(2, 12)
+    neurons = {0: [1, 5], 1: [0, 7, 9]}
+    path, write, _ = MLP_WRITE[fam.family]
+
+    def reads() -> dict[int, torch.Tensor]:
+        """What each block's writing weight reads (a hook registered last runs last)."""
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [model.get_submodule(path.format(i=b)).get_submodule(write)
+                 .register_forward_pre_hook(lambda m, a, b=b: seen.__setitem__(b, a[0].detach()))
+                 for b in neurons]
+        with torch.no_grad():
+            model(x)
+        [h.remove() for h in hooks]
+        return seen
+
+    with torch.no_grad():
+        plain_logits = model(x).logits
+    plain = reads()
+    factor = [0.25]
+    with fade_neurons(model, neurons, lambda: factor[0]):
+        faded = reads()
+        factor[0] = 0.0
+        with torch.no_grad():
+            off_logits = model(x).logits
+    for block, idx in neurons.items():
+        # block 0's neurons change block 1's input, so only block 0 compares whole
+        others = [n for n in range(faded[block].shape[-1]) if n not in idx]
+        if block == 0:
+            expected = plain[0].clone()
+            expected[..., idx] *= 0.25
+            torch.testing.assert_close(faded[0], expected, rtol=0, atol=0)
+        else:
+            assert not torch.equal(faded[block][..., others], plain[block][..., others])
+    pruned = tiny(fam).eval()
+    prune_neurons(pruned, neurons)
+    with torch.no_grad():
+        torch.testing.assert_close(off_logits, pruned(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).logits, plain_logits, rtol=0, atol=0)  # hooks gone
+    # a faded neuron still learns (its write weight gets a gradient), one faded out does not
+    weight = model.get_submodule(path.format(i=0)).get_submodule(write).weight
+    _, _, dim = MLP_WRITE[fam.family]
+    index = torch.tensor(neurons[0])
+
+    def write_grad(f: float) -> torch.Tensor:
+        model.zero_grad()
+        with fade_neurons(model, {0: neurons[0]}, lambda: f):
+            model(x, labels=x).loss.backward()
+        return weight.grad.index_select(dim, index).clone()
+
+    assert (write_grad(0.5) != 0).all() and (write_grad(0.0) == 0).all()
+
+
 def test_export_names_an_old_logs_removals_by_role(tmp_path):
     """``noln export`` of a run started before the rename: its log's removal events name the
     old sites; the export's noln.json names them by role."""

@@ -822,6 +822,48 @@ def test_prune_sinks_zeroes_the_originals_sink_neurons_for_the_whole_run(tiny_mo
     assert [e["step"] for e in log if e.get("event") == "pruned_sinks"] == [0]
 
 
+def test_prune_fade_takes_the_sink_neurons_away_over_its_steps(tiny_model_dir, text_jsonl,
+                                                               tmp_path, monkeypatch):
+    """``prune_fade=N``: the sink neurons write ``1 - step/N`` of their output at each step
+    (the probe's forwards at that step included), so step 0 trains the original model, and
+    they are zeroed, once, at step N; the run ends with the same neurons zero as a run that
+    pruned them at once. Refused without prune_sinks, or where it would not end in the run."""
+    import noln.train
+    from noln.config import RemoveConfig
+
+    factors: list[float] = []  # each forward's, in order
+    real_fade = noln.train.fade_neurons
+
+    def recording(model, neurons, factor):
+        def read() -> float:
+            factors.append(factor())
+            return factors[-1]
+        return real_fade(model, neurons, read)
+
+    monkeypatch.setattr(noln.train, "fade_neurons", recording)
+    fast = {**FAST, "steps": 12, "export_format": "none", "prune_sinks": 3}
+    faded = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "faded",
+                                  prune_fade=8, **fast)
+    assert factors == sorted(factors, reverse=True)  # it only falls, step after step
+    assert sorted(set(factors), reverse=True) == [1 - s / 8 for s in range(8)] + [0.0]
+    assert [(e["step"], e["neurons"]) for e in faded.log if e.get("event") == "pruned_sinks"] \
+        == [(8, 6)]
+    plain = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "plain",
+                                  **{**fast, "prune_sinks": 0})
+    at_once = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "once",
+                                    **fast)
+    losses = {name: [e["loss"] for e in r.log if "loss" in e and "event" not in e]
+              for name, r in (("faded", faded), ("plain", plain), ("once", at_once))}
+    assert losses["faded"][0] == losses["plain"][0] != losses["once"][0]
+    for a, b in zip(faded.model.transformer.h, at_once.model.transformer.h):
+        zero = (a.mlp.c_proj.weight == 0).all(dim=1)
+        assert zero.any() and torch.equal(zero, (b.mlp.c_proj.weight == 0).all(dim=1))
+    with pytest.raises(ValueError, match="--prune-sinks N too"):
+        RemoveConfig(model="gpt2", steps=100, prune_fade=10)
+    with pytest.raises(ValueError, match="does not end within the run's 100 steps"):
+        RemoveConfig(model="gpt2", steps=100, prune_sinks=4, prune_fade=100)
+
+
 def test_grad_clip_late_changes_the_clip_from_its_step(tiny_model_dir, text_jsonl, tmp_path,
                                                        monkeypatch):
     """``grad_clip_late=[N, C]``: steps before N clip the gradient norm at ``grad_clip``, steps

@@ -326,6 +326,10 @@ class RemoveConfig(TrainConfig):
         "in the original model (its attention-sink circuit, noln.sinks) before training, and "
         "keep them at zero: in a no-norm SwiGLU model the circuit fires on ordinary tokens "
         "and grows them block after block; 0: off"))
+    prune_fade: int = Field(0, ge=0, **describe_field(
+        "with prune_sinks: fade those neurons out over the run's first N steps (each one's "
+        "output times 1 - step/N, so the model learns to do without them) and zero them at "
+        "step N; 0: zeroed before the first step"))
     skip_overflow: bool = Field(False, **describe_field(
         "once the model is norm-free (every site frozen, no clip, no special scale left), a "
         "step whose loss or gradient is inf/nan drops the training sequences the model "
@@ -412,6 +416,14 @@ class RemoveConfig(TrainConfig):
         if 0 < self.overflow_clip <= 1:
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} would clip typical tokens "
                              "too: give K above 1 (e.g. 10) or 0 (off)")
+        if self.prune_fade and not self.prune_sinks:
+            raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
+                             "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
+        if self.prune_fade and (self.tokens or self.steps) and \
+                self.prune_fade >= self.resolved_steps(self.ctx):
+            raise ValueError(f"--prune-fade {self.prune_fade} does not end within the run's "
+                             f"{self.resolved_steps(self.ctx)} steps, so its model would not be "
+                             "the one exported: give fewer steps than the run has")
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
@@ -817,7 +829,7 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
                             "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks", "skip_overflow", "overflow_clip",
+                            "prune_sinks", "prune_fade", "skip_overflow", "overflow_clip",
                             "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a

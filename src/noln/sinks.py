@@ -18,6 +18,12 @@ activation and the column that writes it (a plain weight edit, so every export k
 their AdamW moments, so they stay at zero while the run trains (a zero activation gets no
 gradient, and a zero write column passes none back).
 
+``fade_neurons`` is the gradual way (``prune_fade``): while it is on, each of those neurons'
+output is multiplied by ``factor()`` on the way into the writing weight, so a run can take the
+circuit away over many steps and the model learns to do without it, before ``prune_neurons``
+makes it a weight edit. Cut at once, it costs the original SmolLM2 3.7 nats of held-out CE
+(16 per block), and the run spends its budget winning that back (docs/BENCHMARKS.md).
+
 On SmolLM2, 16 neurons per block (1% of the MLP) took the first break of the clip lift from
 block 8 to block 12, with blocks 0-11 norm-free at the original's held-out CE; past that, a
 token that reaches ~3x its scale runs away through ordinary neurons (docs/BENCHMARKS.md,
@@ -25,6 +31,9 @@ attempt 19). Pruning the circuit is necessary there, not sufficient.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -85,3 +94,30 @@ def prune_neurons(model: nn.Module, neurons: dict[int, list[int]],
                 if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
                     moment.index_fill_(d, index.to(moment.device), 0.0)
     return changed
+
+
+@contextmanager
+def fade_neurons(model: nn.Module, neurons: dict[int, list[int]],
+                 factor: Callable[[], float]) -> Iterator[None]:
+    """Within the block, ``neurons`` (block -> neuron indices) of ``model`` write ``factor()``
+    times their activation: a hook on each writing module scales those channels of its input
+    (the activations), read at every forward, so the factor can change from one step to the
+    next. Gradients flow through the scaled activation (times the factor)."""
+    layers, spec = _layers(model)
+    path = spec.write[0].rpartition(".")[0]
+
+    def hook(module: nn.Module, args: tuple, index: torch.Tensor) -> tuple:
+        activations, *rest = args
+        scale = torch.ones(activations.shape[-1], dtype=activations.dtype,
+                           device=activations.device)
+        scale[index.to(activations.device)] = factor()
+        return (activations * scale, *rest)
+
+    handles = [layers[block].get_submodule(path).register_forward_pre_hook(
+        lambda module, args, index=torch.tensor(idx, dtype=torch.long): hook(module, args, index))
+        for block, idx in neurons.items() if idx]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

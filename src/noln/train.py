@@ -50,7 +50,7 @@ from noln.sharding import (
     shard,
     transformer_blocks,
 )
-from noln.sinks import prune_neurons
+from noln.sinks import fade_neurons, prune_neurons
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -391,6 +391,29 @@ class Trainer:
             ce = broadcast(ce.reshape(1), from_process=0)[0]
         return ce.item()
 
+    @property
+    def prune_fade(self) -> int:
+        return self.removal.prune_fade if self.removal is not None else 0
+
+    def prune_sinks_due(self, step: int) -> None:
+        """Zero the sink neurons (``prune_sinks``) where they are due: at once, or from the end
+        of their fade (``prune_fade``) on. Checked at every step, as a guard restore can go
+        back to a checkpoint from before it; a no-op once they are zero."""
+        if not self.sink_neurons or step < self.prune_fade:
+            return
+        changed = prune_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
+                                self.optimizer)
+        if changed:
+            self.log({"event": "pruned_sinks", "step": step, "neurons": changed})
+
+    def fading_sinks(self):
+        """While training, the sink neurons write ``1 - step / prune_fade`` of their output
+        (``noln.sinks.fade_neurons``; zero from the fade's end, where they are pruned too)."""
+        if not self.sink_neurons or not self.prune_fade:
+            return nullcontext()
+        return fade_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
+                            lambda: max(0.0, 1.0 - self.state.step / self.prune_fade))
+
     def remove_due(self, step: int) -> None:
         """Freeze the sites the schedule asks for, logging each one's cost on the probe batch."""
         current: list[float] = []  # the probe loss in the model's present state, once computed
@@ -548,11 +571,8 @@ class Trainer:
                 self.save()  # a guard restore goes back to the run as changed
         else:
             self.log_path.unlink(missing_ok=True)
-        if self.sink_neurons:  # at every start: a resumed or branched run may have just set it
-            changed = prune_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
-                                    self.optimizer)
-            if changed:
-                self.log({"event": "pruned_sinks", "step": self.state.step, "neurons": changed})
+        # at every start (a resumed or branched run may have just set it), or once the fade ends
+        self.prune_sinks_due(self.state.step)
         if not resume:
             self.save()  # step 0: the guard always has a good state to go back to
         progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
@@ -563,10 +583,11 @@ class Trainer:
         model = self.model
         model.train()
         # Ctrl-C or SIGTERM: the step in progress ends and is saved before the run stops
-        with progress, stop_after_step() as asked:
+        with progress, stop_after_step() as asked, self.fading_sinks():
             while self.state.step < end:
                 step, t0 = self.state.step, time.perf_counter()
                 self.noise_rng.manual_seed(self.cfg.seed * 1_000_003 + step)
+                self.prune_sinks_due(step)
                 self.remove_due(step)
                 self.advance_tapers(step)
                 self.fade_special(step)
