@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import noln
 from noln.checkpoint import load_checkpoint
@@ -862,6 +863,36 @@ def test_prune_fade_takes_the_sink_neurons_away_over_its_steps(tiny_model_dir, t
         RemoveConfig(model="gpt2", steps=100, prune_fade=10)
     with pytest.raises(ValueError, match="does not end within the run's 100 steps"):
         RemoveConfig(model="gpt2", steps=100, prune_sinks=4, prune_fade=100)
+
+
+def test_a_failed_resume_leaves_config_yaml_as_it_was(tiny_model_dir, text_jsonl, tmp_path,
+                                                      monkeypatch):
+    """A resume that fails before it saves a checkpoint puts ``config.yaml`` back: the
+    settings it was given never trained, and the next plain resume must not take them up. One
+    that saved a checkpoint first keeps them (its checkpoint was made with them)."""
+    import noln.train
+    from noln.errors import NolnError
+
+    run = tmp_path / "run"
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), run, export_format="none",
+                          **{**FAST, "steps": 10})
+    config = (run / "config.yaml").read_bytes()
+
+    def failing(self, *args, **kwargs):
+        raise NolnError("the checkpoint could not be read")
+    monkeypatch.setattr(noln.train.Trainer, "fit", failing)
+    with pytest.raises(NolnError, match="could not be read"):
+        noln.remove_layernorm(resume=run, steps=20, lr=5e-4)
+    assert (run / "config.yaml").read_bytes() == config
+
+    def saving_then_failing(self, *args, **kwargs):
+        (run / "checkpoints" / "last.pt").touch()  # a checkpoint saved, then a failure
+        raise NolnError("the disk is full")
+    monkeypatch.setattr(noln.train.Trainer, "fit", saving_then_failing)
+    with pytest.raises(NolnError, match="disk is full"):
+        noln.remove_layernorm(resume=run, steps=20, lr=5e-4)
+    kept = yaml.safe_load((run / "config.yaml").read_text())
+    assert (kept["steps"], kept["lr"]) == (20, 5e-4)
 
 
 def test_grad_clip_late_changes_the_clip_from_its_step(tiny_model_dir, text_jsonl, tmp_path,

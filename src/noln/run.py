@@ -12,7 +12,9 @@ adds ``control/`` (a run folder of its own), ``table.md``, ``comparison.json``, 
 - ``claim_run_folder``: a new run starts only in a new or empty folder, or over a previous noln
   run with ``overwrite`` (which deletes only the files noln writes, ``NOLN_OUTPUTS``); the folder
   is locked (``.noln.lock`` holds the writer's PID) for as long as the run writes to it, and a
-  run that fails before training removes what it wrote and the folder if it made it.
+  run that fails before training removes what it wrote and the folder if it made it; a resume
+  that fails before it saves a checkpoint puts ``config.yaml`` back as it was (the settings it
+  was given were never trained with, so the next resume does not take them up unasked).
 (Report files written where the user says, ``--json`` and the like: ``noln.outputs``.)
 """
 
@@ -630,6 +632,30 @@ def check_writable(out: Path, flag: str = "--out") -> None:
                         f"{flag} or free disk space") from None
 
 
+def _saved_settings(out: Path) -> tuple[bytes | None, list[tuple[str, int]]]:
+    """A resumed run's ``config.yaml`` as it is, and its checkpoints' names and times: a
+    failed resume that saved no checkpoint since puts the first back (``claim_run_folder``)."""
+    run = RunFolder(out)
+    try:
+        config = run.config.read_bytes()
+    except OSError:
+        config = None
+    try:
+        marks = sorted((p.name, p.stat().st_mtime_ns) for p in run.checkpoints.iterdir())
+    except OSError:
+        marks = []
+    return config, marks
+
+
+def _put_back_config(out: Path, config: bytes | None) -> None:
+    path = RunFolder(out).config
+    try:
+        if config is not None and path.read_bytes() != config:
+            path.write_bytes(config)
+    except OSError:
+        pass  # the error that ended the run is the one to report
+
+
 class RunClaim:
     """What ``claim_run_folder`` hands the run: call ``started()`` once training begins."""
 
@@ -654,17 +680,21 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool = False, main: 
         yield claim
         return
     before: set[str] | None = None
+    settings = None
     fresh = False
     try:
         fresh = acquire_lock(out)  # before looking: a live run's files are never touched
         if not resume:
             check_run_target(out, overwrite, flag, resume_hint)
         before = set(_entries(out))
+        settings = _saved_settings(out) if resume else None
         yield claim
     except BaseException:
         if before is not None and not claim.training and not resume:
             # nothing trained: remove what this run wrote (it was not there before), only that
             remove_noln_outputs(out, [name for name in NOLN_OUTPUTS if name not in before])
+        elif settings is not None and _saved_settings(out)[1] == settings[1]:
+            _put_back_config(out, settings[0])  # no checkpoint since the claim
         raise
     finally:
         if fresh:
