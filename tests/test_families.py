@@ -438,8 +438,8 @@ def test_pruned_neurons_are_zero_and_stay_zero_through_adamw(fam):
 def test_faded_neurons_write_the_factor_of_their_output_and_zero_is_pruned(fam):
     """``fade_neurons``: inside it, the given neurons' activations reach their writing weight
     times ``factor()`` (read at each forward) and every other neuron's unchanged, and they
-    learn while the factor is above 0; at factor 0 the logits are those of the model with the neurons pruned; outside
-    it the model is the original again."""
+    learn while the factor is above 0; at factor 0 the logits are those of the model with the
+    neurons pruned; outside it the model is the original again."""
     from noln.sinks import fade_neurons, prune_neurons
 
     model, x = tiny(fam).eval(), _ids(2, 12)

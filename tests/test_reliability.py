@@ -995,6 +995,67 @@ def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):
             pretrained.load_config("org/gtp2")
 
 
+@pytest.mark.hub_resolver
+def test_a_hub_whose_name_does_not_resolve_is_read_from_its_cache_at_once(
+        capsys, monkeypatch, tmp_path, tiny_model_dir):
+    """Where the Hub's host name does not resolve (no network) and no proxy is set, noln reads
+    only the Hub cache, as HF_HUB_OFFLINE=1 would: a cached model still loads, and an uncached
+    one is one line at once that says why, not ~25 s of the Hub client's retries per file."""
+    import socket
+    import time
+
+    from huggingface_hub import constants as hf_constants
+
+    import noln.hub as hub
+
+    # the resolver's answer decides, and a proxy (which resolves names itself) overrides it
+    answers: dict[str, socket.gaierror] = {}
+    asked: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        if host in answers:
+            raise answers[host]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for variable in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for resolves, proxy, expected in ((False, None, "huggingface.co"), (True, None, None),
+                                      (False, "http://proxy:3128", None)):
+        answers.clear()
+        if not resolves:
+            answers["huggingface.co"] = socket.gaierror(socket.EAI_NONAME, "no such name")
+        if proxy:
+            monkeypatch.setenv("HTTPS_PROXY", proxy)
+        hub.unresolved_host.cache_clear()
+        assert hub.unresolved_host() == expected
+        monkeypatch.delenv("HTTPS_PROXY", raising=False)
+
+    # unresolved: a model in the Hub cache loads, one not there is an error at once
+    answers["huggingface.co"] = socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
+    hub.unresolved_host.cache_clear()
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    asked.clear()
+    assert pretrained.load_config("org/tiny").n_layer == 2
+    assert hf_constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    started = time.monotonic()
+    with pytest.raises(NolnError, match=re.escape(
+            "cannot load model 'org/gtp2': it is not a local path nor in the Hub cache, and the "
+            "Hugging Face Hub is not reachable (its name huggingface.co does not resolve: "
+            "offline?)")):
+        pretrained.load_config("org/gtp2")
+    assert time.monotonic() - started < 10
+    assert asked == ["huggingface.co"]  # noln's one question; the Hub client asked nothing
+    hub.unresolved_host.cache_clear()
+
+
 def test_status_says_where_a_run_stands_without_loading_it(capsys, tiny_model_dir, text_jsonl,
                                                            tmp_path):
     """`noln status RUN`: finished, stopped (with the command that continues it) or training

@@ -27,6 +27,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError
 
 from noln.arch import context_length
 from noln.errors import NolnError
+from noln.hub import offline_reason, offline_unless_reachable
 
 try:  # the help topics of `pydoc`; some distributions split pydoc_data out
     from pydoc_data.topics import topics as PYDOC_TOPICS
@@ -132,7 +133,9 @@ def check_hub_dataset(source: str, split: str = "train") -> None:
     has read before (its blocks are cached, and it exists); a name found wrong is an error
     each time. Where the Hub cannot answer (offline) the read decides; it then fails at once
     with this answer instead of waiting on the Hub client's retries a second time.
-    ``HF_HUB_OFFLINE=1``: nothing is asked."""
+    ``HF_HUB_OFFLINE=1``, or a Hub whose name does not resolve (``noln.hub``): nothing is
+    asked."""
+    offline_unless_reachable()
     if datasets.config.HF_HUB_OFFLINE or (source, split) in _ASKED or \
             _hub_read_marker(source, split).exists():
         return
@@ -176,6 +179,7 @@ _UNREACHABLE_FOR = 300.0  # seconds
 
 def _hub_documents(source: str, split: str) -> Iterator[str]:
     name, config = _hub_name(source)
+    offline_unless_reachable()
     try:
         when, error = _UNREACHABLE.get(source, (-math.inf, None))
         if time.monotonic() - when < _UNREACHABLE_FOR:  # a moment ago, after the Hub client's
@@ -189,6 +193,8 @@ def _hub_documents(source: str, split: str) -> Iterator[str]:
         raise
     except Exception as e:  # network, missing dataset, missing split: all one fix for the user
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if offline_reason() is not None:  # read from the cache only: say why
+            msg = f"not in the Hub cache, and the Hub is not reachable: {offline_reason()}"
         wait = " (HF_HUB_OFFLINE=1 saves the wait on the Hub's retries)" if \
             isinstance(e, ConnectionError) and not datasets.config.HF_HUB_OFFLINE else ""
         raise NolnError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face Hub "

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
 from noln.arch import check_supported
 from noln.errors import NolnError
 from noln.gguf import resolve as resolve_gguf
+from noln.hub import offline_reason, offline_unless_reachable
 from noln.progress import transformers_bars_off
 from noln.trust import trust_remote_code
 
@@ -75,6 +76,8 @@ def load_config(name: str | Path):
     source reads its converted folder."""
     name = str(resolve_gguf(name))
     local = Path(name).expanduser()
+    if not local.exists():  # a Hub id: where the Hub cannot be reached, its cache only
+        offline_unless_reachable()
     if local.is_dir():
         raw = read_config_json(local)
         if "auto_map" in raw and not trust_remote_code() and \
@@ -110,6 +113,10 @@ def _hub_failure(name: str, e: BaseException) -> str:
         return (f"model '{name}' is neither a local path nor a valid Hugging Face Hub id: check "
                 "it (a Hub id is NAME or ORG/NAME, such as 'gpt2' or "
                 "'HuggingFaceTB/SmolLM2-135M'; a folder must exist)")
+    if offline_reason() is not None:  # noln read the cache only: the Hub cannot be reached
+        return (f"cannot load model '{name}': it is not a local path nor in the Hub cache, and "
+                f"the Hugging Face Hub is not reachable ({offline_reason()}: offline?): check "
+                "the spelling, or pass a local folder")
     if hf_constants.HF_HUB_OFFLINE:
         return (f"model '{name}' is neither a local path nor in the Hub cache, and HF_HUB_OFFLINE "
                 "keeps noln off the Hub: check the spelling, pass a local folder, or unset "
@@ -165,6 +172,8 @@ def _looks_local(name: str) -> bool:
 
 def load_tokenizer(name: str | Path):
     name = resolve_gguf(name)
+    if not Path(name).expanduser().exists():
+        offline_unless_reachable()
     try:
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code())
     except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder

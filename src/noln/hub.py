@@ -1,0 +1,70 @@
+"""Whether the Hugging Face Hub can be reached at all, asked once per process.
+
+Offline, the Hub client retries every request five times with growing waits (1 + 2 + 4 + 8 +
+8 s): about 25 s a file, so ``noln eval gpt2`` on a machine without network took ~55 s to say
+so. Where the Hub's host name does not resolve and no proxy is set (a proxy resolves names
+itself), no request can reach the Hub: noln then reads only the Hub cache, as
+``HF_HUB_OFFLINE=1`` would, so a cached model still loads and an uncached one is an error at
+once that says why (``offline_reason``). A name that resolves changes nothing: the Hub client
+then decides, retries and all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+from huggingface_hub import constants as hf_constants
+
+# a proxy resolves the Hub's name itself: the local resolver says nothing about reaching it
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
+# the resolver's answers that mean no name can be had now (no network, no DNS server)
+NO_NAME = {socket.EAI_NONAME, socket.EAI_AGAIN, getattr(socket, "EAI_FAIL", socket.EAI_NONAME),
+           getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+_offline_reason: str | None = None
+
+
+@functools.cache
+def unresolved_host() -> str | None:
+    """The Hub's host name (``HF_ENDPOINT``'s) where it does not resolve and no proxy is set;
+    None where it resolves, or where that cannot be told."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    host = urlparse(hf_constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        return host if e.errno in NO_NAME else None
+    except (OSError, UnicodeError):
+        return None
+    return None
+
+
+def offline_unless_reachable() -> None:
+    """Before noln asks the Hub for anything: where its name does not resolve, read only the
+    Hub cache for the rest of the process (huggingface_hub's, transformers' and datasets'
+    offline switch, and ``HF_HUB_OFFLINE`` for processes started from this one)."""
+    global _offline_reason
+    if hf_constants.HF_HUB_OFFLINE or _offline_reason is not None:
+        return
+    host = unresolved_host()
+    if host is None:
+        return
+    _offline_reason = f"its name {host} does not resolve"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # (imported later, it reads the variable)
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+
+
+def offline_reason() -> str | None:
+    """Why noln switched to the Hub cache (``offline_unless_reachable``), for an error that
+    says why a model or dataset is not there; None where it did not."""
+    return _offline_reason
