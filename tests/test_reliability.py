@@ -1004,6 +1004,7 @@ def test_a_hub_whose_name_does_not_resolve_is_read_from_its_cache_at_once(
     import socket
     import time
 
+    import datasets
     from huggingface_hub import constants as hf_constants
 
     import noln.hub as hub
@@ -1041,10 +1042,10 @@ def test_a_hub_whose_name_does_not_resolve_is_read_from_its_cache_at_once(
     (cache / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     asked.clear()
     assert pretrained.load_config("org/tiny").n_layer == 2
-    assert hf_constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert hf_constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
     started = time.monotonic()
     with pytest.raises(NolnError, match=re.escape(
             "cannot load model 'org/gtp2': it is not a local path nor in the Hub cache, and the "

@@ -49,18 +49,18 @@ def unresolved_host() -> str | None:
 
 def offline_unless_reachable() -> None:
     """Before noln asks the Hub for anything: where its name does not resolve, read only the
-    Hub cache for the rest of the process (huggingface_hub's, transformers' and datasets'
-    offline switch, and ``HF_HUB_OFFLINE`` for processes started from this one)."""
+    Hub cache for the rest of the process (the offline switch of huggingface_hub, which
+    transformers reads, and of datasets). A process started from this one asks itself."""
     global _offline_reason
-    if hf_constants.HF_HUB_OFFLINE or _offline_reason is not None:
-        return
-    host = unresolved_host()
-    if host is None:
-        return
-    _offline_reason = f"its name {host} does not resolve"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hf_constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:  # (imported later, it reads the variable)
+    if _offline_reason is None:
+        if hf_constants.HF_HUB_OFFLINE:
+            return
+        host = unresolved_host()
+        if host is None:
+            return
+        _offline_reason = f"its name {host} does not resolve"
+        hf_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # (it may be imported after the switch)
         sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
