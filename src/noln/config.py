@@ -660,6 +660,15 @@ def merge_layers(lower: dict, upper: dict) -> dict:
     return merged
 
 
+def check_eval_numbers(tokens: int | None = None, ctx: int | None = None,
+                       batch_size: int | None = None, hellaswag_limit: int | None = None) -> None:
+    """The evaluation options in range (``noln eval``, ``noln compare``; torch-free, so the
+    command line answers before the library loads)."""
+    check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
+                  ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
+                                                       1000))
+
+
 def check_one_length(given: dict) -> None:
     """One command line gives the run's length once: ``--steps`` or ``--tokens``."""
     if given.get("steps") is not None and given.get("tokens") is not None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from noln.config import check_eval_numbers
 from noln.errors import NolnError
 
 if TYPE_CHECKING:  # annotations only: the command imports the library when it runs
@@ -119,6 +120,13 @@ def eval_cmd(
 ) -> None:
     """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
     HellaSwag acc / acc_norm, for each MODEL."""
+    # (before the library's imports: these are answered at once)
+    if not data and hellaswag is None:
+        raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
+    if len(set(models)) != len(models):
+        raise NolnError("a model is named twice: give each model once")
+    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
     from noln.data import load_blocks, tokenizer_fingerprint
     from noln.evaluate.compare import compare_models, report_files
     from noln.evaluate.inputs import (
@@ -129,11 +137,6 @@ def eval_cmd(
         short_names,
     )
 
-    if not data and hellaswag is None:
-        raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
-    check_hellaswag_limit(hellaswag, hellaswag_limit)
-    if len(set(models)) != len(models):
-        raise NolnError("a model is named twice: give each model once")
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources),
@@ -189,6 +192,11 @@ def compare_cmd(
 ) -> None:
     """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
     HellaSwag, faithfulness to ORIGINAL, and the no-LN − with-LN difference."""
+    if not data and hellaswag is None:  # (before the library's imports: answered at once)
+        raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
+                        "PATH)")
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
+    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
     from noln.data import load_blocks, tokenizer_fingerprint
     from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models, report_files
     from noln.evaluate.inputs import (
@@ -198,10 +206,6 @@ def compare_cmd(
         parse_sources,
     )
 
-    if not data and hellaswag is None:
-        raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
-                        "PATH)")
-    check_hellaswag_limit(hellaswag, hellaswag_limit)
     sources = parse_sources(data or [])
     check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
                   json_out=json_out, out=out, out_files=report_files(sources),

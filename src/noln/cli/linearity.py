@@ -53,6 +53,11 @@ def linearity_cmd(
 ) -> None:
     """How linear each block is (Razzhigaev et al. 2024), with and without the residual, in-sample
     and held-out, streamed in float64."""
+    # (before the library's imports: a number out of range is answered at once)
+    check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
+                  ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
+    if precision not in ("float64", "mixed"):
+        raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
     from noln.data import check_source
     from noln.linearity.report import (
         CSV_COLUMNS,
@@ -72,10 +77,6 @@ def linearity_cmd(
     from noln.pretrained import check_models_exist
     from noln.report import json_safe
 
-    check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
-                  ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
-    if precision not in ("float64", "mixed"):
-        raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
     if forward_precision not in PRECISIONS:
         raise NolnError(f"--forward-precision '{forward_precision}' is unknown: use "
                         f"{', '.join(PRECISIONS)}")

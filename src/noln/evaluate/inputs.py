@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from noln.arch import context_length
-from noln.config import check_numbers
+from noln.config import check_eval_numbers
 from noln.data import check_source, is_local
 from noln.errors import NolnError
 from noln.loading import fuse_activations, load_model, model_kind
@@ -83,9 +83,7 @@ def check_options(*, tokens: int | None = None, ctx: int | None = None,
     """Numbers in range, outputs writable and ``sources`` there (local paths; Hub names with
     ``split``, asked last: it takes the network), before any model loads: ``out_files`` are
     the names the command may write in ``out`` (none of them the user's own file)."""
-    check_numbers(("--tokens", tokens, 1, 65536), ("--ctx", ctx, 2, 1024),
-                  ("--batch-size", batch_size, 1, 8), ("--hellaswag-limit", hellaswag_limit, 1,
-                                                       1000))
+    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
     check_distinct_outputs([("--json", json_out)], [("--out", out, out_files)])
     check_output_file(json_out, "--json", kind="json")
     check_output_dir(out, "--out")
