@@ -437,7 +437,7 @@ def test_pruned_neurons_are_zero_and_stay_zero_through_adamw(fam):
 @families
 def test_faded_neurons_write_the_factor_of_their_output_and_zero_is_pruned(fam):
     """``fade_neurons``: inside it, the given neurons' activations reach their writing weight
-    times ``factor()`` (read at each forward) and every other neuron's unchanged, and they
+    times ``factor`` (read at each forward) and every other neuron's unchanged, and they
     learn while the factor is above 0; at factor 0 the logits are those of the model with the
     neurons pruned; outside it the model is the original again."""
     from noln.sinks import fade_neurons, prune_neurons
@@ -460,10 +460,10 @@ def test_faded_neurons_write_the_factor_of_their_output_and_zero_is_pruned(fam):
     with torch.no_grad():
         plain_logits = model(x).logits
     plain = reads()
-    factor = [0.25]
-    with fade_neurons(model, neurons, lambda: factor[0]):
+    factor = torch.tensor(0.25)
+    with fade_neurons(model, neurons, factor):
         faded = reads()
-        factor[0] = 0.0
+        factor.fill_(0.0)  # (changed in place between forwards, as the trainer does)
         with torch.no_grad():
             off_logits = model(x).logits
     for block, idx in neurons.items():
@@ -487,11 +487,18 @@ def test_faded_neurons_write_the_factor_of_their_output_and_zero_is_pruned(fam):
 
     def write_grad(f: float) -> torch.Tensor:
         model.zero_grad()
-        with fade_neurons(model, {0: neurons[0]}, lambda: f):
+        with fade_neurons(model, {0: neurons[0]}, torch.tensor(f)):
             model(x, labels=x).loss.backward()
         return weight.grad.index_select(dim, index).clone()
 
     assert (write_grad(0.5) != 0).all() and (write_grad(0.0) == 0).all()
+    # a checkpoint saved mid-fade is read back as that weight edit: the same logits
+    from noln.sinks import scale_neurons
+
+    edited = tiny(fam).eval()
+    scale_neurons(edited, neurons, 0.25)
+    with fade_neurons(model, neurons, torch.tensor(0.25)), torch.no_grad():
+        torch.testing.assert_close(edited(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_export_names_an_old_logs_removals_by_role(tmp_path):

@@ -1019,18 +1019,24 @@ def test_a_hub_whose_name_does_not_resolve_is_read_from_its_cache_at_once(
             raise answers[host]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    for variable in hub.PROXY_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    for resolves, proxy, expected in ((False, None, "huggingface.co"), (True, None, None),
-                                      (False, "http://proxy:3128", None)):
+    for variable in [v for v in os.environ if v.lower().endswith("_proxy")]:
+        monkeypatch.delenv(variable)
+    for resolves, proxy, bypass, expected in (
+            (False, None, None, "huggingface.co"), (True, None, None, None),
+            (False, ("Https_Proxy", "http://proxy:3128"), None, None),
+            (False, ("all_proxy", "socks5://proxy:1080"), None, None),
+            (False, ("HTTPS_PROXY", "http://proxy:3128"), "huggingface.co", "huggingface.co")):
         answers.clear()
         if not resolves:
             answers["huggingface.co"] = socket.gaierror(socket.EAI_NONAME, "no such name")
         if proxy:
-            monkeypatch.setenv("HTTPS_PROXY", proxy)
+            monkeypatch.setenv(*proxy)
+        if bypass:  # (NO_PROXY: the Hub is asked directly, so the resolver decides)
+            monkeypatch.setenv("NO_PROXY", bypass)
         hub.unresolved_host.cache_clear()
-        assert hub.unresolved_host() == expected
-        monkeypatch.delenv("HTTPS_PROXY", raising=False)
+        assert hub.unresolved_host() == expected, (proxy, bypass)
+        for variable in [v for v in os.environ if v.lower().endswith("_proxy")]:
+            monkeypatch.delenv(variable)
 
     # unresolved: a model in the Hub cache loads, one not there is an error at once
     answers["huggingface.co"] = socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
@@ -1054,6 +1060,20 @@ def test_a_hub_whose_name_does_not_resolve_is_read_from_its_cache_at_once(
         pretrained.load_config("org/gtp2")
     assert time.monotonic() - started < 10
     assert asked == ["huggingface.co"]  # noln's one question; the Hub client asked nothing
+    with pytest.raises(NolnError, match=re.escape(
+            "cannot load the tokenizer of 'org/gtp2': it is not in the Hub cache, and the "
+            "Hugging Face Hub is not reachable (its name huggingface.co does not resolve")):
+        pretrained.load_tokenizer("org/gtp2")
+    # a config cached without its weights (`noln sites` reads only the config)
+    config_only = cache / "models--org--bare" / "snapshots" / ("1" * 40)
+    config_only.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", config_only)
+    (cache / "models--org--bare" / "refs").mkdir()
+    (cache / "models--org--bare" / "refs" / "main").write_text("1" * 40)
+    with pytest.raises(NolnError, match=re.escape(
+            "cannot load the weights of 'org/bare': its config is in the Hub cache but its "
+            "weights are not, and the Hugging Face Hub is not reachable")):
+        pretrained.load_pretrained("org/bare")
     hub.unresolved_host.cache_clear()
 
 

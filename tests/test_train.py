@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -832,14 +833,18 @@ def test_prune_fade_takes_the_sink_neurons_away_over_its_steps(tiny_model_dir, t
     import noln.train
     from noln.config import RemoveConfig
 
-    factors: list[float] = []  # each forward's, in order
+    factors: list[float] = []  # the factor at each forward through the faded neurons
     real_fade = noln.train.fade_neurons
 
+    @contextmanager
     def recording(model, neurons, factor):
-        def read() -> float:
-            factors.append(factor())
-            return factors[-1]
-        return real_fade(model, neurons, read)
+        with real_fade(model, neurons, factor):
+            handle = model.transformer.h[next(iter(neurons))].mlp.c_proj \
+                .register_forward_pre_hook(lambda m, a: factors.append(float(factor)))
+            try:
+                yield
+            finally:
+                handle.remove()
 
     monkeypatch.setattr(noln.train, "fade_neurons", recording)
     fast = {**FAST, "steps": 12, "export_format": "none", "prune_sinks": 3}
@@ -861,8 +866,41 @@ def test_prune_fade_takes_the_sink_neurons_away_over_its_steps(tiny_model_dir, t
         assert zero.any() and torch.equal(zero, (b.mlp.c_proj.weight == 0).all(dim=1))
     with pytest.raises(ValueError, match="--prune-sinks N too"):
         RemoveConfig(model="gpt2", steps=100, prune_fade=10)
-    with pytest.raises(ValueError, match="does not end within the run's 100 steps"):
+    with pytest.raises(ValueError, match="does not end within the run's 100 steps, so its "
+                       "model would not be the one exported: give --prune-fade below 100, or a "
+                       "longer run"):
         RemoveConfig(model="gpt2", steps=100, prune_sinks=4, prune_fade=100)
+    # --tokens without --ctx: the run's length waits for the model's context (no crash)
+    RemoveConfig(model="gpt2", tokens=100_000, steps=None, prune_sinks=4, prune_fade=10)
+    with pytest.raises(NolnError, match="does not end within the run's 8 steps"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "short",
+                              **{**fast, "steps": None, "tokens": 8 * 4 * 64, "ctx": None,
+                                 "prune_fade": 8})
+    assert not (tmp_path / "short").exists()
+
+
+def test_a_checkpoint_saved_mid_fade_is_the_model_it_trained(tiny_model_dir, text_jsonl,
+                                                              tmp_path):
+    """Read back (``noln eval RUN``, ``load_run_model``), a checkpoint from step k of a
+    ``prune_fade=S`` run has its sink neurons writing ``1 - k/S`` of their output, as they
+    did when it was saved (the checkpoint names them); one from after the fade, zero."""
+    from noln.loading import load_run_model
+
+    run = tmp_path / "run"
+    fast = {**FAST, "steps": 12, "export_format": "none", "prune_sinks": 3, "prune_fade": 8,
+            "checkpoint_every": 4, "checkpoint_keep": 4}
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), run, **fast)
+    ckpt = torch.load(run / "checkpoints" / "step-4.pt", weights_only=True)
+    assert sorted(ckpt["extra"]["sink_neurons"]) == [0, 1]
+    model, _ = load_run_model(run / "checkpoints" / "step-4.pt")
+    write = model.transformer.h[0].mlp.c_proj.weight
+    for block, idx in ckpt["extra"]["sink_neurons"].items():
+        saved = ckpt["model"][f"transformer.h.{block}.mlp.c_proj.weight"]
+        torch.testing.assert_close(model.transformer.h[block].mlp.c_proj.weight[idx],
+                                   saved[idx] * 0.5, rtol=0, atol=0)
+    assert write.abs().sum() > 0
+    last, _ = load_run_model(run)  # past the fade: pruned, read as saved
+    assert (last.transformer.h[0].mlp.c_proj.weight[ckpt["extra"]["sink_neurons"][0]] == 0).all()
 
 
 def test_a_failed_resume_leaves_config_yaml_as_it_was(tiny_model_dir, text_jsonl, tmp_path,

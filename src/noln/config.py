@@ -419,11 +419,10 @@ class RemoveConfig(TrainConfig):
         if self.prune_fade and not self.prune_sinks:
             raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
                              "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
-        if self.prune_fade and (self.tokens or self.steps) and \
-                self.prune_fade >= self.resolved_steps(self.ctx):
-            raise ValueError(f"--prune-fade {self.prune_fade} does not end within the run's "
-                             f"{self.resolved_steps(self.ctx)} steps, so its model would not be "
-                             "the one exported: give fewer steps than the run has")
+        if self.prune_fade and (self.tokens is not None and self.ctx or
+                                self.tokens is None and self.steps):
+            if problem := prune_fade_problem(self, self.resolved_steps(self.ctx)):
+                raise ValueError(problem)  # (else once the model's context is known)
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
@@ -658,6 +657,17 @@ def merge_layers(lower: dict, upper: dict) -> dict:
     if len(gives) == 1:
         merged["tokens" if gives == {"steps"} else "steps"] = None
     return merged
+
+
+def prune_fade_problem(cfg: RemoveConfig, steps: int) -> str | None:
+    """Why ``prune_fade`` does not fit a run of ``steps``: it must end within it, or the model
+    the run exports would not be the one it trained. Checked with the config, or once the
+    model's context sets a ``--tokens`` run's length."""
+    if cfg.prune_fade and cfg.prune_fade >= steps:
+        return (f"--prune-fade {cfg.prune_fade} does not end within the run's {steps:,} steps, "
+                f"so its model would not be the one exported: give --prune-fade below "
+                f"{steps:,}, or a longer run")
+    return None
 
 
 def check_eval_numbers(tokens: int | None = None, ctx: int | None = None,

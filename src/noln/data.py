@@ -194,7 +194,7 @@ def _hub_documents(source: str, split: str) -> Iterator[str]:
     except Exception as e:  # network, missing dataset, missing split: all one fix for the user
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if offline_reason() is not None:  # read from the cache only: say why
-            msg = f"not in the Hub cache, and the Hub is not reachable: {offline_reason()}"
+            msg += f"; the Hub is not reachable: {offline_reason()}"
         wait = " (HF_HUB_OFFLINE=1 saves the wait on the Hub's retries)" if \
             isinstance(e, ConnectionError) and not datasets.config.HF_HUB_OFFLINE else ""
         raise NolnError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face Hub "

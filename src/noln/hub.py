@@ -12,16 +12,17 @@ then decides, retries and all.
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import sys
+import urllib.request
 from urllib.parse import urlparse
 
 from huggingface_hub import constants as hf_constants
 
 # a proxy resolves the Hub's name itself: the local resolver says nothing about reaching it
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                   "all_proxy")
+# (urllib's proxies: the environment's *_proxy variables in any case, or the system's
+# settings; the Hub client reads the same)
+PROXY_SCHEMES = ("https", "http", "all")
 # the resolver's answers that mean no name can be had now (no network, no DNS server)
 NO_NAME = {socket.EAI_NONAME, socket.EAI_AGAIN, getattr(socket, "EAI_FAIL", socket.EAI_NONAME),
            getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
@@ -33,10 +34,12 @@ _offline_reason: str | None = None
 def unresolved_host() -> str | None:
     """The Hub's host name (``HF_ENDPOINT``'s) where it does not resolve and no proxy is set;
     None where it resolves, or where that cannot be told."""
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return None
     host = urlparse(hf_constants.ENDPOINT).hostname
     if not host:
+        return None
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(scheme) for scheme in PROXY_SCHEMES) and \
+            not urllib.request.proxy_bypass(host):
         return None
     try:
         socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)

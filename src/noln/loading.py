@@ -17,11 +17,13 @@ from noln.export import load_clean
 from noln.linearity.replace import is_linearized, load_linearized
 from noln.pretrained import load_config, load_pretrained, load_tokenizer, read_json
 from noln.run import RunFolder, load_latest_checkpoint
+from noln.sinks import scale_neurons
 
 
 def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a run folder's latest checkpoint (or a checkpoint file), with
-    its FakeNorms in the state they were saved in."""
+    its FakeNorms in the state they were saved in, and sink neurons saved mid-fade
+    (``prune_fade``) writing what they wrote at that step."""
     path = Path(path)
     ckpt_path, ckpt = (path, load_checkpoint(path)) if path.is_file() else \
         load_latest_checkpoint(path)
@@ -29,6 +31,10 @@ def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_config(load_config(run.base), dtype=dtype)
     install(model)
     model.load_state_dict(ckpt["model"])
+    fade, neurons = ckpt.get("config", {}).get("prune_fade", 0), ckpt.get("extra", {}).get(
+        "sink_neurons")
+    if neurons and ckpt["step"] < fade:  # saved mid-fade: what the sink neurons wrote then
+        scale_neurons(model, neurons, 1.0 - ckpt["step"] / fade)
     return model, load_tokenizer(run.base)
 
 

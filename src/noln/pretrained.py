@@ -178,6 +178,10 @@ def load_tokenizer(name: str | Path):
         tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code())
     except Exception as e:  # noqa: BLE001 - transformers raises anything for a bad folder
         _raise_remote_code(name, e)
+        if offline_reason() is not None and not Path(name).expanduser().exists():
+            raise NolnError(f"cannot load the tokenizer of '{name}': it is not in the Hub cache, "
+                            f"and the Hugging Face Hub is not reachable ({offline_reason()}: "
+                            "offline?): pass a local folder") from None
         raise NolnError(f"cannot load a tokenizer for '{name}' ({type(e).__name__}): the folder "
                         "needs tokenizer files, or pass a Hub id with network access") from None
     tok.model_max_length = int(1e9)  # we chunk ourselves; silence length warnings
@@ -210,6 +214,11 @@ def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,
                                                          trust_remote_code=trust_remote_code())
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         _raise_remote_code(name, e)
+        if offline_reason() is not None and not Path(name).expanduser().exists():
+            raise NolnError(f"cannot load the weights of '{name}': its config is in the Hub "
+                            "cache but its weights are not, and the Hugging Face Hub is not "
+                            f"reachable ({offline_reason()}: offline?): pass a local folder, or "
+                            "download it where the Hub is reachable") from None
         first = " ".join(str(e).split())[:200]
         hint = ("the weights file is corrupt or truncated; copy or download it again"
                 if isinstance(e, SafetensorError | OSError) else "is the folder complete?")

@@ -39,6 +39,7 @@ from noln.config import (
     check_stages_reached,
     make_config,
     merge_layers,
+    prune_fade_problem,
     read_config_file,
     resume_config,
     stage_due,
@@ -355,6 +356,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
     check_taper(cfg, schedule, steps, resuming)
+    if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
+        raise NolnError(problem)
     if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
             cfg.export_format in ("hf", "clean", "both"):
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "

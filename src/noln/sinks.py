@@ -19,7 +19,7 @@ their AdamW moments, so they stay at zero while the run trains (a zero activatio
 gradient, and a zero write column passes none back).
 
 ``fade_neurons`` is the gradual way (``prune_fade``): while it is on, each of those neurons'
-output is multiplied by ``factor()`` on the way into the writing weight, so a run can take the
+output is multiplied by a factor on the way into the writing weight, so a run can take the
 circuit away over many steps and the model learns to do without it, before ``prune_neurons``
 makes it a weight edit. Cut at once, it costs the original SmolLM2 3.7 nats of held-out CE
 (16 per block), and the run spends its budget winning that back (docs/BENCHMARKS.md).
@@ -32,7 +32,7 @@ attempt 19). Pruning the circuit is necessary there, not sufficient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -98,26 +98,44 @@ def prune_neurons(model: nn.Module, neurons: dict[int, list[int]],
 
 @contextmanager
 def fade_neurons(model: nn.Module, neurons: dict[int, list[int]],
-                 factor: Callable[[], float]) -> Iterator[None]:
-    """Within the block, ``neurons`` (block -> neuron indices) of ``model`` write ``factor()``
+                 factor: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``neurons`` (block -> neuron indices) of ``model`` write ``factor``
     times their activation: a hook on each writing module scales those channels of its input
-    (the activations), read at every forward, so the factor can change from one step to the
-    next. Gradients flow through the scaled activation (times the factor)."""
+    (the activations). ``factor`` is a 0-d tensor the caller changes in place between forwards
+    (a tensor, so a compiled model reads it without recompiling). Gradients flow through the
+    scaled activation."""
     layers, spec = _layers(model)
     path = spec.write[0].rpartition(".")[0]
 
-    def hook(module: nn.Module, args: tuple, index: torch.Tensor) -> tuple:
+    def hook(module: nn.Module, args: tuple, faded: torch.Tensor) -> tuple:
         activations, *rest = args
-        scale = torch.ones(activations.shape[-1], dtype=activations.dtype,
-                           device=activations.device)
-        scale[index.to(activations.device)] = factor()
-        return (activations * scale, *rest)
+        scale = torch.where(faded, factor.to(torch.float32), 1.0)  # (fp32: the exact factor)
+        return ((activations * scale).to(activations.dtype), *rest)
 
-    handles = [layers[block].get_submodule(path).register_forward_pre_hook(
-        lambda module, args, index=torch.tensor(idx, dtype=torch.long): hook(module, args, index))
-        for block, idx in neurons.items() if idx]
+    handles = []
+    for block, idx in neurons.items():
+        if not idx:
+            continue
+        write = layers[block].get_submodule(path)
+        width = layers[block].get_parameter(spec.write[0]).shape[spec.write[1]]
+        faded = torch.zeros(width, dtype=torch.bool, device=factor.device)
+        faded[torch.tensor(idx, dtype=torch.long, device=factor.device)] = True
+        handles.append(write.register_forward_pre_hook(
+            lambda module, args, faded=faded: hook(module, args, faded)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def scale_neurons(model: nn.Module, neurons: dict[int, list[int]], factor: float) -> None:
+    """Multiply what ``neurons`` write by ``factor``, as a weight edit: the model
+    ``fade_neurons`` trains at that factor, for inference (a checkpoint saved mid-fade)."""
+    layers, spec = _layers(model)
+    path, dim = spec.write
+    for block, idx in neurons.items():
+        write = layers[block].get_parameter(path)
+        index = torch.tensor(idx, dtype=torch.long, device=write.device)
+        write.index_copy_(dim, index, write.index_select(dim, index) * factor)

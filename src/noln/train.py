@@ -185,11 +185,14 @@ class Trainer:
                  sink_neurons: dict[int, list[int]] | None = None):
         self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
         self.sink_neurons = sink_neurons  # zeroed before the first step (prune_sinks)
+        self.sinks_zeroed = False  # (until a restore brings back a checkpoint's weights)
         # the removal's settings (schedule, objective): None while norms only train (pretraining,
         # a --keep-ln control)
         self.removal = cfg if isinstance(cfg, RemoveConfig) and not cfg.keep_ln else None
         self.schedule = schedule or FixedSchedule([])
         self.extra_state = extra_state or {}  # saved with checkpoints (e.g. CE before training)
+        if sink_neurons:  # (a checkpoint from mid-fade is read back as the model it trained)
+            self.extra_state["sink_neurons"] = sink_neurons
         self.ctx = train_blocks.shape[1]
         self.total_steps = cfg.resolved_steps(self.ctx)
         self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
@@ -208,6 +211,8 @@ class Trainer:
         # auto: bf16 where the device multiplies bf16 natively (a GPU, a CPU with AMX or
         # AVX512-BF16), fp32 elsewhere (emulated bf16 on an AVX2 CPU is slower than fp32)
         self.precision = resolve_precision(cfg.precision, self.acc.device)
+        # what fading sink neurons write of their output (prune_fade), set at each step
+        self.fade_factor = torch.ones((), device=self.acc.device)
         world = self.acc.num_processes
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() != world:  # each would train the whole batch
@@ -396,23 +401,30 @@ class Trainer:
         return self.removal.prune_fade if self.removal is not None else 0
 
     def prune_sinks_due(self, step: int) -> None:
-        """Zero the sink neurons (``prune_sinks``) where they are due: at once, or from the end
-        of their fade (``prune_fade``) on. Checked at every step, as a guard restore can go
-        back to a checkpoint from before it; a no-op once they are zero."""
-        if not self.sink_neurons or step < self.prune_fade:
+        """The sink neurons (``prune_sinks``) at ``step``: fading, they write ``1 - step /
+        prune_fade`` of their output; from the fade's end (at once without one) they are
+        zeroed, once, and again after a guard restore to a checkpoint from before it."""
+        if not self.sink_neurons:
+            return
+        if step < self.prune_fade:
+            self.fade_factor.fill_(1.0 - step / self.prune_fade)
+            return
+        self.fade_factor.fill_(0.0)
+        if self.sinks_zeroed:
             return
         changed = prune_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
                                 self.optimizer)
+        self.sinks_zeroed = True
         if changed:
             self.log({"event": "pruned_sinks", "step": step, "neurons": changed})
 
     def fading_sinks(self):
-        """While training, the sink neurons write ``1 - step / prune_fade`` of their output
-        (``noln.sinks.fade_neurons``; zero from the fade's end, where they are pruned too)."""
+        """While training, the sink neurons write ``fade_factor`` of their output
+        (``noln.sinks.fade_neurons``), set at each step by ``prune_sinks_due``."""
         if not self.sink_neurons or not self.prune_fade:
             return nullcontext()
         return fade_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
-                            lambda: max(0.0, 1.0 - self.state.step / self.prune_fade))
+                            self.fade_factor)
 
     def remove_due(self, step: int) -> None:
         """Freeze the sites the schedule asks for, logging each one's cost on the probe batch."""
@@ -523,6 +535,13 @@ class Trainer:
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.extra_state = ckpt.get("extra", {})
+        saved = self.extra_state.get("sink_neurons")
+        if self.sink_neurons and saved and \
+                all(len(v) == len(self.sink_neurons.get(k, ())) for k, v in saved.items()):
+            self.sink_neurons = saved  # those the run found at its start, not found again
+        if self.sink_neurons:
+            self.extra_state["sink_neurons"] = self.sink_neurons
+        self.sinks_zeroed = False
 
     def log(self, record: dict) -> None:
         if self.acc.is_main_process:

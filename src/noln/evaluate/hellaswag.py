@@ -31,6 +31,7 @@ from noln.arch import context_length
 from noln.data import encode_batch, is_local, read_jsonl
 from noln.errors import NolnError
 from noln.evaluate.loss import accepts, logits_budget, model_device
+from noln.hub import offline_reason, offline_unless_reachable
 from noln.precision import compute_dtype
 from noln.progress import token_progress
 
@@ -105,10 +106,13 @@ def _read_jsonl(path: Path) -> list[Item]:
 
 
 def _read_hub(name: str, split: str) -> list[Item]:
+    offline_unless_reachable()
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, missing split: one fix for the user
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if offline_reason() is not None:
+            msg += f"; the Hub is not reachable: {offline_reason()}"
         raise NolnError(f"cannot load HellaSwag '{name}' (split '{split}') from the Hugging Face "
                         f"Hub ({msg}); offline, pass --hellaswag PATH to a local "
                         "validation.jsonl") from None
