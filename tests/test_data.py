@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -38,6 +39,37 @@ def test_empty_dataset_is_a_clear_error(tmp_path, tok):
     f.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"other": "x"}) + "\n")
     with pytest.raises(NolnError, match="has no text"):
         load_tokens(str(f), tok)
+
+
+def test_a_local_source_without_text_is_refused_by_the_source_check(tmp_path, monkeypatch):
+    """``check_source`` (what every command runs before it loads a model) reads a local source
+    up to its first document: empty, blank, all-empty 'text' fields or a bad line before the
+    first text are one line then, not after the model has loaded; a file with text is read no
+    further than its first document."""
+    from noln import data
+    from noln.data import check_source
+
+    cases = {"empty.jsonl": ("", "has no text (0 tokens)"),
+             "blank.txt": ("\n \n", "has no text (0 tokens)"),
+             "fields.jsonl": ('{"text": ""}\n{"other": 1}\n', "has no text (0 tokens)"),
+             "typed.jsonl": ('{"text": 5}\n{"text": "later"}\n', "'text' is a int"),
+             "nul.txt": ("a\0b", "is not a text file")}
+    for name, (content, error) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(NolnError, match=re.escape(error)):
+            check_source(str(tmp_path / name))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text('{"text": ""}\n')
+    (tmp_path / "folder" / "b.txt").write_text("some text")
+    check_source(str(tmp_path / "folder"))  # the second file has text
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "first"}\n' + "{not json\n")  # (the read finds line 2 later)
+    read: list[str] = []
+    real = data._file_documents
+    monkeypatch.setattr(data, "_file_documents",
+                        lambda path: (read.append(d) or d for d in real(path)))
+    check_source(str(good))
+    assert read == ["first"]
 
 
 def test_bad_json_and_missing_path(tmp_path, tok):

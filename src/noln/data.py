@@ -217,6 +217,24 @@ def check_source(*sources: str | Path | None, split: str = "train") -> None:
             check_hub_dataset(source, split)
         elif not Path(source).exists():
             raise NolnError(f"data file or folder '{source}' does not exist: check the path")
+        else:
+            _check_has_text(source)
+
+
+def _check_has_text(source: str) -> None:
+    """A local source holds text: read up to its first document (a bad line before it is
+    that line's error), so an empty or malformed file is one line before any model loads,
+    not after it."""
+    for file in _local_files(Path(source)):
+        if file.suffix not in (".jsonl", ".json"):
+            with file.open("rb") as f:
+                head = f.read(65536)
+            if head.strip() and b"\0" not in head:  # (a NUL: _file_documents says it)
+                return
+        if next(_file_documents(file), None) is not None:
+            return
+    raise NolnError(f"data source '{source}' has no text (0 tokens): give a dataset with a "
+                    "non-empty 'text' field")
 
 
 def iter_documents(source: str, split: str = "train") -> Iterator[str]:
