@@ -408,6 +408,46 @@ def test_skip_overflow_drops_the_sequences_the_norm_free_model_overflows_on(
                               **OVERFLOW_ARGS)
 
 
+def test_skip_overflow_hands_a_model_that_overflows_everywhere_to_the_guard(
+        tokenizer, text_jsonl, tmp_path, monkeypatch):
+    """A norm-free model that overflows on sequence after sequence at one step is broken, not
+    held back by a few sequences (SmolLM2 attempt 28 dropped 120 in a row at one step, and
+    would have gone through the whole training set): --skip-overflow drops no more than twice
+    a batch at one step, then the guard restores the last checkpoint at half the lr, and
+    gives up with a message that says it is the model."""
+    import noln.remove
+
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    real_install = noln.remove.install
+
+    def install_broken_once_norm_free(net, *a, **kwargs):
+        adapter = real_install(net, *a, **kwargs)
+
+        def broken(module, args, out):
+            if all(n.frozen and n.fade >= 1 for n in adapter.norms()):
+                return (out[0] * torch.inf, *out[1:]) if isinstance(out, tuple) else \
+                    out * torch.inf
+            return out
+        net.model.layers[0].register_forward_hook(broken)
+        return adapter
+
+    monkeypatch.setattr(noln.remove, "install", install_broken_once_norm_free)
+    with pytest.raises(NolnError, match="overflows on sequence after sequence at step 13 "
+                       r"\(12 in a row there\): the model, not a few sequences"):
+        noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / "run",
+                              skip_overflow=True, **OVERFLOW_ARGS)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+           .splitlines()]
+    gave_up = [e for e in log if e.get("event") == "skip_gave_up"]
+    guards = [e for e in log if e.get("event") == "guard"]
+    # the last try (a restore truncates the log after its checkpoint): the batch's 4 dropped,
+    # the next 4, then 4 more is past 2 x 4
+    assert [(e["step"], e["overflowed"]) for e in gave_up] == [(13, 12)]
+    assert [g["lr_scale"] for g in guards] == [0.5, 0.25]
+
+
 def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_clip(
         tokenizer, text_jsonl, tmp_path, monkeypatch):
     """--overflow-clip K: a sequence the norm-free model overflows on (here one token's

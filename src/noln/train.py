@@ -255,6 +255,7 @@ class Trainer:
         # this process's guard restores: logged again after a restore truncates the log, and
         # read to tell a batch that fails at every lr from an lr that is too high
         self.guard_events: list[dict] = []
+        self.skips_at = (-1, 0)  # (step, sequences skip_overflow dropped at it)
         self.run = RunFolder(self.out)
         self.log_path = self.run.log
 
@@ -535,6 +536,7 @@ class Trainer:
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.extra_state = ckpt.get("extra", {})
+        self.skips_at = (-1, 0)
         saved = self.extra_state.get("sink_neurons")
         if self.sink_neurons and saved and \
                 all(len(v) == len(self.sink_neurons.get(k, ())) for k, v in saved.items()):
@@ -784,6 +786,13 @@ class Trainer:
         bad, rescued = (sorted(set(gather_object(found))) for found in (bad, rescued))
         if not bad and not rescued:
             return False
+        # one bad sequence after another at the same step is the model, not the data (SmolLM2
+        # attempt 28: 120 in a row at step 705): the guard's business, as before
+        count = self.skips_at[1] + len(bad) if self.skips_at[0] == step else len(bad)
+        self.skips_at = (step, count)
+        if count > self.skip_limit:
+            self.log({"event": "skip_gave_up", "step": step, "overflowed": count})
+            return False
         if rescued:
             self.state.clipped += rescued
             self.log({"event": "clipped", "step": step, "sequences": rescued, "clip": k,
@@ -795,6 +804,11 @@ class Trainer:
             self.log({"event": "skipped", "step": step, "sequences": bad,
                       "total": len(self.state.skipped)})
         return True
+
+    @property
+    def skip_limit(self) -> int:
+        """More sequences than this overflowing at one step (``skip_overflow``): the model."""
+        return max(4, 2 * self.cfg.batch_size)
 
     def _overflows(self, seq: torch.Tensor, clip: float) -> bool:
         """Whether one sequence's loss or gradient is inf/nan, every frozen site clipped at
@@ -818,6 +832,14 @@ class Trainer:
         failures = self.state.failures + 1
         what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
             f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        if failures > self.cfg.max_retries and self.skips_at[0] == step and \
+                self.skips_at[1] > self.skip_limit:
+            raise NolnError(
+                f"training diverged {failures} times (last at step {step}): the norm-free model "
+                f"overflows on sequence after sequence at step {step} ({self.skips_at[1]} in a "
+                "row there): the model, not a few sequences, so --skip-overflow cannot help; "
+                f"the last good checkpoint is kept at {path}: go on from an earlier one "
+                "(`noln branch RUN --step N --out NEW`) with a lower --lr or a slower lift")
         if failures > self.cfg.max_retries:
             scales = [self.state.lr_scale]  # of the last tries, those that all failed here
             for event in reversed(self.guard_events):
