@@ -229,12 +229,15 @@ def _check_has_text(source: str) -> None:
         if file.suffix not in (".jsonl", ".json"):
             with file.open("rb") as f:
                 head = f.read(65536)
-            if head.strip() and b"\0" not in head:  # (a NUL: _file_documents says it)
+            if b"\0" in head:
+                raise NolnError(f"'{file}' is not a text file (it holds NUL bytes: binary "
+                                "data?): point --data at UTF-8 text")
+            if head.strip():
                 return
         if next(_file_documents(file), None) is not None:
             return
-    raise NolnError(f"data source '{source}' has no text (0 tokens): give a dataset with a "
-                    "non-empty 'text' field")
+    raise NolnError(f"data source '{source}' has no text (0 tokens): give .jsonl lines with a "
+                    "non-empty 'text' field, or a .txt file with text")
 
 
 def iter_documents(source: str, split: str = "train") -> Iterator[str]:
@@ -242,7 +245,8 @@ def iter_documents(source: str, split: str = "train") -> Iterator[str]:
     if source == BUILTIN:
         yield from builtin_documents()
     elif is_local(source):
-        check_source(source)
+        if not Path(source).exists():  # (check_source, less the read of the first document)
+            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
         path = Path(source)
         for file in _local_files(path):
             yield from _file_documents(file)
