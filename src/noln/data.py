@@ -215,10 +215,14 @@ def check_source(*sources: str | Path | None, split: str = "train") -> None:
             continue
         if not is_local(source):
             check_hub_dataset(source, split)
-        elif not Path(source).exists():
-            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
         else:
+            _check_exists(source)
             _check_has_text(source)
+
+
+def _check_exists(source: str) -> None:
+    if not Path(source).exists():
+        raise NolnError(f"data file or folder '{source}' does not exist: check the path")
 
 
 def _check_has_text(source: str) -> None:
@@ -245,8 +249,7 @@ def iter_documents(source: str, split: str = "train") -> Iterator[str]:
     if source == BUILTIN:
         yield from builtin_documents()
     elif is_local(source):
-        if not Path(source).exists():  # (check_source, less the read of the first document)
-            raise NolnError(f"data file or folder '{source}' does not exist: check the path")
+        _check_exists(source)  # (check_source's first read is not needed again)
         path = Path(source)
         for file in _local_files(path):
             yield from _file_documents(file)

@@ -17,7 +17,7 @@ from noln.export import load_clean
 from noln.linearity.replace import is_linearized, load_linearized
 from noln.pretrained import load_config, load_pretrained, load_tokenizer, read_json
 from noln.run import RunFolder, load_latest_checkpoint
-from noln.sinks import scale_neurons
+from noln.sinks import fade_at, scale_neurons
 
 
 def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -34,7 +34,7 @@ def load_run_model(path: Path, dtype: torch.dtype = torch.float32):
     fade, neurons = ckpt.get("config", {}).get("prune_fade", 0), ckpt.get("extra", {}).get(
         "sink_neurons")
     if neurons and ckpt["step"] < fade:  # saved mid-fade: what the sink neurons wrote then
-        scale_neurons(model, neurons, 1.0 - ckpt["step"] / fade)
+        scale_neurons(model, neurons, fade_at(ckpt["step"], fade))
     return model, load_tokenizer(run.base)
 
 

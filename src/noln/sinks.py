@@ -96,6 +96,12 @@ def prune_neurons(model: nn.Module, neurons: dict[int, list[int]],
     return changed
 
 
+def fade_at(step: int, steps: int) -> float:
+    """What fading neurons write of their output at ``step`` of a ``steps``-step fade
+    (``prune_fade``): 1 at its start, 0 from its end on."""
+    return max(0.0, 1.0 - step / steps)
+
+
 @contextmanager
 def fade_neurons(model: nn.Module, neurons: dict[int, list[int]],
                  factor: torch.Tensor) -> Iterator[None]:

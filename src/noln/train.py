@@ -50,7 +50,7 @@ from noln.sharding import (
     shard,
     transformer_blocks,
 )
-from noln.sinks import fade_neurons, prune_neurons
+from noln.sinks import fade_at, fade_neurons, prune_neurons
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -407,11 +407,8 @@ class Trainer:
         zeroed, once, and again after a guard restore to a checkpoint from before it."""
         if not self.sink_neurons:
             return
-        if step < self.prune_fade:
-            self.fade_factor.fill_(1.0 - step / self.prune_fade)
-            return
-        self.fade_factor.fill_(0.0)
-        if self.sinks_zeroed:
+        self.fade_factor.fill_(fade_at(step, self.prune_fade) if self.prune_fade else 0.0)
+        if step < self.prune_fade or self.sinks_zeroed:
             return
         changed = prune_neurons(self.acc.unwrap_model(self.model), self.sink_neurons,
                                 self.optimizer)

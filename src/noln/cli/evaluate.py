@@ -95,6 +95,16 @@ def _finish(result: ComparisonResult, json_out: Path | None, out: Path | None) -
         typer.echo(f"wrote {json_out}")
 
 
+def _check_first(nothing: str, data, hellaswag, hellaswag_limit, tokens, ctx,
+                 batch_size) -> None:
+    """What ``eval`` and ``compare`` answer before the library's imports: something to
+    measure, and numbers in range."""
+    if not data and hellaswag is None:
+        raise NolnError(f"{nothing}: give --data SOURCE and/or --hellaswag (hf or PATH)")
+    check_hellaswag_limit(hellaswag, hellaswag_limit)
+    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -120,13 +130,10 @@ def eval_cmd(
 ) -> None:
     """Cross-entropy per --data source (95% interval over chunks, median, rare tokens) and
     HellaSwag acc / acc_norm, for each MODEL."""
-    # (before the library's imports: these are answered at once)
-    if not data and hellaswag is None:
-        raise NolnError("nothing to evaluate: give --data SOURCE and/or --hellaswag (hf or PATH)")
-    check_hellaswag_limit(hellaswag, hellaswag_limit)
+    _check_first("nothing to evaluate", data, hellaswag, hellaswag_limit, tokens, ctx,
+                 batch_size)
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
-    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
     from noln.data import load_blocks, tokenizer_fingerprint
     from noln.evaluate.compare import compare_models, report_files
     from noln.evaluate.inputs import (
@@ -192,11 +199,8 @@ def compare_cmd(
 ) -> None:
     """The papers' table: ORIGINAL vs FINETUNED_WITH_LN vs NO_LN on every --data source and
     HellaSwag, faithfulness to ORIGINAL, and the no-LN − with-LN difference."""
-    if not data and hellaswag is None:  # (before the library's imports: answered at once)
-        raise NolnError("nothing to compare on: give --data SOURCE and/or --hellaswag (hf or "
-                        "PATH)")
-    check_hellaswag_limit(hellaswag, hellaswag_limit)
-    check_eval_numbers(tokens, ctx, batch_size, hellaswag_limit)
+    _check_first("nothing to compare on", data, hellaswag, hellaswag_limit, tokens, ctx,
+                 batch_size)
     from noln.data import load_blocks, tokenizer_fingerprint
     from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models, report_files
     from noln.evaluate.inputs import (
