@@ -551,6 +551,80 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     assert loss.item() > 0.5 * ce.item() + 1e-3
 
 
+def _perturbed_copy(model_dir, out, vocab: int | None = None):
+    """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens), saved
+    with the same tokenizer at ``out``."""
+    from transformers import AutoTokenizer
+
+    from noln.pretrain import build_model
+    from noln.pretrained import load_pretrained
+
+    torch.manual_seed(1)
+    model = load_pretrained(model_dir) if vocab is None else build_model(
+        "gpt2", vocab, n_layer=2, d_model=32, n_head=2, ctx=64, eot_id=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return model.eval()
+
+
+def test_teacher_replaces_the_original_in_the_kl(tiny_model_dir, text_jsonl, tmp_path):
+    """--teacher: the KL pulls towards that model, loaded by name (a folder, a run folder), not
+    towards the original; the sink neurons are still the original's; a run with it trains to
+    the end and resumes with it."""
+    from noln.config import make_config
+    from noln.pretrained import load_pretrained
+    from noln.remove import _ranks, setup
+
+    other = _perturbed_copy(tiny_model_dir, tmp_path / "teacher")
+    original = load_pretrained(tiny_model_dir).eval()
+    cfg = make_config(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r",
+                      distill=0.5, teacher=str(tmp_path / "teacher"), **FAST)
+    (tmp_path / "r").mkdir()
+    removal = setup(cfg, False, _ranks())
+    x = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        got = removal.teacher(input_ids=x).logits
+        assert torch.allclose(got, other(input_ids=x).logits, atol=1e-6)
+        assert not torch.allclose(got, original(input_ids=x).logits, atol=1e-2)
+    run = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
+                                distill=0.5, teacher=str(tmp_path / "teacher"),
+                                **{**FAST, "steps": 10})
+    assert run.summary["steps"] == 10
+    # a run folder as the teacher: its last checkpoint; resumed, the run reads it again
+    longer = noln.remove_layernorm(resume=tmp_path / "run", steps=14)
+    assert longer.summary["steps"] == 14
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["teacher"] == \
+        str(tmp_path / "teacher")
+    student = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "s",
+                                    distill=1.0, teacher=str(tmp_path / "run"),
+                                    **{**FAST, "steps": 4})
+    assert math.isfinite(student.summary["ce_after"]["heldout"]["mean"])
+
+
+def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tmp_path,
+                                                  monkeypatch):
+    import noln.remove
+
+    started = []
+    monkeypatch.setattr(noln.remove, "Trainer", lambda *a, **k: started.append(1))
+    _perturbed_copy(tiny_model_dir, tmp_path / "wide", vocab=600)
+    run = dict(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r", **FAST)
+    cases = [
+        (dict(teacher=str(tmp_path / "t")), "give --distill W too"),
+        (dict(distill=0.5, teacher=str(tmp_path / "missing")),
+         "--teacher: model .*missing' does not exist"),
+        (dict(distill=0.5, teacher=str(tmp_path / "r" / "control")), "distil from itself"),
+        (dict(distill=0.5, teacher=str(tmp_path / "wide")), "predicts 600 tokens"),
+    ]
+    for override, message in cases:
+        with pytest.raises(NolnError, match=message):
+            noln.remove_layernorm(**{**run, **override})
+    assert not started and not (tmp_path / "r").exists()
+
+
 def test_cos_reg_adds_the_linearity_regulariser_to_the_loss(tiny_model_dir, tmp_path):
     import numpy as np
 

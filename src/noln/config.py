@@ -359,14 +359,19 @@ class RemoveConfig(TrainConfig):
         "the factor above a removed site's scale at which a token makes its sequence replayed "
         "(--replay)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
-        "weight of KL to the original model (the rest is CE)"))
+        "weight of KL to the teacher, the original model unless --teacher (the rest is CE)"))
+    teacher: str | None = Field(None, **describe_field(
+        "the model --distill pulls towards, instead of the original: a Hub id, Hugging Face "
+        "folder, .gguf, noln export or run folder (its last checkpoint) with the model's "
+        "vocabulary, e.g. a with-norm control trained first on the same data; it is loaded "
+        "again by this name on --resume"))
     export_format: Literal["hf", "clean", "both", "none"] = Field("hf", **describe_field(
         "export: hf | clean | both | none", flag="--format"))
     stages: list[Stage] = Field(default_factory=list, **describe_field(
         "changes the run makes to itself at given steps, each as a --resume with those "
         "settings there: [{step: 2000, set: {skip_overflow: true}}, ...] (steps rising)"))
 
-    @field_validator("model", "data", "eval_data", "schedule")
+    @field_validator("model", "data", "eval_data", "schedule", "teacher")
     @classmethod
     def _anchor(cls, value: str | None) -> str | None:
         return None if value is None else anchored(value)
@@ -416,6 +421,13 @@ class RemoveConfig(TrainConfig):
         if 0 < self.overflow_clip <= 1:
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} would clip typical tokens "
                              "too: give K above 1 (e.g. 10) or 0 (off)")
+        if self.teacher is not None and not self.distill:
+            raise ValueError(f"--teacher {self.teacher} is what --distill pulls towards: give "
+                             "--distill W too (e.g. 0.5)")
+        if self.teacher is not None and _inside(self.teacher, self.out):
+            raise ValueError(f"--teacher {self.teacher} is this run's own folder: a run cannot "
+                             "distil from itself (a pair's control included); give a model "
+                             "trained before it")
         if self.prune_fade and not self.prune_sinks:
             raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
                              "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
@@ -846,8 +858,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_f
                      "stages")
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
-                            "site_aux_special", "cos_reg", "distill", "weight_decay", "betas",
-                            "grad_clip", "grad_clip_late", "replay", "replay_margin",
+                            "site_aux_special", "cos_reg", "distill", "teacher", "weight_decay",
+                            "betas", "grad_clip", "grad_clip_late", "replay", "replay_margin",
                             "prune_sinks", "prune_fade", "skip_overflow", "overflow_clip",
                             "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.
@@ -880,6 +892,12 @@ def _was(saved: Any, given: Any) -> Any:
     if isinstance(saved, dict) and isinstance(given, dict):
         return {k: _was(saved.get(k), v) for k, v in given.items() if k in saved}
     return saved
+
+
+def _inside(path: str, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (a Hub id never does)."""
+    here, there = Path(path).expanduser().absolute(), Path(folder).expanduser().absolute()
+    return here == there or there in here.parents
 
 
 def anchored(value: str) -> str:

@@ -60,9 +60,10 @@ from noln.evaluate.hellaswag import check_endings_fit, load_hellaswag
 from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
 from noln.export import check_export_target, export_model
+from noln.loading import load_model
 from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
-from noln.pretrained import load_config, load_pretrained, load_tokenizer
+from noln.pretrained import check_models_exist, load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
 from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
 from noln.schedule import Schedule, build_schedule
@@ -337,13 +338,20 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     before training."""
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
+    if cfg.teacher is not None and cfg.distill > 0:
+        try:
+            check_models_exist(cfg.teacher)
+        except NolnError as e:
+            raise NolnError(f"--teacher: {e}") from None
     formats = export_formats(cfg)
     if resuming:  # the exports a resumed run replaces at its end: refused now, not then
         for fmt in formats:
             check_export_target(run.export(fmt, len(formats)))
     net, tokenizer = _build(cfg, resuming)
     teacher = None
-    if cfg.distill > 0:  # the original model, before any change
+    if cfg.distill > 0 and cfg.teacher is not None:
+        teacher = load_teacher(cfg.teacher, net)
+    elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
@@ -379,12 +387,24 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
                                        for k, b in sets.items()}
     sinks = None
     if cfg.prune_sinks and not cfg.keep_ln:  # found in the original model, on the probe
-        original = teacher if teacher is not None else (
+        original = teacher if teacher is not None and cfg.teacher is None else (
             load_pretrained(cfg.model) if resuming else net)
         sinks = sink_neurons(original, torch.from_numpy(
             np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks)
     return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
                    sets, teacher, ce_before, sinks)
+
+
+def load_teacher(name: str, model: nn.Module) -> nn.Module:
+    """The model ``--distill`` pulls ``model`` towards, by any name noln loads
+    (``noln.loading``); refused unless its logits cover the same vocabulary, token for token."""
+    teacher, _ = load_model(name)
+    ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, teacher))
+    if ours != theirs:
+        raise NolnError(f"--teacher {name} predicts {theirs:,} tokens and the model {ours:,}: "
+                        "distillation compares the two distributions token for token; give a "
+                        "teacher with the model's tokenizer (e.g. one fine-tuned from it)")
+    return teacher
 
 
 def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False,
