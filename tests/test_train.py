@@ -551,9 +551,9 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     assert loss.item() > 0.5 * ce.item() + 1e-3
 
 
-def _perturbed_copy(model_dir, out, vocab: int | None = None):
+def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None):
     """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens), saved
-    with the same tokenizer at ``out``."""
+    with the same tokenizer at ``out`` (or ``tokenizer``)."""
     from transformers import AutoTokenizer
 
     from noln.pretrain import build_model
@@ -566,7 +566,7 @@ def _perturbed_copy(model_dir, out, vocab: int | None = None):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    (tokenizer or AutoTokenizer.from_pretrained(model_dir)).save_pretrained(out)
     return model.eval()
 
 
@@ -607,10 +607,13 @@ def test_teacher_replaces_the_original_in_the_kl(tiny_model_dir, text_jsonl, tmp
 def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tmp_path,
                                                   monkeypatch):
     import noln.remove
+    from noln.pretrain import train_tokenizer
 
     started = []
     monkeypatch.setattr(noln.remove, "Trainer", lambda *a, **k: started.append(1))
     _perturbed_copy(tiny_model_dir, tmp_path / "wide", vocab=600)
+    other = train_tokenizer(str(text_jsonl), vocab_size=512, max_docs=60)  # other merges
+    _perturbed_copy(tiny_model_dir, tmp_path / "other-tokens", tokenizer=other)
     run = dict(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r", **FAST)
     cases = [
         (dict(teacher=str(tmp_path / "t")), "give --distill W too"),
@@ -618,6 +621,7 @@ def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tm
          "--teacher: model .*missing' does not exist"),
         (dict(distill=0.5, teacher=str(tmp_path / "r" / "control")), "distil from itself"),
         (dict(distill=0.5, teacher=str(tmp_path / "wide")), "predicts 600 tokens"),
+        (dict(distill=0.5, teacher=str(tmp_path / "other-tokens")), "has another tokenizer"),
     ]
     for override, message in cases:
         with pytest.raises(NolnError, match=message):

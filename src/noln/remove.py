@@ -350,7 +350,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     net, tokenizer = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0 and cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, net)
+        teacher = load_teacher(cfg.teacher, net, tokenizer)
     elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     ctx = model_ctx(net.config, cfg)
@@ -395,15 +395,18 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
                    sets, teacher, ce_before, sinks)
 
 
-def load_teacher(name: str, model: nn.Module) -> nn.Module:
+def load_teacher(name: str, model: nn.Module, tokenizer) -> nn.Module:
     """The model ``--distill`` pulls ``model`` towards, by any name noln loads
     (``noln.loading``); refused unless its logits cover the same vocabulary, token for token."""
-    teacher, _ = load_model(name)
+    teacher, teacher_tokenizer = load_model(name)
     ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, teacher))
-    if ours != theirs:
-        raise NolnError(f"--teacher {name} predicts {theirs:,} tokens and the model {ours:,}: "
-                        "distillation compares the two distributions token for token; give a "
-                        "teacher with the model's tokenizer (e.g. one fine-tuned from it)")
+    same = ours == theirs and teacher_tokenizer.get_vocab() == tokenizer.get_vocab()
+    if not same:
+        sizes = (f"predicts {theirs:,} tokens and the model {ours:,}" if ours != theirs else
+                 "has another tokenizer than the model's")
+        raise NolnError(f"--teacher {name} {sizes}: distillation compares the two "
+                        "distributions token for token; give a teacher with the model's "
+                        "tokenizer (e.g. one fine-tuned from it)")
     return teacher
 
 
