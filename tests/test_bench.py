@@ -157,3 +157,24 @@ def test_freeze_from_checkpoint_prunes_the_sink_circuit_first(tiny_model_dir, te
     refused = subprocess.run([sys.executable, *script, "--prune-sinks", "3"],
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "give --original MODEL" in refused.stderr
+
+
+def test_where_gap_splits_a_gap_by_position_reference_ce_and_share():
+    """bench/where_gap.py: a gap of 1 nat on the first 4 positions of one chunk and 0 elsewhere
+    is 4 of 20 tokens; it sits in positions 1-4, in that chunk, in the worst 20% of tokens."""
+    import torch
+
+    where_gap = _module("where_gap")
+    gap = torch.zeros(2, 10)
+    gap[0, :4] = 1.0
+    reference = torch.full((2, 10), 3.0)
+    reference[0, :4] = 0.05
+    out = where_gap.breakdown(gap, reference)
+    assert out["gap"] == pytest.approx(0.2)
+    assert out["by_position"] == pytest.approx({"1-1": 0.5, "2-4": 0.5, "5-10": 0.0})
+    assert out["by_reference_ce"]["[0, 0.1)"] == pytest.approx({"tokens": 0.2, "gap": 1.0})
+    assert out["by_reference_ce"]["[2, 5)"] == pytest.approx({"tokens": 0.8, "gap": 0.0})
+    assert out["share_of_worst"]["20%"] == pytest.approx(1.0)
+    assert out["share_of_worst"]["5%"] == pytest.approx(0.25)  # the worst 1 token of the 4
+    assert out["tokens_worse"] == pytest.approx(0.2)
+    assert out["chunk_gap"] == pytest.approx({"min": 0.0, "median": 0.2, "max": 0.4})
