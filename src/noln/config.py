@@ -894,10 +894,17 @@ def _was(saved: Any, given: Any) -> Any:
     return saved
 
 
+def looks_local(name: str) -> bool:
+    """Whether a model name is a path on this machine rather than a Hub id ('gpt2',
+    'owner/name'): it exists, starts like a path or has more than one '/'."""
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+
+
 def _inside(path: str, folder: str | Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (a Hub id never does)."""
+    """Whether the local path ``path`` is ``folder`` or lies inside it (a Hub id never does,
+    whatever the folder)."""
     here, there = Path(path).expanduser().absolute(), Path(folder).expanduser().absolute()
-    return here == there or there in here.parents
+    return looks_local(path) and (here == there or there in here.parents)
 
 
 def anchored(value: str) -> str:

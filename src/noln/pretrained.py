@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from noln.arch import check_supported
+from noln.config import looks_local
 from noln.errors import NolnError
 from noln.gguf import resolve as resolve_gguf
 from noln.hub import offline_reason, offline_unless_reachable
@@ -166,10 +167,6 @@ def check_causal(config, name) -> None:
                         "GPT-2, Pythia or Llama")
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
-
-
 def load_tokenizer(name: str | Path):
     name = resolve_gguf(name)
     if not Path(name).expanduser().exists():
@@ -192,7 +189,7 @@ def check_models_exist(*names: str | Path) -> None:
     """Every name that is a local path exists: a typo is one line before the first model
     loads (a command reading several models would find it only after the others' work)."""
     for name in names:
-        if _looks_local(str(name)) and not Path(str(name)).expanduser().exists():
+        if looks_local(str(name)) and not Path(str(name)).expanduser().exists():
             raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id "
                             "such as 'gpt2'")
 
