@@ -54,8 +54,9 @@ def breakdown(gap: torch.Tensor, reference: torch.Tensor) -> dict:
                                               .mean().item(),
                                               "gap": flat[(ref >= lo) & (ref < hi)].mean().item()}
                             for lo, hi in REFERENCE_CE},
+        # (of a positive total gap: a model no worse overall has no share to split)
         "share_of_worst": {f"{q:.0%}": (worst[: int(len(worst) * q)].sum() / total).item()
-                           for q in (0.01, 0.05, 0.2)},
+                           if total > 0 else float("nan") for q in (0.01, 0.05, 0.2)},
         "tokens_worse": (flat > 0).float().mean().item(),
         "median_token_gap": flat.median().item(),
         "chunk_gap": {k: float(v) for k, v in zip(
@@ -77,10 +78,13 @@ def main() -> None:
     args = parser.parse_args()
     precision = resolve_precision(args.precision, torch.device("cpu"))
     model, tokenizer = load_model(args.model)
-    reference, _ = load_model(args.reference)
+    reference, reference_tokenizer = load_model(args.reference)
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{args.reference} has another tokenizer than {args.model}: the two "
+                         "cannot be compared token for token")
     results = {}
     for spec in args.data:
-        name, _, path = spec.rpartition("=")
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
         blocks = torch.from_numpy(np.asarray(
             load_blocks(path, tokenizer, args.ctx, args.tokens), np.int64))
         ours, theirs = token_ce(model, blocks, precision), token_ce(reference, blocks, precision)

@@ -551,9 +551,9 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     assert loss.item() > 0.5 * ce.item() + 1e-3
 
 
-def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None):
-    """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens), saved
-    with the same tokenizer at ``out`` (or ``tokenizer``)."""
+def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None, ctx: int = 64):
+    """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens and
+    ``ctx`` positions), saved with the same tokenizer at ``out`` (or ``tokenizer``)."""
     from transformers import AutoTokenizer
 
     from noln.pretrain import build_model
@@ -561,7 +561,7 @@ def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None):
 
     torch.manual_seed(1)
     model = load_pretrained(model_dir) if vocab is None else build_model(
-        "gpt2", vocab, n_layer=2, d_model=32, n_head=2, ctx=64, eot_id=0)
+        "gpt2", vocab, n_layer=2, d_model=32, n_head=2, ctx=ctx, eot_id=0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -570,38 +570,52 @@ def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None):
     return model.eval()
 
 
-def test_teacher_replaces_the_original_in_the_kl(tiny_model_dir, text_jsonl, tmp_path):
-    """--teacher: the KL pulls towards that model, loaded by name (a folder, a run folder), not
-    towards the original; the sink neurons are still the original's; a run with it trains to
-    the end and resumes with it."""
-    from noln.config import make_config
+def test_teacher_replaces_the_original_in_the_kl(tiny_model_dir, text_jsonl, tmp_path,
+                                                 monkeypatch):
+    """--teacher: the KL pulls towards that model, loaded by name (a folder, a run folder's last
+    checkpoint), not towards the original, on a new run and on --resume; the sink neurons are
+    still found in the original; --resume --distill 0 ends the distillation."""
+    import noln.remove
+    from noln.config import RemoveConfig, make_config
+    from noln.loading import load_model
     from noln.pretrained import load_pretrained
     from noln.remove import _ranks, setup
 
     other = _perturbed_copy(tiny_model_dir, tmp_path / "teacher")
     original = load_pretrained(tiny_model_dir).eval()
+    x = torch.arange(1, 33)[None]
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=x).logits
+
+    searched = []  # the model the sink neurons are looked for in
+    monkeypatch.setattr(noln.remove, "sink_neurons",
+                        lambda model, probe, k: searched.append(logits(model)) or {})
     cfg = make_config(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r",
-                      distill=0.5, teacher=str(tmp_path / "teacher"), **FAST)
+                      distill=0.5, teacher=str(tmp_path / "teacher"), prune_sinks=1, **FAST)
     (tmp_path / "r").mkdir()
     removal = setup(cfg, False, _ranks())
-    x = torch.arange(1, 33)[None]
-    with torch.no_grad():
-        got = removal.teacher(input_ids=x).logits
-        assert torch.allclose(got, other(input_ids=x).logits, atol=1e-6)
-        assert not torch.allclose(got, original(input_ids=x).logits, atol=1e-2)
+    assert torch.allclose(logits(removal.teacher), logits(other), atol=1e-6)
+    assert not torch.allclose(logits(removal.teacher), logits(original), atol=1e-2)
+    assert torch.allclose(searched[0], logits(original), atol=1e-6)
+
     run = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                                 distill=0.5, teacher=str(tmp_path / "teacher"),
                                 **{**FAST, "steps": 10})
     assert run.summary["steps"] == 10
-    # a run folder as the teacher: its last checkpoint; resumed, the run reads it again
-    longer = noln.remove_layernorm(resume=tmp_path / "run", steps=14)
+    resumed = RemoveConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert resumed.teacher == str(tmp_path / "teacher")
+    assert torch.allclose(logits(setup(resumed, True, _ranks()).teacher), logits(other),
+                          atol=1e-6)
+    # a run folder as the teacher: the model its last checkpoint holds
+    cfg = make_config(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "s",
+                      distill=1.0, teacher=str(tmp_path / "run"), **FAST)
+    (tmp_path / "s").mkdir()
+    assert torch.allclose(logits(setup(cfg, False, _ranks()).teacher),
+                          logits(load_model(tmp_path / "run")[0]), atol=1e-6)
+    longer = noln.remove_layernorm(resume=tmp_path / "run", steps=14, distill=0.0)
     assert longer.summary["steps"] == 14
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["teacher"] == \
-        str(tmp_path / "teacher")
-    student = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "s",
-                                    distill=1.0, teacher=str(tmp_path / "run"),
-                                    **{**FAST, "steps": 4})
-    assert math.isfinite(student.summary["ce_after"]["heldout"]["mean"])
 
 
 def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tmp_path,
@@ -612,21 +626,28 @@ def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tm
     started = []
     monkeypatch.setattr(noln.remove, "Trainer", lambda *a, **k: started.append(1))
     _perturbed_copy(tiny_model_dir, tmp_path / "wide", vocab=600)
+    _perturbed_copy(tiny_model_dir, tmp_path / "short", vocab=512, ctx=32)
     other = train_tokenizer(str(text_jsonl), vocab_size=512, max_docs=60)  # other merges
     _perturbed_copy(tiny_model_dir, tmp_path / "other-tokens", tokenizer=other)
-    run = dict(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r", **FAST)
+    monkeypatch.chdir(tmp_path)
+    run = dict(model=str(tiny_model_dir), data=str(text_jsonl), out="r", **FAST)
     cases = [
         (dict(teacher=str(tmp_path / "t")), "give --distill W too"),
         (dict(distill=0.5, teacher=str(tmp_path / "missing")),
          "--teacher: model .*missing' does not exist"),
         (dict(distill=0.5, teacher=str(tmp_path / "r" / "control")), "distil from itself"),
+        (dict(distill=0.5, teacher="r/control"), "lies in this run's own folder"),
+        (dict(distill=0.5, teacher="./r/../r"), "lies in this run's own folder"),
         (dict(distill=0.5, teacher=str(tmp_path / "wide")), "predicts 600 tokens"),
         (dict(distill=0.5, teacher=str(tmp_path / "other-tokens")), "has another tokenizer"),
+        (dict(distill=0.5, teacher=str(tmp_path / "short")), "reads at most 32 tokens"),
     ]
     for override, message in cases:
         with pytest.raises(NolnError, match=message):
             noln.remove_layernorm(**{**run, **override})
     assert not started and not (tmp_path / "r").exists()
+    from noln.config import make_config  # a Hub id never lies in the run folder, even '.'
+    assert make_config(model="gpt2", out=".", distill=0.5, teacher="gpt2").teacher == "gpt2"
 
 
 def test_cos_reg_adds_the_linearity_regulariser_to_the_loss(tiny_model_dir, tmp_path):

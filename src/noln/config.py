@@ -421,13 +421,10 @@ class RemoveConfig(TrainConfig):
         if 0 < self.overflow_clip <= 1:
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} would clip typical tokens "
                              "too: give K above 1 (e.g. 10) or 0 (off)")
-        if self.teacher is not None and not self.distill:
-            raise ValueError(f"--teacher {self.teacher} is what --distill pulls towards: give "
-                             "--distill W too (e.g. 0.5)")
         if self.teacher is not None and _inside(self.teacher, self.out):
-            raise ValueError(f"--teacher {self.teacher} is this run's own folder: a run cannot "
-                             "distil from itself (a pair's control included); give a model "
-                             "trained before it")
+            raise ValueError(f"--teacher {self.teacher} lies in this run's own folder: a run "
+                             "cannot distil from itself (a pair's control included); give a "
+                             "model trained before it")
         if self.prune_fade and not self.prune_sinks:
             raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
                              "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
@@ -901,10 +898,14 @@ def looks_local(name: str) -> bool:
 
 
 def _inside(path: str, folder: str | Path) -> bool:
-    """Whether the local path ``path`` is ``folder`` or lies inside it (a Hub id never does,
-    whatever the folder)."""
-    here, there = Path(path).expanduser().absolute(), Path(folder).expanduser().absolute()
-    return looks_local(path) and (here == there or there in here.parents)
+    """Whether the model name ``path``, read as a path, is ``folder`` or lies inside it. A Hub
+    id ('gpt2') read as a path lies in the current folder: it counts only where ``folder`` is
+    below the current folder, or where the name looks local."""
+    here, there = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    if here != there and there not in here.parents:
+        return False
+    cwd = Path.cwd().resolve()
+    return looks_local(path) or (there != cwd and there not in cwd.parents)
 
 
 def anchored(value: str) -> str:
@@ -918,7 +919,8 @@ def anchored(value: str) -> str:
 def same_setting(field: str, saved: Any, given: Any) -> bool:
     """A run's saved value and a resume's given one are the same setting: a local file however
     it is spelt (the run may have been begun from another folder), a pair as list or tuple."""
-    if field in ("model", "data", "eval_data", "schedule") and isinstance(saved, str) and \
+    if field in ("model", "data", "eval_data", "schedule", "teacher") and \
+            isinstance(saved, str) and \
             isinstance(given, str) and Path(saved).exists() and Path(given).exists():
         return Path(saved).resolve() == Path(given).resolve()
     if isinstance(saved, list | tuple) and isinstance(given, list | tuple):

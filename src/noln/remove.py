@@ -338,6 +338,10 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     before training."""
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
+    if cfg.teacher is not None and not cfg.distill and not resuming:  # (a resume may set
+        # --distill 0 to end the distillation: the teacher then stands unused)
+        raise NolnError(f"--teacher {cfg.teacher} is what --distill pulls towards: give "
+                        "--distill W too (e.g. 0.5)")
     if cfg.teacher is not None and cfg.distill > 0:
         try:
             check_models_exist(cfg.teacher)
@@ -348,12 +352,12 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         for fmt in formats:
             check_export_target(run.export(fmt, len(formats)))
     net, tokenizer = _build(cfg, resuming)
+    ctx = model_ctx(net.config, cfg)
     teacher = None
     if cfg.distill > 0 and cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, net, tokenizer)
+        teacher = load_teacher(cfg.teacher, net, tokenizer, ctx)
     elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
-    ctx = model_ctx(net.config, cfg)
     steps = cfg.resolved_steps(ctx)
     kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
@@ -395,18 +399,24 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
                    sets, teacher, ce_before, sinks)
 
 
-def load_teacher(name: str, model: nn.Module, tokenizer) -> nn.Module:
+def load_teacher(name: str, model: nn.Module, tokenizer, ctx: int) -> nn.Module:
     """The model ``--distill`` pulls ``model`` towards, by any name noln loads
-    (``noln.loading``); refused unless its logits cover the same vocabulary, token for token."""
-    teacher, teacher_tokenizer = load_model(name)
+    (``noln.loading``); refused unless its logits cover the same vocabulary, token for token,
+    and it reads sequences of the run's ``ctx`` tokens."""
+    try:
+        teacher, teacher_tokenizer = load_model(name)
+    except NolnError as e:
+        raise NolnError(f"--teacher: {e}") from None
     ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, teacher))
-    same = ours == theirs and teacher_tokenizer.get_vocab() == tokenizer.get_vocab()
-    if not same:
+    if ours != theirs or teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         sizes = (f"predicts {theirs:,} tokens and the model {ours:,}" if ours != theirs else
                  "has another tokenizer than the model's")
         raise NolnError(f"--teacher {name} {sizes}: distillation compares the two "
                         "distributions token for token; give a teacher with the model's "
                         "tokenizer (e.g. one fine-tuned from it)")
+    if (longest := context_length(teacher.config, default=ctx)) < ctx:
+        raise NolnError(f"--teacher {name} reads at most {longest} tokens and the run's "
+                        f"sequences are {ctx}: give --ctx {longest} or less, or another teacher")
     return teacher
 
 
