@@ -895,6 +895,37 @@ def test_replay_keeps_the_sequences_whose_tokens_pass_the_margin(tiny_model_dir,
     assert [e["dropped"] for e in events] == [[], [expected[0]], [expected[2], expected[1]]]
 
 
+def test_a_dropped_sequence_gives_its_place_to_a_random_one_not_the_next_block(
+        tiny_model_dir, tmp_path):
+    """skip_overflow: blocks are packed in the data's order, so the block after a dropped one
+    is the same document's next text (SmolLM2 attempt 29 dropped blocks 250-253 of one Firefox
+    bug list at one step); its place goes to the sequence at the same place of the next
+    epoch's permutation that is kept, the same on every call (a resumed run draws the same)."""
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.pretrained import load_pretrained
+    from noln.train import Trainer
+
+    model = load_pretrained(tiny_model_dir)
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(100, 16))
+    cfg = make_config(model=str(tiny_model_dir), out=tmp_path, aux_weight=0.0, progress=False,
+                      batch_size=4)
+    trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter)
+    first = trainer.batch_indices(0)
+    dropped = [int(first[0]) + k for k in range(4)] + [int(trainer._perm(1)[0])]
+    trainer.state.skipped = dropped
+    idx = trainer.batch_indices(0)
+    later = [int(trainer._perm(e)[0]) for e in range(2, 6)]
+    assert idx[0] == next(i for i in later if i not in dropped) != first[0] + 4
+    assert list(idx[1:]) == list(first[1:])
+    assert list(trainer.batch_indices(0)) == list(idx)
+    drawn = np.concatenate([trainer.batch_indices(step) for step in range(60)])  # 2.4 epochs
+    assert not set(drawn.tolist()) & set(dropped)
+
+
 def test_prune_sinks_zeroes_the_originals_sink_neurons_for_the_whole_run(tiny_model_dir,
                                                                          text_jsonl, tmp_path):
     """``prune_sinks=N``: the N neurons per block that write most into position 0 in the

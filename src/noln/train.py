@@ -271,16 +271,20 @@ class Trainer:
 
     def batch_indices(self, step: int) -> np.ndarray:
         """The step's training sequences: the next ``batch_size`` of the epoch's permutation
-        (a dropped one, ``skip_overflow``, replaced by the next sequence kept), the last one
-        replaced by a replayed sequence (``replay``, chosen by the step among those kept: the
-        checkpoint holds both lists, so a resumed run draws the same)."""
+        (a dropped one, ``skip_overflow``, replaced by the first sequence kept at the same
+        place of the next epochs' permutations), the last one replaced by a replayed sequence
+        (``replay``, chosen by the step among those kept: the checkpoint holds both lists, so
+        a resumed run draws the same)."""
         n = len(self.train_blocks)
         pos = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
         idx = np.array([self._perm(p // n)[p % n] for p in pos])
-        if self.state.skipped:  # each dropped sequence's place goes to the next one kept
+        if self.state.skipped:
+            # a random sequence, not the next block: blocks are packed in the data's order, so
+            # the next one is the same document's next text, which overflows as often
             dropped = set(self.state.skipped)
-            idx = np.array([next((i + k) % n for k in range(n) if (i + k) % n not in dropped)
-                            for i in idx])
+            idx = np.array([i if i not in dropped else next(
+                j for k in range(1, 1000) if (j := self._perm(p // n + k)[p % n]) not in dropped)
+                for i, p in zip(idx, pos)])
         if self.state.replay:
             idx[-1] = self.state.replay[step % len(self.state.replay)]
         return idx
