@@ -19,26 +19,14 @@ import json
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from noln.data import load_blocks
+from noln.evaluate.loss import token_losses
 from noln.loading import load_model
 from noln.precision import autocast, resolve_precision
 
 POSITIONS = [(0, 1), (1, 4), (4, 16), (16, 64), (64, 128), (128, None)]
 REFERENCE_CE = [(0, 0.1), (0.1, 0.5), (0.5, 2), (2, 5), (5, float("inf"))]
-
-
-@torch.no_grad()
-def token_ce(model: torch.nn.Module, blocks: torch.Tensor, precision: str) -> torch.Tensor:
-    """``[chunks, ctx - 1]`` CE of each predicted token."""
-    rows = []
-    for i in range(0, len(blocks), 8):
-        x = blocks[i:i + 8]
-        with autocast(precision, torch.device("cpu")):
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        rows.append(F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none"))
-    return torch.cat(rows)
 
 
 def breakdown(gap: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -85,9 +73,9 @@ def main() -> None:
     results = {}
     for spec in args.data:
         name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-        blocks = torch.from_numpy(np.asarray(
-            load_blocks(path, tokenizer, args.ctx, args.tokens), np.int64))
-        ours, theirs = token_ce(model, blocks, precision), token_ce(reference, blocks, precision)
+        blocks = np.asarray(load_blocks(path, tokenizer, args.ctx, args.tokens), np.int64)
+        with autocast(precision, torch.device("cpu")):
+            ours, theirs = (token_losses(m, blocks) for m in (model, reference))
         sane = [(ce.isfinite() & (ce < args.max_ce)).all(1) for ce in (ours, theirs)]
         keep = sane[0] & sane[1]
         results[name or path] = {"chunks": len(blocks), "overflowing": int((~keep).sum()),

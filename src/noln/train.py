@@ -279,15 +279,20 @@ class Trainer:
         pos = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
         idx = np.array([self._perm(p // n)[p % n] for p in pos])
         if self.state.skipped:
-            # a random sequence, not the next block: blocks are packed in the data's order, so
-            # the next one is the same document's next text, which overflows as often
             dropped = set(self.state.skipped)
-            idx = np.array([i if i not in dropped else next(
-                j for k in range(1, 1000) if (j := self._perm(p // n + k)[p % n]) not in dropped)
-                for i, p in zip(idx, pos)])
+            idx = np.array([i if i not in dropped else self._kept_at(p, dropped)
+                            for i, p in zip(idx, pos)])
         if self.state.replay:
             idx[-1] = self.state.replay[step % len(self.state.replay)]
         return idx
+
+    def _kept_at(self, p: int, dropped: set[int]) -> int:
+        """The first sequence not ``dropped`` at place ``p`` of the epochs' permutations after
+        ``p``'s own: a random one, not the next block, since blocks are packed in the data's
+        order and the next one is the same document's next text, which overflows as often."""
+        n = len(self.train_blocks)
+        return next(i for epoch in range(p // n + 1, p // n + 1000)
+                    if (i := self._perm(epoch)[p % n]) not in dropped)
 
     def micro_batches(self, step: int):
         """``(indices, tokens)`` of each of this process's micro-batches."""
@@ -787,8 +792,8 @@ class Trainer:
         bad, rescued = (sorted(set(gather_object(found))) for found in (bad, rescued))
         if not bad and not rescued:
             return False
-        # one bad sequence after another at the same step is the model, not the data (SmolLM2
-        # attempt 28: 120 in a row at step 705): the guard's business, as before
+        # one bad sequence after another at the same step is the model, not the data (each
+        # replacement is a random sequence, so these are unrelated texts): the guard's business
         count = self.skips_at[1] + len(bad) if self.skips_at[0] == step else len(bad)
         self.skips_at = (step, count)
         if count > self.skip_limit:
