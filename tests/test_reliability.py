@@ -872,6 +872,44 @@ def test_a_misspelt_gap_role_is_refused_and_a_stage_past_the_end_noted(capsys, t
     assert code == 0 and "note: the stage at step 12 is at or past the run's end" in err, err
 
 
+def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
+        capsys, monkeypatch, tiny_model_dir, text_jsonl, tmp_path):
+    """A bad-input audit found these refused only after a model had loaded (or, for a
+    misspelt gap role under the default adaptive schedule, never): each is now one line
+    before any weights are read, which the patched loaders below would make fail loudly."""
+    import noln.evaluate.inputs
+    import noln.remove
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the bad input was refused")
+
+    monkeypatch.setattr(noln.remove, "load_pretrained", no_loading)
+    monkeypatch.setattr(noln.evaluate.inputs, "load_model", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # so 'models/gone' is a misspelt path, not a Hub repo
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    args = [a for a in RUN_ARGS if a not in ("--schedule", "fixed", "--ctx", "64")]
+    remove = ["remove", tiny_model_dir, "--data", text_jsonl, *args]
+    cases = [
+        ([*remove, "--out", "run", "--ctx", "1000"], "longer than the model's context of 64"),
+        ([*remove, "--out", "run", "fixed.gaps.foo=3"], "unknown site role 'foo' in fixed.gaps"),
+        ([*remove, "--out", a_file], "is a file, not a folder"),
+        (["remove", text_jsonl, "--data", text_jsonl, *args, "--out", "run"],
+         "is a file, not a model"),
+        (["eval", tiny_model_dir, "--data", text_jsonl, "--reference", "models/gone"],
+         "model 'models/gone' does not exist"),
+        (["compare", tiny_model_dir, tiny_model_dir, "models/gone", "--data", text_jsonl],
+         "model 'models/gone' does not exist"),
+        (["eval", tiny_model_dir, text_jsonl, "--data", text_jsonl], "is a file, not a model"),
+    ]
+    for command, needle in cases:
+        code, err = run_main(capsys, *command)
+        one_error_line(code, err, needle)
+    assert not (tmp_path / "run").exists()
+    assert a_file.read_text() == "mine"
+
+
 def test_a_figure_in_a_format_matplotlib_cannot_write_is_refused_before_loading(capsys):
     for command in (["linearity", "no/such-model", "--data", "builtin"],
                     ["attribute", "no/such-model", "--text", "hi"]):

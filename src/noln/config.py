@@ -893,8 +893,10 @@ def _was(saved: Any, given: Any) -> Any:
 
 def looks_local(name: str) -> bool:
     """Whether a model name is a path on this machine rather than a Hub id ('gpt2',
-    'owner/name'): it exists, starts like a path or has more than one '/'."""
-    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+    'owner/name'): it exists, starts like a path, has more than one '/', or is 'folder/name'
+    where 'folder' is a folder here (`models/mine` misspelt is a path, not a Hub repo)."""
+    return (name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))
 
 
 def _inside(path: str, folder: str | Path) -> bool:

@@ -189,9 +189,13 @@ def check_models_exist(*names: str | Path) -> None:
     """Every name that is a local path exists: a typo is one line before the first model
     loads (a command reading several models would find it only after the others' work)."""
     for name in names:
-        if looks_local(str(name)) and not Path(str(name)).expanduser().exists():
+        path = Path(str(name)).expanduser()
+        if looks_local(str(name)) and not path.exists():
             raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id "
                             "such as 'gpt2'")
+        if path.is_file() and path.suffix not in (".gguf", ".pt"):  # (a data file, a config)
+            raise NolnError(f"model '{name}' is a file, not a model: give a model folder, a "
+                            ".gguf file, a run folder or a checkpoint .pt, or a Hub id")
 
 
 def load_pretrained(name: str | Path, dtype: torch.dtype = torch.float32,

@@ -66,7 +66,7 @@ from noln.precision import describe
 from noln.pretrained import check_models_exist, load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
 from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
-from noln.schedule import Schedule, build_schedule
+from noln.schedule import Schedule, build_schedule, check_gap_roles
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
 from noln.train import Trainer, TrainState
@@ -338,6 +338,10 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     before training."""
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
+    check_gap_roles(cfg.fixed)
+    if not resuming:  # --ctx past the model's context: from its config, before the weights load
+        check_models_exist(cfg.model)
+        model_ctx(load_config(cfg.model), cfg)
     if cfg.teacher is not None and not cfg.distill and not resuming:  # (a resume may set
         # --distill 0 to end the distillation: the teacher then stands unused)
         raise NolnError(f"--teacher {cfg.teacher} is what --distill pulls towards: give "

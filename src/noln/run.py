@@ -622,6 +622,8 @@ def release_lock(folder: Path) -> None:
 
 def check_writable(out: Path, flag: str = "--out") -> None:
     """Fail before training, not after an hour of it."""
+    if out.exists() and not out.is_dir():
+        raise NolnError(f"output folder '{out}' is a file, not a folder: choose another {flag}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".noln-write-test-{os.getpid()}"  # one per process under a launcher

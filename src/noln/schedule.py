@@ -161,6 +161,16 @@ class AdaptiveSchedule(Schedule):
             self.next_idx = len(done)
 
 
+def check_gap_roles(cfg: FixedConfig) -> None:
+    """Every key of ``fixed.gaps`` is a site role (or an old per-family kind): one that is not
+    would be ignored, its sites given a gap of 1. Checked whatever the schedule, before the
+    model loads: a typo in a config is refused, not kept silently for a later fixed run."""
+    unknown = [k for k in cfg.gaps or {} if canonical_site(k) not in ROLES]
+    if unknown:
+        raise NolnError(f"unknown site role '{unknown[0]}' in fixed.gaps: the roles are "
+                        f"{', '.join(ROLES)}")
+
+
 def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
                  total_steps: int) -> list[tuple[int, str]]:
     """Anchors' fixed gaps (per site role) or, without gaps, even spacing to ``finish_by``.
@@ -172,10 +182,7 @@ def fixed_events(order: list[str], kind_of: dict[str, str], cfg: FixedConfig,
         span = max(0, int(cfg.finish_by * total_steps) - start)
         gap = max(1, span // max(1, len(order) - 1))
         return [(start + i * gap, s) for i, s in enumerate(order)]
-    unknown = [k for k in cfg.gaps if canonical_site(k) not in ROLES]
-    if unknown:  # it would be ignored, its sites given a gap of 1
-        raise NolnError(f"unknown site role '{unknown[0]}' in fixed.gaps: the roles are "
-                        f"{', '.join(ROLES)}")
+    check_gap_roles(cfg)
     gaps = {k: v for k, v in cfg.gaps.items() if canonical_site(k) == k}
     gaps.update({canonical_site(k): v for k, v in cfg.gaps.items() if canonical_site(k) != k})
     events, step = [], start

@@ -14,6 +14,7 @@ from noln.data import check_source, is_local
 from noln.errors import NolnError
 from noln.loading import fuse_activations, load_model, model_kind
 from noln.outputs import check_distinct_outputs, check_output_dir, check_output_file
+from noln.pretrained import check_models_exist
 
 
 def parse_sources(specs: list[str]) -> dict[str, str]:
@@ -54,7 +55,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_models(names: dict[str, str], device: torch.device) -> dict[str, tuple]:
-    """``{key: (model, tokenizer)}`` on ``device``, for scoring (``fuse_activations``)."""
+    """``{key: (model, tokenizer)}`` on ``device``, for scoring (``fuse_activations``). Every
+    local path is checked first: a typo in the last model is one line, not a wait for the
+    others to load."""
+    check_models_exist(*names.values())
     loaded = {}
     for key, name in names.items():
         model, tok = load_model(name)
