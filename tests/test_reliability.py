@@ -31,6 +31,9 @@ from huggingface_hub.errors import (
 )
 
 import noln
+import noln.evaluate.inputs
+import noln.loading
+import noln.remove
 from noln import pretrained
 from noln.cli import main
 from noln.errors import NolnError
@@ -877,14 +880,12 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
     """A bad-input audit found these refused only after a model had loaded (or, for a
     misspelt gap role under the default adaptive schedule, never): each is now one line
     before any weights are read, which the patched loaders below would make fail loudly."""
-    import noln.evaluate.inputs
-    import noln.remove
-
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the bad input was refused")
 
     monkeypatch.setattr(noln.remove, "load_pretrained", no_loading)
     monkeypatch.setattr(noln.evaluate.inputs, "load_model", no_loading)
+    monkeypatch.setattr(noln.loading, "load_model", no_loading)  # (linearize imports it late)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()  # so 'models/gone' is a misspelt path, not a Hub repo
     a_file = tmp_path / "notes.txt"
@@ -902,6 +903,8 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
         (["compare", tiny_model_dir, tiny_model_dir, "models/gone", "--data", text_jsonl],
          "model 'models/gone' does not exist"),
         (["eval", tiny_model_dir, text_jsonl, "--data", text_jsonl], "is a file, not a model"),
+        (["linearize", tiny_model_dir, "--out", "run", "--layers", "abc", "--data", text_jsonl],
+         "--layers 'abc' is neither 'auto' nor"),
     ]
     for command, needle in cases:
         code, err = run_main(capsys, *command)

@@ -170,6 +170,7 @@ def linearize_cmd(
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
     check_source(data, eval_data)
+    parse_layers(layers, None)  # its syntax now, the depth once the model is loaded
     check_output_dir(out, "--out")
     if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
         raise NolnError(f"--out '{out}' is the model it reads: give a new folder")

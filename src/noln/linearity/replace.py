@@ -255,8 +255,9 @@ def distill(model: nn.Module, maps: dict[int, AffineBlock], blocks: np.ndarray, 
 # ----------------------------------------------------------------------------- greedy pruning
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int] | None:
-    """``'auto'`` -> None; ``'3,4'`` -> [3, 4], checked against the model's depth."""
+def parse_layers(spec: str, n_layers: int | None) -> list[int] | None:
+    """``'auto'`` -> None; ``'3,4'`` -> [3, 4], checked against the model's depth
+    (``n_layers`` None: the syntax only, before the model loads)."""
     if spec.strip().lower() == "auto":
         return None
     try:
@@ -266,7 +267,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int] | None:
                         "block indices such as '3,4'") from None
     if not layers:
         raise NolnError("--layers is empty: give 'auto' or block indices such as '3,4'")
-    bad = [i for i in layers if not 0 <= i < n_layers]
+    bad = [i for i in layers if n_layers is not None and not 0 <= i < n_layers]
     if bad:
         raise NolnError(f"layer {bad[0]} requested but the model has {n_layers} blocks "
                         f"(0-{n_layers - 1}): pass --layers within 0-{n_layers - 1}")
