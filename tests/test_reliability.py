@@ -1003,6 +1003,16 @@ def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_d
     assert code == 0, err
     assert "it is read as saved at step 8 of 12" in err, err
     assert "Writing model shards" not in err, err  # transformers' own bar: noise here
+    # a torn last.pt (a copy cut short, a full disk): loading falls back to prev.pt, which
+    # is an earlier step, and says so (export read the earlier step without a word)
+    shutil.copy(run / "checkpoints" / "step-4.pt", run / "checkpoints" / "prev.pt")
+    whole = (run / "checkpoints" / "last.pt").read_bytes()
+    (run / "checkpoints" / "last.pt").write_bytes(whole[:1000])
+    code, err = run_main(capsys, "eval", run, "--data", text_jsonl, "--tokens", "256",
+                         "--quiet")
+    assert code == 0, err
+    assert "last.pt' is unreadable (torn or truncated)" in err, err
+    assert "read from prev.pt, saved at step 4 of 12" in err, err
 
 
 def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):

@@ -175,6 +175,14 @@ def checkpoint_note(path: str | Path) -> str | None:
     live); None for anything else, a completed run included. The step is read without
     loading the weights (``mmap``)."""
     path = Path(str(path)).expanduser()
+    torn = RunFolder(path).last_checkpoint if path.is_dir() else None
+    if torn is not None and torn.is_file() and saved_progress(torn) is None:
+        latest = RunFolder(path).latest_progress()  # prev.pt, as loading falls back to it
+        if latest is not None:
+            step, total = latest[1]["step"], latest[1]["total_steps"]
+            of = f" of {total:,}" if total else ""
+            return (f"note: '{torn}' is unreadable (torn or truncated): the run '{path}' is "
+                    f"read from {latest[0].name}, saved at step {step:,}{of}")
     if path.is_dir() and RunFolder(path).finished():
         try:
             summary = RunFolder(path).read_summary()
