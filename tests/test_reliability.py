@@ -628,6 +628,8 @@ def test_bad_numbers_of_the_other_commands(capsys, tmp_path):
         (["pretrain", "--data", "builtin", "--out", tmp_path / "p", "--d-model", "100",
           "--heads", "3"], "not divisible"),
         (["linearity", "m", "--data", "builtin", "--id-tokens", "-1"], "--id-tokens"),
+        # (0-2 tokens blanked the geometry columns without a word)
+        (["linearity", "m", "--data", "builtin", "--id-tokens", "0"], "too few for TwoNN"),
         (["linearity", "m", "--data", "builtin", "--forward-precision", "fp16"],
          "--forward-precision 'fp16' is unknown"),
         (["eval", "m", "--data", "builtin", "--precision", "half"], "unknown precision 'half'"),
@@ -890,12 +892,25 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
     (tmp_path / "models").mkdir()  # so 'models/gone' is a misspelt path, not a Hub repo
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
+    tiny_text = tmp_path / "tiny.jsonl"
+    tiny_text.write_text(json.dumps({"text": "a few words"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
     args = [a for a in RUN_ARGS if a not in ("--schedule", "fixed", "--ctx", "64")]
     remove = ["remove", tiny_model_dir, "--data", text_jsonl, *args]
     cases = [
         ([*remove, "--out", "run", "--ctx", "1000"], "longer than the model's context of 64"),
         ([*remove, "--out", "run", "fixed.gaps.foo=3"], "unknown site role 'foo' in fixed.gaps"),
         ([*remove, "--out", a_file], "is a file, not a folder"),
+        # the data: read with the tokenizer before the weights (a big model loads for minutes)
+        (["remove", tiny_model_dir, "--data", tiny_text, *args, "--out", "run"],
+         "fewer than one block of 64"),
+        (["remove", tiny_model_dir, "--data", broken, *args, "--out", "run"],
+         "broken.jsonl:2 is not valid JSON"),
+        (["remove", tiny_model_dir, "--data", text_jsonl, "--tokens", str(10**12), "--batch-size",
+          "4", "--quiet", "--out", "run"], "passes over the"),
+        (["remove", tiny_model_dir, "--data", text_jsonl, "--eval-data", broken, *args, "--out",
+          "run"], "broken.jsonl:2 is not valid JSON"),
         (["remove", text_jsonl, "--data", text_jsonl, *args, "--out", "run"],
          "is a file, not a model"),
         (["eval", tiny_model_dir, "--data", text_jsonl, "--reference", "models/gone"],
@@ -903,6 +918,8 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
         (["compare", tiny_model_dir, tiny_model_dir, "models/gone", "--data", text_jsonl],
          "model 'models/gone' does not exist"),
         (["eval", tiny_model_dir, text_jsonl, "--data", text_jsonl], "is a file, not a model"),
+        (["eval", "", "--data", text_jsonl], "a model name is empty"),  # (was read as '.')
+        (["eval", tiny_model_dir, "--data", "x="], "names a source 'x' but gives none"),
         (["linearize", tiny_model_dir, "--out", "run", "--layers", "abc", "--data", text_jsonl],
          "--layers 'abc' is neither 'auto' nor"),
     ]
@@ -1013,6 +1030,10 @@ def test_a_run_still_training_says_which_step_it_is_read_at(capsys, tiny_model_d
     assert code == 0, err
     assert "last.pt' is unreadable (torn or truncated)" in err, err
     assert "read from prev.pt, saved at step 4 of 12" in err, err
+    # and --resume, which goes on from there (it did so without a word)
+    code, said = run_main(capsys, "remove", "--resume", run, "--quiet")
+    said = " ".join(said.split())
+    assert code == 0 and "is resumed from prev.pt, saved at step 4 of 12" in said, said
 
 
 def test_a_model_name_that_does_not_load_says_why(capsys, monkeypatch):

@@ -189,6 +189,9 @@ def check_models_exist(*names: str | Path) -> None:
     """Every name that is a local path exists: a typo is one line before the first model
     loads (a command reading several models would find it only after the others' work)."""
     for name in names:
+        if not str(name).strip():  # (Path('') is '.', which it was read as)
+            raise NolnError("a model name is empty: give a Hub id such as 'gpt2', a model "
+                            "folder, a .gguf file or a noln run folder")
         path = Path(str(name)).expanduser()
         if looks_local(str(name)) and not path.exists():
             raise NolnError(f"model '{name}' does not exist: check the path, or give a Hub id "

@@ -65,7 +65,7 @@ from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
 from noln.pretrained import check_models_exist, load_config, load_pretrained, load_tokenizer
 from noln.report import json_safe, plot_loss
-from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder
+from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder, torn_checkpoint_note
 from noln.schedule import Schedule, build_schedule, check_gap_roles
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
@@ -176,16 +176,10 @@ def _from_run_config(run: RunFolder) -> nn.Module:
     return AutoModelForCausalLM.from_config(load_config(run.base), dtype=torch.float32)
 
 
-def _build(cfg: RemoveConfig, resume: bool):
-    """Model and tokenizer: the pretrained model, or on resume the run's own config."""
-    run = RunFolder(cfg.out)
-    if resume:
-        model = _from_run_config(run)
-        tokenizer = load_tokenizer(run.base)
-    else:
-        model = load_pretrained(cfg.model)
-        tokenizer = load_tokenizer(cfg.model)
-    return model, tokenizer
+def _build(cfg: RemoveConfig, resume: bool) -> nn.Module:
+    """The model: the pretrained one, or on resume the run's own architecture (its weights
+    come from a checkpoint)."""
+    return _from_run_config(RunFolder(cfg.out)) if resume else load_pretrained(cfg.model)
 
 
 def remove_layernorm(model: str | None = None, data: str | None = None,
@@ -221,6 +215,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if cfg.stages:  # before anything is written: a stage the run has already passed
             state = run.load_latest_checkpoint()[1]["state"]
             check_stages_reached(cfg.stages, int(state["step"]), int(state.get("stage", 0)))
+        if torn := torn_checkpoint_note(run.root, read="resumed"):  # (it went on silently)
+            notes = [*notes, torn]
         for note in notes if ranks.is_main_process else []:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     else:
@@ -339,9 +335,16 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
     check_gap_roles(cfg.fixed)
-    if not resuming:  # --ctx past the model's context: from its config, before the weights load
+    if not resuming:
         check_models_exist(cfg.model)
-        model_ctx(load_config(cfg.model), cfg)
+    # --ctx past the model's context, and the data (too little, a bad line, too many passes
+    # over it): from the model's config and tokenizer, before the weights load
+    ctx = model_ctx(load_config(run.base if resuming else cfg.model), cfg)
+    tokenizer = load_tokenizer(run.base if resuming else cfg.model)
+    steps = cfg.resolved_steps(ctx)
+    train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
+    check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
+    sets = evaluation_sets(cfg, heldout, tokenizer, ctx)
     if cfg.teacher is not None and not cfg.distill and not resuming:  # (a resume may set
         # --distill 0 to end the distillation: the teacher then stands unused)
         raise NolnError(f"--teacher {cfg.teacher} is what --distill pulls towards: give "
@@ -355,14 +358,12 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     if resuming:  # the exports a resumed run replaces at its end: refused now, not then
         for fmt in formats:
             check_export_target(run.export(fmt, len(formats)))
-    net, tokenizer = _build(cfg, resuming)
-    ctx = model_ctx(net.config, cfg)
+    net = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0 and cfg.teacher is not None:
         teacher = load_teacher(cfg.teacher, net, tokenizer, ctx)
     elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
-    steps = cfg.resolved_steps(ctx)
     kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
@@ -382,9 +383,6 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     if late and ranks.is_main_process:
         console.print(f"[yellow]note: the stage at step {late[0]} is at or past the run's end "
                       f"({steps:,} steps): it is never made[/]", highlight=False)
-    train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
-    check_epochs(cfg, steps, len(train_blocks), ctx, ranks.is_main_process)
-    sets = evaluation_sets(cfg, heldout, tokenizer, ctx)
     if ranks.is_main_process:  # on resume: the settings the command line changed
         cfg.to_yaml(run.config)
     if not resuming and ranks.is_main_process:
@@ -468,8 +466,9 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
            for e in run.read_log()]
     events = [e for e in log if e.get("event") == "remove"]
     unfinished = None if cfg.keep_ln else unfinished_removal(adapter, trainer.schedule, run.root)
-    if unfinished:
-        console.print(f"[yellow]{unfinished}[/]")
+    if unfinished:  # (the reason is the summary's "unfinished", which `noln remove` ends with)
+        console.print("[yellow]note: the removal ended unfinished: its CE is measured and the "
+                      "run kept; summary.json says why and how to go on[/]")
     ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
     formats = export_formats(cfg)
     exported = {}

@@ -169,20 +169,30 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     raise NolnError(f"no checkpoint in '{ckpt_dir}': nothing to resume; start a new run")
 
 
+def torn_checkpoint_note(path: str | Path, read: str = "read") -> str | None:
+    """Where the run folder ``path``'s ``last.pt`` is unreadable, that it is and which
+    checkpoint the run is ``read`` from instead (``prev.pt``, as loading falls back to it)."""
+    path = Path(str(path)).expanduser()
+    torn = RunFolder(path).last_checkpoint if path.is_dir() else None
+    if torn is None or not torn.is_file() or saved_progress(torn) is not None:
+        return None
+    latest = RunFolder(path).latest_progress()
+    if latest is None:
+        return None
+    step, total = latest[1]["step"], latest[1]["total_steps"]
+    of = f" of {total:,}" if total else ""
+    return (f"note: '{torn}' is unreadable (torn or truncated): the run '{path}' is {read} "
+            f"from {latest[0].name}, saved at step {step:,}{of}")
+
+
 def checkpoint_note(path: str | Path) -> str | None:
     """Which step a command reads where ``path`` is a run that has not finished (still
     training, or stopped) or one checkpoint file, or that a run ended unfinished (sites still
     live); None for anything else, a completed run included. The step is read without
     loading the weights (``mmap``)."""
     path = Path(str(path)).expanduser()
-    torn = RunFolder(path).last_checkpoint if path.is_dir() else None
-    if torn is not None and torn.is_file() and saved_progress(torn) is None:
-        latest = RunFolder(path).latest_progress()  # prev.pt, as loading falls back to it
-        if latest is not None:
-            step, total = latest[1]["step"], latest[1]["total_steps"]
-            of = f" of {total:,}" if total else ""
-            return (f"note: '{torn}' is unreadable (torn or truncated): the run '{path}' is "
-                    f"read from {latest[0].name}, saved at step {step:,}{of}")
+    if note := torn_checkpoint_note(path):
+        return note
     if path.is_dir() and RunFolder(path).finished():
         try:
             summary = RunFolder(path).read_summary()

@@ -55,7 +55,11 @@ def linearity_cmd(
     and held-out, streamed in float64."""
     # (before the library's imports: a number out of range is answered at once)
     check_numbers(("--tokens", tokens, 1, 16384), ("--batch-size", batch_size, 1, 8),
-                  ("--id-tokens", id_tokens, 0, 2048), ("--ctx", ctx, 2, 1024))
+                  ("--ctx", ctx, 2, 1024))
+    if geometry and id_tokens < 3:  # (it blanked the geometry columns without a word)
+        raise NolnError(f"--id-tokens {id_tokens} is too few for TwoNN, which needs 3 or more: "
+                        "give e.g. --id-tokens 2048, or --no-geometry to leave anisotropy and "
+                        "intrinsic dimension out")
     if precision not in ("float64", "mixed"):
         raise NolnError(f"--precision '{precision}' is unknown: use float64 or mixed")
     from noln.data import check_source
@@ -90,7 +94,7 @@ def linearity_cmd(
     note_checkpoints(model, *(compare or []))
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
-        p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry and id_tokens > 2,
+        p, meta = run_profile(name, data, tokens, ctx, layer_list, geometry,
                               id_tokens, batch_size, seed, precision, without_first,
                               forward_precision)
         console.print(profile_table(p))
