@@ -896,6 +896,9 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
     tiny_text.write_text(json.dumps({"text": "a few words"}) + "\n")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    plan = tmp_path / "plan.yaml"  # the tiny model has 2 blocks
+    plan.write_text("events:\n  - {step: 2, site: blocks.0.mlp_in}\n"
+                    "  - {step: 4, site: blocks.7.mlp_in}\n")
     args = [a for a in RUN_ARGS if a not in ("--schedule", "fixed", "--ctx", "64")]
     remove = ["remove", tiny_model_dir, "--data", text_jsonl, *args]
     cases = [
@@ -911,6 +914,10 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
           "4", "--quiet", "--out", "run"], "passes over the"),
         (["remove", tiny_model_dir, "--data", text_jsonl, "--eval-data", broken, *args, "--out",
           "run"], "broken.jsonl:2 is not valid JSON"),
+        # the schedule against the model's sites: from its config, no weights (`noln sites` too)
+        ([*remove, "--out", "run", "--schedule", plan],
+         "schedule names site 'blocks.7.mlp_in', which this model does not have"),
+        ([*remove, "--out", "run", "--taper", "40"], "--taper 40 does not fit"),
         (["remove", text_jsonl, "--data", text_jsonl, *args, "--out", "run"],
          "is a file, not a model"),
         (["eval", tiny_model_dir, "--data", text_jsonl, "--reference", "models/gone"],
@@ -927,6 +934,8 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
         code, err = run_main(capsys, *command)
         one_error_line(code, err, needle)
     assert not (tmp_path / "run").exists()
+    code, listed = run_main(capsys, "sites", tiny_model_dir, out=True)
+    assert code == 0 and listed.split()[-2:] == [str(len(listed.splitlines()) - 1), "final"]
     assert a_file.read_text() == "mine"
 
 

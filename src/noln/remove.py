@@ -31,7 +31,7 @@ from rich.markup import escape
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from noln.arch import NormAdapter, canonical_site, context_length, install
+from noln.arch import NormAdapter, canonical_site, context_length, install, skeleton
 from noln.config import (
     HELDOUT,
     RemoveConfig,
@@ -339,7 +339,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         check_models_exist(cfg.model)
     # --ctx past the model's context, and the data (too little, a bad line, too many passes
     # over it): from the model's config and tokenizer, before the weights load
-    ctx = model_ctx(load_config(run.base if resuming else cfg.model), cfg)
+    config = load_config(run.base if resuming else cfg.model)
+    ctx = model_ctx(config, cfg)
     tokenizer = load_tokenizer(run.base if resuming else cfg.model)
     steps = cfg.resolved_steps(ctx)
     train_blocks, heldout = prepare_data(cfg, tokenizer, ctx, steps)
@@ -358,6 +359,23 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     if resuming:  # the exports a resumed run replaces at its end: refused now, not then
         for fmt in formats:
             check_export_target(run.export(fmt, len(formats)))
+    # the schedule against the model's sites (a schedule file's names, the taper's fit): from
+    # a weightless copy of the model, before the weights load
+    sites = skeleton(config).sites
+    kinds = {name: site.kind for name, site in sites.items()}
+    schedule = build_schedule(cfg.schedule, list(sites), kinds, steps, cfg.fixed,
+                              cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
+    check_taper(cfg, schedule, steps, resuming)
+    if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
+        raise NolnError(problem)
+    if not cfg.keep_ln and len(set(schedule.order)) < len(sites) and \
+            cfg.export_format in ("hf", "clean", "both"):
+        console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
+                      f"{len(sites)} sites; the export needs all of them[/]")
+    late = [stage.step for stage in cfg.stages if stage.step >= steps]
+    if late and ranks.is_main_process:
+        console.print(f"[yellow]note: the stage at step {late[0]} is at or past the run's end "
+                      f"({steps:,} steps): it is never made[/]", highlight=False)
     net = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0 and cfg.teacher is not None:
@@ -367,22 +385,9 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
+    assert adapter.site_names() == list(sites)  # (the schedule was built on the skeleton's)
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
         adapter.enable_special_scale()
-    kinds = {name: site.kind for name, site in adapter.sites.items()}
-    schedule = build_schedule(cfg.schedule, adapter.site_names(), kinds, steps, cfg.fixed,
-                              cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
-    check_taper(cfg, schedule, steps, resuming)
-    if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
-        raise NolnError(problem)
-    if not cfg.keep_ln and len(set(schedule.order)) < len(adapter.sites) and \
-            cfg.export_format in ("hf", "clean", "both"):
-        console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
-                      f"{len(adapter.sites)} sites; the export needs all of them[/]")
-    late = [stage.step for stage in cfg.stages if stage.step >= steps]
-    if late and ranks.is_main_process:
-        console.print(f"[yellow]note: the stage at step {late[0]} is at or past the run's end "
-                      f"({steps:,} steps): it is never made[/]", highlight=False)
     if ranks.is_main_process:  # on resume: the settings the command line changed
         cfg.to_yaml(run.config)
     if not resuming and ranks.is_main_process:

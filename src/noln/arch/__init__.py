@@ -8,7 +8,9 @@ norm, and how long its context is.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from noln.arch.base import FINAL, ROLES, Layout, NormAdapter, Site, canonical_name
 from noln.arch.layout import (
@@ -21,6 +23,7 @@ from noln.arch.layout import (
     transformer_lens_config_keys,
 )
 from noln.errors import NolnError
+from noln.trust import trust_remote_code
 
 ADAPTERS: dict[str, type[NormAdapter]] = {
     t: cls for cls in ADAPTER_CLASSES for t in cls.model_types
@@ -75,7 +78,17 @@ def install(model: nn.Module, momentum: float = 0.9, eot_id: int | None = None) 
     return check_supported(model.config)(model, momentum, eot_id)
 
 
+def skeleton(config) -> NormAdapter:
+    """The adapter of a weightless model built from ``config`` (on the meta device: no memory,
+    a fraction of a second): its sites' names, roles and order, as the loaded model's will be,
+    for checks that must come before a large model's weights load."""
+    check_supported(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
+    return install(model)
+
+
 __all__ = ["ADAPTERS", "ALIASES", "FAMILIES", "FINAL", "LAYOUTS", "ROLES", "Layout",
            "NormAdapter", "Site", "canonical_site", "check_supported", "context_length",
-           "decoder_layers", "final_norm", "install", "layout", "role_of", "supported",
+           "decoder_layers", "final_norm", "install", "layout", "role_of", "skeleton", "supported",
            "transformer_lens_config_keys"]

@@ -269,17 +269,18 @@ def branch(
 @app.command()
 def sites(model: Annotated[str, typer.Argument(
         help="Hub id, local folder, .gguf file or noln run folder")]) -> None:
-    """List a model's removal sites in the default removal order."""
-    from noln.arch import install
+    """List a model's removal sites in the default removal order (from its config: no weights
+    load)."""
+    from noln.arch import skeleton
     from noln.config import read_config_file
-    from noln.pretrained import load_pretrained
+    from noln.pretrained import check_models_exist, load_config
     from noln.run import RunFolder
 
     run = RunFolder(model)
     if run.config.is_file():  # a run folder: the sites of the model it removes from
         model = str(read_config_file(run.config)["model"])
-    adapter = install(load_pretrained(model))
-    for i, name in enumerate(adapter.site_names()):
+    check_models_exist(model)
+    for i, name in enumerate(skeleton(load_config(model)).site_names()):
         console.print(f"{i:3d}  {name}")
 
 
