@@ -929,6 +929,13 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
         (["eval", tiny_model_dir, "--data", "x="], "names a source 'x' but gives none"),
         (["linearize", tiny_model_dir, "--out", "run", "--layers", "abc", "--data", text_jsonl],
          "--layers 'abc' is neither 'auto' nor"),
+        # block indices past the model's depth: from its config (the tiny model has 2 blocks)
+        (["linearize", tiny_model_dir, "--out", "run", "--layers", "5", "--data", text_jsonl],
+         "--layers"),
+        (["linearity", tiny_model_dir, "--layers", "0,5", "--data", text_jsonl],
+         "layer 5 requested but the model has 2 blocks"),
+        (["linearity", tiny_model_dir, "--compare", tiny_model_dir, "--layers", "3", "--data",
+          text_jsonl], "model has 2 blocks"),
     ]
     for command, needle in cases:
         code, err = run_main(capsys, *command)
@@ -937,6 +944,16 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
     code, listed = run_main(capsys, "sites", tiny_model_dir, out=True)
     assert code == 0 and listed.split()[-2:] == [str(len(listed.splitlines()) - 1), "final"]
     assert a_file.read_text() == "mine"
+
+
+def test_a_models_depth_is_read_from_its_config_whatever_noln_name_it_has(finished_run,
+                                                                          tiny_model_dir):
+    """What the linearity commands check --layers against before any weights load."""
+    from noln.loading import model_depth
+
+    assert model_depth(tiny_model_dir) == 2
+    assert model_depth(finished_run) == 2  # a run folder: its base/ config
+    assert model_depth(finished_run / "checkpoints" / "last.pt") == 2
 
 
 def test_a_figure_in_a_format_matplotlib_cannot_write_is_refused_before_loading(capsys):

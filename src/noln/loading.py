@@ -14,7 +14,7 @@ from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActiva
 from noln.arch import install
 from noln.checkpoint import load_checkpoint
 from noln.export import load_clean
-from noln.linearity.replace import is_linearized, load_linearized
+from noln.linearity.replace import META_FILE, is_linearized, load_linearized
 from noln.pretrained import load_config, load_pretrained, load_tokenizer, read_json
 from noln.run import RunFolder, load_latest_checkpoint
 from noln.sinks import fade_at, scale_neurons
@@ -62,6 +62,23 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
         tok = load_tokenizer(name)
     model.eval()
     return model, tok
+
+
+def model_depth(name: str | Path) -> int | None:
+    """How many decoder blocks the model ``load_model(name)`` opens has, read from its config
+    without loading weights (None where the config does not say): for checks that must come
+    before a large model loads."""
+    path = Path(str(name)).expanduser()
+    if is_linearized(path):
+        return int(read_json(path / META_FILE)["n_layers"])
+    if RunFolder(path).checkpoints.is_dir():
+        config = load_config(RunFolder(path).base)
+    elif path.is_file() and path.suffix == ".pt":
+        config = load_config(RunFolder(path.parent.parent).base)
+    else:
+        config = load_config(name)
+    n = getattr(config, "num_hidden_layers", None)
+    return int(n) if n else None
 
 
 def model_kind(path: str | Path) -> str | None:

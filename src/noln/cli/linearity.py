@@ -71,6 +71,8 @@ def linearity_cmd(
         run_profile,
         write_csv,
     )
+    from noln.linearity.score import scorable_layers
+    from noln.loading import model_depth
     from noln.outputs import (
         check_distinct_outputs,
         check_figure_file,
@@ -91,6 +93,12 @@ def linearity_cmd(
     check_figure_file(plot, "--plot")
     layer_list = parse_layer_list(layers)
     check_models_exist(model, *(compare or []))
+    for name in [model, *(compare or [])] if layer_list else []:  # from configs, no weights
+        if (n := model_depth(name)) is not None:
+            try:
+                scorable_layers(n, layer_list)
+            except NolnError as e:
+                raise NolnError(f"{name}: {e}" if compare else str(e)) from None
     note_checkpoints(model, *(compare or []))
     profiles, metas = [], []
     for name in [model, *(compare or [])]:
@@ -158,8 +166,9 @@ def linearize_cmd(
     )
     from noln.linearity.report import fmt, sequence_length, short_name
     from noln.linearity.score import check_tokens, hidden_size
-    from noln.loading import load_model
+    from noln.loading import load_model, model_depth
     from noln.outputs import check_output_dir, write_json
+    from noln.pretrained import check_models_exist
     from noln.progress import counting_forwards, token_progress, transformers_bars_off
     from noln.report import json_safe
 
@@ -174,7 +183,8 @@ def linearize_cmd(
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
     check_source(data, eval_data)
-    parse_layers(layers, None)  # its syntax now, the depth once the model is loaded
+    check_models_exist(model)
+    parse_layers(layers, model_depth(model))  # the depth from the model's config
     check_output_dir(out, "--out")
     if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
         raise NolnError(f"--out '{out}' is the model it reads: give a new folder")
