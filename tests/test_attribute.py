@@ -143,8 +143,16 @@ def test_attribute_command_table_json_and_plot(no_ln_dirs, tiny_model_dir, tmp_p
     assert doc["position"] == 2 and doc["tokens"][0] != tok.eos_token and doc["target"]
 
 
-def test_attribute_command_errors(no_ln_dirs):
+def test_attribute_command_errors(no_ln_dirs, monkeypatch):
+    """A --target of several tokens and a --position past the text: one error, from the
+    tokenizer, before any model loads (the patched loader would fail loudly)."""
     need_transformer_lens()
+    import noln.interop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(noln.interop, "hooked_transformer", no_loading)
     hf, _, _ = no_ln_dirs
     r = run(str(hf), "--text", TEXT, "--target", " functionality of modules")
     assert isinstance(r.exception, NolnError) and "not one" in str(r.exception)

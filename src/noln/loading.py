@@ -64,6 +64,23 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def _config_folder(name: str | Path) -> str | Path:
+    """Where the model ``load_model(name)`` opens keeps its config and tokenizer: a run's
+    ``base/`` for a run folder or checkpoint file, else the name itself."""
+    path = Path(str(name)).expanduser()
+    if RunFolder(path).checkpoints.is_dir():
+        return RunFolder(path).base
+    if path.is_file() and path.suffix == ".pt":
+        return RunFolder(path.parent.parent).base
+    return name
+
+
+def model_tokenizer(name: str | Path):
+    """The tokenizer of the model ``load_model(name)`` opens, without its weights: for checks
+    of token positions and targets before a large model loads."""
+    return load_tokenizer(_config_folder(name))
+
+
 def model_depth(name: str | Path) -> int | None:
     """How many decoder blocks the model ``load_model(name)`` opens has, read from its config
     without loading weights (None where the config does not say): for checks that must come
@@ -71,13 +88,7 @@ def model_depth(name: str | Path) -> int | None:
     path = Path(str(name)).expanduser()
     if is_linearized(path):
         return int(read_json(path / META_FILE)["n_layers"])
-    if RunFolder(path).checkpoints.is_dir():
-        config = load_config(RunFolder(path).base)
-    elif path.is_file() and path.suffix == ".pt":
-        config = load_config(RunFolder(path.parent.parent).base)
-    else:
-        config = load_config(name)
-    n = getattr(config, "num_hidden_layers", None)
+    n = getattr(load_config(_config_folder(name)), "num_hidden_layers", None)
     return int(n) if n else None
 
 

@@ -48,6 +48,7 @@ def attribute_cmd(
     )
     from noln.evaluate.inputs import resolve_device, short_names
     from noln.interop import check_transformer_lens_model, hooked_transformer
+    from noln.loading import model_tokenizer
     from noln.outputs import (
         check_distinct_outputs,
         check_figure_file,
@@ -67,33 +68,31 @@ def attribute_cmd(
     names = short_names(models)
     for path in names.values():  # every model, before the first one loads
         check_transformer_lens_model(path)
-    note_checkpoints(*names.values())
-    tls = {key: hooked_transformer(path, device=dev, allow_ln=True)
-           for key, path in names.items()}
-    first = next(iter(tls.values()))
-    tok = first.tokenizer
-    if tok is None:
-        raise NolnError(f"'{models[0]}' has no tokenizer files: noln attribute needs one")
+    # the text, --position and --target with the models' tokenizers, before any weights load
+    tok = model_tokenizer(models[0])
     ids = encode_text(tok, text, bos)
-    for key, tl in tls.items():
-        if tl.tokenizer is not None and encode_text(tl.tokenizer, text, bos) != ids:
-            raise NolnError(f"'{names[key]}' tokenizes the text differently from "
+    for name in names.values():
+        if encode_text(model_tokenizer(name), text, bos) != ids:
+            raise NolnError(f"'{name}' tokenizes the text differently from "
                             f"'{models[0]}': attribute models that share a tokenizer together")
-    n_ctx = min(tl.cfg.n_ctx for tl in tls.values())
-    if len(ids) > n_ctx:
-        raise NolnError(f"the text is {len(ids)} tokens, longer than the context of {n_ctx}: "
-                        "shorten it")
     if not -len(ids) <= position < len(ids):
         raise NolnError(f"--position {position} is outside the {len(ids)} tokens of the text "
                         f"(use 0..{len(ids) - 1}, or -1 for the last)")
     pos = position % len(ids)
+    target_id = None if target is None else single_token_id(tok, target)
+    note_checkpoints(*names.values())
+    tls = {key: hooked_transformer(path, device=dev, allow_ln=True)
+           for key, path in names.items()}
+    first = next(iter(tls.values()))
+    n_ctx = min(tl.cfg.n_ctx for tl in tls.values())
+    if len(ids) > n_ctx:
+        raise NolnError(f"the text is {len(ids)} tokens, longer than the context of {n_ctx}: "
+                        "shorten it")
     tokens = torch.tensor([ids])
-    if target is None:
+    if target_id is None:
         with torch.no_grad():
             target_id = int(first(tokens.to(first.cfg.device))[0, pos].argmax())
         target = tok.decode([target_id])
-    else:
-        target_id = single_token_id(tok, target)
     results = [attribute_logit(tl, tokens, target_id, pos, name=key) for key, tl in tls.items()]
     pieces = tok.convert_ids_to_tokens(ids)
     at = tok.decode([ids[pos]])
