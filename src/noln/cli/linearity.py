@@ -183,8 +183,7 @@ def linearize_cmd(
         raise NolnError(f"--distill-lr {distill_lr} is invalid: must be a finite number > 0; "
                         "e.g. --distill-lr 1e-3")
     check_source(data, eval_data)
-    check_models_exist(model)
-    parse_layers(layers, model_depth(model))  # the depth from the model's config
+    parse_layers(layers, None)  # its syntax; its depth below, once the outputs are checked
     check_output_dir(out, "--out")
     if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
         raise NolnError(f"--out '{out}' is the model it reads: give a new folder")
@@ -193,6 +192,8 @@ def linearize_cmd(
         raise NolnError(f"--out '{out}' holds files and is not a noln linearize output: give a "
                         "new or empty folder (a previous `noln linearize --out` folder is "
                         "written over)")
+    check_models_exist(model)
+    parse_layers(layers, model_depth(model))  # the depth from the model's config: no weights
     note_checkpoints(model)
     net, tok = load_model(model)
     block_list, returns_tuple = decoder_layers(net)
