@@ -417,8 +417,14 @@ def test_unwritable_output_fails_first(tiny_model_dir, text_jsonl, tmp_path):
 def test_full_disk_fails_before_training(tiny_model_dir, text_jsonl, tmp_path, monkeypatch):
     import shutil
 
+    import noln.remove
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the disk was checked")
+
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))
+    monkeypatch.setattr(noln.remove, "load_pretrained", no_loading)  # (sized from the config)
     with pytest.raises(NolnError, match=r"has 0.01 GiB free but the run needs about"):
         noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", **FAST)
     assert not (tmp_path / "run" / "log.jsonl").exists()

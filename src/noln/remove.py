@@ -359,9 +359,12 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     if resuming:  # the exports a resumed run replaces at its end: refused now, not then
         for fmt in formats:
             check_export_target(run.export(fmt, len(formats)))
-    # the schedule against the model's sites (a schedule file's names, the taper's fit): from
-    # a weightless copy of the model, before the weights load
-    sites = skeleton(config).sites
+    # the schedule against the model's sites (a schedule file's names, the taper's fit) and
+    # the disk against its size: from a weightless copy of the model, before the weights load
+    shell = skeleton(config)
+    sites = shell.sites
+    kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
+    check_disk_space(run.root, shell.model, 0 if resuming else len(formats), kept)
     kinds = {name: site.kind for name, site in sites.items()}
     schedule = build_schedule(cfg.schedule, list(sites), kinds, steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
@@ -382,8 +385,6 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         teacher = load_teacher(cfg.teacher, net, tokenizer, ctx)
     elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
-    kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
-    check_disk_space(run.root, net, 0 if resuming else len(formats), kept)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
     assert adapter.site_names() == list(sites)  # (the schedule was built on the skeleton's)
     if cfg.special_scale and not cfg.keep_ln and not resuming:  # (a checkpoint carries it)
