@@ -71,7 +71,7 @@ def attribute_cmd(
     # the text, --position and --target with the models' tokenizers, before any weights load
     tok = model_tokenizer(models[0])
     ids = encode_text(tok, text, bos)
-    for name in names.values():
+    for name in models[1:]:
         if encode_text(model_tokenizer(name), text, bos) != ids:
             raise NolnError(f"'{name}' tokenizes the text differently from "
                             f"'{models[0]}': attribute models that share a tokenizer together")

@@ -22,11 +22,11 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
     sources: dict[str, str] = {}
     for spec in specs:
         name, sep, source = spec.partition("=")
-        if sep and not source.strip() and re.fullmatch(r"[\w.\-]+", name) and \
-                not Path(spec).exists():  # (it was read as a Hub dataset named 'x=')
+        named = sep and re.fullmatch(r"[\w.\-]+", name) and not Path(spec).exists()
+        if named and not source.strip():  # (it was read as a Hub dataset named 'x=')
             raise NolnError(f"--data '{spec}' names a source '{name}' but gives none: write "
                             f"--data {name}=PATH (a file, a folder or a Hub dataset)")
-        if not (sep and re.fullmatch(r"[\w.\-]+", name) and source and not Path(spec).exists()):
+        if not (named and source):
             source = spec
             name = Path(spec).stem if is_local(spec) else spec.rstrip("/").split("/")[-1]
             name = name.split(":")[0]
