@@ -234,6 +234,44 @@ def test_the_control_trains_in_its_own_process_beside_the_removal(tiny_model_dir
         not (out / "control" / "table.md").exists()
 
 
+def test_a_removal_that_ends_while_its_control_trains_elsewhere_gets_its_table(
+        tiny_model_dir, text_jsonl, tmp_path, monkeypatch):
+    """The pair's process (`--control`) ends while `--control-only` still trains the control
+    elsewhere, and leaves the table to "whichever ends last": the control's process, which
+    began while the removal trained, must look again when the control is done. It used to
+    keep what it saw when it began, said "the removal trains in another process" hours after
+    that process had ended, and nobody made the table (SmolLM2, attempt 36)."""
+    import os
+    import subprocess
+    import sys
+
+    import noln.remove
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["remove", str(tiny_model_dir), "--data", str(text_jsonl),
+                                 "--out", str(out), "--steps", "12", "--schedule", "fixed",
+                                 *RUN])
+    assert r.exit_code == 0, r.output
+    train = noln.remove.remove_layernorm
+
+    def control_while_the_removal_ends(*args, **kwargs):
+        (out / ".noln.lock").unlink()  # the removal's process ends while the control trains
+        return train(*args, **kwargs)
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:  # the removal "still training" in its own process when the control's begins
+        (out / ".noln.lock").write_text(json.dumps({"pid": other.pid,
+                                                    "host": os.uname().nodename}))
+        monkeypatch.setattr(noln.remove, "remove_layernorm", control_while_the_removal_ends)
+        r = CliRunner().invoke(app, ["remove", "--resume", str(out), "--control-only"])
+    finally:
+        other.kill()
+        other.wait()
+    assert r.exit_code == 0, r.output
+    assert "trains in another process" not in r.output
+    assert (out / "table.md").is_file() and (out / "comparison.json").is_file()
+
+
 def test_a_new_pair_whose_control_trained_beside_it_makes_the_table(tiny_model_dir, text_jsonl,
                                                                   tmp_path, monkeypatch):
     """`noln remove MODEL --control` (a new pair, no --resume) while `--control-only` trains the

@@ -602,9 +602,6 @@ def remove_with_control(model: str | None = None, data: str | None = None,
         for name, run, keep in parts:
             done = run.finished() and run.read_summary().get("complete", True)
             if name == "no_ln" and control_only:
-                removal_at_work = lock_holder(run.root)
-                if done and removal_at_work is None:
-                    results[name] = run.read_summary()
                 continue  # (the removal trains in its own process, or it waits for one)
             if name == "control" and not control_only and \
                     (holder := lock_holder(run.root)) is not None:
@@ -658,6 +655,12 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                                   f"(above): once it is done, {hint} runs the control and the "
                                   "table") + "[/]", highlight=False, soft_wrap=True)
                 return {"no_ln": results[name]}
+    if control_only:  # the removal as it stands now that the control is done: it may have
+        # begun, or ended, in its own process while the control trained (hours on SmolLM2)
+        removal_at_work = lock_holder(pair.root)
+        if removal_at_work is None and pair.finished() and \
+                pair.read_summary().get("complete", True):
+            results["no_ln"] = pair.read_summary()
     if "no_ln" not in results:  # control_only, the removal not done
         console.print(
             "[yellow]the control is done; " + (
