@@ -438,6 +438,33 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
                                                                    blocks).overflowed == 0
 
 
+def test_a_runs_ce_after_minus_before_is_taken_over_the_chunks_both_keep(ref_tok, blocks):
+    """A removal's closing table (CE before / after, and after − before): where the norm-free
+    model overflows on some chunks, the difference is over the chunks both measurements keep
+    finite, and says how many; it used to read +nan (SmolLM2 attempt 36, 4 of 64 chunks)."""
+    from noln.report import ce_rows, json_safe
+
+    before = cross_entropy(tiny(len(ref_tok), seed=1), blocks)
+    model = tiny(len(ref_tok))
+    token = int(blocks[3, 10])
+    hit = np.array([(b == token).any() for b in blocks])
+    clean_after = cross_entropy(model, blocks[~hit]).mean
+    clean_before = cross_entropy(tiny(len(ref_tok), seed=1), blocks[~hit]).mean
+    overflow_on(model, model.transformer.h[0], token)
+    after = cross_entropy(model, blocks)
+    # as the run's summary.json holds them (nan as null)
+    table = {"val": {"before": json_safe(before.to_dict()), "after": json_safe(after.to_dict())}}
+    _, rows = ce_rows(table, reference=None, control="before")
+    delta = rows[0][-1]
+    assert delta.endswith(f" ({(~hit).sum()}/{len(blocks)} chunks)")
+    assert float(delta.split()[0]) == pytest.approx(clean_after - clean_before, abs=1e-4)
+    assert "nan" not in delta
+    # no overflow: the plain difference of the means
+    _, rows = ce_rows({"val": {"before": before.to_dict(), "after": before.to_dict()}},
+                      reference=None, control="before")
+    assert rows[0][-1] == "+0.0000"
+
+
 def test_hellaswag_never_picks_an_ending_the_model_overflows_on():
     """An ending with a nan log-likelihood (the model overflowed) is never the prediction (a
     plain argmax picks the first nan); an item where all four overflow gets none and counts

@@ -69,6 +69,22 @@ def _ce_cell(result: dict) -> str:
     return f"{result['mean']:.4f} ± {result['ci95']:.4f}"
 
 
+def _delta_cell(result: dict, control: dict) -> str:
+    """``result``'s mean CE minus ``control``'s; where either overflowed on some chunks, over
+    the chunks both keep finite (the same text for both), and how many those are."""
+    if not (result.get("overflowed") or control.get("overflowed")):
+        return f"{result['mean'] - control['mean']:+.4f}"
+    pairs = [(a, b) for a, b in zip(result.get("chunk_means") or [],
+                                    control.get("chunk_means") or [])
+             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if not pairs or result["n_chunks"] != control["n_chunks"] or \
+            len(result.get("chunk_means") or []) != result["n_chunks"] or \
+            len(control.get("chunk_means") or []) != control["n_chunks"]:
+        return "— (overflow)"  # measured before chunks were recorded, or nothing shared
+    diff = sum(a - b for a, b in pairs) / len(pairs)  # chunks of equal length: token means
+    return f"{diff:+.4f} ({len(pairs)}/{result['n_chunks']} chunks)"
+
+
 def ce_rows(results: dict[str, dict[str, dict]], reference: str | None,
             control: str | None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``{source: {model: CEResult-dict}}``, with a delta column."""
@@ -83,7 +99,7 @@ def ce_rows(results: dict[str, dict[str, dict]], reference: str | None,
         row = [f"{source} ({per_model[models[0]]['n_tokens']:,} tok)"]
         row += [_ce_cell(per_model[m]) for m in models]
         if delta:
-            row += [f"{per_model[m]['mean'] - per_model[control]['mean']:+.4f}" for m in delta]
+            row += [_delta_cell(per_model[m], per_model[control]) for m in delta]
         rows.append(row)
     return header, rows
 

@@ -37,6 +37,9 @@ class CEResult:
     # finite, and this model's mean over them (the fair comparison: the same chunks for all)
     shared_chunks: int | None = None
     shared_mean: float | None = None
+    # mean CE of each chunk (nan where it overflowed): two measurements of the same chunks
+    # (a run's CE before and after) compare on the chunks both keep finite
+    chunk_means: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +109,8 @@ def summarize(losses: torch.Tensor, shared: torch.Tensor | None = None) -> CERes
         finite_mean = losses[finite].double().mean().item()
     result = CEResult(mean=losses.double().mean().item(), ci95=1.96 * sem,
                       median=losses.median().item(), n_tokens=losses.numel(), n_chunks=n,
-                      ctx=losses.shape[1] + 1, overflowed=overflowed, finite_mean=finite_mean)
+                      ctx=losses.shape[1] + 1, overflowed=overflowed, finite_mean=finite_mean,
+                      chunk_means=per_chunk.tolist())
     if shared is not None and not shared.all():
         result.shared_chunks = int(shared.sum())
         result.shared_mean = losses[shared].double().mean().item() if shared.any() else None
