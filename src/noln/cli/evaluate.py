@@ -85,6 +85,29 @@ def _precision(asked: str, device: str, quiet: bool) -> tuple[torch.device, str]
     return resolved_device, precision
 
 
+def _load_inputs(names: dict[str, str], data: list[str] | None, hellaswag: str | None,
+                 hellaswag_limit: int | None, *, tokens: int | None, ctx: int | None,
+                 batch_size: int | None, split: str, json_out: Path | None, out: Path | None,
+                 precision: str, device: str, quiet: bool,
+                 ) -> tuple[dict[str, str], list[Item] | None, str, dict[str, tuple]]:
+    """What ``eval`` and ``compare`` read, in the order that names a bad input before any
+    weights load: the --data sources and the options against them, the device and precision,
+    the HellaSwag items; then the models ``names`` (``{column: model}``), each unfinished
+    run's step said first. Returns the sources, the items, the precision and ``{column:
+    (model, tokenizer)}``."""
+    from noln.evaluate.compare import report_files
+    from noln.evaluate.inputs import check_options, load_models, parse_sources
+
+    sources = parse_sources(data or [])
+    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
+                  json_out=json_out, out=out, out_files=report_files(sources),
+                  sources=sources, split=split)
+    where, precision = _precision(precision, device, quiet)
+    items = _hellaswag_items(hellaswag, hellaswag_limit)
+    note_checkpoints(*names.values())
+    return sources, items, precision, load_models(names, where)
+
+
 def _finish(result: ComparisonResult, json_out: Path | None, out: Path | None) -> None:
     result.print()
     if out is not None:
@@ -135,26 +158,15 @@ def eval_cmd(
     if len(set(models)) != len(models):
         raise NolnError("a model is named twice: give each model once")
     from noln.data import load_blocks, tokenizer_fingerprint
-    from noln.evaluate.compare import compare_models, report_files
-    from noln.evaluate.inputs import (
-        check_options,
-        chunk_length,
-        load_models,
-        parse_sources,
-        short_names,
-    )
+    from noln.evaluate.compare import compare_models
+    from noln.evaluate.inputs import chunk_length, short_names
 
-    sources = parse_sources(data or [])
-    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out, out_files=report_files(sources),
-                  sources=sources, split=split)
-    device, precision = _precision(precision, device, quiet)
-    items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = short_names([*models, *([reference] if reference and reference not in models
                                     else [])])
     reference = next((k for k, v in names.items() if v == reference), None)
-    note_checkpoints(*names.values())
-    loaded = load_models(names, device)
+    sources, items, precision, loaded = _load_inputs(
+        names, data, hellaswag, hellaswag_limit, tokens=tokens, ctx=ctx, batch_size=batch_size,
+        split=split, json_out=json_out, out=out, precision=precision, device=device, quiet=quiet)
     ctx = chunk_length([m for m, _ in loaded.values()], ctx)
 
     # models sharing a tokenizer share token blocks; faithfulness needs the same tokens
@@ -202,23 +214,13 @@ def compare_cmd(
     _check_first("nothing to compare on", data, hellaswag, hellaswag_limit, tokens, ctx,
                  batch_size)
     from noln.data import load_blocks, tokenizer_fingerprint
-    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models, report_files
-    from noln.evaluate.inputs import (
-        check_options,
-        chunk_length,
-        load_models,
-        parse_sources,
-    )
+    from noln.evaluate.compare import NO_LN, ORIGINAL, WITH_LN, compare_models
+    from noln.evaluate.inputs import chunk_length
 
-    sources = parse_sources(data or [])
-    check_options(tokens=tokens, ctx=ctx, batch_size=batch_size, hellaswag_limit=hellaswag_limit,
-                  json_out=json_out, out=out, out_files=report_files(sources),
-                  sources=sources, split=split)
-    device, precision = _precision(precision, device, quiet)
-    items = _hellaswag_items(hellaswag, hellaswag_limit)
     names = {ORIGINAL: original, WITH_LN: finetuned_with_ln, NO_LN: no_ln}
-    note_checkpoints(*names.values())
-    loaded = load_models(names, device)
+    sources, items, precision, loaded = _load_inputs(
+        names, data, hellaswag, hellaswag_limit, tokens=tokens, ctx=ctx, batch_size=batch_size,
+        split=split, json_out=json_out, out=out, precision=precision, device=device, quiet=quiet)
     tok = loaded[ORIGINAL][1]
     fingerprint = tokenizer_fingerprint(tok)
     for key, (_, other) in loaded.items():
