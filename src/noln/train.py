@@ -77,6 +77,19 @@ def next_taper_weight(weight: float, steps: int, shape: str = "linear") -> float
     return 1.0 if done >= steps else to_weight(done / steps)
 
 
+def adamw(groups: list[dict], cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW, ``fused`` (one kernel over all parameters) where this torch has the kernel for
+    their device: on a CPU core it steps SmolLM2-135M in 0.15 s instead of 0.41 s for the
+    per-parameter loop (torch >= 2.4; older ones have it for GPUs only, and get the loop). Not
+    for parameters FSDP2 shards over CPU processes, where the loop is what is tested."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+        except RuntimeError:  # "fused=True requires ... supported devices"
+            pass
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay on 2-D weights only (matrices and embeddings), as nanoGPT and paper 1 do."""
     params = [p for p in model.parameters() if p.requires_grad]  # shared tensors counted once
@@ -230,8 +243,8 @@ class Trainer:
         # FSDP2 (noln.sharding) replaces the parameters: shard first, then build the optimizer
         self.sharded = fsdp_requested(cfg.fsdp) and world > 1
         mesh = shard(model, self.acc.device) if self.sharded else None
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=cfg.betas, fused=torch.cuda.is_available())
+        self.optimizer = adamw(param_groups(model, cfg.weight_decay), cfg,
+                               fused=torch.cuda.is_available() or not self.sharded)
         if self.sharded:
             self.model = model
         else:
