@@ -1,9 +1,9 @@
 """Training throughput of noln's removal loop vs a minimal plain PyTorch loop, same model.
 
 Both train the same randomly initialised GPT-2 on the same random tokens with the same global
-batch, micro-batch, dtype (bf16 autocast on a GPU, fp32 on CPU), AdamW (fused on a GPU), grad
-clipping and one host sync per step (the loss, for logging). The plain loop is what a researcher
-would write by hand around ``GPT2LMHeadModel``; noln's is ``noln.train.Trainer`` with its
+batch, micro-batch, dtype (bf16 autocast on a GPU, fp32 on CPU), fused AdamW (on a CPU too),
+grad clipping and one host sync per step (the loss, for logging). The plain loop is what a
+researcher would write by hand around ``GPT2LMHeadModel``; noln's is ``noln.train.Trainer`` with its
 FakeNorms installed and a fixed schedule freezing every site in the first half of the timed
 steps (the second half runs with no norm left), the aux loss on (``--aux-weight``), nothing
 written but the log. The ratio noln / plain is the cost of FakeNorm and the trainer's
@@ -87,8 +87,7 @@ def plain_loop(model, blocks: np.ndarray, args, device: torch.device) -> list[fl
     from noln.train import param_groups
 
     model = model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=True)
     fwd = torch.compile(model) if args.compile else model
     bf16 = device.type == "cuda"
     times = []
