@@ -415,6 +415,10 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
     assert shared[NO_LN] == pytest.approx(clean.mean, abs=1e-6)
     assert shared[WITH_LN] == pytest.approx(control_clean, abs=1e-6)
     assert abs(cross_entropy(control, blocks).mean - control_clean) > 1e-4  # (tells them apart)
+    medians = rows["median CE val, the chunks no model overflows on"]  # not nan
+    assert medians[NO_LN] == pytest.approx(clean.median, abs=1e-6)
+    assert medians[WITH_LN] == pytest.approx(cross_entropy(control, blocks[~hit]).median,
+                                             abs=1e-6)
     delta = {r["metric"]: r["delta"] for r in table}
     assert delta["CE val, the chunks no model overflows on"] == \
         pytest.approx(clean.mean - control_clean, abs=1e-6)

@@ -127,8 +127,10 @@ class ComparisonResult:
                     if (b := block(s, r)) else (None, None), ",.0f")
                 add(f"CE {s}, the chunks no model overflows on", lambda r, s=s: (
                     _shared_ce(b.ce), None) if (b := block(s, r)) else (None, None))
-        for s in sources:
-            add(f"median CE {s}", lambda r, s=s: (b.ce.median, None) if (b := block(s, r))
+        for s in sources:  # (where a model overflowed, over the chunks none overflows on)
+            some = any((b := block(s, r)) and b.ce.overflowed for r in models.values())
+            add(f"median CE {s}" + (", the chunks no model overflows on" if some else ""),
+                lambda r, s=s: (_shared_median(b.ce), None) if (b := block(s, r))
                 else (None, None))
         add("HellaSwag acc (%)", lambda r: (r.hellaswag.acc, 1.96 * r.hellaswag.acc_stderr)
             if r.hellaswag else (None, None), ".2f", 100)
@@ -351,6 +353,12 @@ def _shared_ce(ce) -> float | None:
     if ce.shared_chunks is not None:
         return ce.shared_mean
     return ce.finite_mean if ce.overflowed else ce.mean
+
+
+def _shared_median(ce) -> float | None:
+    """A model's median per-token CE over the chunks every model of its comparison keeps
+    finite (a median over all chunks, where some overflowed, is nan)."""
+    return ce.shared_median if ce.shared_chunks is not None else ce.median
 
 
 def _json_default(obj: object) -> object:

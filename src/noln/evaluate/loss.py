@@ -37,6 +37,7 @@ class CEResult:
     # finite, and this model's mean over them (the fair comparison: the same chunks for all)
     shared_chunks: int | None = None
     shared_mean: float | None = None
+    shared_median: float | None = None  # the median per-token CE over those chunks
     # mean CE of each chunk (nan where it overflowed): two measurements of the same chunks
     # (a run's CE before and after) compare on the chunks both keep finite
     chunk_means: list[float] | None = None
@@ -114,6 +115,7 @@ def summarize(losses: torch.Tensor, shared: torch.Tensor | None = None) -> CERes
     if shared is not None and not shared.all():
         result.shared_chunks = int(shared.sum())
         result.shared_mean = losses[shared].double().mean().item() if shared.any() else None
+        result.shared_median = losses[shared].median().item() if shared.any() else None
     return result
 
 
