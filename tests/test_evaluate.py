@@ -28,7 +28,7 @@ from noln.evaluate.hellaswag import (
     score_items,
     summarize,
 )
-from noln.evaluate.inputs import parse_sources
+from noln.evaluate.inputs import parse_sources, short_names
 from noln.evaluate.loss import token_losses
 
 from .conftest import overflow_on, shared_path
@@ -440,6 +440,22 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
                           progress=False)
     assert "overflow" not in fine.to_markdown() and cross_entropy(tiny(len(ref_tok)),
                                                                    blocks).overflowed == 0
+
+
+def test_models_are_named_by_as_much_of_their_path_as_tells_them_apart(tmp_path):
+    """Table columns: a local model's last path part, or as many last parts as tell it from the
+    others; two runs' checkpoints at the same step used to be named by their whole paths, which
+    the table cut to the same prefix."""
+    a, b = (tmp_path / run / "checkpoints" / "step-1500.pt" for run in ("c37", "c37-control"))
+    for path in (a, b):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    assert list(short_names([str(a), str(b)])) == ["c37/checkpoints/step-1500.pt",
+                                                   "c37-control/checkpoints/step-1500.pt"]
+    model = tmp_path / "c37" / "model"
+    model.mkdir()
+    assert list(short_names([str(model), "gpt2"])) == ["model", "gpt2"]
+    assert list(short_names([str(a), str(model)])) == ["step-1500.pt", "model"]
 
 
 def test_a_runs_ce_after_minus_before_is_taken_over_the_chunks_both_keep(ref_tok, blocks):

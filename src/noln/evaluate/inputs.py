@@ -38,12 +38,15 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
 
 
 def short_names(models: list[str]) -> dict[str, str]:
-    """Column names for models: a folder's own name (``runs/a/model`` -> ``model``) unless two
-    would clash, then the name as given."""
-    shorts = [Path(m).name if is_local(m) and Path(m).name else m for m in models]
-    if len(set(shorts)) < len(shorts):
-        shorts = list(models)
-    return dict(zip(shorts, models, strict=True))
+    """Column names for models: a local path's last part (``runs/a/model`` -> ``model``), or
+    as many of its last parts as tell it from the others (two runs' checkpoints at one step:
+    ``a/checkpoints/step-500.pt``, ``b/checkpoints/step-500.pt``); a Hub id as given."""
+    parts = [Path(m).parts if is_local(m) and Path(m).name else (m,) for m in models]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        shorts = [str(Path(*p[-n:])) if len(p) > 1 else p[0] for p in parts]
+        if len(set(shorts)) == len(shorts):
+            return dict(zip(shorts, models, strict=True))
+    return dict(zip(models, models, strict=True))
 
 
 def resolve_device(device: str) -> torch.device:
