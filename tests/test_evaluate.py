@@ -442,6 +442,26 @@ def test_chunks_that_overflow_are_counted_and_the_rest_still_scored(ref_tok, blo
                                                                    blocks).overflowed == 0
 
 
+def test_the_paired_training_gap_leaves_out_steps_whose_batch_was_not_the_controls():
+    """Removal minus control training CE over spans of steps: a step where the removal dropped
+    a sequence, trained one clipped, replayed some or was restored by the guard is left out;
+    a step logged twice counts as last trained; a step only one run has is left out."""
+    from noln.report import paired_training_gap, training_gap_markdown
+
+    control = [{"step": s, "loss": 3.0} for s in range(8)]
+    removal = [{"step": s, "loss": 4.0 + s} for s in range(8)] + [
+        {"event": "skipped", "step": 1}, {"event": "clipped", "step": 2},
+        {"event": "guard", "step": 3}, {"event": "remove", "step": 6, "site": "final"},
+        {"step": 4, "loss": 5.0, "replay": 2}, {"step": 9, "loss": 1.0},
+        {"step": 7, "loss": float("nan")}, {"step": 5, "loss": 6.5}]  # 5 again, and last
+    rows = paired_training_gap(removal, control, window=4)
+    assert rows == [{"first": 0, "last": 3, "steps": 1, "no_ln": 4.0, "with_ln": 3.0,
+                     "gap": 1.0},
+                    {"first": 4, "last": 7, "steps": 2, "no_ln": (6.5 + 10.0) / 2,
+                     "with_ln": 3.0, "gap": (6.5 + 10.0) / 2 - 3.0}]
+    assert "| 4-7 | 2 | 8.2500 | 3.0000 | +5.2500 |" in training_gap_markdown(rows)
+
+
 def test_models_are_named_by_as_much_of_their_path_as_tells_them_apart(tmp_path):
     """Table columns: a local model's last path part, or as many last parts as tell it from the
     others; two runs' checkpoints at the same step used to be named by their whole paths, which

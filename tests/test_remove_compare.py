@@ -45,6 +45,14 @@ def test_remove_with_control_reports_the_compare_table(tiny_model_dir, text_json
     assert compare["delta"] == {"of": "no_ln", "minus": "finetuned_with_ln"}
     assert "no LN" in (out / "table.md").read_text()
     assert any(p.suffix == ".png" for p in (out / "compare").iterdir())
+    # the training CE on the same batches, span by span (12 steps: spans of 1), from the logs
+    logs = [[e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+             if "loss" in e and "event" not in e] for run in (out, out / "control")]
+    gap = data["training_gap"]
+    assert [(g["first"], g["steps"]) for g in gap] == [(s, 1) for s in range(12)]
+    assert [g["gap"] for g in gap] == pytest.approx([a["loss"] - b["loss"]
+                                                     for a, b in zip(*logs, strict=True)])
+    assert "Training CE on the same batches" in (out / "table.md").read_text()
     # every report of the pair carries noln's mark, as `noln compare --out`'s do
     from noln.outputs import written_by_noln
 

@@ -64,7 +64,13 @@ from noln.loading import load_model
 from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
 from noln.pretrained import check_models_exist, load_config, load_pretrained, load_tokenizer
-from noln.report import json_safe, plot_loss
+from noln.report import (
+    json_safe,
+    paired_training_gap,
+    plot_loss,
+    rich_table,
+    training_gap_markdown,
+)
 from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder, torn_checkpoint_note
 from noln.schedule import Schedule, build_schedule, check_gap_roles
 from noln.sharding import full_model_state_dict
@@ -696,9 +702,19 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                                           **cfg.eval_sets})
     result.print(console)
     result.save(pair.compare)
+    # the removal's cost on the very batches its control trained on, span by span (a tenth of
+    # the run each)
+    gap = paired_training_gap(pair.read_log(), pair.control.read_log(),
+                              window=max(1, round(results["no_ln"]["steps"] / 10)))
+    console.print(rich_table(["steps", "steps kept", "no LN", "with LN", "no LN − with LN"],
+                             [[f"{r['first']}-{r['last']}", str(r["steps"]), f"{r['no_ln']:.4f}",
+                               f"{r['with_ln']:.4f}", f"{r['gap']:+.4f}"] for r in gap],
+                             title="Training CE on the same batches"))
     # the run folder's own files (run.py), replaced on a remake, marked as every report is
-    pair.table.write_text(marked_markdown(result.to_markdown()))
-    combined = {"table": table, "compare": result.to_dict(), "control": results["control"],
+    pair.table.write_text(marked_markdown(result.to_markdown() + "\n" +
+                                          training_gap_markdown(gap)))
+    combined = {"table": table, "compare": result.to_dict(), "training_gap": gap,
+                "control": results["control"],
                 "no_ln": results["no_ln"]}
     pair.comparison.write_text(marked_json(json_safe(combined), indent=1))
     plot_loss(pair.read_log(), pair.loss_plot, control_log=pair.control.read_log(),

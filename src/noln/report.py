@@ -60,6 +60,54 @@ def plot_loss(log: list[dict], path: Path, control_log: list[dict] | None = None
     return path
 
 
+# events after which the removal's step did not train on the control's batch as it was
+CHANGED_BATCH = ("skipped", "clipped", "guard")
+
+
+def paired_training_gap(log: list[dict], control_log: list[dict],
+                        window: int) -> list[dict]:
+    """The removal's training CE minus its control's, as means over ``window``-step spans. Both
+    runs read the same batches in the same order (one seed), so this is the removal's cost on
+    the same text, step by step, with none of a held-out set's sampling noise. A step is left
+    out where the removal's batch was not the control's: a sequence dropped or trained clipped
+    (``skipped``, ``clipped``), a guard restore, or replayed sequences added (``replay``). A
+    step logged twice (a resume, a restore) counts as it was last trained.
+
+    ``[{"first": step, "last": step, "steps": n, "no_ln": mean, "with_ln": mean, "gap": mean}]``.
+    """
+    def losses(records: list[dict]) -> dict[int, dict]:
+        return {r["step"]: r for r in records if "event" not in r and "loss" in r}
+
+    removal, control = losses(log), losses(control_log)
+    changed = {r.get("step") for r in log if r.get("event") in CHANGED_BATCH}
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for step in sorted(removal.keys() & control.keys()):
+        a, b = removal[step], control[step]
+        if step in changed or a.get("replay") or b.get("replay") or \
+                not (math.isfinite(a["loss"]) and math.isfinite(b["loss"])):
+            continue
+        spans.setdefault(step // window, []).append((a["loss"], b["loss"]))
+    rows = []
+    for span, pairs in sorted(spans.items()):
+        no_ln = sum(a for a, _ in pairs) / len(pairs)
+        with_ln = sum(b for _, b in pairs) / len(pairs)
+        rows.append({"first": span * window, "last": span * window + window - 1,
+                     "steps": len(pairs), "no_ln": no_ln, "with_ln": with_ln,
+                     "gap": no_ln - with_ln})
+    return rows
+
+
+def training_gap_markdown(rows: list[dict]) -> str:
+    """``paired_training_gap``'s rows as a Markdown section."""
+    lines = ["**Training CE on the same batches** (means over spans of steps; a step where the "
+             "removal's batch differed from the control's is left out)", "",
+             "| steps | steps kept | no LN | with LN (fine-tuned) | no LN − with LN |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['first']}-{r['last']} | {r['steps']} | {r['no_ln']:.4f} | "
+              f"{r['with_ln']:.4f} | {r['gap']:+.4f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def _ce_cell(result: dict) -> str:
     """``mean ± ci95``; where chunks overflowed, how many and the mean over the rest."""
     if result.get("overflowed"):
