@@ -1,4 +1,5 @@
-"""Tables and plots: the CE table of a run, and the loss curve marking every removal."""
+"""Tables and plots: the CE table of a run, the loss curve marking every removal, and a
+pair's training CE on the same batches."""
 
 from __future__ import annotations
 
