@@ -606,9 +606,9 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                            main=_ranks().is_main_process)) as claim:
         claim.started()  # from here on each run cleans up after itself
         for name, run, keep in parts:
-            done = run.finished() and run.read_summary().get("complete", True)
             if name == "no_ln" and control_only:
                 continue  # (the removal trains in its own process, or it waits for one)
+            done = run.finished() and run.read_summary().get("complete", True)
             if name == "control" and not control_only and \
                     (holder := lock_holder(run.root)) is not None:
                 console.print(f"[yellow]the control trains in another process ({holder}): "
@@ -704,7 +704,8 @@ def remove_with_control(model: str | None = None, data: str | None = None,
     result.save(pair.compare)
     # the removal's cost on the very batches its control trained on, span by span (a tenth of
     # the run each)
-    gap = paired_training_gap(pair.read_log(), pair.control.read_log(),
+    log, control_log = pair.read_log(), pair.control.read_log()
+    gap = paired_training_gap(log, control_log,
                               window=max(1, round(results["no_ln"]["steps"] / 10)))
     console.print(rich_table(["steps", "steps kept", "no LN", "with LN", "no LN − with LN"],
                              [[f"{r['first']}-{r['last']}", str(r["steps"]), f"{r['no_ln']:.4f}",
@@ -717,6 +718,6 @@ def remove_with_control(model: str | None = None, data: str | None = None,
                 "control": results["control"],
                 "no_ln": results["no_ln"]}
     pair.comparison.write_text(marked_json(json_safe(combined), indent=1))
-    plot_loss(pair.read_log(), pair.loss_plot, control_log=pair.control.read_log(),
+    plot_loss(log, pair.loss_plot, control_log=control_log,
               title=f"{Path(str(results['no_ln']['model'])).name}: LayerNorm removal vs control")
     return combined
