@@ -1184,8 +1184,15 @@ def test_a_staged_run_equals_stopping_there_and_resuming_with_the_stage(
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
     steps = [e for e in staged.log if "event" not in e]
     assert [e["step"] for e in steps] == list(range(20)), "each step logged once"
+    # each says what it replaced (a new lr scales min_lr with it), so a branch can undo it
+    min_lr = RemoveConfig.from_yaml(tmp_path / "staged" / "config.first.yaml").min_lr
+    was = {"lr": 1e-3, "min_lr": min_lr, "site_aux": 0.1}
     assert [e for e in staged.log if e.get("event") == "stage"] == \
-        [{"event": "stage", "step": 10, "set": change}]
+        [{"event": "stage", "step": 10, "set": change, "was": was}]
+    by_hand = noln.run.read_log(tmp_path / "by-hand" / "log.jsonl")
+    assert [e for e in by_hand if e.get("event") == "resume"] == [{
+        "event": "resume", "step": 10, "was": was,
+        "set": {**change, "min_lr": pytest.approx(was["min_lr"] * 0.3)}}]
     lr = {e["step"]: e["lr"] for e in steps}
     first_cfg = RemoveConfig.from_yaml(tmp_path / "staged" / "config.first.yaml")
     assert lr[9] == pytest.approx(noln.train.lr_at(9, first_cfg, 20))
@@ -1216,3 +1223,69 @@ def test_a_pretrained_model_is_loaded_into_aligned_memory(tiny_model_dir):
     model = load_pretrained(str(tiny_model_dir))
     assert all(t.data_ptr() % ALIGNMENT == 0 for t in [*model.parameters(), *model.buffers()])
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_warm_restart_begins_the_warmup_and_cosine_again_at_its_step():
+    """lr_restart R: steps before R follow the run's cosine as if there were none; from R the
+    warmup and the cosine from lr to min_lr span R .. the end, as a run of that length would."""
+    from noln.config import TrainConfig
+    from noln.train import lr_at
+
+    plain = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=30)
+    restarted = plain.model_copy(update={"lr_restart": 20})
+    short = plain.model_copy(update={"steps": 10})  # the restart's 10 steps, as a run
+    for step in range(20):
+        assert lr_at(step, restarted, 30) == lr_at(step, plain, 30)
+    for step in range(20, 30):
+        assert lr_at(step, restarted, 30) == pytest.approx(lr_at(step - 20, short, 10))
+    assert lr_at(20, restarted, 30) == pytest.approx(5e-4)  # warmup again: 1e-3 x 1/2
+    assert lr_at(21, restarted, 30) == pytest.approx(1e-3)
+    end = 1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 7 / 8))
+    assert lr_at(29, restarted, 30) == pytest.approx(end)
+    assert lr_at(21, plain, 30) < 0.4 * lr_at(21, restarted, 30)  # the long cosine's tail
+
+
+def test_a_branch_trains_on_at_a_new_rate_from_a_warm_restart(tiny_model_dir, text_jsonl, tmp_path):
+    """A finished 20-step run (a with-norm control, as attempt 38's) branched at its end and
+    lengthened to 30 steps with --lr-restart 20 warms up to the new lr again; a restart at or
+    past the run's end is refused with the fix before the model loads."""
+    from noln.run import branch_run
+
+    base = dict(keep_ln=True, export_format="none", checkpoint_keep=5,
+                **{**FAST, "steps": 20})
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", **base)
+    branch_run(tmp_path / "run", 20, tmp_path / "branch")
+    with pytest.raises(NolnError, match=r"--lr-restart 30 is not before the run's end \(step 30\)"):
+        noln.remove_layernorm(resume=tmp_path / "branch", steps=30, lr_restart=30)
+    result = noln.remove_layernorm(resume=tmp_path / "branch", steps=30, lr=5e-4, min_lr=5e-5,
+                                   lr_restart=20)
+    lr = {e["step"]: e["lr"] for e in result.log if "event" not in e}
+    assert sorted(lr) == list(range(30))
+    assert lr[19] < 2e-4  # the first run's cosine, near its end
+    assert lr[20] == pytest.approx(5e-4 / FAST["warmup_steps"]) and lr[21] == pytest.approx(5e-4)
+    assert lr[29] == pytest.approx(5e-5 + 0.5 * 4.5e-4 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_a_branch_takes_the_settings_its_step_trained_with_across_resumes(tiny_model_dir,
+                                                                          text_jsonl, tmp_path):
+    """A run resumed with a new rate and length logs what it replaced; a branch of a step
+    before that resume trains on as the run did then (its old rate and length), one of a
+    step after it with the new ones. (Branches took the run's first settings, and attempt
+    38's would have gone on at attempt 36's rate had its command not given every one again.)"""
+    import yaml
+
+    from noln.run import branch_run
+
+    base = dict(keep_ln=True, export_format="none", checkpoint_keep=5, **{**FAST, "steps": 10})
+    noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run", **base)
+    noln.remove_layernorm(resume=tmp_path / "run", steps=20, lr=5e-4)
+    resumes = [e for e in noln.run.read_log(tmp_path / "run" / "log.jsonl")
+               if e.get("event") == "resume"]
+    assert [(e["step"], e["set"]["lr"], e["was"]["lr"], e["set"]["steps"], e["was"]["steps"])
+            for e in resumes] == [(10, 5e-4, 1e-3, 20, 10)]
+    for step, lr, steps in ((5, 1e-3, 10), (15, 5e-4, 20)):
+        branch_run(tmp_path / "run", step, tmp_path / f"branch-{step}")
+        cfg = yaml.safe_load((tmp_path / f"branch-{step}" / "config.yaml").read_text())
+        assert (cfg["lr"], cfg["steps"]) == (lr, steps), step
+    now = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (now["lr"], now["steps"]) == (5e-4, 20)

@@ -186,6 +186,9 @@ class TrainConfig(BaseModel):
     lr: float = Field(6e-4, gt=0, **describe_field("peak learning rate"))
     min_lr: float = Field(6e-5, ge=0, **describe_field("learning rate at the end of the cosine"))
     warmup_steps: int = Field(10, ge=0, **describe_field("linear warmup steps"))
+    lr_restart: int | None = Field(None, ge=1, **describe_field(
+        "step at which the warmup and the cosine from lr to min_lr begin again, over the rest "
+        "of the run (a warm restart: a run or branch trained on at a new rate); none: step 0"))
     weight_decay: float = Field(0.1, ge=0, **describe_field("AdamW weight decay (2-D weights)"))
     betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), **describe_field("AdamW betas"))
     grad_clip: float = Field(1.0, gt=0, **describe_field("gradient norm clip"))
@@ -228,6 +231,13 @@ class TrainConfig(BaseModel):
         if self.steps is None:
             raise NolnError("the run has no length: give --steps N or --tokens N")
         return self.steps
+
+    def lr_restart_problem(self, steps: int) -> str | None:
+        """Why ``lr_restart`` cannot be met by a run of ``steps`` steps (None: it can)."""
+        if self.lr_restart is not None and self.lr_restart >= steps:
+            return (f"--lr-restart {self.lr_restart} is not before the run's end (step {steps}): "
+                    f"give a step below {steps}, or lengthen the run (--tokens, --steps)")
+        return None
 
 
 class Stage(BaseModel):
@@ -441,6 +451,9 @@ class RemoveConfig(TrainConfig):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above --lr {self.lr:g}: the cosine "
                              f"would rise; give min_lr <= {self.lr:g}")
+        if self.tokens is not None and self.ctx or self.tokens is None and self.steps:
+            if problem := self.lr_restart_problem(self.resolved_steps(self.ctx)):
+                raise ValueError(problem)  # (else once the model's context is known)
         return self
 
     def to_yaml(self, path: Path) -> None:
@@ -812,6 +825,36 @@ def staged_configs(cfg: RemoveConfig) -> list[RemoveConfig]:
     return configs
 
 
+def settings_change(saved: dict[str, Any], cfg: TrainConfig, changed: dict[str, Any]
+                    ) -> dict[str, dict[str, Any]] | None:
+    """What a resume or a stage changed, for its log event: ``set``, the whole top-level
+    settings it changed as the run has them from now on, and ``was``, as it had them before
+    (``steps`` and ``tokens`` together, ``min_lr`` with the ``lr`` that scales it), so a branch
+    of an earlier step undoes it by replacement (``settings_before``). None: nothing the
+    training sees changed (``progress`` aside)."""
+    keys = set(changed) - {"progress"}
+    if keys & {"steps", "tokens"}:
+        keys |= {"steps", "tokens"}
+    if "lr" in keys:
+        keys.add("min_lr")
+    now = cfg.model_dump(mode="json")
+    return {"set": {k: now.get(k) for k in sorted(keys)},
+            "was": {k: saved.get(k) for k in sorted(keys)}} if keys else None
+
+
+def settings_before(now: dict[str, Any], events: list[dict]) -> dict[str, Any] | None:
+    """A run's settings before the ``stage`` and ``resume`` events of its log ``events`` (those
+    after a step): its settings ``now`` with each one's ``was`` put back, last first. None
+    where one of them says not what it replaced (a stage logged before noln kept it)."""
+    changes = [e for e in events if e.get("event") in ("stage", "resume")]
+    if not all("was" in e for e in changes):
+        return None
+    settings = dict(now)
+    for event in reversed(changes):
+        settings.update(event["was"])
+    return settings
+
+
 def config_at_stage(first: dict[str, Any], stage: int) -> dict[str, Any]:
     """The settings of a run that started with ``first`` once it has made the stages of its
     config up to the one at step ``stage`` (0: none)."""
@@ -848,8 +891,8 @@ def next_stage_step(stages: list[Stage], step: int, applied: int) -> int | None:
 RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
                 "seed", "keep_ln", "schedule", "fixed", "taper", "taper_shape",
                 "momentum", "exclude_special", "special_scale", "outlier_clip")
-RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "tokens", "steps", "guard_factor",
-                     "special_fade", "probe_every", "eval_sets", "max_retries",
+RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "lr_restart", "tokens", "steps",
+                     "guard_factor", "special_fade", "probe_every", "eval_sets", "max_retries",
                      "checkpoint_every", "checkpoint_keep", "progress", "export_format",
                      "precision", "compile", "grad_checkpointing", "fsdp", "micro_batch_size",
                      "stages")

@@ -42,6 +42,7 @@ from noln.config import (
     prune_fade_problem,
     read_config_file,
     resume_config,
+    settings_change,
     stage_due,
     validate_config,
 )
@@ -214,9 +215,10 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if not run.config.is_file():
             raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
                             "--resume")
-        cfg, changed, notes = resume_config(run.root, read_config_file(run.config),
-                                            {"model": model, "data": data,
-                                             "eval_sets": eval_sets or None, **overrides})
+        saved = read_config_file(run.config)
+        cfg, changed, notes = resume_config(run.root, saved, {
+            "model": model, "data": data, "eval_sets": eval_sets or None, **overrides})
+        change = settings_change(saved, cfg, changed)
         check_not_spent(run, changed)
         if cfg.stages:  # before anything is written: a stage the run has already passed
             state = run.load_latest_checkpoint()[1]["state"]
@@ -231,7 +233,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         cfg = validate_config({**config.model_dump(), **sets}) \
             if config is not None else \
             make_config(model=model, data=data, out=out, **sets, **overrides)
-        changed = {}
+        changed, change = {}, None
     resuming, stage, t_start = resume is not None, None, time.time()
     while True:  # once, or once per stage of the config (each a resume with its settings)
         with claim_run_folder(Path(cfg.out), resume=resuming, overwrite=overwrite,
@@ -241,7 +243,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             # --resume); a clip given now gives the sequences dropped before it a try, clipped
             trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed,
                                    retry_skipped="overflow_clip" in changed and
-                                   cfg.overflow_clip > 0, stage=stage)
+                                   cfg.overflow_clip > 0, stage=stage, change=change)
             stage = stage_due(cfg.stages, state.step, state.stage)
             if stage is None or state.step >= trainer.total_steps:
                 return finish(removal, trainer, state, ranks, t_start)
@@ -249,7 +251,9 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         del removal, trainer  # the model of this stretch, before the next one loads
         if ranks.is_main_process and not run.first_config.exists():
             shutil.copyfile(run.config, run.first_config)  # the control starts from it
-        cfg, changed, _ = resume_config(run.root, read_config_file(run.config), stage.set)
+        saved = read_config_file(run.config)
+        cfg, changed, _ = resume_config(run.root, saved, stage.set)
+        change = settings_change(saved, cfg, changed)
         if ranks.is_main_process:
             console.print(f"step {stage.step}, the config's stage: " + ", ".join(
                 f"{k} {v}" for k, v in stage.set.items()), highlight=False, soft_wrap=True)
@@ -377,6 +381,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     check_taper(cfg, schedule, steps, resuming)
     if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
         raise NolnError(problem)
+    if problem := cfg.lr_restart_problem(steps):
+        raise NolnError(problem)
     if not cfg.keep_ln and len(set(schedule.order)) < len(sites) and \
             cfg.export_format in ("hf", "clean", "both"):
         console.print(f"[yellow]note: the schedule freezes {len(set(schedule.order))} of "
@@ -435,7 +441,7 @@ def load_teacher(name: str, model: nn.Module, tokenizer, ctx: int) -> nn.Module:
 
 
 def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False,
-          retry_skipped: bool = False, stage: Stage | None = None
+          retry_skipped: bool = False, stage: Stage | None = None, change: dict | None = None
           ) -> tuple[Trainer, TrainState]:
     """The loop (``noln.train``), from step 0 or the run's last checkpoint, to the end; the
     folder's claim learns when training starts (before it, a failed run cleans up)."""
@@ -452,7 +458,7 @@ def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False
                       "launch, torchrun); this run has one process, so nothing is sharded[/]")
     claim.started()
     state = trainer.fit(resume=resuming, reset_guard=reset_guard, retry_skipped=retry_skipped,
-                        stage=stage)
+                        stage=stage, change=change)
     return trainer, state
 
 

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from noln.checkpoint import UnsafeCheckpoint, load_checkpoint
-from noln.config import TrainConfig, branch_config, config_at_stage
+from noln.config import TrainConfig, branch_config, config_at_stage, settings_before
 from noln.errors import NolnError
 from noln.outputs import export_file_name, written_by_noln
 
@@ -395,22 +395,34 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
             "it kept none (start a run with checkpoint_keep=N to keep every N-th step's)")
             + (f", and its last checkpoint is of step {last['step']}" if last else ""))
     state = last if ckpt == src.last_checkpoint else load_checkpoint(ckpt)["state"]
-    # a staged run's settings as they were at that step: its first ones with the stages made
-    first = yaml.safe_load(src.first_config.read_text()) if src.first_config.is_file() else None
-    saved = yaml.safe_load(src.config.read_text()) if first is None else \
-        config_at_stage(first, int(state.get("stage", 0)))
-    config = branch_config(saved, settings or {})
     log_lines = int(state["log_lines"])  # the log as it was then
+    lines = src.log.read_text().splitlines(keepends=True) if src.log.exists() else []
+    # the run's settings as they were at that step: its settings now with the changes its
+    # log records after the step (stages, resumes with new settings) undone, or, where the
+    # log predates their record, a staged run's first settings with its stages made
+    first = yaml.safe_load(src.first_config.read_text()) if src.first_config.is_file() else None
+    now = yaml.safe_load(src.config.read_text())
+    saved = settings_before(now, [e for e in map(_record, lines[log_lines:]) if e])
+    if saved is None:
+        saved = now if first is None else config_at_stage(first, int(state.get("stage", 0)))
+    config = branch_config(saved, settings or {})
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src.base, dst.base)
     dst.config.write_text(yaml.safe_dump({**config, "out": str(out)}, sort_keys=False))
     if first is not None:  # its control starts from the lineage's first settings
         dst.first_config.write_text(yaml.safe_dump({**first, "out": str(out)}, sort_keys=False))
-    lines = src.log.read_text().splitlines(keepends=True)[:log_lines] if src.log.exists() else []
-    dst.log.write_text("".join(lines))
+    dst.log.write_text("".join(lines[:log_lines]))
     dst.checkpoints.mkdir()
     keep_checkpoint(ckpt, dst.last_checkpoint)
     return dst
+
+
+def _record(line: str) -> dict | None:
+    """A log line's event record (None: a step's line, or a line torn by a kill)."""
+    try:
+        return json.loads(line) if line.startswith('{"event"') else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _entries(folder: Path) -> list[str]:

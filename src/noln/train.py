@@ -54,7 +54,14 @@ from noln.sinks import fade_at, fade_neurons, prune_neurons
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then cosine from ``lr`` to ``min_lr`` over the rest of the run."""
+    """Linear warmup, then cosine from ``lr`` to ``min_lr`` over the rest of the run.
+
+    With ``lr_restart`` R both begin again at step R and span steps R .. total_steps (SGDR's
+    warm restart): a branch of a run whose cosine had nearly ended trains on at a rate of its
+    own, not at the tail of a cosine stretched over the whole run. Steps before R follow the
+    schedule without the restart."""
+    if cfg.lr_restart is not None and step >= cfg.lr_restart:
+        step, total_steps = step - cfg.lr_restart, total_steps - cfg.lr_restart
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
@@ -208,6 +215,8 @@ class Trainer:
             self.extra_state["sink_neurons"] = sink_neurons
         self.ctx = train_blocks.shape[1]
         self.total_steps = cfg.resolved_steps(self.ctx)
+        if problem := cfg.lr_restart_problem(self.total_steps):
+            raise NolnError(problem)
         self.train_blocks, self.probe_blocks = train_blocks, probe_blocks
         # a loss worse than a uniform guess (ln V) and guard_factor x the run's first steps'
         # means a broken model, however slowly it got there: a trailing mean follows a slow rise
@@ -579,13 +588,16 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, resume: bool = False, reset_guard: bool = False,
-            retry_skipped: bool = False, stage: Stage | None = None) -> TrainState:
+            retry_skipped: bool = False, stage: Stage | None = None,
+            change: dict | None = None) -> TrainState:
         """Train to the end (from the last checkpoint with ``resume``), or to the step of the
         config's next stage (``stages``), saved there: the caller makes the stage's changes
         and resumes. ``reset_guard``: the resumed run has a new learning rate, which replaces
         the one the guard lowered. ``retry_skipped``: the resumed run has a new
         ``overflow_clip``, so the sequences it dropped (``skip_overflow``) come back, clipped.
-        ``stage``: the resumed run has just made this stage of its config (at its step)."""
+        ``stage``: the resumed run has just made this stage of its config (at its step).
+        ``change``: the settings the resume (or the stage) changed, ``config.settings_change``,
+        logged with it so that a branch of an earlier step can undo it."""
         self.out.mkdir(parents=True, exist_ok=True)
         stages = getattr(self.cfg, "stages", [])
         if resume:
@@ -593,7 +605,10 @@ class Trainer:
             self._truncate_log()
             if stage is not None:
                 self.state.stage = stage.step
-                self.log({"event": "stage", "step": self.state.step, "set": stage.set})
+                self.log({"event": "stage", "step": self.state.step, "set": stage.set,
+                          "was": change["was"] if change else {}})
+            elif change:  # settings the resume changed: a branch of an earlier step undoes it
+                self.log({"event": "resume", "step": self.state.step, **change})
             if reset_guard:
                 self.state.lr_scale, self.state.failures = 1.0, 0
             retry_skipped = retry_skipped and bool(self.state.skipped)
