@@ -352,7 +352,8 @@ def test_a_staged_removal_and_its_control_make_the_same_stages(tiny_model_dir, t
     for name, run in (("no_ln", out), ("control", out / "control")):
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         lrs[name] = [e["lr"] for e in log if "event" not in e]
-        assert [e for e in log if e.get("event") == "stage"] == \
+        assert [{k: e[k] for k in ("event", "step", "set")} for e in log
+                if e.get("event") == "stage"] == \
             [{"event": "stage", "step": 6, "set": {"lr": 2e-4, "warmup_steps": 0}}]
         first = yaml.safe_load((run / "config.first.yaml").read_text())
         last = yaml.safe_load((run / "config.yaml").read_text())
