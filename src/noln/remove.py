@@ -215,10 +215,8 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         if not run.config.is_file():
             raise NolnError(f"'{run.root}' is not a noln run folder (no config.yaml): check "
                             "--resume")
-        saved = read_config_file(run.config)
-        cfg, changed, notes = resume_config(run.root, saved, {
+        cfg, changed, notes, change = resumed_config(run, {
             "model": model, "data": data, "eval_sets": eval_sets or None, **overrides})
-        change = settings_change(saved, cfg, changed)
         check_not_spent(run, changed)
         if cfg.stages:  # before anything is written: a stage the run has already passed
             state = run.load_latest_checkpoint()[1]["state"]
@@ -251,13 +249,20 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         del removal, trainer  # the model of this stretch, before the next one loads
         if ranks.is_main_process and not run.first_config.exists():
             shutil.copyfile(run.config, run.first_config)  # the control starts from it
-        saved = read_config_file(run.config)
-        cfg, changed, _ = resume_config(run.root, saved, stage.set)
-        change = settings_change(saved, cfg, changed)
+        cfg, changed, _, change = resumed_config(run, stage.set)
         if ranks.is_main_process:
             console.print(f"step {stage.step}, the config's stage: " + ", ".join(
                 f"{k} {v}" for k, v in stage.set.items()), highlight=False, soft_wrap=True)
         resuming = True
+
+
+def resumed_config(run: RunFolder, given: dict
+                   ) -> tuple[RemoveConfig, dict, list[str], dict | None]:
+    """``config.resume_config`` of the run's saved settings and ``given``, and what changed as
+    its log records it (``config.settings_change``)."""
+    saved = read_config_file(run.config)
+    cfg, changed, notes = resume_config(run.root, saved, given)
+    return cfg, changed, notes, settings_change(saved, cfg, changed)
 
 
 def check_not_spent(run: RunFolder, changed: dict) -> None:

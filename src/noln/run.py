@@ -135,8 +135,13 @@ def read_log(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
+    return parse_log(path.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def parse_log(lines: Iterable[str]) -> list[dict]:
+    """The records of log lines (``read_log``); a line torn by a kill mid-write is skipped."""
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in lines:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -402,7 +407,7 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
     # log predates their record, a staged run's first settings with its stages made
     first = yaml.safe_load(src.first_config.read_text()) if src.first_config.is_file() else None
     now = yaml.safe_load(src.config.read_text())
-    saved = settings_before(now, [e for e in map(_record, lines[log_lines:]) if e])
+    saved = settings_before(now, parse_log(lines[log_lines:]))
     if saved is None:
         saved = now if first is None else config_at_stage(first, int(state.get("stage", 0)))
     config = branch_config(saved, settings or {})
@@ -415,14 +420,6 @@ def branch_run(source: Path, step: int, out: Path, settings: dict | None = None)
     dst.checkpoints.mkdir()
     keep_checkpoint(ckpt, dst.last_checkpoint)
     return dst
-
-
-def _record(line: str) -> dict | None:
-    """A log line's event record (None: a step's line, or a line torn by a kill)."""
-    try:
-        return json.loads(line) if line.startswith('{"event"') else None
-    except json.JSONDecodeError:
-        return None
 
 
 def _entries(folder: Path) -> list[str]:
