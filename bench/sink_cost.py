@@ -3,12 +3,14 @@
 For each variant ``K:F`` the ``K`` neurons per block that write the most into position 0
 (``noln.sinks.sink_neurons``, found on the first 8 held-out blocks, as a run finds them) write
 ``F`` times their output (``F`` = 0: pruned, what ``--prune-sinks K`` does before the first
-step; ``0 < F < 1``: a point of ``--prune-fade``). Reported: held-out CE (bf16 autocast where
-the CPU has native bf16) and the largest ratio over layers of position 0's residual norm to the
-median of the other tokens', the massive activation the circuit builds.
+step; ``0 < F < 1``: a point of ``--prune-fade``); ``K:F@B1,B2`` does so in blocks B1, B2 only
+(``prune_blocks=[B1,B2]``). Reported: held-out CE (bf16 autocast where the CPU has native bf16)
+and the largest ratio over layers of position 0's residual norm to the median of the other
+tokens', the massive activation the circuit builds; ``--per-layer`` prints the ratio after
+each block too, which shows the block that writes it (where it jumps).
 
     python bench/sink_cost.py ~/.cache/noln/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data ../shared/data/corpus/val.jsonl --variants 16:0 4:0 2:0 16:0.1 4:0.1
+        --data ../shared/data/corpus/val.jsonl --variants 16:0 4:0 2:0 16:0.1 16:0@11 --per-layer
 """
 
 from __future__ import annotations
@@ -39,13 +41,22 @@ def held_out_ce(model: torch.nn.Module, blocks: torch.Tensor, precision: str) ->
 
 
 @torch.no_grad()
-def position_0_ratio(model: torch.nn.Module, probe: torch.Tensor) -> float:
+def position_0_ratios(model: torch.nn.Module, probe: torch.Tensor) -> list[float]:
+    """After each block: position 0's residual norm over the median of the other tokens',
+    averaged over the probe's sequences."""
     hidden = model(input_ids=probe, use_cache=False, output_hidden_states=True).hidden_states
     ratios = []
     for h in hidden[1:]:
         norms = h.float().norm(dim=-1)
         ratios.append((norms[:, 0] / norms[:, 1:].median(dim=1).values).mean().item())
-    return max(ratios)
+    return ratios
+
+
+def parse_variant(variant: str) -> tuple[int, float, list[int] | None]:
+    """``K:F`` or ``K:F@B1,B2`` -> (K, F, the blocks or None for all)."""
+    spec, _, where = variant.partition("@")
+    k, factor = spec.split(":")
+    return int(k), float(factor), [int(b) for b in where.split(",")] if where else None
 
 
 def main() -> None:
@@ -55,7 +66,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--variants", nargs="+", default=["16:0", "4:0", "2:0", "16:0.1"],
-                        help="K:F, K neurons per block writing F of their output")
+                        help="K:F, K neurons per block writing F of their output; K:F@B1,B2 "
+                             "in those blocks only")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="print position 0's ratio after each block for each variant")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -65,18 +79,21 @@ def main() -> None:
         load_blocks(args.data, tokenizer, args.ctx, args.tokens), np.int64))
     probe = blocks[:8]
     original = load_pretrained(args.model).eval()
+    ratios = position_0_ratios(original, probe)
     rows = [{"variant": "original", "ce": held_out_ce(original, blocks, precision),
-             "position_0_ratio": position_0_ratio(original, probe)}]
+             "position_0_ratio": max(ratios), "position_0_ratios": ratios}]
     found = {k: sink_neurons(original, probe, k) for k in
-             {int(v.split(":")[0]) for v in args.variants}}
+             {parse_variant(v)[0] for v in args.variants}}
     for variant in args.variants:
-        k, factor = int(variant.split(":")[0]), float(variant.split(":")[1])
+        k, factor, where = parse_variant(variant)
+        neurons = found[k] if where is None else {b: found[k][b] for b in where}
         model = load_pretrained(args.model).eval()
-        scale_neurons(model, found[k], factor)
+        scale_neurons(model, neurons, factor)
         t0 = time.perf_counter()
-        rows.append({"variant": variant, "neurons": sum(map(len, found[k].values())),
+        ratios = position_0_ratios(model, probe)
+        rows.append({"variant": variant, "neurons": sum(map(len, neurons.values())),
                      "ce": held_out_ce(model, blocks, precision),
-                     "position_0_ratio": position_0_ratio(model, probe),
+                     "position_0_ratio": max(ratios), "position_0_ratios": ratios,
                      "seconds": round(time.perf_counter() - t0, 1)})
     print(f"{len(blocks)} x {args.ctx} held-out tokens, {precision}")
     print("| K neurons per block : factor | CE | +CE | position 0 / others |")
@@ -84,6 +101,11 @@ def main() -> None:
     for row in rows:
         print(f"| {row['variant']} | {row['ce']:.4f} | {row['ce'] - rows[0]['ce']:+.3f} | "
               f"{row['position_0_ratio']:.1f} |")
+    if args.per_layer:
+        print("\nposition 0 / others after each block")
+        for row in rows:
+            ratios = " ".join(f"{r:.0f}" for r in row["position_0_ratios"])
+            print(f"{row['variant']:>10}: {ratios}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "data": args.data, "tokens": int(blocks.numel()),

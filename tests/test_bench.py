@@ -178,3 +178,11 @@ def test_where_gap_splits_a_gap_by_position_reference_ce_and_share():
     assert out["share_of_worst"]["5%"] == pytest.approx(0.25)  # the worst 1 token of the 4
     assert out["tokens_worse"] == pytest.approx(0.2)
     assert out["chunk_gap"] == pytest.approx({"min": 0.0, "median": 0.2, "max": 0.4})
+
+
+def test_sink_cost_reads_a_variant_with_and_without_its_blocks():
+    """bench/sink_cost.py: ``K:F`` is every block, ``K:F@B1,B2`` those blocks only (what
+    ``prune_blocks`` prunes)."""
+    sink_cost = _module("sink_cost")
+    assert sink_cost.parse_variant("4:0.25") == (4, 0.25, None)
+    assert sink_cost.parse_variant("16:0@11,12") == (16, 0.0, [11, 12])

@@ -1003,6 +1003,39 @@ def test_prune_sinks_zeroes_the_originals_sink_neurons_for_the_whole_run(tiny_mo
     assert [e["step"] for e in log if e.get("event") == "pruned_sinks"] == [0]
 
 
+def test_prune_blocks_cuts_the_sink_circuit_in_the_blocks_named_only(tiny_model_dir,
+                                                                     text_jsonl, tmp_path):
+    """``prune_blocks=[1]``: block 1's ``prune_sinks`` neurons are zeroed (the same ones a
+    prune of every block zeroes there), block 0 keeps all of its neurons. A block the model
+    lacks is refused before anything is made, as is the setting without ``prune_sinks``, or
+    with a block named twice."""
+    from noln.config import RemoveConfig
+
+    fast = {**FAST, "steps": 6, "export_format": "none", "prune_sinks": 3}
+    everywhere = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "all",
+                                       **fast)
+    one = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "one",
+                                prune_blocks=[1], **fast)
+    assert [e["neurons"] for e in one.log if e.get("event") == "pruned_sinks"] == [3]
+
+    def zero_rows(layer):  # Conv1D [in, out]: neuron n writes row n
+        return (layer.mlp.c_proj.weight == 0).all(dim=1).nonzero().flatten().tolist()
+
+    first, second = one.model.transformer.h
+    assert zero_rows(first) == []
+    assert zero_rows(second) == zero_rows(everywhere.model.transformer.h[1])
+    assert len(zero_rows(second)) == 3
+    with pytest.raises(NolnError, match=r"prune_blocks names block 2, which this model does "
+                       r"not have: its blocks are 0\.\.1"):
+        noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "past",
+                              prune_blocks=[0, 2], **fast)
+    assert not (tmp_path / "past").exists()
+    with pytest.raises(ValueError, match="give --prune-sinks N too"):
+        RemoveConfig(model="gpt2", steps=100, prune_blocks=[1])
+    with pytest.raises(ValueError, match="name each block once"):
+        RemoveConfig(model="gpt2", steps=100, prune_sinks=4, prune_blocks=[1, 1])
+
+
 def test_prune_fade_takes_the_sink_neurons_away_over_its_steps(tiny_model_dir, text_jsonl,
                                                                tmp_path, monkeypatch):
     """``prune_fade=N``: the sink neurons write ``1 - step/N`` of their output at each step

@@ -336,6 +336,11 @@ class RemoveConfig(TrainConfig):
         "in the original model (its attention-sink circuit, noln.sinks) before training, and "
         "keep them at zero: in a no-norm SwiGLU model the circuit fires on ordinary tokens "
         "and grows them block after block; 0: off"))
+    prune_blocks: list[Annotated[int, Field(ge=0)]] | None = Field(None, **describe_field(
+        "with prune_sinks: only these blocks' sink neurons (e.g. [11]), the others keep "
+        "theirs; the block whose MLP writes position 0's massive activation is where its ratio "
+        "to the other tokens jumps (python bench/sink_cost.py MODEL --data TEXT --variants "
+        "16:0@11 prints it layer by layer); None: every block"))
     prune_fade: int = Field(0, ge=0, **describe_field(
         "with prune_sinks: fade those neurons out over the run's first N steps (each one's "
         "output times 1 - step/N, so the model learns to do without them) and zero them at "
@@ -438,6 +443,13 @@ class RemoveConfig(TrainConfig):
         if self.prune_fade and not self.prune_sinks:
             raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
                              "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
+        if self.prune_blocks is not None and not self.prune_sinks:
+            raise ValueError(f"prune_blocks={self.prune_blocks} names the blocks whose sink "
+                             "neurons --prune-sinks zeroes: give --prune-sinks N too (e.g. 16)")
+        if self.prune_blocks is not None and (
+                not self.prune_blocks or len(set(self.prune_blocks)) < len(self.prune_blocks)):
+            raise ValueError(f"prune_blocks={self.prune_blocks}: name each block once, at "
+                             "least one (or drop it: every block)")
         if self.prune_fade and (self.tokens is not None and self.ctx or
                                 self.tokens is None and self.steps):
             if problem := prune_fade_problem(self, self.resolved_steps(self.ctx)):
@@ -900,7 +912,8 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "lr_restart", "tokens", "st
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
                             "site_aux_special", "cos_reg", "distill", "teacher", "weight_decay",
                             "betas", "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks", "prune_fade", "skip_overflow", "overflow_clip",
+                            "prune_sinks", "prune_blocks", "prune_fade",
+                            "skip_overflow", "overflow_clip",
                             "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a

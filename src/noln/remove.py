@@ -386,6 +386,9 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
     check_taper(cfg, schedule, steps, resuming)
     if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
         raise NolnError(problem)
+    if past := [b for b in cfg.prune_blocks or () if b >= shell.n_layers]:
+        raise NolnError(f"prune_blocks names block {past[0]}, which this model does not have: "
+                        f"its blocks are 0..{shell.n_layers - 1}")
     if problem := cfg.lr_restart_problem(steps):
         raise NolnError(problem)
     if not cfg.keep_ln and len(set(schedule.order)) < len(sites) and \
@@ -420,6 +423,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
             load_pretrained(cfg.model) if resuming else net)
         sinks = sink_neurons(original, torch.from_numpy(
             np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks)
+        if cfg.prune_blocks is not None:  # (the others keep their neurons)
+            sinks = {block: sinks[block] for block in sorted(cfg.prune_blocks)}
     return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
                    sets, teacher, ce_before, sinks)
 
