@@ -339,8 +339,8 @@ class RemoveConfig(TrainConfig):
     prune_blocks: list[Annotated[int, Field(ge=0)]] | None = Field(None, **describe_field(
         "with prune_sinks: only these blocks' sink neurons (e.g. [11]), the others keep "
         "theirs; the block whose MLP writes position 0's massive activation is where its ratio "
-        "to the other tokens jumps (python bench/sink_cost.py MODEL --data TEXT --variants "
-        "16:0@11 prints it layer by layer); None: every block"))
+        "to the other tokens jumps (python bench/sink_cost.py MODEL --data TEXT --per-layer "
+        "prints it block by block); None: every block"))
     prune_fade: int = Field(0, ge=0, **describe_field(
         "with prune_sinks: fade those neurons out over the run's first N steps (each one's "
         "output times 1 - step/N, so the model learns to do without them) and zero them at "
