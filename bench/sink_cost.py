@@ -82,11 +82,9 @@ def main() -> None:
     ratios = position_0_ratios(original, probe)
     rows = [{"variant": "original", "ce": held_out_ce(original, blocks, precision),
              "position_0_ratio": max(ratios), "position_0_ratios": ratios}]
-    found = {k: sink_neurons(original, probe, k) for k in
-             {parse_variant(v)[0] for v in args.variants}}
     for variant in args.variants:
         k, factor, where = parse_variant(variant)
-        neurons = found[k] if where is None else {b: found[k][b] for b in where}
+        neurons = sink_neurons(original, probe, k, where)
         model = load_pretrained(args.model).eval()
         scale_neurons(model, neurons, factor)
         t0 = time.perf_counter()

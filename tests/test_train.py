@@ -597,7 +597,7 @@ def test_teacher_replaces_the_original_in_the_kl(tiny_model_dir, text_jsonl, tmp
 
     searched = []  # the model the sink neurons are looked for in
     monkeypatch.setattr(noln.remove, "sink_neurons",
-                        lambda model, probe, k: searched.append(logits(model)) or {})
+                        lambda model, probe, k, blocks=None: searched.append(logits(model)) or {})
     cfg = make_config(model=str(tiny_model_dir), data=str(text_jsonl), out=tmp_path / "r",
                       distill=0.5, teacher=str(tmp_path / "teacher"), prune_sinks=1, **FAST)
     (tmp_path / "r").mkdir()

@@ -422,9 +422,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         original = teacher if teacher is not None and cfg.teacher is None else (
             load_pretrained(cfg.model) if resuming else net)
         sinks = sink_neurons(original, torch.from_numpy(
-            np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks)
-        if cfg.prune_blocks is not None:  # (the others keep their neurons)
-            sinks = {block: sinks[block] for block in sorted(cfg.prune_blocks)}
+            np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks,
+            cfg.prune_blocks)  # (the other blocks keep their neurons)
     return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
                    sets, teacher, ce_before, sinks)
 

@@ -32,7 +32,7 @@ attempt 19). Pruning the circuit is necessary there, not sufficient.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -48,9 +48,11 @@ def _layers(model: nn.Module) -> tuple[nn.ModuleList, MlpNeurons]:
 
 
 @torch.no_grad()
-def sink_neurons(model: nn.Module, input_ids: torch.Tensor, k: int) -> dict[int, list[int]]:
-    """Per block, the ``k`` MLP neurons writing the most into position 0's residual, on
-    ``input_ids`` (``[batch, seq]``): the mean over sequences of ``|a_n| * ||w_n||``."""
+def sink_neurons(model: nn.Module, input_ids: torch.Tensor, k: int,
+                 blocks: Iterable[int] | None = None) -> dict[int, list[int]]:
+    """Per block (of ``blocks``; None: every block), the ``k`` MLP neurons writing the most
+    into position 0's residual, on ``input_ids`` (``[batch, seq]``): the mean over sequences
+    of ``|a_n| * ||w_n||``."""
     layers, spec = _layers(model)
     path, dim = spec.write
     activations: dict[int, torch.Tensor] = {}
@@ -66,8 +68,8 @@ def sink_neurons(model: nn.Module, input_ids: torch.Tensor, k: int) -> dict[int,
         for hook in hooks:
             hook.remove()
     sinks = {}
-    for i, layer in enumerate(layers):
-        write = layer.get_parameter(path).detach().float()
+    for i in range(len(layers)) if blocks is None else sorted(blocks):
+        write = layers[i].get_parameter(path).detach().float()
         share = (activations[i].abs() * write.norm(dim=1 - dim)).mean(0)  # [neurons]
         sinks[i] = share.topk(min(k, share.numel())).indices.sort().values.tolist()
     return sinks
