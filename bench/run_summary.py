@@ -1,8 +1,11 @@
 """A removal run's log as a table of phases: steps, sites removed, the held-out probe CE before
 each removal, the training CE, the gradient norm and the site loss (docs/BENCHMARKS.md's
-SmolLM2 attempts). Reads ``RUN/log.jsonl`` only, so it works on a run still going.
+SmolLM2 attempts). Reads ``RUN/log.jsonl`` only, so it works on a run still going. With
+``--control DIR`` (a with-norm run on the same batches, e.g. the pair's ``RUN/control``) it adds
+the paired training-CE gap over ``--window``-step spans, as far as both runs have got.
 
     python bench/run_summary.py runs/smol-live5 --sites-per-row 10
+    python bench/run_summary.py runs/smol41 --control runs/smol41/control --window 50
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from noln.report import paired_training_gap, training_gap_markdown
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+            if line.strip()]
 
 
 def phases(log: list[dict], per_row: int) -> list[dict]:
@@ -42,9 +52,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--sites-per-row", type=int, default=10)
+    ap.add_argument("--control", type=Path, help="a with-norm run on the same batches")
+    ap.add_argument("--window", type=int, default=100, help="steps per span of the paired gap")
     args = ap.parse_args()
-    log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines()
-           if line.strip()]
+    log = read_log(args.run)
     print("| steps | sites removed | probe CE before each removal | train CE (mean) | "
           "gradient norm (median / max) | site loss (mean) | guard events |")
     print("| --- | --- | --- | ---: | --- | ---: | ---: |")
@@ -63,6 +74,10 @@ def main() -> None:
         aux_text = f"{np.mean(aux):.3f}" if aux else ""
         print(f"| {row['steps']} | {describe_sites(sites)} | {probe_text} | {loss:.3f} | "
               f"{grad_text} | {aux_text} | {n_guard} |")
+    if args.control:
+        print()
+        print(training_gap_markdown(paired_training_gap(log, read_log(args.control),
+                                                        args.window)), end="")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,28 @@ def test_run_summary_splits_a_log_into_phases_of_removals():
     assert run_summary.describe_sites([]) == "none"
 
 
+def test_run_summary_pairs_a_running_removal_with_its_control(tmp_path, monkeypatch, capsys):
+    """``--control``: the paired training gap as far as both logs go, a changed batch left out."""
+    import json
+    import sys
+
+    run_summary = _module("run_summary")
+    removal, control = tmp_path / "run", tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    log = [{"step": s, "loss": 4.0, "grad_norm": 1.0} for s in range(6)]
+    log.append({"event": "skipped", "step": 1})
+    (removal / "log.jsonl").write_text("\n".join(json.dumps(e) for e in log) + "\n")
+    (control / "log.jsonl").write_text("\n".join(
+        json.dumps({"step": s, "loss": 3.0 + s / 10, "grad_norm": 1.0}) for s in range(4)) + "\n")
+    monkeypatch.setattr(sys, "argv", ["run_summary.py", str(removal), "--control", str(control),
+                                      "--window", "2"])
+    run_summary.main()
+    out = capsys.readouterr().out
+    assert "| 0-1 | 1 | 4.0000 | 3.0000 | +1.0000 |" in out  # step 1 was not the control's batch
+    assert "| 2-3 | 2 | 4.0000 | 3.2500 | +0.7500 |" in out
+    assert "| 4-5 |" not in out  # the control has not got there yet
+
+
 def test_committed_run_configs_read_under_todays_schema():
     """The README sends users to these files (`noln remove --config FILE`): a schema change that
     breaks one must fail here, not in a user's hour-long run."""
