@@ -11,17 +11,12 @@ the paired training-CE gap over ``--window``-step spans, as far as both runs hav
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from noln.report import paired_training_gap, training_gap_markdown
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
-            if line.strip()]
+from noln.run import RunFolder
 
 
 def phases(log: list[dict], per_row: int) -> list[dict]:
@@ -55,7 +50,7 @@ def main() -> None:
     ap.add_argument("--control", type=Path, help="a with-norm run on the same batches")
     ap.add_argument("--window", type=int, default=100, help="steps per span of the paired gap")
     args = ap.parse_args()
-    log = read_log(args.run)
+    log = RunFolder(args.run).read_log()
     print("| steps | sites removed | probe CE before each removal | train CE (mean) | "
           "gradient norm (median / max) | site loss (mean) | guard events |")
     print("| --- | --- | --- | ---: | --- | ---: | ---: |")
@@ -76,7 +71,7 @@ def main() -> None:
               f"{grad_text} | {aux_text} | {n_guard} |")
     if args.control:
         print()
-        print(training_gap_markdown(paired_training_gap(log, read_log(args.control),
+        print(training_gap_markdown(paired_training_gap(log, RunFolder(args.control).read_log(),
                                                         args.window)), end="")
 
 
