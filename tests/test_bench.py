@@ -1,6 +1,8 @@
 """The bench scripts a closing note quotes: their arithmetic on inputs made here."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +33,6 @@ def test_run_summary_splits_a_log_into_phases_of_removals():
 
 def test_run_summary_pairs_a_running_removal_with_its_control(tmp_path, monkeypatch, capsys):
     """``--control``: the paired training gap as far as both logs go, a changed batch left out."""
-    import json
-    import sys
-
     run_summary = _module("run_summary")
     removal, control = tmp_path / "run", tmp_path / "run" / "control"
     control.mkdir(parents=True)
@@ -158,7 +157,6 @@ def test_freeze_from_checkpoint_prunes_the_sink_circuit_first(tiny_model_dir, te
     (the tiny GPT-2 has 2 blocks) and measures the CE after it; without --original it refuses
     before loading anything."""
     import subprocess
-    import sys
 
     import noln
 
