@@ -33,6 +33,16 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tokens"] == 30 * 4 * 64 and len(summary["removals"]) == 7
     assert all(e["probe_after"] > 0 for e in summary["removals"])
+    # where the command's time went: each part measured, together no more than the wall; the
+    # steps' part is the log's own per-step times (on a GPU run, checkpoints and loading took
+    # most of the wall time, which the steps alone did not show)
+    parts = summary["time_s"]
+    assert list(parts) == ["wall", "loading", "evaluation", "steps", "checkpoints", "export",
+                           "other"]
+    assert all(v > 0 for k, v in parts.items() if k != "other") and parts["other"] >= 0
+    assert sum(v for k, v in parts.items() if k != "wall") == pytest.approx(parts["wall"],
+                                                                            abs=0.01)
+    assert parts["steps"] == pytest.approx(sum(e["dt"] for e in r.log if "dt" in e), abs=0.01)
     assert_run_matches_its_exports(r, vocab=500)
 
 

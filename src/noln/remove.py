@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,18 +234,20 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
             make_config(model=model, data=data, out=out, **sets, **overrides)
         changed, change = {}, None
     resuming, stage, t_start = resume is not None, None, time.time()
+    timings: Counter[str] = Counter()  # this command's seconds by what they went to (time_s)
     while True:  # once, or once per stage of the config (each a resume with its settings)
         with claim_run_folder(Path(cfg.out), resume=resuming, overwrite=overwrite,
                               main=ranks.is_main_process) as claim:
-            removal = setup(cfg, resuming, ranks)
+            removal = setup(cfg, resuming, ranks, timings)
             # a new --lr replaces the guard's lowered one (the guard's advice: lower --lr,
             # --resume); a clip given now gives the sequences dropped before it a try, clipped
             trainer, state = train(removal, resuming, claim, reset_guard="lr" in changed,
                                    retry_skipped="overflow_clip" in changed and
                                    cfg.overflow_clip > 0, stage=stage, change=change)
+            timings.update(trainer.seconds)
             stage = stage_due(cfg.stages, state.step, state.stage)
             if stage is None or state.step >= trainer.total_steps:
-                return finish(removal, trainer, state, ranks, t_start)
+                return finish(removal, trainer, state, ranks, t_start, timings)
         run = removal.run
         del removal, trainer  # the model of this stretch, before the next one loads
         if ranks.is_main_process and not run.first_config.exists():
@@ -343,10 +346,19 @@ def export_formats(cfg: RemoveConfig) -> list[str]:
     return [f for f in formats if f == "hf"] if cfg.keep_ln else formats  # a control: no fold
 
 
-def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
+# what a removal command's wall time goes to, in the summary's time_s (with "wall" and "other":
+# the stage changes, the summary, the plot, imports before the run began)
+TIME_PARTS = ("loading", "evaluation", "steps", "checkpoints", "export")
+
+
+def setup(cfg: RemoveConfig, resuming: bool, ranks,
+          timings: Counter[str] | None = None) -> Removal:
     """Model, FakeNorms, schedule and data; the run's config and base model written; the CE
     before training measured (a new run only). Every check that needs the model runs here,
-    before training."""
+    before training. ``timings`` gets the seconds spent ("evaluation": the CE before; "loading":
+    the rest)."""
+    timings = Counter() if timings is None else timings
+    start = time.perf_counter()
     run = RunFolder(cfg.out)
     check_source(cfg.data, cfg.eval_data, *cfg.eval_sets.values())
     check_gap_roles(cfg.fixed)
@@ -415,8 +427,11 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         net.config.save_pretrained(run.base)
         tokenizer.save_pretrained(run.base)
     ranks.wait_for_everyone()
+    evaluating = time.perf_counter()
     ce_before = None if resuming else {k: cross_entropy(net, b).to_dict()
                                        for k, b in sets.items()}
+    evaluated = time.perf_counter() - evaluating
+    timings["evaluation"] += evaluated
     sinks = None
     if cfg.prune_sinks and not cfg.keep_ln:  # found in the original model, on the probe
         original = teacher if teacher is not None and cfg.teacher is None else (
@@ -424,6 +439,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks) -> Removal:
         sinks = sink_neurons(original, torch.from_numpy(
             np.asarray(heldout[: cfg.probe_blocks], np.int64)), cfg.prune_sinks,
             cfg.prune_blocks)  # (the other blocks keep their neurons)
+    timings["loading"] += time.perf_counter() - start - evaluated
     return Removal(cfg, run, net, tokenizer, adapter, schedule, ctx, train_blocks, heldout,
                    sets, teacher, ce_before, sinks)
 
@@ -472,9 +488,11 @@ def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False
 
 
 def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
-           t_start: float) -> RemovalResult:
+           t_start: float, timings: Counter[str] | None = None) -> RemovalResult:
     """CE after training, the exports (a finished removal only), ``summary.json`` and
-    ``loss.png``, written by the main process."""
+    ``loss.png``, written by the main process. The summary's ``time_s`` splits this command's
+    wall time by what it went to (``timings``, with this step's evaluation and exports)."""
+    timings = Counter() if timings is None else timings
     cfg, run, adapter = r.cfg, r.run, r.adapter
     net = trainer.acc.unwrap_model(trainer.model)
     if trainer.sharded:  # measure and export a plain copy, gathered on the main process
@@ -496,19 +514,27 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
     if unfinished:  # (the reason is the summary's "unfinished", which `noln remove` ends with)
         console.print("[yellow]note: the removal ended unfinished: its CE is measured and the "
                       "run kept; summary.json says why and how to go on[/]")
+    start = time.perf_counter()
     ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
+    timings["evaluation"] += time.perf_counter() - start
     formats = export_formats(cfg)
     exported = {}
+    start = time.perf_counter()
     for fmt in formats:
         if adapter.export_state() == "mixed":
             console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
             continue
         exported[fmt] = str(export_model(adapter, r.tokenizer, run.export(fmt, len(formats)),
                                          fmt, events=events, source=run.root))
+    timings["export"] += time.perf_counter() - start
+    wall = time.time() - t_start
+    time_s = {part: round(timings[part], 3) for part in TIME_PARTS if part in timings}
+    time_s = {"wall": round(wall, 3), **time_s,
+              "other": round(max(0.0, wall - sum(timings.values())), 3)}
     summary = {
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
         "steps": state.step, "tokens": state.step * cfg.batch_size * r.ctx, "ctx": r.ctx,
-        "train_wall_time_s": state.wall_time, "wall_time_s": time.time() - t_start,
+        "train_wall_time_s": state.wall_time, "wall_time_s": wall, "time_s": time_s,
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [e for e in log if e.get("event") == "guard"], "exports": exported,

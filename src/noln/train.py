@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,9 @@ class Trainer:
                  sink_neurons: dict[int, list[int]] | None = None):
         self.cfg, self.out, self.adapter, self.eot_id = cfg, Path(out), adapter, eot_id
         self.sink_neurons = sink_neurons  # zeroed before the first step (prune_sinks)
+        # this process's seconds by what they went to ("steps", "checkpoints", "loading" a
+        # checkpoint): the summary's time_s, where a run's time goes besides its steps
+        self.seconds: Counter[str] = Counter()
         self.sinks_zeroed = False  # (until a restore brings back a checkpoint's weights)
         # the removal's settings (schedule, objective): None while norms only train (pretraining,
         # a --keep-ln control)
@@ -520,6 +524,13 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._save()
+        finally:
+            self.seconds["checkpoints"] += time.perf_counter() - start
+
+    def _save(self) -> None:
         if self.sharded:  # every rank takes part in gathering the shards
             model_sd = full_model_state_dict(self.model)
             optimizer_sd = full_optimizer_state_dict(self.model, self.optimizer)
@@ -601,7 +612,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = getattr(self.cfg, "stages", [])
         if resume:
+            start = time.perf_counter()
             self.restore(load_latest_checkpoint(self.out)[1])
+            self.seconds["loading"] += time.perf_counter() - start
             self._truncate_log()
             if stage is not None:
                 self.state.stage = stage.step
@@ -702,6 +715,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.state.losses.append(ce_val)
                 self.state.wall_time += dt
+                self.seconds["steps"] += dt
                 self.state.step += 1
                 record = {"step": step, "loss": ce_val, "lr": lr, "grad_norm": grad_norm,
                           "tokens": self.state.step * tokens_per_step,

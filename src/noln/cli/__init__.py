@@ -206,6 +206,10 @@ def _print_summary(summary: dict) -> None:
     console.print(f"{len(summary['frozen'])} sites frozen, {summary['tokens']:,} tokens, "
                   f"{summary['train_wall_time_s']:.0f}s training; exports: "
                   f"{', '.join(summary['exports'].values()) or 'none'}")
+    if parts := summary.get("time_s"):  # where this command's time went besides its steps
+        console.print(f"this command: {parts['wall']:,.0f}s = " + ", ".join(
+            f"{name} {seconds:,.0f}s" for name, seconds in parts.items() if name != "wall"),
+            highlight=False, soft_wrap=True)
     if summary.get("unfinished"):  # the run is kept, but it did not do what was asked
         raise NolnError(summary["unfinished"])
 
