@@ -491,7 +491,7 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
            t_start: float, timings: Counter[str] | None = None) -> RemovalResult:
     """CE after training, the exports (a finished removal only), ``summary.json`` and
     ``loss.png``, written by the main process. The summary's ``time_s`` splits this command's
-    wall time by what it went to (``timings``, with this step's evaluation and exports)."""
+    wall time by what it went to (``timings``, with the CE after and the exports timed here)."""
     timings = Counter() if timings is None else timings
     cfg, run, adapter = r.cfg, r.run, r.adapter
     net = trainer.acc.unwrap_model(trainer.model)
