@@ -1684,6 +1684,70 @@ def test_a_checkpoint_is_written_without_torchs_crc32_and_reads_back_the_same(tm
                if "/data/" in r.filename)
 
 
+def test_a_background_checkpoint_is_the_state_as_it_was_handed_over(tmp_path):
+    """The loop's checkpoints go to disk on a thread while training goes on (the disk's ~9 s
+    a SmolLM2 save on this CPU box): what lands is the state at the save, not as the next
+    steps change it in place (weights, AdamW's moments, the run's lists)."""
+    import noln.checkpoint as checkpoint
+
+    writer = checkpoint.CheckpointWriter()
+    weights, replay = torch.zeros(256, 256), [1, 2]
+    last = tmp_path / "checkpoints" / "last.pt"
+    kept = []
+    writer.write({"model": {"w": weights}, "state": {"replay": replay}, "step": 5}, last,
+                 then=lambda: kept.append(last.exists()))
+    weights.add_(1.0)  # the next optimizer step, in place
+    replay.append(3)
+    writer.wait()
+    ckpt = checkpoint.load_checkpoint(last)
+    assert ckpt["step"] == 5 and ckpt["state"]["replay"] == [1, 2]
+    assert torch.equal(ckpt["model"]["w"], torch.zeros(256, 256))
+    assert kept == [True]  # `then` (the kept step's link) runs once the file is there
+    copy = checkpoint.snapshot({"a": [weights], "b": (replay,)})
+    weights.add_(1.0)
+    replay.append(4)
+    assert torch.equal(copy["a"][0], torch.ones(256, 256)) and copy["b"] == ([1, 2, 3],)
+
+
+def test_a_background_checkpoint_that_fails_is_the_next_waits_one_line_error(tmp_path,
+                                                                            monkeypatch):
+    """A write that fails on its thread (a full disk) is raised where the run next waits for
+    it, as the same one-line error a write in the training thread gives; the last good
+    checkpoint stays."""
+    import noln.checkpoint as checkpoint
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"step": 1}, last)
+    good = last.read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("unexpected pos 1000 vs 900")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    writer = checkpoint.CheckpointWriter()
+    writer.write({"step": 2, "w": torch.ones(4)}, last)  # returns: the write is on its thread
+    with pytest.raises(NolnError) as info:
+        writer.wait()
+    assert "\n" not in str(info.value) and "could not write checkpoint" in str(info.value)
+    assert f"the last good checkpoint is kept at '{last}'" in str(info.value)
+    assert last.read_bytes() == good and not last.with_name("last.pt.tmp").exists()
+    writer.wait()  # raised once
+
+
+def test_a_checkpoint_too_big_for_the_ram_left_is_written_in_the_training_thread(
+        tmp_path, monkeypatch):
+    """The background write needs a copy of the state in RAM: where twice its size is not
+    available it is written as before, in the caller's thread, on disk when write returns."""
+    import noln.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "memory_available", lambda: 1000)  # 1 kB free
+    writer = checkpoint.CheckpointWriter()
+    last = tmp_path / "last.pt"
+    writer.write({"model": {"w": torch.ones(1000)}, "step": 3}, last)  # 4 kB of tensors
+    assert writer._thread is None and checkpoint.load_checkpoint(last)["step"] == 3
+
+
 @pytest.mark.parametrize("stages, needle", [
     ("[{step: 4, set: {ctx: 32}}]", "stages: at step 4: 'ctx' is fixed for the whole run"),
     ("[{step: 8, set: {lr: 1.0e-4}}, {step: 4, set: {lr: 2.0e-4}}]",

@@ -35,7 +35,7 @@ from rich.progress import (
 from torch import nn
 
 from noln.arch import NormAdapter
-from noln.checkpoint import save_atomic, stop_after_step
+from noln.checkpoint import CheckpointWriter, stop_after_step
 from noln.config import RemoveConfig, Stage, TrainConfig, next_stage_step
 from noln.errors import Interrupted, NolnError
 from noln.fakenorm import batch_mean, special_token_mask
@@ -209,6 +209,8 @@ class Trainer:
         # this process's seconds by what they went to ("steps", "checkpoints", "loading" a
         # checkpoint): the summary's time_s, where a run's time goes besides its steps
         self.seconds: Counter[str] = Counter()
+        # checkpoints go to disk on a thread while the next steps train (fit waits for the last)
+        self.writer = CheckpointWriter()
         self.sinks_zeroed = False  # (until a restore brings back a checkpoint's weights)
         # the removal's settings (schedule, objective): None while norms only train (pretraining,
         # a --keep-ln control)
@@ -523,10 +525,14 @@ class Trainer:
             self.log({"event": "special_faded", "step": step})
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, wait: bool = True) -> None:
+        """The run's state as its last checkpoint: on disk when this returns, or (``wait``
+        False: the loop's own saves) written on a thread while the next steps train."""
         start = time.perf_counter()
         try:
             self._save()
+            if wait:
+                self.writer.wait()
         finally:
             self.seconds["checkpoints"] += time.perf_counter() - start
 
@@ -539,7 +545,10 @@ class Trainer:
             optimizer_sd = self.optimizer.state_dict()
         if not self.acc.is_main_process:
             return
-        save_atomic({
+        last, step, keep = self.run.last_checkpoint, self.state.step, self.cfg.checkpoint_keep
+        kept = (lambda: keep_checkpoint(last, self.run.kept_checkpoint(step))) \
+            if keep and step % keep == 0 else None
+        self.writer.write({
             "model": model_sd,
             "optimizer": optimizer_sd,
             "step": self.state.step,
@@ -550,10 +559,16 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "extra": self.extra_state,
             "config": self.cfg.model_dump(mode="json"),
-        }, self.run.last_checkpoint)
-        keep = self.cfg.checkpoint_keep
-        if keep and self.state.step % keep == 0:
-            keep_checkpoint(self.run.last_checkpoint, self.run.kept_checkpoint(self.state.step))
+        }, last, then=kept)
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint in flight is on disk (its write's error, if it failed), timed as
+        the checkpoints' share of the run."""
+        start = time.perf_counter()
+        try:
+            self.writer.wait()
+        finally:
+            self.seconds["checkpoints"] += time.perf_counter() - start
 
     def restore(self, ckpt: dict) -> None:
         if self.sharded:
@@ -608,7 +623,18 @@ class Trainer:
         ``overflow_clip``, so the sequences it dropped (``skip_overflow``) come back, clipped.
         ``stage``: the resumed run has just made this stage of its config (at its step).
         ``change``: the settings the resume (or the stage) changed, ``config.settings_change``,
-        logged with it so that a branch of an earlier step can undo it."""
+        logged with it so that a branch of an earlier step can undo it. It returns, or raises,
+        once the last checkpoint is on disk."""
+        try:
+            state = self._fit(resume, reset_guard, retry_skipped, stage, change)
+        except BaseException:
+            self.wait_for_checkpoint()  # (a failed write is the error to see: it comes first)
+            raise
+        self.wait_for_checkpoint()
+        return state
+
+    def _fit(self, resume: bool, reset_guard: bool, retry_skipped: bool, stage: Stage | None,
+             change: dict | None) -> TrainState:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = getattr(self.cfg, "stages", [])
         if resume:
@@ -636,13 +662,13 @@ class Trainer:
                           "clip": self.removal.overflow_clip, "clipped": len(self.state.clipped),
                           "replay": len(self.state.replay), "retried": True})
             if reset_guard or retry_skipped or stage is not None:
-                self.save()  # a guard restore goes back to the run as changed
+                self.save(wait=False)  # a guard restore goes back to the run as changed
         else:
             self.log_path.unlink(missing_ok=True)
         # at every start (a resumed or branched run may have just set it), or once the fade ends
         self.prune_sinks_due(self.state.step)
         if not resume:
-            self.save()  # step 0: the guard always has a good state to go back to
+            self.save(wait=False)  # step 0: the guard always has a good state to go back to
         progress = _Progress(self.cfg.progress and self.acc.is_main_process, self.total_steps,
                              self.state.step)
         tokens_per_step = self.cfg.batch_size * self.ctx
@@ -731,7 +757,7 @@ class Trainer:
                                 self.schedule.next_label(self.state.step))
                 if self.state.step % self.cfg.checkpoint_every == 0 or \
                         self.state.step in (self.total_steps, stage_step) or stop:
-                    self.save()
+                    self.save(wait=False)
                 if stop:
                     raise Interrupted(self.state.step)
         return self.state
@@ -876,6 +902,7 @@ class Trainer:
     def _recover(self, step: int, loss: float, grad_norm: float | None = None) -> None:
         """Back to the last good checkpoint with half the learning rate, or stop for good."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.wait_for_checkpoint()  # (the one in flight is the last good one)
         path, ckpt = load_latest_checkpoint(self.out)
         failures = self.state.failures + 1
         what = f"loss {loss:.4g}" if grad_norm is None or math.isfinite(grad_norm) else \
