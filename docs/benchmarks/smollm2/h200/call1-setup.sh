@@ -22,10 +22,10 @@ PY
 ls -la $SH/data/corpus $SH/data/hellaswag
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import torch, transformers, datasets, accelerate, pydantic, typer, noln; print(torch.__version__, transformers.__version__, datasets.__version__, accelerate.__version__, pydantic.__version__, torch.cuda.is_available())" || exit 1
+[ "${SMOKE:-1}" = 1 ] || { echo "setup $(( $(date +%s) - T0 )) s"; exit 0; }  # (G2: SMOKE=0, the environment is known)
 python3 docs/benchmarks/smollm2/h200/make_smoke.py /root/smoke .dev/a/smolcfg 2>&1 | grep -v shards
 N="python3 -m noln.cli"
 echo "setup $(( $(date +%s) - T0 )) s"
-[ "${SMOKE:-1}" = 1 ] || exit 0  # (G2: SMOKE=0, the environment is known)
 timeout -s TERM 75 $N remove /root/smoke --config docs/benchmarks/smollm2/smol-g1.yaml --out /root/runs/smoke --control --quiet > /root/runs/smoke-rm.log 2>&1 & P1=$!
 for i in $(seq 60); do [ -f /root/runs/smoke/config.yaml ] && break; sleep 1; done
 timeout -s TERM 60 $N remove --resume /root/runs/smoke --control-only --quiet > /root/runs/smoke-ctl.log 2>&1 & P2=$!
