@@ -1746,6 +1746,7 @@ def test_a_checkpoint_too_big_for_the_ram_left_is_written_in_the_training_thread
     last = tmp_path / "last.pt"
     writer.write({"model": {"w": torch.ones(1000)}, "step": 3}, last)  # 4 kB of tensors
     assert writer._thread is None and checkpoint.load_checkpoint(last)["step"] == 3
+    assert writer.writes == {"training thread": 1}  # (summary.json's checkpoint_writes)
 
 
 @pytest.mark.parametrize("stages, needle", [

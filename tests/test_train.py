@@ -43,6 +43,11 @@ def test_full_removal_run_freezes_every_site_and_exports(tiny_model_dir, text_js
     assert sum(v for k, v in parts.items() if k != "wall") == pytest.approx(parts["wall"],
                                                                             abs=0.01)
     assert parts["steps"] == pytest.approx(sum(e["dt"] for e in r.log if "dt" in e), abs=0.01)
+    # its 7 checkpoints (step 0, every 5 steps) on the background thread, where RAM is known
+    from noln.checkpoint import memory_available
+    assert sum(summary["checkpoint_writes"].values()) == 7
+    if memory_available() is not None:
+        assert summary["checkpoint_writes"] == {"background": 7}
     assert_run_matches_its_exports(r, vocab=500)
 
 

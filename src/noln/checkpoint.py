@@ -22,6 +22,7 @@ import shutil
 import signal
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -204,16 +205,21 @@ class CheckpointWriter:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # how many went each way ("background", "training thread"): a machine short of RAM
+        # (a VM whose memory grows as it is used) shows here why its saves cost the run
+        self.writes: Counter[str] = Counter()
 
     def write(self, obj: dict, path: Path, then=None) -> None:
         self.wait()
         room = memory_available()
         if not self.background or room is None or 2 * state_bytes(obj) > room:
+            self.writes["training thread"] += 1
             save_atomic(obj, path)
             if then is not None:
                 then()
             return
         copy = snapshot(obj)
+        self.writes["background"] += 1
 
         def run() -> None:
             try:

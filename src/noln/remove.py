@@ -235,6 +235,7 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
         changed, change = {}, None
     resuming, stage, t_start = resume is not None, None, time.time()
     timings: Counter[str] = Counter()  # this command's seconds by what they went to (time_s)
+    writes: Counter[str] = Counter()  # its checkpoints, by the thread that wrote them
     while True:  # once, or once per stage of the config (each a resume with its settings)
         with claim_run_folder(Path(cfg.out), resume=resuming, overwrite=overwrite,
                               main=ranks.is_main_process) as claim:
@@ -245,9 +246,10 @@ def remove_layernorm(model: str | None = None, data: str | None = None,
                                    retry_skipped="overflow_clip" in changed and
                                    cfg.overflow_clip > 0, stage=stage, change=change)
             timings.update(trainer.seconds)
+            writes.update(trainer.writer.writes)
             stage = stage_due(cfg.stages, state.step, state.stage)
             if stage is None or state.step >= trainer.total_steps:
-                return finish(removal, trainer, state, ranks, t_start, timings)
+                return finish(removal, trainer, state, ranks, t_start, timings, writes)
         run = removal.run
         del removal, trainer  # the model of this stretch, before the next one loads
         if ranks.is_main_process and not run.first_config.exists():
@@ -488,10 +490,12 @@ def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False
 
 
 def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
-           t_start: float, timings: Counter[str] | None = None) -> RemovalResult:
+           t_start: float, timings: Counter[str] | None = None,
+           writes: Counter[str] | None = None) -> RemovalResult:
     """CE after training, the exports (a finished removal only), ``summary.json`` and
     ``loss.png``, written by the main process. The summary's ``time_s`` splits this command's
-    wall time by what it went to (``timings``, with the CE after and the exports timed here)."""
+    wall time by what it went to (``timings``, with the CE after and the exports timed here);
+    ``checkpoint_writes``, how many checkpoints each thread wrote (``writes``)."""
     timings = Counter() if timings is None else timings
     cfg, run, adapter = r.cfg, r.run, r.adapter
     net = trainer.acc.unwrap_model(trainer.model)
@@ -535,6 +539,7 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
         "steps": state.step, "tokens": state.step * cfg.batch_size * r.ctx, "ctx": r.ctx,
         "train_wall_time_s": state.wall_time, "wall_time_s": wall, "time_s": time_s,
+        "checkpoint_writes": dict(writes or trainer.writer.writes),
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [e for e in log if e.get("event") == "guard"], "exports": exported,
