@@ -1627,6 +1627,21 @@ def test_resume_may_relax_the_adaptive_schedule_with_a_warning(tmp_path):
         resume_config(tmp_path, saved, {"fixed": {"finish_by": 0.5}})
 
 
+def a_good_checkpoint(tmp_path: Path) -> tuple[Path, bytes]:
+    """A run's last.pt of step 1, written by noln, and its bytes."""
+    import noln.checkpoint as checkpoint
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"step": 1}, last)
+    return last, last.read_bytes()
+
+
+def torn_save(obj, f) -> None:
+    """torch.save as it fails on a full disk: part of the file written, then its zip error."""
+    f.write(b"x" * 1000)
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 900")
+
+
 def test_a_checkpoint_write_that_fails_names_the_full_disk_and_removes_its_partial_file(
         tmp_path, monkeypatch):
     """SmolLM2's 1.6 GB checkpoints filled a disk mid-run: torch's zip writer raised
@@ -1637,14 +1652,7 @@ def test_a_checkpoint_write_that_fails_names_the_full_disk_and_removes_its_parti
 
     import noln.checkpoint as checkpoint
 
-    last = tmp_path / "checkpoints" / "last.pt"
-    checkpoint.save_atomic({"step": 1}, last)
-    good = last.read_bytes()
-
-    def torn_save(obj, f):
-        f.write(b"x" * 1000)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 900")
-
+    last, good = a_good_checkpoint(tmp_path)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpoint.torch, "save", torn_save)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 400_000, 400_000))
@@ -1716,14 +1724,7 @@ def test_a_background_checkpoint_that_fails_is_the_next_waits_one_line_error(tmp
     checkpoint stays."""
     import noln.checkpoint as checkpoint
 
-    last = tmp_path / "checkpoints" / "last.pt"
-    checkpoint.save_atomic({"step": 1}, last)
-    good = last.read_bytes()
-
-    def torn_save(obj, f):
-        f.write(b"x" * 1000)
-        raise RuntimeError("unexpected pos 1000 vs 900")
-
+    last, good = a_good_checkpoint(tmp_path)
     monkeypatch.setattr(checkpoint.torch, "save", torn_save)
     writer = checkpoint.CheckpointWriter()
     writer.write({"step": 2, "w": torch.ones(4)}, last)  # returns: the write is on its thread

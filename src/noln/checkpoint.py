@@ -42,13 +42,25 @@ class UnsafeCheckpoint(NolnError):
     """A checkpoint that only unpickling arbitrary objects could read: refused, never loaded."""
 
 
-def plain(obj):
-    """``obj`` with numpy scalars and arrays made Python numbers and tensors, tuples kept: what
-    ``torch.load(weights_only=True)`` reads without unpickling any class."""
+def _map_leaves(obj, leaf):
+    """``obj`` with new dicts, lists and tuples, and ``leaf`` of everything else in them."""
     if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(plain(v) for v in obj)
+        return type(obj)(_map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _leaves(obj) -> Iterator:
+    """Everything in ``obj``'s dicts, lists and tuples that is none of them."""
+    if isinstance(obj, dict | list | tuple):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def _plain_leaf(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -56,6 +68,12 @@ def plain(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def plain(obj):
+    """``obj`` with numpy scalars and arrays made Python numbers and tensors, tuples kept: what
+    ``torch.load(weights_only=True)`` reads without unpickling any class."""
+    return _map_leaves(obj, _plain_leaf)
 
 
 def _interrupting() -> dict:
@@ -152,16 +170,17 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def snapshot(obj):
-    """``obj`` as it is now, sharing nothing that training changes in place: every tensor copied
-    to the CPU, every dict, list and tuple new (a run's state holds lists that grow each step)."""
+def _copied_leaf(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj  # numbers, strings, None: immutable
+    return _plain_leaf(obj)  # (a numpy array copied as a tensor; numbers, strings: immutable)
+
+
+def snapshot(obj):
+    """``obj`` as it is now, sharing nothing that training changes in place: every tensor copied
+    to the CPU, every dict, list and tuple new (a run's state holds lists that grow each step),
+    and already ``plain``."""
+    return _map_leaves(obj, _copied_leaf)
 
 
 def memory_available() -> int | None:
@@ -179,13 +198,7 @@ def memory_available() -> int | None:
 
 def state_bytes(obj) -> int:
     """The bytes of the tensors in ``obj`` (a checkpoint dict), wherever they live."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v) for v in obj)
-    return 0
+    return sum(x.numel() * x.element_size() for x in _leaves(obj) if isinstance(x, torch.Tensor))
 
 
 class CheckpointWriter:

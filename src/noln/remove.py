@@ -77,7 +77,7 @@ from noln.run import RunClaim, RunFolder, claim_run_folder, lock_holder, torn_ch
 from noln.schedule import Schedule, build_schedule, check_gap_roles
 from noln.sharding import full_model_state_dict
 from noln.sinks import sink_neurons
-from noln.train import Trainer, TrainState
+from noln.train import Trainer, TrainState, timed
 
 console = Console(stderr=True)
 
@@ -490,13 +490,11 @@ def train(r: Removal, resuming: bool, claim: RunClaim, reset_guard: bool = False
 
 
 def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
-           t_start: float, timings: Counter[str] | None = None,
-           writes: Counter[str] | None = None) -> RemovalResult:
+           t_start: float, timings: Counter[str], writes: Counter[str]) -> RemovalResult:
     """CE after training, the exports (a finished removal only), ``summary.json`` and
     ``loss.png``, written by the main process. The summary's ``time_s`` splits this command's
     wall time by what it went to (``timings``, with the CE after and the exports timed here);
     ``checkpoint_writes``, how many checkpoints each thread wrote (``writes``)."""
-    timings = Counter() if timings is None else timings
     cfg, run, adapter = r.cfg, r.run, r.adapter
     net = trainer.acc.unwrap_model(trainer.model)
     if trainer.sharded:  # measure and export a plain copy, gathered on the main process
@@ -518,19 +516,18 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
     if unfinished:  # (the reason is the summary's "unfinished", which `noln remove` ends with)
         console.print("[yellow]note: the removal ended unfinished: its CE is measured and the "
                       "run kept; summary.json says why and how to go on[/]")
-    start = time.perf_counter()
-    ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
-    timings["evaluation"] += time.perf_counter() - start
+    with timed(timings, "evaluation"):
+        ce_after = {k: cross_entropy(net, b).to_dict() for k, b in r.eval_sets.items()}
     formats = export_formats(cfg)
     exported = {}
-    start = time.perf_counter()
-    for fmt in formats:
-        if adapter.export_state() == "mixed":
-            console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
-            continue
-        exported[fmt] = str(export_model(adapter, r.tokenizer, run.export(fmt, len(formats)),
-                                         fmt, events=events, source=run.root))
-    timings["export"] += time.perf_counter() - start
+    with timed(timings, "export"):
+        for fmt in formats:
+            if adapter.export_state() == "mixed":
+                console.print(f"[yellow]not exporting {fmt}: the removal is unfinished[/]")
+                continue
+            exported[fmt] = str(export_model(adapter, r.tokenizer,
+                                             run.export(fmt, len(formats)), fmt, events=events,
+                                             source=run.root))
     wall = time.time() - t_start
     time_s = {part: round(timings[part], 3) for part in TIME_PARTS if part in timings}
     time_s = {"wall": round(wall, 3), **time_s,
@@ -539,7 +536,7 @@ def finish(r: Removal, trainer: Trainer, state: TrainState, ranks,
         "model": cfg.model, "data": cfg.data, "keep_ln": cfg.keep_ln, "schedule": cfg.schedule,
         "steps": state.step, "tokens": state.step * cfg.batch_size * r.ctx, "ctx": r.ctx,
         "train_wall_time_s": state.wall_time, "wall_time_s": wall, "time_s": time_s,
-        "checkpoint_writes": dict(writes or trainer.writer.writes),
+        "checkpoint_writes": dict(writes),
         "ce_before": trainer.extra_state.get("ce_before", {}), "ce_after": ce_after,
         "removals": events, "frozen": adapter.frozen_sites(), "sigmas": adapter.sigmas(),
         "guard_events": [e for e in log if e.get("event") == "guard"], "exports": exported,

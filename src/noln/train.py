@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,16 @@ def lifted_clip(k: float, fade: float, shape: str = "inverse", block: int = 0,
     else:
         k = k ** (1 / (1 - fade)) if shape == "geometric" else k / (1 - fade)
     return min(k, ceiling) if ceiling > 0 else k
+
+
+@contextmanager
+def timed(seconds: Counter[str], part: str) -> Iterator[None]:
+    """The block's wall time added to ``seconds[part]``, however it ends."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[part] += time.perf_counter() - start
 
 
 class Trainer:
@@ -528,13 +539,10 @@ class Trainer:
     def save(self, wait: bool = True) -> None:
         """The run's state as its last checkpoint: on disk when this returns, or (``wait``
         False: the loop's own saves) written on a thread while the next steps train."""
-        start = time.perf_counter()
-        try:
+        with timed(self.seconds, "checkpoints"):
             self._save()
             if wait:
                 self.writer.wait()
-        finally:
-            self.seconds["checkpoints"] += time.perf_counter() - start
 
     def _save(self) -> None:
         if self.sharded:  # every rank takes part in gathering the shards
@@ -564,11 +572,8 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Until the checkpoint in flight is on disk (its write's error, if it failed), timed as
         the checkpoints' share of the run."""
-        start = time.perf_counter()
-        try:
+        with timed(self.seconds, "checkpoints"):
             self.writer.wait()
-        finally:
-            self.seconds["checkpoints"] += time.perf_counter() - start
 
     def restore(self, ckpt: dict) -> None:
         if self.sharded:
@@ -638,9 +643,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = getattr(self.cfg, "stages", [])
         if resume:
-            start = time.perf_counter()
-            self.restore(load_latest_checkpoint(self.out)[1])
-            self.seconds["loading"] += time.perf_counter() - start
+            with timed(self.seconds, "loading"):
+                self.restore(load_latest_checkpoint(self.out)[1])
             self._truncate_log()
             if stage is not None:
                 self.state.stage = stage.step
