@@ -572,9 +572,114 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     assert loss.item() > 0.5 * ce.item() + 1e-3
 
 
-def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None, ctx: int = 64):
-    """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens and
-    ``ctx`` positions), saved with the same tokenizer at ``out`` (or ``tokenizer``)."""
+def test_hidden_distance_is_the_relative_error_of_ordinary_tokens_block_by_block():
+    """distill_hidden's loss against a plain loop over tokens in float64: the embeddings and
+    the last (post-norm) entry are left out, position 0 / end-of-text (``keep``) and the
+    teacher's massive activations too, and each block weighs the same whatever its size."""
+    from noln.train import hidden_distance
+
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 6, 4, generator=g) for _ in range(4)]
+    student = [t + 0.3 * torch.randn(2, 6, 4, generator=g) for t in teacher]
+    teacher[1][0, 3] *= 20  # a massive activation on an ordinary token, in block 0's output
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[1, 4] = False  # an end-of-text token
+
+    def reference(student, teacher):
+        per_block = []
+        for h, ref in zip(student[1:-1], teacher[1:-1]):
+            sizes = {(b, t): float((ref[b, t].double() ** 2).sum())
+                     for b in range(2) for t in range(6) if keep[b, t]}
+            typical = float(torch.tensor(list(sizes.values())).median())
+            used = [bt for bt, size in sizes.items() if size <= 16 * typical]
+            error = sum(float(((h[bt] - ref[bt]).double() ** 2).sum()) for bt in used)
+            per_block.append(error / sum(sizes[bt] for bt in used))
+        return sum(per_block) / len(per_block)
+
+    value = hidden_distance(student, teacher, keep).item()
+    assert value == pytest.approx(reference(student, teacher), rel=1e-5)
+    assert value > 0.01
+    assert hidden_distance(teacher, teacher, keep).item() == 0.0
+    # what the loss leaves out changes nothing: position 0, end-of-text, the massive token,
+    # the embeddings and the last entry
+    moved = [h.clone() for h in student]
+    moved[1][:, 0] += 100
+    moved[2][1, 4] -= 50
+    moved[1][0, 3] += 1e3
+    moved[0] += 7
+    moved[3] += 7
+    assert hidden_distance(moved, teacher, keep).item() == pytest.approx(value, rel=1e-6)
+    # a block 100x larger in both models weighs the same
+    scaled = [h * (100 if i == 2 else 1) for i, h in enumerate(student)]
+    scaled_teacher = [h * (100 if i == 2 else 1) for i, h in enumerate(teacher)]
+    assert hidden_distance(scaled, scaled_teacher, keep).item() == pytest.approx(value, rel=1e-5)
+
+
+def test_distill_hidden_adds_the_block_outputs_distance_and_the_control_ignores_it(
+        tiny_model_dir, tmp_path):
+    """The removal's loss is the distill loss plus W x hidden_distance of the two models' hidden
+    states on ordinary tokens (0 while the student is the teacher); the control's loss (keep_ln)
+    does not read it."""
+    import copy
+
+    import numpy as np
+
+    from noln.arch import install
+    from noln.config import make_config
+    from noln.fakenorm import special_token_mask
+    from noln.pretrained import load_pretrained
+    from noln.train import Trainer, hidden_distance
+
+    model = load_pretrained(tiny_model_dir)
+    teacher = copy.deepcopy(model).eval()
+    adapter = install(model)
+    blocks = np.random.default_rng(0).integers(1, 500, size=(8, 64))
+    x = torch.from_numpy(blocks[:4])
+
+    def losses(**settings):
+        out = []
+        for w in (0.0, 2.0):
+            cfg = make_config(model=str(tiny_model_dir), out=tmp_path, distill=0.5,
+                              distill_hidden=w, aux_weight=0.0, progress=False, batch_size=4,
+                              precision="fp32",
+                              **settings)
+            trainer = Trainer(cfg, model, blocks, blocks[:2], tmp_path, adapter,
+                              teacher=teacher)
+            out.append(trainer.loss(x)[0].item())
+        return out, trainer
+
+    model.eval()  # no EMA updates
+    (plain, hidden), _ = losses()
+    assert hidden == pytest.approx(plain, abs=1e-6)  # the student is the teacher
+    adapter.site("blocks.0.mlp_in").norm.freeze(0.01)  # a fixed scale in block 0
+    (plain, hidden), trainer = losses()
+    with torch.no_grad():
+        h = model(input_ids=x, output_hidden_states=True).hidden_states
+        ref = teacher(input_ids=x, output_hidden_states=True).hidden_states
+    expected = 2.0 * hidden_distance(h, ref, ~special_token_mask(x, trainer.eot_id)).item()
+    assert expected > 1e-3
+    assert hidden - plain == pytest.approx(expected, rel=1e-4)
+    assert trainer.logged_terms() == ["distill_hidden"]
+    (plain, hidden), trainer = losses(keep_ln=True)
+    assert hidden == plain and trainer.logged_terms() == []
+
+
+def test_distill_hidden_is_logged_at_every_step(tiny_model_dir, text_jsonl, tmp_path):
+    run = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "r",
+                                distill=0.5, distill_hidden=1.0, **{**FAST, "steps": 12})
+    steps = [e for e in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines())
+             if "event" not in e]
+    assert len(steps) == 12 and run.summary["steps"] == 12
+    assert all(math.isfinite(e["distill_hidden"]) and e["distill_hidden"] >= 0 for e in steps)
+    assert steps[-1]["frozen"] > 0 and steps[-1]["distill_hidden"] > 0
+
+
+def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None, ctx: int = 64,
+                    n_layer: int = 2):
+    """``model_dir``'s model with every weight moved (or a new one with ``vocab`` tokens,
+    ``ctx`` positions and ``n_layer`` blocks), saved with the same tokenizer at ``out`` (or
+    ``tokenizer``)."""
     from transformers import AutoTokenizer
 
     from noln.pretrain import build_model
@@ -582,7 +687,7 @@ def _perturbed_copy(model_dir, out, vocab: int | None = None, tokenizer=None, ct
 
     torch.manual_seed(1)
     model = load_pretrained(model_dir) if vocab is None else build_model(
-        "gpt2", vocab, n_layer=2, d_model=32, n_head=2, ctx=ctx, eot_id=0)
+        "gpt2", vocab, n_layer=n_layer, d_model=32, n_head=2, ctx=ctx, eot_id=0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -650,6 +755,7 @@ def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tm
     _perturbed_copy(tiny_model_dir, tmp_path / "short", vocab=512, ctx=32)
     other = train_tokenizer(str(text_jsonl), vocab_size=512, max_docs=60)  # other merges
     _perturbed_copy(tiny_model_dir, tmp_path / "other-tokens", tokenizer=other)
+    _perturbed_copy(tiny_model_dir, tmp_path / "deeper", vocab=512, n_layer=3)
     monkeypatch.chdir(tmp_path)
     run = dict(model=str(tiny_model_dir), data=str(text_jsonl), out="r", **FAST)
     cases = [
@@ -662,6 +768,9 @@ def test_bad_teachers_are_refused_before_training(tiny_model_dir, text_jsonl, tm
         (dict(distill=0.5, teacher=str(tmp_path / "wide")), "predicts 600 tokens"),
         (dict(distill=0.5, teacher=str(tmp_path / "other-tokens")), "has another tokenizer"),
         (dict(distill=0.5, teacher=str(tmp_path / "short")), "reads at most 32 tokens"),
+        (dict(distill_hidden=1.0), "give --distill W too"),
+        (dict(distill=0.5, distill_hidden=1.0, teacher=str(tmp_path / "deeper")),
+         "has 3 blocks of width 32 and the model 2 of width 32: --distill-hidden"),
     ]
     for override, message in cases:
         with pytest.raises(NolnError, match=message):

@@ -375,6 +375,12 @@ class RemoveConfig(TrainConfig):
         "(--replay)"))
     distill: float = Field(0.0, ge=0, le=1, **describe_field(
         "weight of KL to the teacher, the original model unless --teacher (the rest is CE)"))
+    distill_hidden: float = Field(0.0, ge=0, **describe_field(
+        "weight of a layer-wise loss pulling every block's output on ordinary tokens towards "
+        "the teacher's: the mean over blocks of sum_t |h_t - h*_t|^2 / sum_t |h*_t|^2, "
+        "position 0, end-of-text and the teacher's massive activations (above 4x the "
+        "block's median) left out; a removal setting, the control does not read it; needs "
+        "--distill (its teacher)"))
     teacher: str | None = Field(None, **describe_field(
         "the model --distill pulls towards, instead of the original: a Hub id, Hugging Face "
         "folder, .gguf, noln export or run folder (its last checkpoint) with the model's "
@@ -440,6 +446,9 @@ class RemoveConfig(TrainConfig):
             raise ValueError(f"--teacher {self.teacher} lies in this run's own folder: a run "
                              "cannot distil from itself (a pair's control included); give a "
                              "model trained before it")
+        if self.distill_hidden and not self.distill:
+            raise ValueError(f"--distill-hidden {self.distill_hidden:g} pulls towards the "
+                             "teacher --distill loads: give --distill W too (e.g. 0.5)")
         if self.prune_fade and not self.prune_sinks:
             raise ValueError(f"--prune-fade {self.prune_fade} fades the neurons --prune-sinks "
                              "finds: give --prune-sinks N too (e.g. 16), or 0 (off)")
@@ -910,9 +919,9 @@ RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "lr_restart", "tokens", "st
                      "stages")
 # may change, but the loss the run optimises changes with them: applied with a warning
 RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_aux_live",
-                            "site_aux_special", "cos_reg", "distill", "teacher", "weight_decay",
-                            "betas", "grad_clip", "grad_clip_late", "replay", "replay_margin",
-                            "prune_sinks", "prune_blocks", "prune_fade",
+                            "site_aux_special", "cos_reg", "distill", "distill_hidden", "teacher",
+                            "weight_decay", "betas", "grad_clip", "grad_clip_late", "replay",
+                            "replay_margin", "prune_sinks", "prune_blocks", "prune_fade",
                             "skip_overflow", "overflow_clip",
                             "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.

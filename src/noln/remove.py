@@ -416,7 +416,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks,
     net = _build(cfg, resuming)
     teacher = None
     if cfg.distill > 0 and cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, net, tokenizer, ctx)
+        teacher = load_teacher(cfg.teacher, net, tokenizer, ctx, blocks=cfg.distill_hidden > 0)
     elif cfg.distill > 0:  # the original model, before any change
         teacher = copy.deepcopy(net) if not resuming else load_pretrained(cfg.model)
     adapter = install(net, cfg.momentum, separator_id(tokenizer))
@@ -446,10 +446,12 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks,
                    sets, teacher, ce_before, sinks)
 
 
-def load_teacher(name: str, model: nn.Module, tokenizer, ctx: int) -> nn.Module:
+def load_teacher(name: str, model: nn.Module, tokenizer, ctx: int,
+                 blocks: bool = False) -> nn.Module:
     """The model ``--distill`` pulls ``model`` towards, by any name noln loads
     (``noln.loading``); refused unless its logits cover the same vocabulary, token for token,
-    and it reads sequences of the run's ``ctx`` tokens."""
+    and it reads sequences of the run's ``ctx`` tokens; with ``blocks`` (--distill-hidden),
+    unless it has the model's blocks and residual width too."""
     try:
         teacher, teacher_tokenizer = load_model(name)
     except NolnError as e:
@@ -461,6 +463,13 @@ def load_teacher(name: str, model: nn.Module, tokenizer, ctx: int) -> nn.Module:
         raise NolnError(f"--teacher {name} {sizes}: distillation compares the two "
                         "distributions token for token; give a teacher with the model's "
                         "tokenizer (e.g. one fine-tuned from it)")
+    shapes = [(c.num_hidden_layers, c.hidden_size) for c in (
+        m.config.get_text_config() for m in (model, teacher))]
+    if blocks and shapes[0] != shapes[1]:
+        (n, d), (tn, td) = shapes
+        raise NolnError(f"--teacher {name} has {tn} blocks of width {td} and the model {n} of "
+                        f"width {d}: --distill-hidden compares their outputs block by block; "
+                        "give a teacher of the model's shape, or --distill-hidden 0")
     if (longest := context_length(teacher.config, default=ctx)) < ctx:
         raise NolnError(f"--teacher {name} reads at most {longest} tokens and the run's "
                         f"sequences are {ctx}: give --ctx {longest} or less, or another teacher")

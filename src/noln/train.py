@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +159,30 @@ def worst_ordinary(norms: list, keep: torch.Tensor, absolute: bool = False) -> t
                         for e in errors]).amax(0)
 
 
+def hidden_distance(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                    keep: torch.Tensor, outlier: float = 4.0) -> torch.Tensor:
+    """The layer-wise distillation loss (``distill_hidden``): over the blocks' output
+    residuals ``h`` (Hugging Face ``hidden_states[1:-1]``: the embeddings are the same in both
+    models and the last entry is after the final norm), the mean of
+
+        sum_t |h_t - h*_t|^2 / sum_t |h*_t|^2
+
+    over the ordinary tokens ``t`` (``keep``) whose teacher residual ``h*_t`` is at most
+    ``outlier`` times the block's median size. A real LLM's massive activations (position 0's
+    attention sink, 150x the typical token in SmolLM2, and a few ordinary tokens) are what a
+    norm-free model must not copy; every other token's residual carries what the teacher's
+    blocks compute, d numbers a token where the logits' KL gives one distribution. Each
+    block weighs the same, whatever its residual's size."""
+    terms = []
+    for h, ref in zip(student[1:-1], teacher[1:-1], strict=True):
+        size = ref.float().pow(2).sum(-1)  # [batch, seq]
+        typical = size[keep].median() if keep.any() else size.median()
+        weight = (keep & (size <= outlier ** 2 * typical)).to(size.dtype)
+        error = (h.float() - ref.float()).pow(2).sum(-1)
+        terms.append((error * weight).sum() / (size * weight).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def draw_scale_noise(keep: torch.Tensor, p: float, f: float, blocks: int,
                      rng: torch.Generator) -> tuple[int, torch.Tensor]:
     """``scale_noise``'s draw for one forward: a block index in ``[0, blocks)`` and a
@@ -289,7 +313,8 @@ class Trainer:
         self.noise_rng, self.noise_off_step = torch.Generator(), -1
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
-        self.site_aux_term = torch.zeros(())  # the site loss of this step so far (logged)
+        # the auxiliary losses of this step so far, by name (logged)
+        self.terms: dict[str, torch.Tensor] = {}
         self.outliers: list[torch.Tensor] = []  # replay: this step's [micro] worst log-ratios
         # this process's guard restores: logged again after a restore truncates the log, and
         # read to tell a batch that fails at every lr from an lr that is too high
@@ -355,6 +380,8 @@ class Trainer:
         exclude = self.cfg.exclude_special if isinstance(self.cfg, RemoveConfig) else True
         final = self.adapter.final_norm
         site_aux = self.removal.site_aux if self.removal is not None else 0.0
+        hidden = self.removal.distill_hidden \
+            if self.removal is not None and self.teacher is not None else 0.0
         # the sites whose tokens the site loss pulls: the removed ones, or with site_aux_live
         # every site (a live one towards its running scale: outliers shrink under real norms)
         pulled = [n for n in self.adapter.norms() if n.frozen or self.removal.site_aux_live] \
@@ -369,7 +396,7 @@ class Trainer:
                 self.scale_noise(keep):
             with self.autocast():
                 out = self.model(input_ids=x, use_cache=False,
-                                 output_hidden_states=self.cfg.cos_reg > 0)
+                                 output_hidden_states=self.cfg.cos_reg > 0 or hidden > 0)
             input_std = final.input_std  # [batch, seq] at the final norm, with its gradient
             # each pulled site's distance from its scale, before measuring() resets it
             scale_errors = [n.scale_error(special_own=self.removal.site_aux_special == "own")
@@ -385,10 +412,15 @@ class Trainer:
         if self.teacher is not None:
             # stay close to the original's whole distribution, not only the data's next token
             with torch.no_grad(), self.autocast():
-                ref = self.teacher(input_ids=x, use_cache=False).logits[:, :-1].float()
-                ref = F.log_softmax(ref, dim=-1)
+                taught = self.teacher(input_ids=x, use_cache=False,
+                                      output_hidden_states=hidden > 0)
+                ref = F.log_softmax(taught.logits[:, :-1].float(), dim=-1)
             kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
             loss = (1 - self.distill) * ce + self.distill * kl
+            if hidden > 0:  # and every block's output, not only the last one's logits
+                term = hidden * hidden_distance(out.hidden_states, taught.hidden_states, keep)
+                self.add_term("distill_hidden", term)
+                loss = loss + term
         if aux_on:
             # paper 2: pull every token's residual std at ln_f towards the typical token's
             s_star = batch_mean(input_std.detach(), keep.to(input_std.dtype))  # global micro
@@ -399,11 +431,22 @@ class Trainer:
             # power above 2 weighs the few outlier tokens over the many near their scale
             power = self.removal.site_aux_power
             term = site_aux * sum(e.abs().pow(power).mean() for e in scale_errors)
-            self.site_aux_term += term.detach()
+            self.add_term("site_aux", term)
             loss = loss + term
         if self.cfg.cos_reg > 0:
             loss = loss + cosine_regularizer(out.hidden_states, self.cfg.cos_reg)
         return loss, ce.detach()
+
+    def add_term(self, name: str, term: torch.Tensor) -> None:
+        """Count an auxiliary loss of this forward in the step's log (detached)."""
+        self.terms[name] = self.terms.get(name, 0.0) + term.detach()
+
+    def logged_terms(self) -> list[str]:
+        """The auxiliary losses this run's steps log, in a fixed order."""
+        r = self.removal
+        return [name for name, on in (("site_aux", r is not None and r.site_aux > 0),
+                                      ("distill_hidden", r is not None and r.distill_hidden > 0
+                                       and self.teacher is not None)) if on]
 
     @contextmanager
     def scale_noise(self, keep: torch.Tensor):
@@ -693,7 +736,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 ce_sum = torch.zeros((), device=self.acc.device)
-                self.site_aux_term = torch.zeros((), device=self.acc.device)
+                self.terms = {}
                 self.outliers, self.reach = [], []
                 batches = list(self.micro_batches(step))
                 rows, clipped_rows = [], []  # the sequences of each loss, as self.outliers
@@ -702,13 +745,14 @@ class Trainer:
                     for j, (part, xp, k) in enumerate(parts):
                         sync = i == len(batches) - 1 and j == len(parts) - 1
                         share = len(part) / len(indices)  # of the micro-batch's mean
-                        site_aux_before = self.site_aux_term
+                        terms_before = dict(self.terms)
                         with self._gradient_sync(sync), self.clipped(k):
                             loss, ce = self.loss(xp, reach=True) if k > 0 else self.loss(xp)
                             self.acc.backward(loss * share / len(batches))
                         ce_sum += ce * share / len(batches)
-                        self.site_aux_term = site_aux_before + \
-                            (self.site_aux_term - site_aux_before) * share
+                        self.terms = {name: terms_before.get(name, 0.0) + (
+                            term - terms_before.get(name, 0.0)) * share
+                            for name, term in self.terms.items()}
                         rows.append(part)
                         if k > 0:
                             clipped_rows.append(part)
@@ -718,9 +762,11 @@ class Trainer:
                 # with the loss, whether any process was asked to stop: all stop at one step
                 ce_mean, stop = self.acc.reduce(torch.stack([ce_sum, torch.tensor(
                     float(bool(asked)), device=ce_sum.device)]), reduction="mean").unbind()
-                ce_val, grad_norm, site_aux, stop = torch.stack([ce_mean, torch.as_tensor(
-                    grad_norm, device=ce_mean.device, dtype=ce_mean.dtype),
-                    self.site_aux_term.to(ce_mean.dtype), stop]).tolist()  # one sync
+                names = self.logged_terms()  # the step's numbers in one sync
+                ce_val, grad_norm, stop, *terms = torch.stack([ce_mean, torch.as_tensor(
+                    grad_norm, device=ce_mean.device, dtype=ce_mean.dtype), stop, *(
+                        torch.as_tensor(self.terms.get(name, 0.0), device=ce_mean.device,
+                                        dtype=ce_mean.dtype) for name in names)]).tolist()
                 # a finite loss can still come with inf/nan gradients (an activation past
                 # float range in the backward pass); clipping would turn them into nan weights
                 if self._exploded(ce_val) or not math.isfinite(grad_norm):
@@ -752,10 +798,10 @@ class Trainer:
                           "frozen": len(self.adapter.frozen_sites()), "dt": dt}
                 if self.removal is not None and self.removal.replay:
                     record["replay"] = len(self.state.replay)
-                if self.removal is not None and self.removal.site_aux > 0:
-                    # this process's share, summed over micro-batches: how far the removed
-                    # sites' inputs are from their fixed scales, in the loss's units
-                    record["site_aux"] = site_aux / len(batches)
+                for name, term in zip(names, terms, strict=True):
+                    # this process's share, summed over micro-batches, in the loss's units:
+                    # site_aux, how far the removed sites' inputs are from their fixed scales
+                    record[name] = term / len(batches)
                 self.log(record)
                 progress.update(self.state.step, ce_val, lr, tokens_per_step / dt,
                                 self.schedule.next_label(self.state.step))
@@ -892,7 +938,7 @@ class Trainer:
         """Whether one sequence's loss or gradient is inf/nan, every frozen site clipped at
         ``clip`` (0: as the model is). Leaves no gradient behind."""
         self.outliers, self.reach = [], []
-        self.site_aux_term = torch.zeros((), device=self.acc.device)
+        self.terms = {}
         with self._gradient_sync(False), self.clipped(clip):
             loss, _ = self.loss(seq[None])
             finite = bool(torch.isfinite(loss))
