@@ -615,7 +615,8 @@ def test_resume_refuses_a_longer_fixed_schedule(capsys, finished_run):
     ("--distill", "2", "<= 1"), ("--aux-weight", "-1", ">= 0"), ("--lr", "nan", "finite"),
     ("--lr", "0", "> 0"), ("--checkpoint-every", "0", ">= 1"), ("--seed", "-1", ">= 0"),
     ("--micro-batch-size", "3", "not a multiple"), ("--outlier-clip", "0.5", "below 1"),
-    ("--site-aux", "-1", ">= 0"),
+    ("--site-aux", "-1", ">= 0"), ("--distill-hidden", "-1", ">= 0"),
+    ("--distill-hidden", "1", "give --distill W too"),
 ])
 def test_remove_numbers_are_checked_before_anything_loads(capsys, tmp_path, flag, value, rule):
     out = tmp_path / "out"
