@@ -379,22 +379,28 @@ def test_guard_catches_a_slow_rise_past_a_uniform_guess(tiny_model_dir, text_jso
     assert guard[0]["loss"] < 3 * sum(before) / len(before)
 
 
-def test_guard_catches_a_jump_past_a_uniform_guess_after_the_model_had_learnt(
-        tiny_model_dir, text_jsonl, tmp_path, monkeypatch):
-    """A model at 2.5 nats that jumps to just above a uniform guess's CE (ln V) is broken,
-    although the jump is under 3x its last ten steps' mean and the first steps' high loss puts
-    the slow-rise line above it (SmolLM2 attempt 45, with its sink neurons cut at step 0)."""
+@pytest.mark.parametrize("level,jump,steps,caught", [
+    (2.5, lambda uniform: uniform + 0.3, (12,), 12),  # worse than a uniform guess: at once
+    (2.0, lambda uniform: 5.0, (12, 13, 14), 14),  # past halfway to it, three steps running
+    (2.0, lambda uniform: 5.0, (12, 14), None),  # a hard batch now and then is not broken
+])
+def test_guard_catches_a_collapse_after_the_model_had_learnt(
+        tiny_model_dir, text_jsonl, tmp_path, monkeypatch, level, jump, steps, caught):
+    """A model at ``level`` nats whose CE jumps to ``jump`` at ``steps`` is broken, although
+    the jump is under 3x its last ten steps' mean and the first steps' high loss puts the
+    slow-rise line above it (SmolLM2 attempt 45, with its sink neurons cut at step 0)."""
     from noln import train
 
     real_loss = train.Trainer.loss
     uniform = math.log(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"])
+    bad = jump(uniform)
     seen: dict[int, float] = {}
 
-    def learnt_then_broken(self, x):  # the model's own CE for 3 steps, then 2.5, then ln V + 0.3
+    def learnt_then_broken(self, x):  # the model's own CE for 3 steps, then level, then bad
         loss, ce = real_loss(self, x)
         step = self.state.step
-        target = None if step < 3 else uniform + 0.3 if step == 12 and not self.state.failures \
-            else 2.5
+        target = None if step < 3 else bad if step in steps and not self.state.failures \
+            else level
         factor = 1.0 if target is None else target / float(ce.detach())
         seen.setdefault(step, float(ce.detach()) * factor)
         return loss * factor, ce * factor
@@ -403,12 +409,15 @@ def test_guard_catches_a_jump_past_a_uniform_guess_after_the_model_had_learnt(
     r = noln.remove_layernorm(str(tiny_model_dir), str(text_jsonl), tmp_path / "run",
                               export_format="none", **{**FAST, "steps": 16})
     guard = [e for e in r.log if e.get("event") == "guard"]
-    assert len(guard) == 1 and guard[0]["step"] == 12 and guard[0]["restored_step"] == 10
+    assert r.summary["steps"] == 16
+    if caught is None:
+        assert not guard
+        return
+    assert len(guard) == 1 and guard[0]["step"] == caught and guard[0]["restored_step"] == 10
     # neither older rule would have: under 3x the last ten steps' mean, and under 3x the first
     # ten steps' mean (which the first three steps' high CE lift above ln V)
-    assert guard[0]["loss"] < 3 * sum(seen[s] for s in range(2, 12)) / 10
+    assert guard[0]["loss"] < 3 * sum(seen[s] for s in range(caught - 10, caught)) / 10
     assert guard[0]["loss"] < 3 * sum(seen[s] for s in range(10)) / 10
-    assert r.summary["steps"] == 16
 
 
 def test_corrupt_checkpoint_message(tmp_path):

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import numpy as np
 import torch
@@ -878,19 +879,25 @@ class Trainer:
 
     # -- guard -----------------------------------------------------------------------------
     def _exploded(self, loss: float) -> bool:
+        """Whether this step's ``loss`` (CE) means a broken model: not finite; above
+        ``guard_factor`` x the last ten steps' mean (a spike); above both a uniform guess's CE
+        (ln V) and ``guard_factor`` x the first ten steps' mean (a slow rise); or, once the
+        model had learnt to predict (below ln V / 2), above ln V, or past halfway from its
+        level to ln V three steps in a row (a collapse: SmolLM2 attempt 45 went from 3.8 to
+        10.4 nats in one step, under 3x, and stayed at 10-14 while its pruned start's high
+        loss held the slow-rise line at 15; a hard batch is one step, not three)."""
+        losses, uniform = self.state.losses, self.uniform_ce
         if not math.isfinite(loss):
             return True
-        start = self.state.losses[:10]
-        if start and loss > max(self.uniform_ce, self.cfg.guard_factor * sum(start) / len(start)):
+        if losses[:10] and loss > max(uniform, self.cfg.guard_factor * fmean(losses[:10])):
             return True
-        learnt = min(self.state.losses, default=math.inf) < self.uniform_ce / 2
-        if loss > self.uniform_ce and learnt:
-            # worse than a uniform guess after it had learnt to predict: broken, even where a
-            # pruned start's high loss lifts the line above and the jump is under 3x (SmolLM2
-            # attempt 45: 3.8 -> 10.4 nats in one step, ln V 10.8, then 11-14 for 160 steps)
+        if losses[-10:] and loss > self.cfg.guard_factor * fmean(losses[-10:]):
             return True
-        recent = self.state.losses[-10:]
-        return bool(recent) and loss > self.cfg.guard_factor * (sum(recent) / len(recent))
+        if loss > uniform and min(losses, default=math.inf) < uniform / 2:
+            return True
+        before = losses[-12:-2]  # the level before the last three steps
+        return len(before) == 10 and fmean(before) < uniform / 2 and \
+            min([*losses[-2:], loss]) > (fmean(before) + uniform) / 2
 
     def skip_overflowing(self, step: int, batches: list) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
