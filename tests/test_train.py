@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import noln
@@ -611,6 +612,32 @@ def test_distill_loss_is_kl_to_the_original(tiny_model_dir, tmp_path):
     adapter.site("ln_f").norm.freeze(0.3)
     loss, ce = trainer.loss(x)
     assert loss.item() > 0.5 * ce.item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_next_token_loss_and_its_gradient_equal_autograds(dtype, w):
+    """The chunked CE + KL, its gradient made in the forward pass, against the plain autograd
+    formula (float32 logits, log_softmax, the last position predicting nothing)."""
+    from noln.train import next_token_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(3, 20, 97, generator=g)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(3, 20, 97, generator=g)).to(dtype)
+    ids = torch.randint(0, 97, (3, 20), generator=g)
+    logits = z[:, :-1].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    ref = F.log_softmax(teacher[:, :-1].float(), dim=-1)
+    kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
+    ((1 - w) * ce + w * kl).backward()
+    expected, z.grad = z.grad.clone(), None
+    loss, got_ce, got_kl = next_token_loss(z, ids, teacher if w else None, w, chunk=7)
+    (3 * loss).backward()  # the upstream gradient scales it
+    assert loss.item() == pytest.approx(((1 - w) * ce + w * kl).item(), abs=2e-6)
+    assert got_ce.item() == pytest.approx(ce.item(), abs=2e-6) and not got_ce.requires_grad
+    assert got_kl.item() == pytest.approx(kl.item() if w else 0.0, abs=2e-6)
+    assert z.grad.dtype == dtype
+    torch.testing.assert_close(z.grad.float() / 3, expected.float(), atol=1e-7, rtol=1e-2)
 
 
 def test_hidden_distance_is_the_relative_error_of_ordinary_tokens_block_by_block():

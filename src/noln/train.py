@@ -184,6 +184,57 @@ def hidden_distance(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
     return torch.stack(terms).mean()
 
 
+class _NextTokenLoss(torch.autograd.Function):
+    """``(1 - w) CE + w KL(p || q)`` of logits ``z`` ``[N, V]`` (``q = softmax(z)``) against
+    ``targets`` ``[N]`` (-100: no target) and a teacher's logits ``[N, V]`` (``p``; None with
+    ``w`` 0), as the mean over the tokens with a target, with its gradient made in the same
+    pass, ``dL/dz = (q - (1 - w) onehot(y) - w p) / N``, ``chunk`` tokens at a time: no float32
+    tensor of the whole batch's logits is kept for the backward pass (a 49K vocabulary makes
+    one 200 MB at 4 x 256 tokens). Returns the loss, the CE and the KL (those two detached)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ref, w, chunk):
+        grad = torch.zeros_like(logits)
+        sums = torch.zeros(2, dtype=torch.float32, device=logits.device)  # CE, KL
+        n = int((targets >= 0).sum().clamp_min(1))
+        for i in range(0, len(logits), chunk):
+            y = targets[i:i + chunk]
+            valid = (y >= 0).unsqueeze(-1)
+            logq = F.log_softmax(logits[i:i + chunk].float(), dim=-1)
+            g = logq.exp()  # q, then the gradient's numerator
+            picked = y.clamp_min(0).unsqueeze(-1)
+            sums[0] -= (logq.gather(-1, picked) * valid).sum()
+            g.scatter_add_(-1, picked, torch.full_like(logq[:, :1], -(1.0 - w)))
+            if ref is not None and w > 0:
+                logp = F.log_softmax(ref[i:i + chunk].float(), dim=-1)
+                p = logp.exp()
+                sums[1] += (p * (logp - logq) * valid).sum()
+                g.sub_(w * p)
+            grad[i:i + chunk] = (g * valid / n).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ce, kl = sums / n
+        loss = (1.0 - w) * ce + w * kl
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor | None = None,
+                    w: float = 0.0, chunk: int = 64
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of ``logits`` ``[batch, seq, V]`` on the tokens ``ids`` ``[batch,
+    seq]``: ``(1 - w)`` x next-token CE + ``w`` x KL to ``ref``'s distribution (the teacher's
+    logits, same shape), means over the ``batch x (seq - 1)`` predicted tokens; returns the
+    loss, the CE and the KL (``_NextTokenLoss``)."""
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()  # the last position: no target
+    return _NextTokenLoss.apply(logits.flatten(0, 1), targets,
+                                None if ref is None else ref.flatten(0, 1), float(w), chunk)
+
+
 def draw_scale_noise(keep: torch.Tensor, p: float, f: float, blocks: int,
                      rng: torch.Generator) -> tuple[int, torch.Tensor]:
     """``scale_noise``'s draw for one forward: a block index in ``[0, blocks)`` and a
@@ -407,17 +458,15 @@ class Trainer:
             if frozen:  # ordinary tokens: a special one far from the shared scale is the
                 # same in every sequence, and the model does not overflow on it unclipped
                 self.reach.append(worst_ordinary(frozen, keep).exp())
-        logits = out.logits[:, :-1].float()
-        ce = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        loss = ce
+        taught = None
         if self.teacher is not None:
             # stay close to the original's whole distribution, not only the data's next token
             with torch.no_grad(), self.autocast():
                 taught = self.teacher(input_ids=x, use_cache=False,
                                       output_hidden_states=hidden > 0)
-                ref = F.log_softmax(taught.logits[:, :-1].float(), dim=-1)
-            kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1).mean()
-            loss = (1 - self.distill) * ce + self.distill * kl
+        loss, ce, _ = next_token_loss(out.logits, x, None if taught is None else taught.logits,
+                                      self.distill if taught is not None else 0.0)
+        if taught is not None:
             if hidden > 0:  # and every block's output, not only the last one's logits
                 term = hidden * hidden_distance(out.hidden_states, taught.hidden_states, keep)
                 self.add_term("distill_hidden", term)
