@@ -196,7 +196,7 @@ class _NextTokenLoss(torch.autograd.Function):
     def forward(ctx, logits, targets, ref, w, chunk):
         grad = torch.zeros_like(logits)
         sums = torch.zeros(2, dtype=torch.float32, device=logits.device)  # CE, KL
-        n = int((targets >= 0).sum().clamp_min(1))
+        n = (targets >= 0).sum().clamp_min(1).float()  # (a tensor: no GPU sync for it)
         for i in range(0, len(logits), chunk):
             y = targets[i:i + chunk]
             valid = (y >= 0).unsqueeze(-1)
