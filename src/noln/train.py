@@ -176,10 +176,11 @@ def hidden_distance(student: Sequence[torch.Tensor], teacher: Sequence[torch.Ten
     block weighs the same, whatever its residual's size."""
     terms = []
     for h, ref in zip(student[1:-1], teacher[1:-1], strict=True):
-        size = ref.float().pow(2).sum(-1)  # [batch, seq]
-        typical = size[keep].median() if keep.any() else size.median()
+        ref = ref.float()
+        size = ref.pow(2).sum(-1)  # [batch, seq]
+        typical = size.masked_fill(~keep, math.nan).nanmedian()  # (no host sync; none kept: nan)
         weight = (keep & (size <= outlier ** 2 * typical)).to(size.dtype)
-        error = (h.float() - ref.float()).pow(2).sum(-1)
+        error = (h.float() - ref).pow(2).sum(-1)
         terms.append((error * weight).sum() / (size * weight).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
 
@@ -357,6 +358,9 @@ class Trainer:
             self.teacher = teacher.to(self.acc.device).eval().requires_grad_(False)
             if self.sharded:
                 shard(self.teacher, self.acc.device, mesh)
+        # the layer-wise pull (a removal setting: a control's loss does not have it)
+        self.distill_hidden = self.removal.distill_hidden \
+            if self.removal is not None and self.teacher is not None else 0.0
         if cfg.compile:
             compile_blocks(model)
         # scale_noise: the blocks whose inputs it scales, and the step it is off for (redone)
@@ -432,8 +436,7 @@ class Trainer:
         exclude = self.cfg.exclude_special if isinstance(self.cfg, RemoveConfig) else True
         final = self.adapter.final_norm
         site_aux = self.removal.site_aux if self.removal is not None else 0.0
-        hidden = self.removal.distill_hidden \
-            if self.removal is not None and self.teacher is not None else 0.0
+        hidden = self.distill_hidden
         # the sites whose tokens the site loss pulls: the removed ones, or with site_aux_live
         # every site (a live one towards its running scale: outliers shrink under real norms)
         pulled = [n for n in self.adapter.norms() if n.frozen or self.removal.site_aux_live] \
@@ -493,10 +496,9 @@ class Trainer:
 
     def logged_terms(self) -> list[str]:
         """The auxiliary losses this run's steps log, in a fixed order."""
-        r = self.removal
-        return [name for name, on in (("site_aux", r is not None and r.site_aux > 0),
-                                      ("distill_hidden", r is not None and r.distill_hidden > 0
-                                       and self.teacher is not None)) if on]
+        site_aux = self.removal is not None and self.removal.site_aux > 0
+        return [name for name, on in (("site_aux", site_aux),
+                                      ("distill_hidden", self.distill_hidden > 0)) if on]
 
     @contextmanager
     def scale_noise(self, keep: torch.Tensor):
@@ -945,8 +947,9 @@ class Trainer:
         if loss > uniform and min(losses, default=math.inf) < uniform / 2:
             return True
         before = losses[-12:-2]  # the level before the last three steps
-        return len(before) == 10 and fmean(before) < uniform / 2 and \
-            min([*losses[-2:], loss]) > (fmean(before) + uniform) / 2
+        if len(before) < 10 or (level := fmean(before)) >= uniform / 2:
+            return False
+        return min([*losses[-2:], loss]) > (level + uniform) / 2
 
     def skip_overflowing(self, step: int, batches: list) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
