@@ -501,6 +501,59 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
                     fsdp=True)
 
 
+@pytest.mark.parametrize("factor", [100.0, 1e3])
+def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
+        factor, tokenizer, text_jsonl, tmp_path, monkeypatch):
+    """--skip-spikes F: once the model is norm-free, a step whose gradient norm is over F x
+    the median of the steps before it (here a hook multiplies one rare token's residual
+    after block 0: the loss stays finite, the gradient is 100x the run's) is searched as an
+    overflowing one is; the sequence that holds the token, over the line on its own, is
+    dropped and the step runs again without it, so no step the run takes is over its line.
+    Without it the run takes that step (x100), or, where the loss passes the guard's line
+    (x1000: a finite loss, so --skip-overflow alone finds no sequence), stops. And the
+    option's checks."""
+    from statistics import median
+
+    model = tiny("llama", vocab=len(tokenizer), init=0.02)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = {**OVERFLOW_ARGS, "skip_overflow": True}
+    token, blocks = rare_token_of_a_late_batch(tmp_path / "base", text_jsonl, args)
+
+    def run(name: str, spikes: float):
+        runaway_once_norm_free(monkeypatch, token, factor=factor)
+        return noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / name,
+                                     skip_spikes=spikes, **args)
+
+    def over_the_line(r) -> list[int]:
+        steps = [e for e in r.log if "loss" in e and "event" not in e]
+        return [e["step"] for i, e in enumerate(steps) if i >= 10 and e["grad_norm"] > 20 *
+                median(s["grad_norm"] for s in steps[max(0, i - 100):i])]
+
+    if factor < 1e3:
+        plain = run("plain", 0.0)
+        assert over_the_line(plain) and min(over_the_line(plain)) >= 14  # after the lift
+        assert not plain.summary["skipped_sequences"]  # finite: skip_overflow sees nothing
+    else:
+        with pytest.raises(NolnError, match="breaks the model at any lr"):
+            run("plain", 0.0)
+    searched = run("searched", 20.0)
+    skipped = [e for e in searched.log if e.get("event") == "skipped"]
+    assert skipped and all(e["step"] >= 14 and e["grad_norm_over"] > 0 for e in skipped)
+    dropped = searched.summary["skipped_sequences"]
+    assert dropped == [i for e in skipped for i in e["sequences"]]
+    assert all(token in blocks[i] for i in dropped)
+    assert searched.summary["complete"] and not searched.summary["guard_events"]
+    assert not over_the_line(searched)
+    with pytest.raises(NolnError, match="--skip-spikes 100 searches.*give --skip-overflow"):
+        make_config(model="m", data="d", steps=10, skip_spikes=100.0)
+    with pytest.raises(NolnError, match="--skip-spikes 1 would search every other step"):
+        make_config(model="m", data="d", steps=10, skip_overflow=True, skip_spikes=1.0)
+    with pytest.raises(NolnError, match="--skip-spikes measures .* --fsdp"):
+        make_config(model="m", data="d", steps=10, skip_overflow=True, skip_spikes=100.0,
+                    fsdp=True)
+
+
 def test_scale_noise_draws_outliers_on_ordinary_tokens_by_the_step():
     """The draw of --scale-noise P,F: about P of the ordinary tokens, none of the others,
     factors log-uniform in [1, F] (their logs uniform: mean log(F) / 2), one block in range;

@@ -357,6 +357,13 @@ class RemoveConfig(TrainConfig):
         "std) instead of dropped, so the site loss can pull its runaway tokens in; it trains "
         "unclipped again once a clipped forward no longer reaches K anywhere (the clip did "
         "nothing), and is dropped only if it overflows even clipped; 0: drop them"))
+    skip_spikes: float = Field(0.0, ge=0, **describe_field(
+        "with --skip-overflow: once the model is norm-free, a step whose gradient norm is over "
+        "F x the median of the last 100 steps' is searched as an overflowing one is: each of "
+        "its sequences whose own gradient norm is over that line is dropped (or, with "
+        "--overflow-clip, trained clipped) and the step runs again without them (SmolLM2: one "
+        "sequence at 3e6 against a median of 4, replayed every step through the lifted "
+        "gradient clip, held a run at 10 nats); 0: off"))
     scale_noise: tuple[Annotated[float, Field(gt=0, le=0.5)],
                        Annotated[float, Field(gt=1, le=100)]] | None = Field(None, **describe_field(
         "P,F: in each training forward a fraction P of the ordinary tokens enter one random "
@@ -439,6 +446,15 @@ class RemoveConfig(TrainConfig):
             raise ValueError("--overflow-clip runs a clipped sequence's forward on its own "
                              "process only, which --fsdp's shared forwards cannot: use one "
                              "of them")
+        if self.skip_spikes and not self.skip_overflow:
+            raise ValueError(f"--skip-spikes {self.skip_spikes:g} searches a step as "
+                             "--skip-overflow does: give --skip-overflow too, or 0 (off)")
+        if 0 < self.skip_spikes <= 1:
+            raise ValueError(f"--skip-spikes {self.skip_spikes:g} would search every other "
+                             "step: give F well above 1 (e.g. 100) or 0 (off)")
+        if self.skip_spikes and self.fsdp:
+            raise ValueError("--skip-spikes measures one sequence's gradient norm on its own "
+                             "process, which --fsdp's sharded gradients cannot: use one of them")
         if 0 < self.overflow_clip <= 1:
             raise ValueError(f"--overflow-clip {self.overflow_clip:g} would clip typical tokens "
                              "too: give K above 1 (e.g. 10) or 0 (off)")
@@ -922,7 +938,7 @@ RESUME_CHANGES_OBJECTIVE = ("aux_weight", "site_aux", "site_aux_power", "site_au
                             "site_aux_special", "cos_reg", "distill", "distill_hidden", "teacher",
                             "weight_decay", "betas", "grad_clip", "grad_clip_late", "replay",
                             "replay_margin", "prune_sinks", "prune_blocks", "prune_fade",
-                            "skip_overflow", "overflow_clip",
+                            "skip_overflow", "overflow_clip", "skip_spikes",
                             "scale_noise")
 # may change, and the removals still to come follow them (those made stand): with a warning.
 # The adaptive schedule decides each removal from the probe as it goes, so a budget that holds a

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 import numpy as np
 import torch
@@ -149,6 +149,11 @@ class TrainState:
     # those it overflows on that train under the outlier clip instead (overflow_clip)
     clipped: list[int] = field(default_factory=list)
     stage: int = 0  # the step of the last of the config's stages made (0: none)
+    # the gradient norms of the last SPIKE_WINDOW steps taken, before clipping (skip_spikes)
+    grad_norms: list[float] = field(default_factory=list)
+
+
+SPIKE_WINDOW = 100  # steps whose median gradient norm sets skip_spikes' line
 
 
 def worst_ordinary(norms: list, keep: torch.Tensor, absolute: bool = False) -> torch.Tensor:
@@ -367,6 +372,7 @@ class Trainer:
         self.noise_blocks = transformer_blocks(model) \
             if self.removal is not None and self.removal.scale_noise else []
         self.noise_rng, self.noise_off_step = torch.Generator(), -1
+        self.spike_off_step = -1  # a step whose spike no single sequence explained
         self.state = TrainState()
         self._perms: dict[int, np.ndarray] = {}
         # the auxiliary losses of this step so far, by name (logged)
@@ -690,7 +696,7 @@ class Trainer:
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.extra_state = ckpt.get("extra", {})
-        self.skips_at = (-1, 0)
+        self.skips_at, self.spike_off_step = (-1, 0), -1
         saved = self.extra_state.get("sink_neurons")
         if self.sink_neurons and saved and \
                 all(len(v) == len(self.sink_neurons.get(k, ())) for k, v in saved.items()):
@@ -829,13 +835,22 @@ class Trainer:
                         self.noise_off_step = step
                         self.log({"event": "noise_overflow", "step": step, "loss": ce_val})
                         continue
-                    if self.skip_overflowing(step, batches):
+                    if self.skip_overflowing(step, batches, self.spike_line(step)):
                         continue  # the same step again, without them
                     self._recover(step, ce_val, grad_norm)
                     progress.reset(self.state.step)
                     continue
+                if grad_norm > (line := self.spike_line(step)):
+                    if not self.skip_overflowing(step, batches, line):
+                        # no sequence spikes alone (its gradient was cleared in the search):
+                        # the step again, taken as it is
+                        self.spike_off_step = step
+                        self.log({"event": "spike", "step": step, "grad_norm": grad_norm,
+                                  "line": line})
+                    continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.state.grad_norms = [*self.state.grad_norms[1 - SPIKE_WINDOW:], grad_norm]
                 if self.outliers:
                     self.update_replay(step, torch.cat(rows), torch.cat(self.outliers))
                 if clipped_rows:
@@ -951,10 +966,23 @@ class Trainer:
             return False
         return min([*losses[-2:], loss]) > (level + uniform) / 2
 
-    def skip_overflowing(self, step: int, batches: list) -> bool:
+    def spike_line(self, step: int) -> float:
+        """``skip_spikes`` F: the gradient norm over which a step of the norm-free model is
+        searched for the sequences behind it, F x the median of the last ``SPIKE_WINDOW``
+        steps' (inf: off, before ten steps, before the model is norm-free, or at a step
+        already searched in vain)."""
+        spikes = self.removal.skip_spikes if self.removal is not None else 0.0
+        norms = self.state.grad_norms
+        if not spikes or len(norms) < 10 or step == self.spike_off_step or \
+                not self.removal.skip_overflow or self.adapter.export_state() != "all":
+            return math.inf
+        return spikes * median(norms)
+
+    def skip_overflowing(self, step: int, batches: list, line: float = math.inf) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
-        model, find the sequences of its batch that overflow on their own (loss or gradient
-        not finite). With ``overflow_clip`` K, one that does not overflow under the clip at K
+        model, or a gradient norm over ``line`` (``skip_spikes``), find the sequences of its
+        batch that overflow on their own (loss or gradient not finite, or gradient norm over
+        ``line``). With ``overflow_clip`` K, one that does not overflow under the clip at K
         trains clipped from now on; the others are dropped for the rest of the run (and from
         the replay and clipped lists). Says whether there were any (False: the guard's
         business, as before the model was norm-free)."""
@@ -967,8 +995,8 @@ class Trainer:
         for indices, x in batches:
             for i, seq in zip(indices.tolist(), x):
                 clipped = i in self.state.clipped
-                if self._overflows(seq, k if clipped else 0.0):
-                    if clipped or not k or self._overflows(seq, k):
+                if self._overflows(seq, k if clipped else 0.0, line):
+                    if clipped or not k or self._overflows(seq, k, line):
                         bad.append(i)
                     else:
                         rescued.append(i)
@@ -991,7 +1019,8 @@ class Trainer:
             self.state.replay = [i for i in self.state.replay if i not in bad]
             self.state.clipped = [i for i in self.state.clipped if i not in bad]
             self.log({"event": "skipped", "step": step, "sequences": bad,
-                      "total": len(self.state.skipped)})
+                      "total": len(self.state.skipped)}
+                     | ({"grad_norm_over": line} if math.isfinite(line) else {}))
         return True
 
     @property
@@ -999,9 +1028,10 @@ class Trainer:
         """More sequences than this overflowing at one step (``skip_overflow``): the model."""
         return max(4, 2 * self.cfg.batch_size)
 
-    def _overflows(self, seq: torch.Tensor, clip: float) -> bool:
-        """Whether one sequence's loss or gradient is inf/nan, every frozen site clipped at
-        ``clip`` (0: as the model is). Leaves no gradient behind."""
+    def _overflows(self, seq: torch.Tensor, clip: float, line: float = math.inf) -> bool:
+        """Whether one sequence's loss or gradient is inf/nan, or its gradient norm over
+        ``line``, every frozen site clipped at ``clip`` (0: as the model is). Leaves no
+        gradient behind."""
         self.outliers, self.reach = [], []
         self.terms = {}
         with self._gradient_sync(False), self.clipped(clip):
@@ -1009,8 +1039,10 @@ class Trainer:
             finite = bool(torch.isfinite(loss))
             if finite:
                 self.acc.backward(loss)
-                finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in
-                                           self.model.parameters() if p.grad is not None]).all())
+                norm = torch.linalg.vector_norm(torch.stack([
+                    torch.linalg.vector_norm(p.grad.float()) for p in self.model.parameters()
+                    if p.grad is not None]))
+                finite = bool(torch.isfinite(norm) and norm <= line)
         self.optimizer.zero_grad(set_to_none=True)
         return not finite
 
