@@ -1078,8 +1078,13 @@ class Trainer:
                     f"(last: {what}), at lr {lrs[0]:.3g} down to {lrs[-1]:.3g}: that step's "
                     f"batch (training sequences {seqs}) breaks the model at any lr, so a lower "
                     f"--lr will not help; the last good checkpoint is kept at {path}: "
-                    + ("the model is norm-free, so --resume with --skip-overflow to drop the "
-                       "sequences it overflows on" if self.adapter.export_state() == "all" else
+                    + (("the model is norm-free, so --resume with --skip-overflow to drop the "
+                        "sequences it overflows on" + (
+                            " (--skip-spikes 100 too: this loss is finite, so --skip-overflow "
+                            "alone finds none)" if math.isfinite(loss) and (
+                                grad_norm is None or math.isfinite(grad_norm)) and
+                            not self.removal.skip_spikes else ""))
+                       if self.adapter.export_state() == "all" else
                        "find the token that overflows in those sequences, or go on from an "
                        "earlier checkpoint with a slower schedule"))
             raise NolnError(f"training diverged {failures} times (last: {what} at step {step}); "
