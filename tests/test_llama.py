@@ -334,9 +334,10 @@ def test_a_clip_ceiling_holds_lifted_blocks_until_the_lift_ends(tokenizer, text_
     assert after[max(after)] == [0.0, 0.0, 0.0]
 
 
-def rare_token_of_a_late_batch(base: Path, text_jsonl: Path, args: dict) -> tuple[int, list]:
-    """A token of step 20's batch that few training sequences hold, and the sequences, drawn
-    as a run of ``args`` draws them (seed 0, epoch 0)."""
+def rare_token_of_a_late_batch(base: Path, text_jsonl: Path, args: dict, step: int = 20
+                               ) -> tuple[int, list]:
+    """A token of ``step``'s batch (its first sequence) that few training sequences hold, and
+    the sequences, drawn as a run of ``args`` draws them (seed 0, epoch 0)."""
     from noln.config import RemoveConfig
     from noln.pretrained import load_tokenizer
     from noln.remove import prepare_data
@@ -344,18 +345,19 @@ def rare_token_of_a_late_batch(base: Path, text_jsonl: Path, args: dict) -> tupl
     cfg = RemoveConfig(model=str(base), data=str(text_jsonl), out=base.parent / "x", **args)
     blocks, _ = prepare_data(cfg, load_tokenizer(base), 64, 24)
     perm = np.random.default_rng([0, 0]).permutation(len(blocks))
-    holders = {t: sum(t in b for b in blocks) for t in set(blocks[perm[80]].tolist())}
+    holders = {t: sum(t in b for b in blocks) for t in
+               set(blocks[perm[step * cfg.batch_size]].tolist())}
     token = min(holders, key=lambda t: (holders[t], t))
     assert holders[token] < len(blocks) / 10
     return token, blocks
 
 
 def runaway_once_norm_free(monkeypatch, token: int, factor: float = torch.inf,
-                           times: int | None = None) -> None:
+                           times: int | None = None, lifted: bool = True) -> None:
     """Runs install a hook on block 0 that sends ``token`` away (``overflow_on``) once the
     model is norm-free: every site frozen, its clip lifted (a clip set after that, by
     --overflow-clip, does not stop it); ``times``: for that many forwards holding the token,
-    then never again."""
+    then never again; ``lifted`` False: from the last removal on, the lift not yet over."""
     import noln.remove
 
     def install_with_a_runaway(net, *a, **kwargs):
@@ -363,8 +365,8 @@ def runaway_once_norm_free(monkeypatch, token: int, factor: float = torch.inf,
         hits = []
 
         def active() -> bool:
-            return all(n.frozen and n.fade >= 1 for n in adapter.norms()) and \
-                (times is None or len(hits) <= times)
+            return all(n.frozen and (n.fade >= 1 or not lifted) for n in adapter.norms()) \
+                and (times is None or len(hits) <= times)
 
         def count(module, args, kwargs):
             if active() and (kwargs["input_ids"] == token).any():
@@ -501,27 +503,32 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
                     fsdp=True)
 
 
-@pytest.mark.parametrize("factor", [100.0, 1e3])
+@pytest.mark.parametrize("factor, lifted", [(100.0, True), (1e3, True), (100.0, False)])
 def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
-        factor, tokenizer, text_jsonl, tmp_path, monkeypatch):
-    """--skip-spikes F: once the model is norm-free, a step whose gradient norm is over F x
+        factor, lifted, tokenizer, text_jsonl, tmp_path, monkeypatch):
+    """--skip-spikes F: once every site is frozen, a step whose gradient norm is over F x
     the median of the steps before it (here a hook multiplies one rare token's residual
     after block 0: the loss stays finite, the gradient is 100x the run's) is searched as an
     overflowing one is; the sequence that holds the token, over the line on its own, is
     dropped and the step runs again without it, so no step the run takes is over its line.
     Without it the run takes that step (x100), or, where the loss passes the guard's line
-    (x1000: a finite loss, so --skip-overflow alone finds no sequence), stops. And the
-    option's checks."""
+    (x1000: a finite loss, so --skip-overflow alone finds no sequence), stops. The same
+    while the special scales still fade (``lifted`` False: the runaway from the last
+    removal, step 7, on; the lift ends at step 14). And the option's checks."""
     from statistics import median
 
     model = tiny("llama", vocab=len(tokenizer), init=0.02)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    args = {**OVERFLOW_ARGS, "skip_overflow": True}
-    token, blocks = rare_token_of_a_late_batch(tmp_path / "base", text_jsonl, args)
+    # while the lift lasts, no outlier clip (it would hold the runaway): the special scales'
+    # fade is the lift then
+    args = {**OVERFLOW_ARGS, "skip_overflow": True} | \
+        ({} if lifted else {"outlier_clip": 0.0, "special_scale": True})
+    token, blocks = rare_token_of_a_late_batch(tmp_path / "base", text_jsonl, args,
+                                               step=20 if lifted else 11)
 
     def run(name: str, spikes: float):
-        runaway_once_norm_free(monkeypatch, token, factor=factor)
+        runaway_once_norm_free(monkeypatch, token, factor=factor, lifted=lifted)
         return noln.remove_layernorm(str(tmp_path / "base"), str(text_jsonl), tmp_path / name,
                                      skip_spikes=spikes, **args)
 
@@ -532,7 +539,7 @@ def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
 
     if factor < 1e3:
         plain = run("plain", 0.0)
-        assert over_the_line(plain) and min(over_the_line(plain)) >= 14  # after the lift
+        assert over_the_line(plain) and min(over_the_line(plain)) >= (14 if lifted else 7)
         assert not plain.summary["skipped_sequences"]  # finite: skip_overflow sees nothing
     else:
         with pytest.raises(NolnError, match="breaks the model at any lr.*--skip-spikes 100 "
@@ -540,7 +547,8 @@ def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
             run("plain", 0.0)
     searched = run("searched", 20.0)
     skipped = [e for e in searched.log if e.get("event") == "skipped"]
-    assert skipped and all(e["step"] >= 14 and e["grad_norm_over"] > 0 for e in skipped)
+    assert skipped and all(e["step"] >= 7 and e["grad_norm_over"] > 0 for e in skipped)
+    assert (min(e["step"] for e in skipped) >= 14) == lifted
     dropped = searched.summary["skipped_sequences"]
     assert dropped == [i for e in skipped for i in e["sequences"]]
     assert all(token in blocks[i] for i in dropped)

@@ -358,8 +358,9 @@ class RemoveConfig(TrainConfig):
         "unclipped again once a clipped forward no longer reaches K anywhere (the clip did "
         "nothing), and is dropped only if it overflows even clipped; 0: drop them"))
     skip_spikes: float = Field(0.0, ge=0, **describe_field(
-        "with --skip-overflow: once the model is norm-free, a step whose gradient norm is over "
-        "F x the median of the last 100 steps' is searched as an overflowing one is: each of "
+        "with --skip-overflow: once every site is frozen (the special scales may still be "
+        "fading), a step whose gradient norm is over F x the median of the last 100 steps' "
+        "is searched as an overflowing one is: each of "
         "its sequences whose own gradient norm is over that line is dropped (or, with "
         "--overflow-clip, trained clipped) and the step runs again without them (SmolLM2: one "
         "sequence at 3e6 against a median of 4, replayed every step through the lifted "
