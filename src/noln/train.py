@@ -983,13 +983,13 @@ class Trainer:
 
     def skip_overflowing(self, step: int, batches: list, line: float = math.inf) -> bool:
         """``skip_overflow``: after a step with an inf/nan loss or gradient in the norm-free
-        model, or one with a gradient norm over ``line`` (``skip_spikes``, which also searches
-        an overflowing step once every site is frozen, the lift not over), find the sequences of its
-        batch that overflow on their own (loss or gradient not finite, or gradient norm over
-        ``line``). With ``overflow_clip`` K, one that does not overflow under the clip at K
-        trains clipped from now on; the others are dropped for the rest of the run (and from
-        the replay and clipped lists). Says whether there were any (False: the guard's
-        business, as before the model was norm-free)."""
+        model, or one with a gradient norm over ``line`` (``skip_spikes``, under which an
+        overflowing step is searched too once every site is frozen, the lift not yet over),
+        find the sequences of its batch that overflow on their own (loss or gradient not
+        finite, or gradient norm over ``line``). With ``overflow_clip`` K, one that does not
+        overflow under the clip at K trains clipped from now on; the others are dropped for
+        the rest of the run (and from the replay and clipped lists). Says whether there were
+        any (False: the guard's business, as before the model was norm-free)."""
         if self.removal is None or not self.removal.skip_overflow or \
                 self.adapter.export_state() != "all" and not math.isfinite(line):
             return False
