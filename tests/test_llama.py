@@ -494,13 +494,21 @@ def test_overflow_clip_trains_an_overflowing_sequence_clipped_until_it_needs_no_
     from noln.checkpoint import load_checkpoint
     saved = load_checkpoint(tmp_path / "run0" / "checkpoints" / "last.pt")["state"]
     assert saved["clipped"] == dropped and not saved["skipped"]
-    with pytest.raises(NolnError, match="--overflow-clip 10 clips.*give --skip-overflow"):
-        make_config(model="m", data="d", steps=10, overflow_clip=10.0)
-    with pytest.raises(NolnError, match="--overflow-clip 1 would clip typical tokens"):
-        make_config(model="m", data="d", steps=10, skip_overflow=True, overflow_clip=1.0)
-    with pytest.raises(NolnError, match="--overflow-clip runs .* --fsdp"):
-        make_config(model="m", data="d", steps=10, skip_overflow=True, overflow_clip=10.0,
-                    fsdp=True)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"overflow_clip": 10.0}, "--overflow-clip 10 clips.*give --skip-overflow"),
+    ({"skip_overflow": True, "overflow_clip": 1.0}, "--overflow-clip 1 would clip typical"),
+    ({"skip_overflow": True, "overflow_clip": 10.0, "fsdp": True}, "--overflow-clip runs .*fsdp"),
+    ({"skip_spikes": 100.0}, "--skip-spikes 100 searches.*give --skip-overflow"),
+    ({"skip_overflow": True, "skip_spikes": 1.0}, "--skip-spikes 1 would search every other"),
+    ({"skip_overflow": True, "skip_spikes": 100.0, "fsdp": True}, "--skip-spikes measures.*fsdp"),
+])
+def test_overflow_options_are_checked_before_anything_loads(settings, message):
+    """--overflow-clip and --skip-spikes work on what --skip-overflow finds, above 1, and on
+    one process's own gradients: each misuse is one line."""
+    with pytest.raises(NolnError, match=message):
+        make_config(model="m", data="d", steps=10, **settings)
 
 
 @pytest.mark.parametrize("factor, lifted", [(100.0, True), (1e3, True), (100.0, False)])
@@ -514,7 +522,7 @@ def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
     Without it the run takes that step (x100), or, where the loss passes the guard's line
     (x1000: a finite loss, so --skip-overflow alone finds no sequence), stops. The same
     while the special scales still fade (``lifted`` False: the runaway from the last
-    removal, step 7, on; the lift ends at step 14). And the option's checks."""
+    removal, step 7, on; the lift ends at step 14)."""
     from statistics import median
 
     model = tiny("llama", vocab=len(tokenizer), init=0.02)
@@ -554,13 +562,6 @@ def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
     assert all(token in blocks[i] for i in dropped)
     assert searched.summary["complete"] and not searched.summary["guard_events"]
     assert not over_the_line(searched)
-    with pytest.raises(NolnError, match="--skip-spikes 100 searches.*give --skip-overflow"):
-        make_config(model="m", data="d", steps=10, skip_spikes=100.0)
-    with pytest.raises(NolnError, match="--skip-spikes 1 would search every other step"):
-        make_config(model="m", data="d", steps=10, skip_overflow=True, skip_spikes=1.0)
-    with pytest.raises(NolnError, match="--skip-spikes measures .* --fsdp"):
-        make_config(model="m", data="d", steps=10, skip_overflow=True, skip_spikes=100.0,
-                    fsdp=True)
 
 
 def test_scale_noise_draws_outliers_on_ordinary_tokens_by_the_step():
