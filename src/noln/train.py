@@ -619,7 +619,7 @@ class Trainer:
         if not fading or self.removal is None:
             return
         start, end = (round(f * self.total_steps) for f in self.removal.special_fade)
-        if step < start or len(self.adapter.frozen_sites()) < len(self.adapter.sites) or \
+        if step < start or not self.adapter.all_frozen() or \
                 any(n.tapering for n in self.adapter.norms()):
             return
         fade = min(1.0, fading[0].fade + 1.0 / max(1, end - start))
@@ -976,8 +976,7 @@ class Trainer:
         spikes = self.removal.skip_spikes if self.removal is not None else 0.0
         norms = self.state.grad_norms
         if not spikes or len(norms) < 10 or step == self.spike_off_step or \
-                not self.removal.skip_overflow or \
-                len(self.adapter.frozen_sites()) < len(self.adapter.sites):
+                not self.removal.skip_overflow or not self.adapter.all_frozen():
             return math.inf
         return spikes * median(norms)
 
@@ -991,7 +990,7 @@ class Trainer:
         the rest of the run (and from the replay and clipped lists). Says whether there were
         any (False: the guard's business, as before the model was norm-free)."""
         if self.removal is None or not self.removal.skip_overflow or \
-                self.adapter.export_state() != "all" and not math.isfinite(line):
+                (self.adapter.export_state() != "all" and not math.isfinite(line)):
             return False
         self.optimizer.zero_grad(set_to_none=True)
         k = self.removal.overflow_clip
@@ -1043,9 +1042,8 @@ class Trainer:
             finite = bool(torch.isfinite(loss))
             if finite:
                 self.acc.backward(loss)
-                norm = torch.linalg.vector_norm(torch.stack([
-                    torch.linalg.vector_norm(p.grad.float()) for p in self.model.parameters()
-                    if p.grad is not None]))
+                # the step's own measure (clip_grad_norm_), at no clip: its gradient is dropped
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
                 finite = bool(torch.isfinite(norm) and norm <= line)
         self.optimizer.zero_grad(set_to_none=True)
         return not finite

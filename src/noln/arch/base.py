@@ -287,6 +287,10 @@ class NormAdapter:
     def frozen_sites(self) -> list[str]:
         return [n for n, s in self.sites.items() if s.norm.frozen]
 
+    def all_frozen(self) -> bool:
+        """Whether every site is removed (a taper, a clip or a special scale may remain)."""
+        return all(s.norm.frozen for s in self.sites.values())
+
     def sigmas(self) -> dict[str, float]:
         return {n: float(s.norm.sigma) for n, s in self.sites.items()}
 
