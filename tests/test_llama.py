@@ -564,6 +564,37 @@ def test_skip_spikes_drops_a_sequence_whose_gradient_dwarfs_the_run(
     assert not over_the_line(searched)
 
 
+@pytest.mark.parametrize("how", ["hub id", "--preset"])
+def test_the_smollm2_preset_is_attempt_46bs_recipe(how, monkeypatch, tmp_path):
+    """SmolLM2-135M's Hub ids, or ``preset`` for a local copy (the GGUF), get every setting of
+    ``docs/benchmarks/smollm2/smol-c46b.yaml`` (the recipe the README's table measures) but
+    where the data is, how much is held out and how many checkpoints are kept; its schedule
+    file's hand-written order is the preset's ``order`` (test_schedule checks the two expand
+    to the same 91 sites); its stage at step 620 is the preset's at 62% of the run. A folder
+    named like the Hub id gets no preset by itself."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the file's schedule path is relative to the repository
+    recipe = yaml.safe_load((root / "docs/benchmarks/smollm2/smol-c46b.yaml").read_text())
+    mine = dict(data="builtin", eval_data=None, eval_sets={}, out="runs/x")
+    measured = make_config(**{**recipe, **mine, "model": "m"})
+    if how == "hub id":
+        cfg = make_config(model="HuggingFaceTB/SmolLM2-135M-Instruct", **mine)
+    else:
+        cfg = make_config(model="SmolLM2-135M-Instruct.Q4_1.gguf", preset=
+                          "HuggingFaceTB/SmolLM2-135M-Instruct", **mine)
+    own = {"model", "preset", "tokens", "steps", "schedule", "order", "eval_tokens",
+           "checkpoint_keep"}
+    assert cfg.model_dump(exclude=own) == measured.model_dump(exclude=own)
+    assert cfg.resolved_steps(cfg.ctx) == measured.resolved_steps(measured.ctx) == 1000
+    assert yaml.safe_load(Path(measured.schedule).read_text())["type"] == cfg.schedule
+    assert cfg.order == ["mlp_in", "attn_in_qk+attn_in_v", "final"]
+    longer = make_config(model="HuggingFaceTB/SmolLM2-135M", steps=2000, **mine)
+    assert [s.step for s in longer.stages] == [1240]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "HuggingFaceTB" / "SmolLM2-135M").mkdir(parents=True)
+    assert make_config(model="HuggingFaceTB/SmolLM2-135M", **mine).steps == 146  # small-model
+
+
 def test_scale_noise_draws_outliers_on_ordinary_tokens_by_the_step():
     """The draw of --scale-noise P,F: about P of the ordinary tokens, none of the others,
     factors log-uniform in [1, F] (their logs uniform: mean log(F) / 2), one block in range;

@@ -1761,6 +1761,12 @@ def test_a_checkpoint_too_big_for_the_ram_left_is_written_in_the_training_thread
     ("[{step: 4, set: {bogus: 1}}]", "stages: at step 4: unknown setting 'bogus'"),
     ("[{step: 4, set: {steps: 20}}]", "cannot change on --resume of a run with the fixed"),
     ("[{step: 4, set: {overflow_clip: 2}}]", "--overflow-clip 2 clips the sequences"),
+    ("[{step: 4, at: 0.5, set: {lr: 0.1}}]", "a stage is at a step (step: 620) or at a "
+     "fraction of the run (at: 0.62): give one of them"),
+    ("[{set: {lr: 0.1}}]", "give one of them"),
+    ("[{at: 1.5, set: {lr: 0.1}}]", "'stages.0.at' = 1.5 is invalid: must be < 1"),
+    ("[{at: 0.25, set: {lr: 0.1}}, {step: 3, set: {lr: 0.2}}]",
+     "stages at steps [3, 3]: give each step once"),
 ])
 def test_a_bad_stage_is_one_line_before_anything_loads(capsys, tmp_path, stages, needle):
     """Each stage is checked as --resume would check it, every value and every combination,
@@ -1768,6 +1774,39 @@ def test_a_bad_stage_is_one_line_before_anything_loads(capsys, tmp_path, stages,
     out = tmp_path / "run"
     code, err = run_main(capsys, "remove", tmp_path / "no-model", "--data", "builtin",
                          "--out", out, *RUN_ARGS, f"stages={stages}")
+    one_error_line(code, err, needle)
+    assert not out.exists()
+
+
+def test_a_stage_at_a_fraction_is_a_step_of_the_run_as_long_as_it_is(tmp_path):
+    """``at: 0.62`` is 62% of the run's steps, however its length is given (steps, or tokens
+    with the context), and the config the run writes holds the step: a resume never moves it.
+    Tokens without a context (the model's, not known yet) cannot place it: one line."""
+    from noln.config import make_config
+
+    stage = [{"at": 0.62, "set": {"lr": 1e-4}}]
+    assert make_config(model="m", steps=1000, stages=stage).stages[0].step == 620
+    cfg = make_config(model="m", tokens=2_048_000, batch_size=4, ctx=256, stages=stage)
+    assert cfg.stages[0].step == 1240 and cfg.stages[0].at is None
+    cfg.to_yaml(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stages"][0]["step"] == 1240
+    with pytest.raises(NolnError, match="needs the run's length in steps: give --ctx with "
+                       "--tokens, or --steps"):
+        make_config(model="m", tokens=2_048_000, stages=stage)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--preset", "smollm2"], "--preset smollm2: no such preset; presets are gpt2, gpt2-large, "
+     "gpt2-medium, gpt2-xl, HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-135M-Instruct"),
+    (["order=[mlp_in+attn_out]"], "'attn_out' is not a role of this model"),
+])
+def test_a_bad_preset_or_order_is_one_line_before_the_weights_load(capsys, tiny_model_dir,
+                                                                  tmp_path, args, needle):
+    """An unknown preset is refused with the config; an order naming a role the model lacks,
+    from its config, before the weights load (the run folder is not made)."""
+    out = tmp_path / "run"
+    code, err = run_main(capsys, "remove", tiny_model_dir, "--data", "builtin", "--out", out,
+                         *RUN_ARGS, *args)
     one_error_line(code, err, needle)
     assert not out.exists()
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from noln.config import AdaptiveConfig, FixedConfig
@@ -189,6 +191,59 @@ def test_a_schedule_order_may_name_roles(tmp_path):
     f.write_text("type: adaptive\norder: [mlp_in, attn_out]\n")
     with pytest.raises(NolnError, match="names site 'attn_out', which this model does not have"):
         _build(str(f))
+
+
+def test_roles_joined_by_plus_go_block_by_block(tmp_path):
+    """``attn_in_qk+attn_in_v``: block 0's two attention inputs, then block 1's, in the order
+    named within a block; the same order given as the config's ``order`` (no file) or in a
+    file, where the file's replaces the config's; a part that is not a role, or roles that
+    do not share their blocks, is one line."""
+    by_block = ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_v",
+                "blocks.0.attn_in_qk", "blocks.1.attn_in_v", "blocks.1.attn_in_qk", "final"]
+    order = ["mlp_in", "attn_in_v+attn_in_qk", "final"]
+    built = build_schedule("adaptive", SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                           order=order)
+    assert built.order == by_block
+    fixed = build_schedule("fixed", SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                           order=order)
+    assert [site for _, site in fixed.events] == by_block
+    f = tmp_path / "s.yaml"
+    f.write_text("type: adaptive\norder: [final, mlp_in+attn_in_qk, attn_in_v]\n")
+    assert build_schedule(str(f), SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                          order=order).order == \
+        ["final", "blocks.0.mlp_in", "blocks.0.attn_in_qk", "blocks.1.mlp_in",
+         "blocks.1.attn_in_qk", "blocks.0.attn_in_v", "blocks.1.attn_in_v"]
+    with pytest.raises(NolnError, match="'attn_out' is not a role of this model"):
+        build_schedule("adaptive", SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                       order=["mlp_in+attn_out"])
+    with pytest.raises(NolnError, match="not a role of this model"):  # final is a site
+        build_schedule("adaptive", SITES, KINDS, 100, FixedConfig(), AdaptiveConfig(),
+                       order=["attn_in_v+final"])
+    uneven = {**KINDS, "blocks.1.q_norm": "q_norm"}
+    with pytest.raises(NolnError, match="do not have a site in the same blocks"):
+        build_schedule("adaptive", [*SITES, "blocks.1.q_norm"], uneven, 100, FixedConfig(),
+                       AdaptiveConfig(), order=["mlp_in+q_norm"])
+
+
+def test_block_by_block_order_equals_attempt_12s_file_on_smollm2():
+    """``[mlp_in, attn_in_qk+attn_in_v, final]`` on SmolLM2's 91 sites (a 30-block llama
+    skeleton, no weights) is, site for site, the order written out by hand in
+    ``docs/benchmarks/smollm2/order-by-block.yaml`` (attempts 12-46b)."""
+    import yaml
+    from transformers import LlamaConfig
+
+    from noln.arch import skeleton
+    from noln.schedule import expand_roles
+
+    shell = skeleton(LlamaConfig(num_hidden_layers=30, hidden_size=64, intermediate_size=128,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=32))
+    names = shell.site_names()
+    kinds = {name: site.kind for name, site in shell.sites.items()}
+    root = Path(__file__).resolve().parents[1]
+    written = yaml.safe_load((root / "docs/benchmarks/smollm2/order-by-block.yaml").read_text())
+    assert len(names) == 91
+    assert expand_roles(["mlp_in", "attn_in_qk+attn_in_v", "final"], names, kinds) == \
+        expand_roles(written["order"], names, kinds)
 
 
 def test_schedule_files_with_old_site_names_still_work(tmp_path):

@@ -247,9 +247,20 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=1, **describe_field("the training step at which the change applies"))
+    step: int | None = Field(None, ge=1, **describe_field(
+        "the training step at which the change applies"))
+    at: float | None = Field(None, gt=0, lt=1, **describe_field(
+        "or the fraction of the run at which it applies (as special_fade's), made a step once "
+        "the run's length is known: a recipe's phases then move with --tokens"))
     set: dict[str, Any] = Field(min_length=1, **describe_field(
         "settings --resume may change (lr, aux_weight, special_fade, skip_overflow ...)"))
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Stage:
+        if (self.step is None) == (self.at is None):
+            raise ValueError("a stage is at a step (step: 620) or at a fraction of the run "
+                             "(at: 0.62): give one of them")
+        return self
 
 
 class RemoveConfig(TrainConfig):
@@ -258,6 +269,10 @@ class RemoveConfig(TrainConfig):
 
     model: str = Field(min_length=1, **describe_field(
         "Hub id (gpt2, gpt2-medium ...), local Hugging Face folder or .gguf file"))
+    preset: str | None = Field(None, **describe_field(
+        "the settings to start from, named by the Hub id they were measured on (gpt2 ... "
+        "gpt2-xl, HuggingFaceTB/SmolLM2-135M-Instruct): for a local copy of that model; "
+        "default: the model's own Hub id's, else the small-model preset"))
     data: str = Field("openwebtext", min_length=1, **describe_field(
         "HF dataset name, local .jsonl/.txt/folder, or 'builtin'"))
     eval_data: str | None = Field(None, **describe_field(
@@ -275,6 +290,10 @@ class RemoveConfig(TrainConfig):
     keep_ln: bool = Field(False, **describe_field("the control: fine-tune, remove nothing"))
     schedule: str = Field("adaptive", min_length=1, **describe_field(
         "fixed | adaptive | FILE.yaml"))
+    order: list[str] | None = Field(None, **describe_field(
+        "the removal order, in sites and roles (a role: all its sites, block 0 first; roles "
+        "joined by + go block by block: [mlp_in, attn_in_qk+attn_in_v, final]); a schedule "
+        "file's own order replaces it; default: the family's (`noln sites`)"))
     fixed: FixedConfig = Field(default_factory=FixedConfig, **describe_field(
         "the fixed schedule's settings (fixed.start, fixed.gaps.ROLE, fixed.finish_by)"))
     adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig, **describe_field(
@@ -483,6 +502,14 @@ class RemoveConfig(TrainConfig):
         if self.site_aux_live and not self.site_aux:
             raise ValueError("--site-aux-live needs the site loss on: give --site-aux W "
                              "(e.g. 0.1)")
+        if any(stage.at is not None for stage in self.stages):
+            if self.tokens is not None and not self.ctx:
+                raise ValueError("a stage at a fraction of the run (at: ...) needs the run's "
+                                 "length in steps: give --ctx with --tokens, or --steps")
+            total = self.resolved_steps(self.ctx or 1)
+            self.stages = [stage if stage.at is None else
+                           Stage(step=max(1, round(stage.at * total)), set=stage.set)
+                           for stage in self.stages]
         steps = [stage.step for stage in self.stages]
         if steps != sorted(set(steps)):
             raise ValueError(f"stages at steps {steps}: give each step once, in rising order")
@@ -536,16 +563,45 @@ _GPT2 = {
                     min_lr=2e-5, warmup_steps=25, aux_weight=0.01,
                     fixed=dict(start=20, gaps=_PAPER2_GAPS)),
 }
-# by exact Hub id (both of GPT-2's names); a local folder never gets one, whatever its name
-PRESETS: dict[str, dict] = {**_GPT2, **{f"openai-community/{k}": v for k, v in _GPT2.items()}}
+# SmolLM2-135M (Llama family, a 152x residual at position 0): attempt 46b's recipe (docs/
+# BENCHMARKS.md; docs/benchmarks/smollm2/smol-c46b.yaml), measured on the Instruct model's GGUF:
+# 1,000 steps of 4 x 256 tokens (a GPU takes --batch-size 16, as attempt G1); the MLP inputs,
+# then each block's two attention inputs, adaptively by 60% of the run, with the massive
+# activations clipped (outlier_clip) and position 0 / end-of-text on scales of their own, both
+# lifted by 85%; the sink circuit pruned in block 11, where the massive activation is written;
+# the per-site loss, half distillation, replay of sequences that overflow; once every site is
+# frozen the raw-std loss off, a ceiling on the lift, sequences that overflow or whose gradient
+# dwarfs the run's dropped.
+_SMOLLM2_135M = dict(
+    steps=1000, batch_size=4, ctx=256, lr=3e-4, min_lr=3e-5, warmup_steps=10,
+    grad_clip_late=(210, 1e4), checkpoint_every=25, probe_every=3,
+    schedule="adaptive", order=["mlp_in", "attn_in_qk+attn_in_v", "final"],
+    adaptive=dict(start=50, min_gap=3, max_gap=10, finish_by=0.6, max_rise=0.3),
+    taper=24, taper_shape="cosine", special_scale=True, outlier_clip=1.2,
+    special_fade=(0.6, 0.85), clip_lift="by_block", aux_weight=0.1, site_aux=1.0,
+    site_aux_live=True, site_aux_special="shared", distill=0.5, prune_sinks=16,
+    prune_blocks=[11], replay=32, export_format="both",
+    stages=[dict(at=0.62, set=dict(aux_weight=0.0, clip_ceiling=10.0, skip_overflow=True,
+                                   skip_spikes=100))])
+_SMOLLM2 = {f"HuggingFaceTB/SmolLM2-135M{kind}": _SMOLLM2_135M for kind in ("", "-Instruct")}
+# by exact Hub id (both of GPT-2's names), or by --preset; a local folder never gets one by
+# itself, whatever its name
+PRESETS: dict[str, dict] = {**_GPT2, **{f"openai-community/{k}": v for k, v in _GPT2.items()},
+                            **_SMOLLM2}
 # everything else: small models trained briefly on CPU (the offline reference's baseline budget)
 DEFAULT_PRESET = dict(batch_size=16, steps=146, lr=3e-4, min_lr=3e-5, warmup_steps=10,
                       aux_weight=0.1)
 
 
-def preset_for(model: str) -> dict:
-    """The anchors' settings for a Hub id they were published for, else ``DEFAULT_PRESET``.
-    Never by a folder's name: ``runs/gpt2`` is not GPT-2 small."""
+def preset_for(model: str, name: str | None = None) -> dict:
+    """The settings of preset ``name`` (a key of ``PRESETS``) where one is named, else the
+    anchors' settings for the Hub id ``model`` they were published for, else
+    ``DEFAULT_PRESET``. Never by a folder's name: ``runs/gpt2`` is not GPT-2 small."""
+    if name is not None:
+        if name not in PRESETS:
+            raise NolnError(f"--preset {name}: no such preset; presets are "
+                            f"{', '.join(sorted(PRESETS, key=str.lower))}")
+        return PRESETS[name]
     if Path(str(model)).expanduser().exists():
         return DEFAULT_PRESET
     return PRESETS.get(str(model), DEFAULT_PRESET)
@@ -815,7 +871,7 @@ def make_config(**kwargs) -> RemoveConfig:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "model" not in kwargs:
         raise NolnError("no model given: pass a Hub id such as 'gpt2' or a local folder")
-    preset = preset_for(str(kwargs["model"]))
+    preset = preset_for(str(kwargs["model"]), kwargs.get("preset"))
     merged = merge_layers(preset, kwargs)
     lr, min_lr = merged.get("lr"), merged.get("min_lr")
     if "min_lr" not in kwargs and isinstance(lr, float | int) and isinstance(min_lr, float) \
@@ -926,9 +982,9 @@ def next_stage_step(stages: list[Stage], step: int, applied: int) -> int | None:
 
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
-RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx", "batch_size",
-                "seed", "keep_ln", "schedule", "fixed", "taper", "taper_shape",
-                "momentum", "exclude_special", "special_scale", "outlier_clip")
+RESUME_FIXED = ("model", "preset", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx",
+                "batch_size", "seed", "keep_ln", "schedule", "order", "fixed", "taper",
+                "taper_shape", "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "lr_restart", "tokens", "steps",
                      "guard_factor", "special_fade", "probe_every", "eval_sets", "max_retries",
                      "checkpoint_every", "checkpoint_keep", "progress", "export_format",
@@ -950,7 +1006,7 @@ RESUME_CHANGES_SCHEDULE = ("adaptive", "clip_lift", "clip_ceiling")
 
 # what `noln branch RUN --step S --out NEW KEY=VALUE` may set besides --resume's settings: how
 # the removals still to come are made (those the checkpoint made stand)
-BRANCH_MAY_CHANGE = ("schedule", "fixed", "taper", "taper_shape", "outlier_clip")
+BRANCH_MAY_CHANGE = ("schedule", "order", "fixed", "taper", "taper_shape", "outlier_clip")
 
 
 def branch_config(saved: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

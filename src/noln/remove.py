@@ -396,7 +396,8 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks,
     check_disk_space(run.root, shell.model, 0 if resuming else len(formats), kept)
     kinds = {name: site.kind for name, site in sites.items()}
     schedule = build_schedule(cfg.schedule, list(sites), kinds, steps, cfg.fixed,
-                              cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every)
+                              cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every,
+                              order=cfg.order)
     check_taper(cfg, schedule, steps, resuming)
     if not cfg.keep_ln and (problem := prune_fade_problem(cfg, steps)):
         raise NolnError(problem)

@@ -209,11 +209,29 @@ def read_schedule_file(path: Path) -> dict:
 def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str]) -> list[str]:
     """A schedule's ``order`` where a role (``mlp_in``, ``attn_in_v`` ...) stands for all its
     sites, block 0 first: ``[mlp_in, attn_in_v, attn_in_qk, final]`` changes the order of the
-    phases without naming every site. A site named twice is an error."""
+    phases without naming every site. Roles joined by ``+`` go block by block, in the order
+    named within each block: ``[mlp_in, attn_in_qk+attn_in_v, final]`` removes every MLP input,
+    then block 0's two attention inputs, block 1's, and so on. A site named twice is an error.
+
+    ``site_names`` are in forward order (as ``Adapter.site_names`` gives them), so a role's
+    sites, in the order they appear there, are block 0's first."""
     roles = set(kind_of.values()) - set(kind_of)  # (``final`` is a site and a role: a site)
-    out = [site for name in order
-           for site in ([s for s in site_names if kind_of[s] == name] if name in roles
-                        else [name])]
+
+    def sites_of(name: str) -> list[str]:
+        if "+" not in name:
+            return [s for s in site_names if kind_of[s] == name] if name in roles else [name]
+        parts = name.split("+")
+        if bad := [p for p in parts if p not in roles]:
+            raise NolnError(f"schedule order '{name}': '{bad[0]}' is not a role of this model "
+                            f"(roles joined by + go block by block; its roles: "
+                            f"{', '.join(sorted(roles))})")
+        per_role = [[s for s in site_names if kind_of[s] == p] for p in parts]
+        if len({len(sites) for sites in per_role}) > 1:
+            raise NolnError(f"schedule order '{name}': its roles do not have a site in the same "
+                            "blocks, so they cannot go block by block: name them apart")
+        return [s for block in zip(*per_role, strict=True) for s in block]
+
+    out = [site for name in order for site in sites_of(name)]
     twice = sorted({s for s in out if out.count(s) > 1})
     if twice:
         raise NolnError(f"schedule order names site '{twice[0]}' twice (a role stands for all "
@@ -223,13 +241,15 @@ def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str
 
 def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
                    fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False,
-                   probe_every: int = 1) -> Schedule:
+                   probe_every: int = 1, order: list[str] | None = None) -> Schedule:
     """Validate and build the schedule; every error is raised here, before training starts.
-    ``site_names``: the model's sites in default order; ``kind_of``: each one's role. Names read
-    from a schedule file may be old per-family ones (``canonical_site``)."""
+    ``site_names``: the model's sites in default order; ``kind_of``: each one's role;
+    ``order``: the config's removal order (sites and roles, ``expand_roles``), which a schedule
+    file's own ``order`` replaces. Names read from a schedule file may be old per-family ones
+    (``canonical_site``)."""
     if keep_ln:
         return FixedSchedule([])
-    order = list(site_names)
+    order = expand_roles(order, site_names, kind_of) if order else list(site_names)
     file_spec: dict = {}
     if spec not in ("fixed", "adaptive"):
         file_spec = read_schedule_file(Path(spec))
