@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 gguf = pytest.importorskip("gguf")
 
@@ -27,8 +28,10 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
         .reshape(w.shape)
 
 
-def write_llama_gguf(path: Path, model, tokenizer) -> None:
-    """``model`` (a LlamaForCausalLM, tied embeddings) and its byte-level BPE as an F32 GGUF."""
+def write_llama_gguf(path: Path, model, tokenizer, named: tuple[str, str, str] | None = None
+                     ) -> None:
+    """``model`` (a LlamaForCausalLM, tied embeddings) and its byte-level BPE as an F32 GGUF;
+    ``named``: the organization, base name and size label its header says it is."""
     cfg = model.config
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
@@ -36,6 +39,10 @@ def write_llama_gguf(path: Path, model, tokenizer) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     special = {t["content"] for t in spec["added_tokens"]}
     writer = gguf.GGUFWriter(str(path), "llama")
+    if named is not None:
+        writer.add_organization(named[0])
+        writer.add_basename(named[1])
+        writer.add_size_label(named[2])
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -146,6 +153,26 @@ def test_gguf_removal_sites_and_export(tiny_gguf, tmp_path):
     from noln.pretrained import load_config
 
     assert load_config(path).num_hidden_layers == 2
+
+
+def test_a_gguf_naming_a_preset_model_is_told_the_preset(tiny_gguf, text_jsonl, tmp_path):
+    """A GGUF whose header says it is SmolLM2-135M (as the real file's does) gets the
+    small-model preset, never the SmolLM2 one by its claim alone, and a note naming
+    ``--preset``; a GGUF that names no such model, or a run given --preset, gets no note."""
+    path, model, tok = tiny_gguf
+    named = tmp_path / "named.gguf"
+    write_llama_gguf(named, model, tok, named=("HuggingFaceTB", "smollm2", "135M"))
+    args = ["--data", str(text_jsonl), "--steps", "10", "--schedule", "fixed", "--batch-size",
+            "2", "--ctx", "32", "--format", "none", "--quiet"]
+    r = _cli("remove", str(named), "--out", str(tmp_path / "a"), *args)
+    assert r.returncode == 0, r.stderr
+    assert "note: 'named.gguf' says it is HuggingFaceTB/smollm2-135M: `--preset " \
+        "HuggingFaceTB/SmolLM2-135M-Instruct` starts from the settings measured on it " \
+        "(presets: HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-135M-Instruct)" in \
+        " ".join(r.stderr.split()), r.stderr
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["preset"] is None
+    r = _cli("remove", str(path), "--out", str(tmp_path / "b"), *args)
+    assert r.returncode == 0 and "--preset" not in r.stderr, r.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

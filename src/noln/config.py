@@ -607,6 +607,12 @@ def preset_for(model: str, name: str | None = None) -> dict:
     return PRESETS.get(str(model), DEFAULT_PRESET)
 
 
+def presets_named(name: str) -> list[str]:
+    """The presets for the Hub id ``name`` and its variants (``-Instruct``), by name alone and
+    in any case: what to suggest for a local copy that calls itself ``name``."""
+    return sorted(k for k in PRESETS if k.lower().startswith(name.lower()))
+
+
 class PretrainConfig(TrainConfig):
     """A small model with its norms, trained from scratch (``noln pretrain``); the training
     defaults suit a model of a few million parameters on a CPU."""

@@ -78,6 +78,21 @@ def _architecture(path: Path) -> str:
     return arch
 
 
+def declared_name(path: Path) -> str | None:
+    """The model a GGUF says it is, as ``organization/basename-size`` from its ``general.*``
+    header fields (SmolLM2's file: ``HuggingFaceTB/smollm2-135M``); None where it does not say.
+    A claim of the file's maker, for a hint, never for choosing settings by itself."""
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+        parts = [bytes(fields[k].parts[fields[k].data[0]]).decode()
+                 for k in ("general.organization", "general.basename", "general.size_label")]
+    except Exception:  # (a missing field; a bad file was refused by _architecture already)
+        return None
+    return f"{parts[0]}/{parts[1]}-{parts[2]}"
+
+
 def readable_architectures() -> list[str]:
     """The GGUF architectures this transformers dequantises into a causal LM."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING

@@ -38,8 +38,10 @@ from noln.config import (
     RemoveConfig,
     Stage,
     check_stages_reached,
+    looks_local,
     make_config,
     merge_layers,
+    presets_named,
     prune_fade_problem,
     read_config_file,
     resume_config,
@@ -62,6 +64,7 @@ from noln.evaluate.hellaswag import check_endings_fit, load_hellaswag
 from noln.evaluate.inputs import load_models, resolve_device
 from noln.evaluate.loss import cross_entropy
 from noln.export import check_export_target, export_model
+from noln.gguf import declared_name, find_gguf
 from noln.loading import load_model
 from noln.outputs import marked_json, marked_markdown
 from noln.precision import describe
@@ -342,6 +345,20 @@ class Removal:
     sinks: dict[int, list[int]] | None = None  # prune_sinks: block -> neurons to zero
 
 
+def preset_note(model: str) -> str | None:
+    """A note for a local GGUF that names itself as a model noln has a preset for: it gets the
+    small-model preset unless ``--preset`` says what it is (a file's name for itself is a
+    claim, so it only suggests)."""
+    path = find_gguf(model) if looks_local(model) else None
+    name = declared_name(path) if path is not None else None
+    presets = presets_named(name) if name else []
+    if not presets:
+        return None
+    return (f"note: '{path.name}' says it is {name}: `--preset {presets[-1]}` starts from the "
+            f"settings measured on it (presets: {', '.join(presets)}); this run starts from "
+            "the small-model preset")
+
+
 def export_formats(cfg: RemoveConfig) -> list[str]:
     """The formats a run exports at its end, from ``export_format``."""
     formats = {"both": ["hf", "clean"], "none": []}.get(cfg.export_format, [cfg.export_format])
@@ -369,6 +386,9 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks,
     # --ctx past the model's context, and the data (too little, a bad line, too many passes
     # over it): from the model's config and tokenizer, before the weights load
     config = load_config(run.base if resuming else cfg.model)
+    if not resuming and not cfg.keep_ln and cfg.preset is None and ranks.is_main_process and \
+            (note := preset_note(cfg.model)):
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     ctx = model_ctx(config, cfg)
     tokenizer = load_tokenizer(run.base if resuming else cfg.model)
     steps = cfg.resolved_steps(ctx)
