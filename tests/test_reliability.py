@@ -962,6 +962,23 @@ def test_inputs_found_wrong_by_an_audit_are_refused_before_any_weights_load(
     assert a_file.read_text() == "mine"
 
 
+def test_sites_lists_a_presets_order_and_refuses_a_preset_for_a_run(capsys, tiny_model_dir,
+                                                                     finished_run):
+    """``noln sites MODEL --preset P``: the order a run from that preset removes in (SmolLM2's:
+    every MLP input, then block by block the two attention inputs); a run folder has its own
+    order, so --preset with one, or a preset noln lacks, is one line."""
+    code, listed = run_main(capsys, "sites", tiny_model_dir, "--preset",
+                            "HuggingFaceTB/SmolLM2-135M", out=True)
+    assert code == 0
+    assert [line.split()[1] for line in listed.splitlines()] == [
+        "blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_qk", "blocks.0.attn_in_v",
+        "blocks.1.attn_in_qk", "blocks.1.attn_in_v", "final"]
+    code, err = run_main(capsys, "sites", finished_run, "--preset", "gpt2")
+    one_error_line(code, err, "--preset is for a model; a run folder removes in its own order")
+    code, err = run_main(capsys, "sites", tiny_model_dir, "--preset", "smol")
+    one_error_line(code, err, "--preset smol: no such preset")
+
+
 def test_a_models_depth_is_read_from_its_config_whatever_noln_name_it_has(finished_run,
                                                                           tiny_model_dir):
     """What the linearity commands check --layers against before any weights load."""
@@ -1848,6 +1865,7 @@ def test_a_run_made_with_relative_paths_resumes_from_another_folder(capsys, tiny
     shutil.copy(text_jsonl, work / "text.jsonl")
     sites = ["blocks.0.mlp_in", "blocks.1.mlp_in", "blocks.0.attn_in_qk", "blocks.1.attn_in_qk",
              "blocks.0.attn_in_v", "blocks.1.attn_in_v", "final"]
+    sites = sites[::-1]  # not the default order: `noln sites RUN` lists the run's own
     (work / "plans" / "all.yaml").write_text("events:\n" + "".join(
         f"  - {{step: {1 + i}, site: {site}}}\n" for i, site in enumerate(sites)))
     monkeypatch.chdir(work)

@@ -239,6 +239,16 @@ def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str
     return out
 
 
+def removal_order(spec: str, site_names: list[str], kind_of: dict[str, str],
+                  order: list[str] | None = None) -> list[str]:
+    """The sites in the order a run with schedule ``spec`` and ``order`` removes them
+    (``noln sites``): a fixed or adaptive schedule's order, a schedule file's events by step.
+    The adaptive schedule decides when, never what comes next, so the order is known now."""
+    far = 1 << 40  # (no run length: every event fits)
+    return build_schedule(spec, site_names, kind_of, far, FixedConfig(), AdaptiveConfig(),
+                          order=order).order
+
+
 def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], total_steps: int,
                    fixed: FixedConfig, adaptive: AdaptiveConfig, keep_ln: bool = False,
                    probe_every: int = 1, order: list[str] | None = None) -> Schedule:

@@ -272,19 +272,32 @@ def branch(
 
 @app.command()
 def sites(model: Annotated[str, typer.Argument(
-        help="Hub id, local folder, .gguf file or noln run folder")]) -> None:
-    """List a model's removal sites in the default removal order (from its config: no weights
-    load)."""
+        help="Hub id, local folder, .gguf file or noln run folder")],
+          preset: Annotated[str | None, typer.Option(
+              help="the order of this preset's schedule (a Hub id, as `noln remove --preset`)"
+          )] = None) -> None:
+    """List a model's removal sites in the order a run removes them (from its config: no
+    weights load): the family's default; a preset's (the model's Hub id's, or --preset); a run
+    folder's own (its order and schedule file)."""
     from noln.arch import skeleton
-    from noln.config import read_config_file
+    from noln.config import preset_for, read_config_file
     from noln.pretrained import check_models_exist, load_config
     from noln.run import RunFolder
+    from noln.schedule import removal_order
 
     run = RunFolder(model)
+    settings = preset_for(model, preset)
     if run.config.is_file():  # a run folder: the sites of the model it removes from
-        model = str(read_config_file(run.config)["model"])
+        if preset is not None:
+            raise NolnError("--preset is for a model; a run folder removes in its own order")
+        settings = read_config_file(run.config)
+        model = str(settings["model"])
     check_models_exist(model)
-    for i, name in enumerate(skeleton(load_config(model)).site_names()):
+    shell = skeleton(load_config(model))
+    kinds = {name: site.kind for name, site in shell.sites.items()}
+    order = removal_order(str(settings.get("schedule", "adaptive")), shell.site_names(), kinds,
+                          settings.get("order"))
+    for i, name in enumerate(order):
         console.print(f"{i:3d}  {name}")
 
 
