@@ -170,7 +170,8 @@ def test_a_gguf_naming_a_preset_model_is_told_the_preset(tiny_gguf, text_jsonl, 
         "HuggingFaceTB/SmolLM2-135M-Instruct` starts from the settings measured on it " \
         "(presets: HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-135M-Instruct)" in \
         " ".join(r.stderr.split()), r.stderr
-    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["preset"] is None
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["preset"] is None and saved["prune_blocks"] is None  # not SmolLM2's recipe
     r = _cli("remove", str(path), "--out", str(tmp_path / "b"), *args)
     assert r.returncode == 0 and "--preset" not in r.stderr, r.stderr
 

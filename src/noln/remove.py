@@ -355,8 +355,8 @@ def preset_note(model: str) -> str | None:
     if not presets:
         return None
     return (f"note: '{path.name}' says it is {name}: `--preset {presets[-1]}` starts from the "
-            f"settings measured on it (presets: {', '.join(presets)}); this run starts from "
-            "the small-model preset")
+            f"settings measured on it (presets: {', '.join(presets)}); what this run does not "
+            "set comes from the small-model preset")
 
 
 def export_formats(cfg: RemoveConfig) -> list[str]:
