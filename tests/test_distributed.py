@@ -9,11 +9,14 @@ removal: four of the seven removals are the probe's decision (the nearest call i
 its threshold, float differences are ~1e-6), the others forced by the deadline.
 
 Tolerances: every sigma ``rtol=1e-5`` (measured: 6.5e-8 relative); weights ``rtol=1e-5,
-atol=1e-6`` (measured: 7.5e-8 absolute), except attention's key bias: its true gradient is zero
-(softmax ignores a shift shared by all keys), so Adam turns float noise into steps (1.1e-6 here)
-and it is left out; logged losses and probe losses ``abs=1e-5`` (measured: 1e-6). Without
-FakeNorm's all-reduce each rank's sigma tracks its half of the batch: sigmas 7e-3 off, weights
-8e-5; without the trainer's all-reduce of the aux loss's target: sigmas 4e-4, weights 3e-4.
+atol=1e-5`` (measured: 7.5e-8 absolute on one machine; on another, all but one element of
+``h.0.mlp.c_proj.weight`` within 5.6e-8 and that one 1.46e-6 off, float order that Adam's
+normalised steps carried), except attention's key bias: its true gradient is zero (softmax
+ignores a shift shared by all keys), so Adam turns float noise into steps (1.1e-6 here) and it
+is left out; logged losses and probe losses ``abs=1e-5`` (measured: 1e-6). The bound sits under
+what a wrong run gives: without FakeNorm's all-reduce each rank's sigma tracks its half of the
+batch: sigmas 7e-3 off, weights 8e-5; without the trainer's all-reduce of the aux loss's target:
+sigmas 4e-4, weights 3e-4.
 """
 
 import json
@@ -84,7 +87,7 @@ def _assert_same_run(one, two, n_removals=7):
             if k.endswith("attn.c_attn.bias"):  # [q | k | v]: drop the key bias (see above)
                 d = x.shape[0] // 3
                 x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=k)
     # the optimizer state in the one-process format, parameter by parameter
     opt_a, opt_b = a["optimizer"], b["optimizer"]
     assert [g["params"] for g in opt_a["param_groups"]] == \

@@ -988,8 +988,8 @@ def next_stage_step(stages: list[Stage], step: int, applied: int) -> int | None:
 
 
 # --resume: what a run fixes and what the command line may change (nanoGPT's rule)
-RESUME_FIXED = ("model", "preset", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx",
-                "batch_size", "seed", "keep_ln", "schedule", "order", "fixed", "taper",
+RESUME_FIXED = ("model", "data", "eval_data", "eval_tokens", "probe_blocks", "ctx",
+                "batch_size", "seed", "preset", "keep_ln", "schedule", "order", "fixed", "taper",
                 "taper_shape", "momentum", "exclude_special", "special_scale", "outlier_clip")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup_steps", "lr_restart", "tokens", "steps",
                      "guard_factor", "special_fade", "probe_every", "eval_sets", "max_retries",
