@@ -1494,11 +1494,13 @@ def test_ctrl_c_says_how_to_resume(tiny_model_dir, text_jsonl, tmp_path, where, 
     assert not (out / ".noln.lock").exists()
 
 
-def test_the_resume_hint_of_a_control_pair_is_the_whole_command(monkeypatch):
+def test_the_resume_hint_of_a_control_pair_is_the_whole_command(monkeypatch, tmp_path):
     """A pair stopped by Ctrl-C goes on with its control and HellaSwag table as asked, all
-    inside the quoted command, with the step the loop saved."""
+    inside the quoted command, with the step the loop saved; a run stopped before its first
+    checkpoint (loading a model, measuring the original) is not told to resume."""
     from noln import cli
     from noln.errors import Interrupted
+    from noln.run import RunFolder
 
     monkeypatch.setattr(cli, "_RUN_FOLDER", {})
     argv = ["remove", "--resume", "runs/smol", "--control", "--hellaswag", "my data/hs.jsonl",
@@ -1506,9 +1508,16 @@ def test_the_resume_hint_of_a_control_pair_is_the_whole_command(monkeypatch):
     assert cli._interrupt_hint(argv, Interrupted(1162)) == (
         "interrupted: saved at step 1162; continue it with `noln remove --resume runs/smol "
         "--control --hellaswag 'my data/hs.jsonl' --hellaswag-limit 2000`")
-    assert cli._interrupt_hint(["remove", "gpt2", "--out", "runs/g"], KeyboardInterrupt()) == (
+    run = RunFolder(tmp_path / "g")
+    argv = ["remove", "gpt2", "--out", str(run.root)]
+    assert cli._interrupt_hint(argv, KeyboardInterrupt()) == (
+        "interrupted before the run's first checkpoint: nothing was kept; run the same command "
+        "again")
+    run.last_checkpoint.parent.mkdir(parents=True)
+    run.last_checkpoint.write_bytes(b"")
+    assert cli._interrupt_hint(argv, KeyboardInterrupt()) == (
         "interrupted: the run keeps its last checkpoint; continue it with `noln remove "
-        "--resume runs/g`")
+        f"--resume {run.root}`")
 
 
 def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(tmp_path, monkeypatch):

@@ -433,7 +433,14 @@ def _interrupt_hint(argv: list[str], e: BaseException | None = None) -> str:
     e = e if isinstance(e, Interrupted) else next(reversed(_INTERRUPTED), None)
     kept = f"saved at step {e.step}" if e is not None else "the run keeps its last checkpoint"
     if command == "remove":
+        from noln.run import RunFolder
+
         run = _RUN_FOLDER.get("remove") or value("--resume") or value("--out")
+        if e is None and run and not RunFolder(Path(run)).has_checkpoint():
+            # stopped while loading or measuring the original (minutes on a real model): the
+            # run removed what it had begun, and there is nothing to continue
+            return "interrupted before the run's first checkpoint: nothing was kept; run the " \
+                "same command again"
         resume = f"noln remove --resume {shlex.quote(str(run)) if run else 'OUT'}"
         pair = next((a for a in ("--control", "--control-only") if a in argv), None)
         if pair is not None:  # the pair goes on as it was asked for, table included
