@@ -1793,6 +1793,8 @@ def test_a_checkpoint_too_big_for_the_ram_left_is_written_in_the_training_thread
     ("[{at: 1.5, set: {lr: 0.1}}]", "'stages.0.at' = 1.5 is invalid: must be < 1"),
     ("[{at: 0.25, set: {lr: 0.1}}, {step: 3, set: {lr: 0.2}}]",
      "stages at steps [3, 3]: give each step once"),
+    ("[{at:0.5, set: {lr: 0.1}}]", "unknown setting 'stages.0.at:0.5': YAML needs a space "
+     "after the colon (`at: 0.5`)"),
 ])
 def test_a_bad_stage_is_one_line_before_anything_loads(capsys, tmp_path, stages, needle):
     """Each stage is checked as --resume would check it, every value and every combination,

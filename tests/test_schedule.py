@@ -189,7 +189,8 @@ def test_a_schedule_order_may_name_roles(tmp_path):
     with pytest.raises(NolnError, match="names site 'blocks.0.mlp_in' twice"):
         _build(str(f))
     f.write_text("type: adaptive\norder: [mlp_in, attn_out]\n")
-    with pytest.raises(NolnError, match="names site 'attn_out', which this model does not have"):
+    with pytest.raises(NolnError, match="names site 'attn_out', which this model does not have"
+                       r".*roles attn_in_qk, attn_in_v, mlp_in$"):
         _build(str(f))
 
 

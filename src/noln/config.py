@@ -716,6 +716,10 @@ def describe(e: ValidationError, name, example) -> str:
     if kind == "value_error":  # our own model validators: the message is complete
         return str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
+        if ":" in str(loc[-1]):  # YAML reads `{at:0.5}` as the key "at:0.5": no space, no pair
+            key, _, value = str(loc[-1]).partition(":")
+            return (f"unknown setting '{_dotted(loc)}': YAML needs a space after the colon "
+                    f"(`{key}: {value}`)")
         return f"unknown setting '{_dotted(loc)}': check its spelling"
     rule = _RULES.get(kind, str(err["msg"]).lower()).format(**ctx)
     if kind == "float_type" and isinstance(err.get("input"), str):

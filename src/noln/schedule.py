@@ -275,9 +275,11 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
             raise NolnError("schedule 'events' must be a list of {step: N, site: NAME}") from None
         unknown += [s for _, s in events if canonical_site(s) not in kind_of]
     if unknown:
+        roles = sorted(set(kind_of.values()) - set(kind_of))
         raise NolnError(f"schedule names site '{unknown[0]}', which this model does not have: "
                         f"sites are {site_names[0]} ... {site_names[-1]} "
-                        f"({len(site_names)} in all; see `noln sites MODEL`)")
+                        f"({len(site_names)} in all; see `noln sites MODEL`), roles "
+                        f"{', '.join(roles)}")
     if spec == "events":
         late = [(t, s) for t, s in events if not 0 <= t < total_steps]
         if late:

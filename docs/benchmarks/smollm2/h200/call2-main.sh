@@ -6,7 +6,8 @@
 # call 2 on the lent H200: join the GGUF, then attempt G1 (smol-g1.yaml) and its control in
 # parallel (--control / --resume --control-only), the pair's table with HellaSwag at the end.
 # usage: bash .dev/b/main.sh BATCH HELLASWAG_LIMIT DEADLINE_S [CONFIG]
-# (G1: `16 2000 500`; G2: `32 2000 540 docs/benchmarks/smollm2/smol-g2.yaml`)
+# (G1: `16 2000 500`; G2: `32 2000 540 docs/benchmarks/smollm2/smol-g2.yaml`; G3, the issue's
+# 2M-token budget with the preset's recipe, 46b: `8 2000 540 docs/benchmarks/smollm2/smol-c46b.yaml`)
 T0=$(date +%s)
 BATCH=${1:-16}; HSL=${2:-2000}; DEADLINE=${3:-540}
 CONFIG=${4:-docs/benchmarks/smollm2/smol-g1.yaml}
