@@ -414,8 +414,7 @@ def setup(cfg: RemoveConfig, resuming: bool, ranks,
     sites = shell.sites
     kept = run.kept_to_come(steps, cfg.checkpoint_keep, cfg.checkpoint_every, resuming)
     check_disk_space(run.root, shell.model, 0 if resuming else len(formats), kept)
-    kinds = {name: site.kind for name, site in sites.items()}
-    schedule = build_schedule(cfg.schedule, list(sites), kinds, steps, cfg.fixed,
+    schedule = build_schedule(cfg.schedule, list(sites), shell.site_kinds(), steps, cfg.fixed,
                               cfg.adaptive, keep_ln=cfg.keep_ln, probe_every=cfg.probe_every,
                               order=cfg.order)
     check_taper(cfg, schedule, steps, resuming)

@@ -206,6 +206,11 @@ def read_schedule_file(path: Path) -> dict:
     return spec
 
 
+def roles_of(kind_of: dict[str, str]) -> set[str]:
+    """The roles that stand for several sites (``final`` is a site and a role: a site)."""
+    return set(kind_of.values()) - set(kind_of)
+
+
 def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str]) -> list[str]:
     """A schedule's ``order`` where a role (``mlp_in``, ``attn_in_v`` ...) stands for all its
     sites, block 0 first: ``[mlp_in, attn_in_v, attn_in_qk, final]`` changes the order of the
@@ -215,7 +220,7 @@ def expand_roles(order: list[str], site_names: list[str], kind_of: dict[str, str
 
     ``site_names`` are in forward order (as ``Adapter.site_names`` gives them), so a role's
     sites, in the order they appear there, are block 0's first."""
-    roles = set(kind_of.values()) - set(kind_of)  # (``final`` is a site and a role: a site)
+    roles = roles_of(kind_of)
 
     def sites_of(name: str) -> list[str]:
         if "+" not in name:
@@ -275,7 +280,7 @@ def build_schedule(spec: str, site_names: list[str], kind_of: dict[str, str], to
             raise NolnError("schedule 'events' must be a list of {step: N, site: NAME}") from None
         unknown += [s for _, s in events if canonical_site(s) not in kind_of]
     if unknown:
-        roles = sorted(set(kind_of.values()) - set(kind_of))
+        roles = sorted(roles_of(kind_of))
         raise NolnError(f"schedule names site '{unknown[0]}', which this model does not have: "
                         f"sites are {site_names[0]} ... {site_names[-1]} "
                         f"({len(site_names)} in all; see `noln sites MODEL`), roles "

@@ -253,6 +253,10 @@ class NormAdapter:
     def site_names(self) -> list[str]:
         return list(self.sites)
 
+    def site_kinds(self) -> dict[str, str]:
+        """Each site's role (``mlp_in``, ``attn_in_qk`` ..., ``final``), as schedules read it."""
+        return {name: site.kind for name, site in self.sites.items()}
+
     def canonical(self, name: str) -> str:
         """``name`` with an old per-family kind (``ln_2``, ``blocks.3.ln_1_v``) as its role."""
         return canonical_name(name, self.aliases)

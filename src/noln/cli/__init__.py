@@ -294,9 +294,8 @@ def sites(model: Annotated[str, typer.Argument(
         model = str(settings["model"])
     check_models_exist(model)
     shell = skeleton(load_config(model))
-    kinds = {name: site.kind for name, site in shell.sites.items()}
-    order = removal_order(str(settings.get("schedule", "adaptive")), shell.site_names(), kinds,
-                          settings.get("order"))
+    order = removal_order(str(settings.get("schedule", "adaptive")), shell.site_names(),
+                          shell.site_kinds(), settings.get("order"))
     for i, name in enumerate(order):
         console.print(f"{i:3d}  {name}")
 
